@@ -1,0 +1,3 @@
+from qvltune.cli import main
+
+main()

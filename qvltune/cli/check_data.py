@@ -1,0 +1,149 @@
+"""``qvltune check-data``: validate a dataset and summarise it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from qvltune import console
+from qvltune.data.check import Report, check_dataset
+from qvltune.errors import UserError
+from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS, resolve_pixels
+
+MAX_LISTED = 200  # problems printed in full; the rest are counted (all are in --json)
+
+
+def command(
+    data: str = typer.Argument(..., metavar="DATA", help="Dataset file(s): a.jsonl, or a mixture a.jsonl%50,b.json"),
+    image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths resolve against (default: each dataset's folder)."),
+    model: str = typer.Option(None, "--model", help="Model folder or Hub id (or builtin:tiny) for exact token counts with its chat template."),
+    min_pixels: int = typer.Option(None, "--min-pixels", help="Smallest image area after resize, in pixels (Qwen3-VL: one token per 32x32)."),
+    max_pixels: int = typer.Option(None, "--max-pixels", help="Largest image area after resize, in pixels."),
+    min_image_tokens: int = typer.Option(None, "--min-image-tokens", help="Same as --min-pixels, in tokens per image."),
+    max_image_tokens: int = typer.Option(None, "--max-image-tokens", help="Same as --max-pixels, in tokens per image."),
+    max_seq_length: int = typer.Option(None, "--max-seq-length", help="Flag records longer than this many tokens."),
+    deep: bool = typer.Option(False, "--deep", help="Decode every image fully (catches truncated files; slower)."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept media paths outside the image root."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on warnings too."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
+) -> int:
+    """Find every problem in a multimodal dataset before any GPU time is spent."""
+    try:
+        lo, hi = resolve_pixels(min_pixels, max_pixels, min_image_tokens, max_image_tokens)
+    except ValueError as e:
+        raise UserError(str(e), "give pixels or tokens, not both, with min <= max") from None
+    processor = None
+    if model:
+        from qvltune.model import load_processor
+
+        processor = load_processor(model, lo, hi)
+        lo = processor.image_processor.size["shortest_edge"]
+        hi = processor.image_processor.size["longest_edge"]
+    lo = lo if lo is not None else DEFAULT_MIN_PIXELS
+    hi = hi if hi is not None else DEFAULT_MAX_PIXELS
+    try:
+        with _progress(enabled=not console.err.is_dumb_terminal and console.err.is_terminal) as progress:
+            report = check_dataset(
+                data,
+                image_root=image_root,
+                processor=processor,
+                model_name=model,
+                min_pixels=lo,
+                max_pixels=hi,
+                max_seq_length=max_seq_length,
+                deep=deep,
+                allow_outside_root=allow_outside_root,
+                progress=progress,
+            )
+    except ValueError as e:  # a malformed mixture spec
+        raise UserError(str(e), "write mixtures as a.jsonl%50,b.jsonl") from None
+    if as_json:
+        doc = report.to_json()
+        doc["pixels"] = {"min": lo, "max": hi}
+        console.print_json(doc)
+    else:
+        render(report, lo, hi, strict)
+    return 0 if report.ok(strict) else 1
+
+
+class _progress:
+    """A transient progress bar on stderr for long files (callback: done, total)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress("checking", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console.err, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("check", total=None)
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if done % 500 == 0 or done == total:
+            self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> None:
+    out = console.out
+    for p in report.problems[:MAX_LISTED]:
+        style = "red" if p.severity == "error" else "yellow"
+        fix = f" [dim]— {console.escape(p.fix)}[/]" if p.fix else ""
+        out.print(f"[{style}]{p.severity}[/] {console.escape(p.where())}: {console.escape(p.message)}{fix}")
+    if len(report.problems) > MAX_LISTED:
+        out.print(f"... and {len(report.problems) - MAX_LISTED} more problems (--json lists them all)")
+    if report.problems:
+        out.print()
+
+    summary = Table(title="Dataset", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    summary.add_row("files", ", ".join(report.files))
+    summary.add_row("records", f"{report.records} ({report.valid} valid)")
+    summary.add_row("shapes", ", ".join(f"{k}: {v}" for k, v in report.shapes.most_common()) or "-")
+    summary.add_row("images per record", ", ".join(f"{k}: {v}" for k, v in sorted(report.images_per_record.items())) or "-")
+    if report.videos:
+        summary.add_row("videos", str(report.videos))
+    sizes = report.to_json()["image_sizes"]
+    if sizes:
+        summary.add_row(
+            "image sizes",
+            f"{sizes['count']} images, width {sizes['width']['min']}-{sizes['width']['max']} (median {sizes['width']['median']}), "
+            f"height {sizes['height']['min']}-{sizes['height']['max']} (median {sizes['height']['median']})",
+        )
+    summary.add_row("pixel budget", f"{min_pixels:,}-{max_pixels:,} px = {min_pixels // TOKEN_PIXELS}-{max_pixels // TOKEN_PIXELS} tokens per image")
+    out.print(summary)
+
+    if report.lengths:
+        tokens = Table(title="Tokens per record", title_justify="left", box=None, padding=(0, 2))
+        for col in ("p50", "p90", "p99", "max", "per epoch", "trained per epoch"):
+            tokens.add_column(col, justify="right")
+        tokens.add_row(
+            *(f"{report.percentile(q):,}" for q in (50, 90, 99)),
+            f"{max(report.lengths):,}",
+            f"{sum(report.lengths):,}",
+            f"{report.trained_tokens:,}",
+        )
+        out.print(tokens)
+        hist = report.histogram()
+        peak = max(c for _, _, c in hist) or 1
+        for lo, hi, count in hist:
+            out.print(f"  {lo:>7,}-{hi:<7,} {'█' * max(1 if count else 0, round(30 * count / peak)):<30} {count}")
+        out.print(f"[dim]token counts: {report.counting}[/]")
+        if report.max_seq_length:
+            out.print(f"records longer than max_seq_length {report.max_seq_length}: {report.too_long}")
+        out.print(f"suggested max_seq_length: [bold]{report.suggested_max_seq_length()}[/]")
+
+    n_err, n_warn = len(report.errors), len(report.warnings)
+    if report.ok(strict):
+        out.print(f"[green]OK[/]: {report.valid} records ready" + (f", {n_warn} warning(s)" if n_warn else ""))
+    else:
+        out.print(f"[red]{n_err} error(s)[/], {n_warn} warning(s)" + (" (--strict fails on warnings)" if strict and not n_err else ""))

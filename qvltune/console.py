@@ -1,0 +1,41 @@
+"""The one output module: results go to stdout, progress, warnings and hints to stderr.
+
+Commands with ``--json`` print only JSON on stdout; everything human goes through ``err``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    err.print(f"[bold red]Error:[/] {escape(message)}")
+    if hint:
+        err.print(f"[bold]Hint:[/] {escape(hint)}")
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/] {escape(message)}")
+
+
+def note(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
+
+
+def print_json(document: Any) -> None:
+    """Print one JSON document on stdout, nothing else (for ``--json``)."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))

@@ -1,0 +1,247 @@
+"""``check-data``: find every problem of a dataset in one pass, before any GPU time is spent.
+
+``check_dataset`` is pure library code (no printing): it returns a ``Report`` with every problem
+(file, line, field, message, fix) and the summary a person needs to configure training (shapes,
+images per record, image sizes, token lengths, suggested ``max_seq_length``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items
+from qvltune.data.media import ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
+from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
+
+# Qwen3-VL's processor refuses images whose long/short side ratio exceeds 200 (smart_resize).
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass
+class Report:
+    files: list[str]
+    counting: str  # how token counts were made
+    records: int = 0
+    valid: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    shapes: Counter = field(default_factory=Counter)
+    images_per_record: Counter = field(default_factory=Counter)
+    videos: int = 0
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens per valid record
+    trained_tokens: int = 0
+    max_seq_length: int | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def ok(self, strict: bool = False) -> bool:
+        return not self.errors and not (strict and self.warnings)
+
+    def percentile(self, q: float) -> int:
+        return percentile(self.lengths, q)
+
+    @property
+    def too_long(self) -> int:
+        if not self.max_seq_length:
+            return 0
+        return sum(1 for n in self.lengths if n > self.max_seq_length)
+
+    def suggested_max_seq_length(self) -> int | None:
+        return suggest_max_seq_length(self.lengths)
+
+    def histogram(self, bins: int = 8) -> list[tuple[int, int, int]]:
+        """(low, high, count) buckets of token lengths."""
+        if not self.lengths:
+            return []
+        lo, hi = min(self.lengths), max(self.lengths)
+        width = max(1, math.ceil((hi - lo + 1) / bins))
+        counts = Counter((n - lo) // width for n in self.lengths)
+        return [(lo + b * width, lo + (b + 1) * width - 1, counts.get(b, 0)) for b in range(bins) if lo + b * width <= hi]
+
+    def to_json(self) -> dict[str, Any]:
+        sizes = self.image_sizes
+        return {
+            "ok": not self.errors,
+            "files": self.files,
+            "records": self.records,
+            "valid_records": self.valid,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "problems": [
+                {"severity": p.severity, "file": p.file, "line": p.line, "index": p.index, "field": p.field, "code": p.code, "message": p.message, "fix": p.fix}
+                for p in self.problems
+            ],
+            "shapes": dict(self.shapes),
+            "images_per_record": {str(k): v for k, v in sorted(self.images_per_record.items())},
+            "videos": self.videos,
+            "image_sizes": _size_summary(sizes),
+            "tokens": {
+                "counting": self.counting,
+                "p50": self.percentile(50),
+                "p90": self.percentile(90),
+                "p99": self.percentile(99),
+                "max": max(self.lengths, default=0),
+                "per_epoch": sum(self.lengths),
+                "trained_per_epoch": self.trained_tokens,
+                "histogram": [{"from": a, "to": b, "count": c} for a, b, c in self.histogram()],
+                "max_seq_length": self.max_seq_length,
+                "too_long": self.too_long,
+                "suggested_max_seq_length": self.suggested_max_seq_length(),
+            },
+        }
+
+
+def percentile(values: list[int], q: float) -> int:
+    if not values:
+        return 0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+def suggest_max_seq_length(lengths: list[int], multiple: int = 256) -> int | None:
+    """The longest record rounded up to ``multiple``, unless a few outliers would double it: then p99."""
+    if not lengths:
+        return None
+    longest, p99 = max(lengths), percentile(lengths, 99)
+    target = longest if longest <= 1.5 * p99 else p99
+    return max(multiple, math.ceil(target / multiple) * multiple)
+
+
+def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, Any]:
+    if not sizes:
+        return {}
+    pixels = sorted(w * h for w, h in sizes)
+    widths = sorted(w for w, _ in sizes)
+    heights = sorted(h for _, h in sizes)
+    return {
+        "count": len(sizes),
+        "width": {"min": widths[0], "median": widths[len(widths) // 2], "max": widths[-1]},
+        "height": {"min": heights[0], "median": heights[len(heights) // 2], "max": heights[-1]},
+        "megapixels": {"min": round(pixels[0] / 1e6, 3), "median": round(pixels[len(pixels) // 2] / 1e6, 3), "max": round(pixels[-1] / 1e6, 3)},
+    }
+
+
+def _record_key(record: Record) -> str:
+    """Identity of a record for duplicate detection: its turns and media, not its id or extra fields."""
+    canon = [[m.role, [p if isinstance(p, str) else [p.kind, p.source] for p in m.parts]] for m in record.messages]
+    return hashlib.blake2b(json.dumps(canon, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def check_dataset(
+    data: str | list[str],
+    *,
+    image_root: Path | None = None,
+    processor: Any = None,
+    model_name: str | None = None,
+    min_pixels: int = 64 * 32 * 32,
+    max_pixels: int = 1024 * 32 * 32,
+    max_seq_length: int | None = None,
+    deep: bool = False,
+    allow_outside_root: bool = False,
+    video_fps: float = 2.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
+
+    With a ``processor`` token counts are exact (the model's chat template and pixel budget);
+    without one, image tokens use the Qwen3-VL geometry and text tokens are estimated.
+    """
+    specs = parse_mixture(data)
+    counting = f"exact ({model_name or 'model processor'})" if processor is not None else (
+        "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
+    )
+    report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
+    encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps) if processor is not None else None
+    seen: dict[str, str] = {}
+    template_broken = False
+    for spec in specs:
+        if not spec.path.exists():
+            report.problems.append(Problem("error", str(spec.path), None, None, "", "dataset file not found", "check the path", "missing-file"))
+            continue
+        if spec.path.is_dir():
+            report.problems.append(Problem("error", str(spec.path), None, None, "", "is a directory, not a dataset file", "point at a .json or .jsonl file", "missing-file"))
+            continue
+        items = list(read_items(spec.path))
+        for n, item in enumerate(items):
+            if progress:
+                progress(n + 1, len(items))
+            if item.problem is not None:
+                if item.problem.index is not None:  # a record that could not be read (not a file-level problem)
+                    report.records += 1
+                report.problems.append(item.problem)
+                continue
+            report.records += 1
+            record, problems = parse_record(item, str(spec.path))
+            report.problems += problems
+            if record is None:
+                continue
+            # Media: every item, every problem.
+            root = image_root if image_root is not None else spec.path.parent
+            infos: list[ImageInfo | VideoInfo] = []
+            media_ok = True
+            for m in record.media:
+                try:
+                    if m.kind == "image":
+                        info = probe_image(resolve(m.source, root, allow_outside_root), deep)
+                        ratio = max(info.width, info.height) / min(info.width, info.height)
+                        if ratio > MAX_ASPECT_RATIO:
+                            raise MediaError(
+                                f"aspect ratio {ratio:.0f}:1 of {m.source} ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1",
+                                "crop or pad the image",
+                                "aspect-ratio",
+                            )
+                        report.image_sizes.append((info.width, info.height))
+                    else:
+                        info = probe_video(m.source, root, allow_outside_root, video_fps, deep)
+                        if info.frames < 1:
+                            raise MediaError(f"video {m.source} has no frames", "re-encode it", "corrupt-video")
+                        report.videos += 1
+                    infos.append(info)
+                except MediaError as e:
+                    media_ok = False
+                    report.problems.append(Problem("error", record.file, record.line, record.index, m.field, e.message, e.fix, e.code))
+            if not media_ok:
+                continue
+            # Tokens.
+            try:
+                if encoder is not None:
+                    length, trained = encoder.count(record, infos)
+                else:
+                    length = estimate_tokens(record, infos, min_pixels, max_pixels)
+                    trained = sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant")
+            except TemplateError as e:
+                if not template_broken:
+                    report.problems.append(Problem("error", record.file, record.line, record.index, "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template"))
+                template_broken = True
+                continue
+            too_long = bool(max_seq_length and length > max_seq_length)
+            if too_long:
+                report.problems.append(
+                    Problem("error", record.file, record.line, record.index, "", f"{length} tokens (text + image tokens at the pixel budget) exceed max_seq_length {max_seq_length}", "raise max_seq_length, lower max_pixels, or shorten/split the record", "too-long")
+                )
+            key = _record_key(record)
+            if key in seen:
+                report.problems.append(Problem("warning", record.file, record.line, record.index, "", f"duplicate of {seen[key]}", "remove one copy unless the repetition is intended", "duplicate"))
+            else:
+                seen[key] = record.where()
+            report.valid += not too_long
+            report.shapes[record.shape] += 1
+            report.images_per_record[len(record.images)] += 1
+            report.lengths.append(length)
+            report.trained_tokens += trained
+    report.problems.sort(key=lambda p: (p.file, p.index if p.index is not None else -1, p.severity != "error"))
+    return report

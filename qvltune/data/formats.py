@@ -1,0 +1,472 @@
+"""Read multimodal conversation datasets (JSON lists and JSONL) into one canonical ``Record``.
+
+Three record shapes are accepted, detected per record:
+
+1. Qwen official: ``{"image": "a.jpg" | [...], "video": ..., "conversations": [{"from": "human"|"gpt"|"system",
+   "value": "<image>\\nWhat is shown?"}]}``
+2. ShareGPT / LLaMA-Factory: ``{"messages": [{"role": "user", "content": "<image>..."}], "images": [...], "videos": [...]}``
+3. HF chat: ``{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "..."}]}]}``
+
+In shapes 1 and 2 each ``<image>`` / ``<video>`` placeholder takes the next media item in order and
+the counts must match exactly. A video is a video file, a folder of frames, or a list of frame paths.
+
+Parsing never stops at the first problem: every problem of a record is reported with its file,
+line (JSONL) or index (JSON list) and field, so one pass of ``check-data`` finds them all.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDER_RE = re.compile(r"(<image>|<video>)")
+
+SHAPE_QWEN = "qwen"
+SHAPE_SHAREGPT = "sharegpt"
+SHAPE_HF = "hf-chat"
+
+# Role spellings per shape. Anything else is an error: a role we do not know is never trained as the
+# assistant by default (the official recipe's pitfall).
+_QWEN_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset, located precisely enough to fix it."""
+
+    severity: Severity
+    file: str
+    line: int | None  # 1-based line in the file (JSONL, or where a JSON list element starts)
+    index: int | None  # 0-based record index
+    field: str  # e.g. "conversations[1].value"; "" for the whole record
+    message: str
+    fix: str = ""
+    code: str = ""  # a stable machine-readable kind, e.g. "missing-media"
+
+    def where(self) -> str:
+        loc = self.file
+        if self.line is not None:
+            loc += f":{self.line}"
+        if self.index is not None:
+            loc += f" (record {self.index})"
+        if self.field:
+            loc += f" {self.field}"
+        return loc
+
+    def __str__(self) -> str:
+        text = f"{self.where()}: {self.message}"
+        return f"{text} — {self.fix}" if self.fix else text
+
+
+@dataclass(frozen=True)
+class Media:
+    """One image or video referenced by a record, as written in the file."""
+
+    kind: Literal["image", "video"]
+    source: str | tuple[str, ...]  # a path, or for videos possibly a list of frame paths
+    field: str  # where it was written, for messages
+
+
+@dataclass
+class Message:
+    role: Literal["system", "user", "assistant"]
+    parts: list[str | Media]  # text and media, in order
+
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+    def to_chat(self) -> dict[str, Any]:
+        """The HF content-list message that chat templates render."""
+        content = []
+        for part in self.parts:
+            if isinstance(part, Media):
+                content.append({"type": part.kind})
+            elif part:
+                content.append({"type": "text", "text": part})
+        return {"role": self.role, "content": content}
+
+
+@dataclass
+class Record:
+    file: str
+    index: int
+    line: int | None
+    shape: str
+    messages: list[Message]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def media(self) -> list[Media]:
+        return [p for m in self.messages for p in m.parts if isinstance(p, Media)]
+
+    @property
+    def images(self) -> list[Media]:
+        return [m for m in self.media if m.kind == "image"]
+
+    @property
+    def videos(self) -> list[Media]:
+        return [m for m in self.media if m.kind == "video"]
+
+    def chat(self) -> list[dict[str, Any]]:
+        return [m.to_chat() for m in self.messages]
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}" if self.line is not None else f"{self.file}[{self.index}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+@dataclass
+class RawItem:
+    index: int
+    line: int | None
+    value: Any
+    problem: Problem | None = None  # set when the item could not be read at all
+
+
+def read_items(path: Path) -> Iterator[RawItem]:
+    """Yield the raw JSON values of a ``.json`` list or a ``.jsonl`` file with their line numbers.
+
+    JSON list elements are decoded one by one with ``raw_decode`` so each gets the line it starts on.
+    """
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        yield RawItem(0, None, None, Problem("error", name, None, None, "", f"not UTF-8 text ({e.reason} at byte {e.start})", "save the file as UTF-8", "encoding"))
+        return
+    stripped = text.lstrip()
+    if not stripped:
+        yield RawItem(0, None, None, Problem("error", name, None, None, "", "the file is empty", "add records, one JSON object per line", "empty-file"))
+        return
+    if stripped.startswith("["):
+        yield from _read_json_list(name, text)
+    else:
+        yield from _read_jsonl(name, text)
+
+
+def _read_jsonl(name: str, text: str) -> Iterator[RawItem]:
+    index = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            fix = "each line of a .jsonl file must be one complete JSON object"
+            yield RawItem(index, lineno, None, Problem("error", name, lineno, index, "", f"malformed JSON: {e.msg} at column {e.colno}", fix, "malformed-json"))
+        else:
+            yield RawItem(index, lineno, value)
+        index += 1
+
+
+_WS = re.compile(r"\s*")
+
+
+def _read_json_list(name: str, text: str) -> Iterator[RawItem]:
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, text.index("[") + 1).end()
+    index = 0
+    line = text.count("\n", 0, pos) + 1
+    last = pos
+    if text.startswith("]", pos):
+        return
+    while True:
+        line += text.count("\n", last, pos)
+        last = pos
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield RawItem(index, e.lineno, None, Problem("error", name, e.lineno, index, "", f"malformed JSON: {e.msg} at column {e.colno}; the rest of the file cannot be read", "fix the JSON syntax (a validator such as `python -m json.tool FILE` shows it)", "malformed-json"))
+            return
+        yield RawItem(index, line, value)
+        index += 1
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos):
+            rest = text[pos + 1 :].strip()
+            if rest:
+                bad = text.count("\n", 0, pos) + 1
+                yield RawItem(index, bad, None, Problem("error", name, bad, None, "", "unexpected text after the closing ]", "a .json dataset must be a single list", "malformed-json"))
+            return
+        bad = text.count("\n", 0, pos) + 1
+        yield RawItem(index, bad, None, Problem("error", name, bad, index, "", "expected ',' or ']' between records; the rest of the file cannot be read", "fix the JSON syntax", "malformed-json"))
+        return
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing one record
+
+
+class _Collector:
+    def __init__(self, file: str, index: int, line: int | None):
+        self.file, self.index, self.line = file, index, line
+        self.problems: list[Problem] = []
+
+    def error(self, field: str, message: str, fix: str = "", code: str = "") -> None:
+        self.problems.append(Problem("error", self.file, self.line, self.index, field, message, fix, code))
+
+    def warning(self, field: str, message: str, fix: str = "", code: str = "") -> None:
+        self.problems.append(Problem("warning", self.file, self.line, self.index, field, message, fix, code))
+
+
+def detect_shape(value: dict[str, Any]) -> str | None:
+    if "conversations" in value:
+        return SHAPE_QWEN
+    if "messages" in value:
+        messages = value["messages"]
+        if isinstance(messages, list) and any(
+            isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages
+        ):
+            return SHAPE_HF
+        return SHAPE_SHAREGPT
+    return None
+
+
+def parse_record(item: RawItem, file: str) -> tuple[Record | None, list[Problem]]:
+    """Turn one raw JSON value into a ``Record``, collecting every problem found on the way."""
+    c = _Collector(file, item.index, item.line)
+    value = item.value
+    if not isinstance(value, dict):
+        c.error("", f"a record must be a JSON object (got {_type_name(value)})", "wrap it as {\"conversations\": [...]} or {\"messages\": [...]}", "not-object")
+        return None, c.problems
+    shape = detect_shape(value)
+    if shape is None:
+        keys = ", ".join(sorted(value)) or "none"
+        c.error("", f"unknown record shape (keys: {keys})", "give a \"conversations\" list (Qwen format) or a \"messages\" list (ShareGPT / HF chat)", "unknown-shape")
+        return None, c.problems
+    if shape == SHAPE_HF:
+        messages = _parse_hf(value, c)
+    else:
+        messages = _parse_placeholder_shape(value, shape, c)
+    if messages is not None:
+        _check_turns(messages, shape, c)
+    if any(p.severity == "error" for p in c.problems) or messages is None:
+        return None, c.problems
+    return Record(file, item.index, item.line, shape, messages, value), c.problems
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _media_list(value: dict[str, Any], keys: tuple[str, ...], kind: str, c: _Collector) -> tuple[str, list[str | tuple[str, ...]]]:
+    """The media items of a record (``image``/``images`` or ``video``/``videos``), validated."""
+    present = [k for k in keys if k in value and value[k] is not None]
+    if len(present) > 1:
+        c.error(present[1], f"both \"{present[0]}\" and \"{present[1]}\" are given", f"use one {kind} list")
+    if not present:
+        return keys[0], []
+    key = present[0]
+    raw = value[key]
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        c.error(key, f"must be a path or a list of paths (got {_type_name(raw)})", code="bad-media")
+        return key, []
+    out: list[str | tuple[str, ...]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and item.strip():
+            out.append(item)
+        elif kind == "video" and isinstance(item, list) and item and all(isinstance(f, str) and f for f in item):
+            out.append(tuple(item))  # a video given as its list of frames
+        else:
+            expect = "a path or a list of frame paths" if kind == "video" else "a path"
+            c.error(f"{key}[{i}]", f"must be {expect} (got {_type_name(item)})", code="bad-media")
+    return key, out
+
+
+def _parse_placeholder_shape(value: dict[str, Any], shape: str, c: _Collector) -> list[Message] | None:
+    if shape == SHAPE_QWEN:
+        turns_key, role_key, text_key, roles = "conversations", "from", "value", _QWEN_ROLES
+        role_help = "human, gpt or system"
+    else:
+        turns_key, role_key, text_key, roles = "messages", "role", "content", _CHAT_ROLES
+        role_help = "user, assistant or system"
+    img_key, images = _media_list(value, ("image", "images") if shape == SHAPE_QWEN else ("images", "image"), "image", c)
+    vid_key, videos = _media_list(value, ("video", "videos") if shape == SHAPE_QWEN else ("videos", "video"), "video", c)
+    turns = value[turns_key]
+    if not isinstance(turns, list):
+        c.error(turns_key, f"must be a list of turns (got {_type_name(turns)})", code="bad-turns")
+        return None
+    messages: list[Message] = []
+    n_img = n_vid = 0
+    for t, turn in enumerate(turns):
+        where = f"{turns_key}[{t}]"
+        if not isinstance(turn, dict):
+            c.error(where, f"a turn must be an object (got {_type_name(turn)})", code="bad-turn")
+            continue
+        role_raw = turn.get(role_key)
+        if role_key not in turn:
+            c.error(where, f"missing \"{role_key}\"", f"set it to {role_help}", "bad-role")
+            continue
+        role = roles.get(role_raw) if isinstance(role_raw, str) else None
+        if role is None:
+            c.error(f"{where}.{role_key}", f"unknown role {json.dumps(role_raw)}", f"use {role_help}", "bad-role")
+            continue
+        if text_key not in turn:
+            c.error(where, f"missing \"{text_key}\"", "give the turn's text", "bad-value")
+            continue
+        text = turn[text_key]
+        if not isinstance(text, str):
+            c.error(f"{where}.{text_key}", f"must be text (got {_type_name(text)})", code="bad-value")
+            continue
+        parts: list[str | Media] = []
+        for piece in _PLACEHOLDER_RE.split(text):
+            if piece == IMAGE_PLACEHOLDER or piece == VIDEO_PLACEHOLDER:
+                kind = "image" if piece == IMAGE_PLACEHOLDER else "video"
+                if role == "assistant":
+                    c.error(f"{where}.{text_key}", f"a {piece} placeholder in an assistant turn", "media belong in user (or system) turns; remove it from the answer", "placeholder-in-answer")
+                    continue
+                if kind == "image":
+                    source = images[n_img] if n_img < len(images) else None
+                    parts.append(Media("image", source if source is not None else "", f"{img_key}[{n_img}]"))
+                    n_img += 1
+                else:
+                    source = videos[n_vid] if n_vid < len(videos) else None
+                    parts.append(Media("video", source if source is not None else "", f"{vid_key}[{n_vid}]"))
+                    n_vid += 1
+            elif piece:
+                parts.append(piece)
+        messages.append(Message(role, parts))
+    for kind, used, given, key, ph in (("image", n_img, len(images), img_key, IMAGE_PLACEHOLDER), ("video", n_vid, len(videos), vid_key, VIDEO_PLACEHOLDER)):
+        if used != given:
+            c.error(key, f"{used} {ph} placeholder(s) but {given} {kind}(s) listed", f"put one {ph} in the text for each {kind}, in order", "placeholder-count")
+    return messages
+
+
+def _parse_hf(value: dict[str, Any], c: _Collector) -> list[Message] | None:
+    turns = value["messages"]
+    messages: list[Message] = []
+    for t, turn in enumerate(turns):
+        where = f"messages[{t}]"
+        if not isinstance(turn, dict):
+            c.error(where, f"a turn must be an object (got {_type_name(turn)})", code="bad-turn")
+            continue
+        role = _CHAT_ROLES.get(turn.get("role")) if isinstance(turn.get("role"), str) else None
+        if role is None:
+            c.error(f"{where}.role", f"unknown role {json.dumps(turn.get('role'))}", "use user, assistant or system", "bad-role")
+            continue
+        content = turn.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            c.error(f"{where}.content", f"must be text or a list of parts (got {_type_name(content)})", code="bad-value")
+            continue
+        parts: list[str | Media] = []
+        for p, part in enumerate(content):
+            pwhere = f"{where}.content[{p}]"
+            if not isinstance(part, dict):
+                c.error(pwhere, f"a content part must be an object (got {_type_name(part)})", code="bad-value")
+                continue
+            ptype = part.get("type")
+            if ptype == "text" or (ptype is None and "text" in part):
+                text = part.get("text")
+                if not isinstance(text, str):
+                    c.error(f"{pwhere}.text", f"must be text (got {_type_name(text)})", code="bad-value")
+                    continue
+                parts.append(text)
+            elif ptype in ("image", "video") or (ptype is None and ("image" in part or "video" in part)):
+                kind = ptype or ("image" if "image" in part else "video")
+                if role == "assistant":
+                    c.error(pwhere, f"an {kind} in an assistant turn", "media belong in user (or system) turns", "placeholder-in-answer")
+                    continue
+                source = part.get(kind)
+                if kind == "image" and source is None:
+                    source = part.get("path") or part.get("url")
+                if kind == "video" and isinstance(source, list) and source and all(isinstance(f, str) and f for f in source):
+                    source = tuple(source)
+                elif not (isinstance(source, str) and source.strip()):
+                    c.error(f"{pwhere}.{kind}", f"must be a path (got {_type_name(source)})", code="bad-media")
+                    continue
+                parts.append(Media(kind, source, f"{pwhere}.{kind}"))
+            else:
+                c.error(f"{pwhere}.type", f"unknown content type {json.dumps(ptype)}", "use text, image or video", "bad-value")
+        messages.append(Message(role, parts))
+    return messages
+
+
+def _check_turns(messages: list[Message], shape: str, c: _Collector) -> None:
+    """Turn order: an optional system turn first, then user/assistant alternating, ending with an answer."""
+    turns_key = "conversations" if shape == SHAPE_QWEN else "messages"
+    if not messages:
+        c.error(turns_key, "no turns", "add a user turn and an assistant answer", "no-turns")
+        return
+    body = messages[1:] if messages[0].role == "system" else messages
+    offset = len(messages) - len(body)
+    for i, msg in enumerate(messages):
+        if msg.role == "system" and i > 0:
+            c.error(f"{turns_key}[{i}]", "a system turn after the first turn", "move the system prompt to the start", "turn-order")
+    expected = "user"
+    for i, msg in enumerate(body):
+        if msg.role == "system":
+            continue
+        if msg.role != expected:
+            c.error(f"{turns_key}[{i + offset}]", f"expected a {expected} turn here, got {msg.role} (turns must alternate user, assistant, starting with user)", "reorder or merge the turns", "turn-order")
+            break
+        expected = "assistant" if expected == "user" else "user"
+    if not any(m.role == "assistant" for m in messages):
+        c.error(turns_key, "no assistant turn: nothing to learn", "add the answer as an assistant (gpt) turn", "no-answer")
+    elif body and body[-1].role == "user":
+        c.error(f"{turns_key}[{len(messages) - 1}]", "the record ends with a user turn that has no answer", "add the answer or drop the last turn", "turn-order")
+    for i, msg in enumerate(messages):
+        if msg.role == "assistant" and not msg.text().strip():
+            c.error(f"{turns_key}[{i}]", "empty answer", "write the expected answer", "empty-answer")
+        elif msg.role == "user" and not msg.text().strip() and not any(isinstance(p, Media) for p in msg.parts):
+            c.error(f"{turns_key}[{i}]", "empty user turn", "write the question", "empty-turn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets and mixtures
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: Path
+    percent: float = 100.0  # how much of the file to use per epoch; > 100 repeats records
+
+
+def parse_mixture(spec: str | list[str]) -> list[DatasetSpec]:
+    """``"a.jsonl%50,b.jsonl"`` (or a list of such entries) -> the files and their sampling percentages."""
+    entries = spec if isinstance(spec, list) else [s for s in spec.split(",")]
+    out = []
+    for entry in entries:
+        entry = entry.strip()
+        if not entry:
+            continue
+        path, _, pct = entry.rpartition("%") if "%" in entry else (entry, "", "")
+        if pct:
+            try:
+                percent = float(pct)
+            except ValueError:
+                raise ValueError(f"bad sampling percentage in {entry!r}: write it as FILE%50") from None
+            if not 0 < percent <= 1000:
+                raise ValueError(f"sampling percentage in {entry!r} must be in (0, 1000]")
+        else:
+            percent = 100.0
+        out.append(DatasetSpec(Path(path), percent))
+    if not out:
+        raise ValueError("no dataset given")
+    return out
+
+
+def sample_indices(n: int, percent: float, seed: int) -> list[int]:
+    """A seeded sample of ``percent`` % of ``range(n)``: whole repeats above 100 %, then a random subset."""
+    rng = random.Random(seed)
+    whole, frac = divmod(percent / 100.0, 1.0)
+    out = list(range(n)) * int(whole)
+    out += sorted(rng.sample(range(n), round(frac * n)))
+    return out

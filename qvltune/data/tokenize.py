@@ -1,0 +1,286 @@
+"""Turn a ``Record`` into model inputs with the model's own processor and chat template.
+
+Labels: only assistant turns are trained (every assistant turn of a multi-turn record), through
+their end-of-turn token; everything else is -100. The spans are found without knowing the template:
+the conversation is rendered prefix by prefix (``messages[:i]`` with the generation prompt, then
+``messages[:i+1]``), and the text between the two is the answer. A template whose renders are not
+prefixes of each other is refused with a clear error instead of being guessed at.
+
+Each segment (prompt, answer, tail) is run through the processor with just the media it contains,
+so image and video tokens are expanded exactly as the processor expands them under the configured
+pixel budget (Qwen3-VL: one token per 32x32 pixels after smart resize). Tokenizing per segment
+splits the text where training and generation split it (the prompt ends at ``assistant\\n``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qvltune.data.formats import Media, Record
+from qvltune.data.media import ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
+
+IGNORE_INDEX = -100
+
+# Without a model, text tokens are estimated from characters (Qwen's 151k vocabulary averages about
+# 4 characters per token on English; we round down to stay on the safe side) plus the template's
+# per-turn overhead (<|im_start|>role\n ... <|im_end|>\n = 5 tokens).
+CHARS_PER_TOKEN_ESTIMATE = 3.5
+TURN_OVERHEAD_TOKENS = 5
+
+
+class TemplateError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trainable: bool
+
+
+def configure_processor(processor: Any, min_pixels: int | None, max_pixels: int | None) -> Any:
+    """Set the image pixel budget on the processor itself, so training, counting and the saved
+    processor (what inference will use) all agree."""
+    ip = processor.image_processor
+    size = dict(ip.size) if ip.size else {}
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        size["longest_edge"] = int(max_pixels)
+    ip.size = size
+    for attr, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and hasattr(ip, attr):
+            setattr(ip, attr, int(value))
+    return processor
+
+
+def render_segments(processor: Any, messages: list[dict[str, Any]]) -> list[Segment]:
+    """Split the rendered conversation into untrained and trained (assistant) text segments."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if not template:
+        raise TemplateError("the model has no chat template")
+
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    end_token = _end_of_turn(processor)
+    segments: list[Segment] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise TemplateError(
+                "the chat template does not render conversations as prefixes of each other, "
+                "so assistant turns cannot be located"
+            )
+        answer = full[len(prompt) :]
+        cut = answer.rfind(end_token) + len(end_token) if end_token and end_token in answer else len(answer)
+        segments.append(Segment(prompt[len(done) :], False))
+        segments.append(Segment(answer[:cut], True))
+        if answer[cut:]:
+            segments.append(Segment(answer[cut:], False))
+        done = full
+    return [s for s in segments if s.text]
+
+
+def _end_of_turn(processor: Any) -> str:
+    tok = processor.tokenizer
+    for candidate in ("<|im_end|>", tok.eos_token):
+        if candidate and candidate in tok.get_vocab():
+            return candidate
+    return ""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    mm_token_type_ids: list[int]
+    pixel_values: Any = None  # torch.Tensor (patches, dim) or None
+    image_grid_thw: Any = None
+    pixel_values_videos: Any = None
+    video_grid_thw: Any = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+class Encoder:
+    """Encodes records for one processor, pixel budget and media root."""
+
+    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0):
+        self.processor = processor
+        self.root = root
+        self.allow_outside_root = allow_outside_root
+        self.video_fps = video_fps
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.video_token = getattr(processor, "video_token", "<|video_pad|>")
+        self._merge = processor.image_processor.merge_size**2
+
+    def media_root(self, record: Record) -> Path:
+        return self.root if self.root is not None else Path(record.file).parent
+
+    def segments(self, record: Record) -> list[Segment]:
+        return render_segments(self.processor, record.chat())
+
+    # -- counting (no pixel decoding: sizes come from file headers) -----------------------------
+
+    def image_tokens(self, info: ImageInfo) -> int:
+        patches = self.processor.image_processor.get_number_of_image_patches(info.height, info.width, {})
+        return patches // self._merge
+
+    def _video_placeholder(self, info: VideoInfo) -> str:
+        import torch
+        from transformers.video_utils import VideoMetadata
+
+        patches = self.processor.video_processor.get_num_of_video_patches(info.frames, info.height, info.width)
+        t = -(-info.frames // self.processor.video_processor.temporal_patch_size)
+        hw = patches // t
+        merge = self.processor.video_processor.merge_size
+        # Grid in patches (t, h, w) only needs the right product per frame for the placeholder.
+        grid = torch.tensor([[t, hw // merge, merge]])
+        meta = VideoMetadata(total_num_frames=info.frames, fps=info.fps, frames_indices=list(range(info.frames)))
+        return self.processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [meta]}, 0)
+
+    def count(self, record: Record, infos: list[ImageInfo | VideoInfo]) -> tuple[int, int]:
+        """(total tokens, trained tokens) of a record, exactly as ``encode`` will produce them."""
+        tok = self.processor.tokenizer
+        it = iter(infos)
+        total = trained = 0
+        for seg in self.segments(record):
+            text = seg.text
+            if self.image_token in text or self.video_token in text:
+                text = self._expand(text, it)
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+            total += n
+            trained += n if seg.trainable else 0
+        return total, trained
+
+    def _expand(self, text: str, infos) -> str:
+        out = []
+        i = 0
+        while True:
+            ji = text.find(self.image_token, i)
+            jv = text.find(self.video_token, i)
+            if ji < 0 and jv < 0:
+                out.append(text[i:])
+                return "".join(out)
+            j = min(x for x in (ji, jv) if x >= 0)
+            out.append(text[i:j])
+            info = next(infos)
+            if j == ji:
+                out.append(self.image_token * self.image_tokens(info))
+                i = j + len(self.image_token)
+            else:
+                out.append(self._video_placeholder(info))
+                i = j + len(self.video_token)
+
+    def probe(self, record: Record, deep: bool = False) -> list[ImageInfo | VideoInfo]:
+        """Header-read every media item of a record (raises ``MediaError`` naming the item)."""
+        root = self.media_root(record)
+        infos: list[ImageInfo | VideoInfo] = []
+        for m in record.media:
+            try:
+                if m.kind == "image":
+                    infos.append(probe_image(resolve(m.source, root, self.allow_outside_root), deep))
+                else:
+                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video_fps, deep))
+            except MediaError as e:
+                e.field = m.field
+                raise
+        return infos
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def encode(self, record: Record) -> Encoded:
+        """Load the record's media and produce input ids, labels and pixel values."""
+        import torch
+
+        root = self.media_root(record)
+        media = iter(record.media)
+        ids: list[int] = []
+        labels: list[int] = []
+        types: list[int] = []
+        pixels, grids, vpixels, vgrids = [], [], [], []
+        for seg in self.segments(record):
+            n_img = seg.text.count(self.image_token)
+            n_vid = seg.text.count(self.video_token)
+            images, videos, metas = [], [], []
+            for _ in range(n_img + n_vid):
+                m: Media = next(media)
+                if m.kind == "image":
+                    images.append(load_image(resolve(m.source, root, self.allow_outside_root)))
+                else:
+                    frames, meta = self._load_video(m, root)
+                    videos.append(frames)
+                    metas.append(meta)
+            kwargs: dict[str, Any] = {}
+            if images:
+                kwargs["images"] = images
+            if videos:
+                kwargs["videos"] = videos
+                kwargs["videos_kwargs"] = {"do_sample_frames": False, "video_metadata": metas}
+            enc = self.processor(text=[seg.text], return_tensors="pt", **kwargs)
+            seg_ids = enc["input_ids"][0].tolist()
+            ids += seg_ids
+            labels += seg_ids if seg.trainable else [IGNORE_INDEX] * len(seg_ids)
+            if "mm_token_type_ids" in enc:
+                types += enc["mm_token_type_ids"][0].tolist()
+            else:
+                types += [1 if t == self.processor.image_token_id else 2 if t == self.processor.video_token_id else 0 for t in seg_ids]
+            if images:
+                pixels.append(enc["pixel_values"])
+                grids.append(enc["image_grid_thw"])
+            if videos:
+                vpixels.append(enc["pixel_values_videos"])
+                vgrids.append(enc["video_grid_thw"])
+        return Encoded(
+            ids,
+            labels,
+            types,
+            torch.cat(pixels) if pixels else None,
+            torch.cat(grids) if grids else None,
+            torch.cat(vpixels) if vpixels else None,
+            torch.cat(vgrids) if vgrids else None,
+        )
+
+    def _load_video(self, m: Media, root: Path):
+        from transformers.video_utils import VideoMetadata
+
+        info = probe_video(m.source, root, self.allow_outside_root, self.video_fps)
+        frames = load_video(info, m.source, root, self.allow_outside_root)
+        meta = VideoMetadata(total_num_frames=len(frames), fps=info.fps, frames_indices=list(range(len(frames))))
+        return frames, meta
+
+
+def estimate_tokens(record: Record, infos: list[ImageInfo | VideoInfo], min_pixels: int, max_pixels: int) -> int:
+    """Token count without a model: exact image tokens for the Qwen3-VL geometry (patch 16, merge 2),
+    text estimated from characters. Used by ``check-data`` when no ``--model`` is given."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    total = 0
+    it = iter(infos)
+    for msg in record.messages:
+        total += TURN_OVERHEAD_TOKENS
+        for part in msg.parts:
+            if isinstance(part, Media):
+                info = next(it)
+                if isinstance(info, ImageInfo):
+                    h, w = smart_resize(info.height, info.width, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
+                    total += (h // 32) * (w // 32) + 2  # + vision start/end
+                else:
+                    h, w = smart_resize(info.height, info.width, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
+                    groups = -(-info.frames // 2)
+                    total += groups * ((h // 32) * (w // 32) + 2 + 6) + 2  # + per-frame timestamp text
+            else:
+                total += int(len(part) / CHARS_PER_TOKEN_ESTIMATE + 0.999)
+    return total

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real tiny Qwen3-VL (built once per test session) and small real datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the tests' tiny model away from the user's cache, and DeepSpeed/transformers quiet and offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    cache = os.environ.get("QVLTUNE_TEST_CACHE") or str(tmp_path_factory.mktemp("qvltune-cache"))
+    os.environ["QVLTUNE_CACHE"] = cache
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_cache) -> Path:
+    from qvltune.tiny import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir):
+    from qvltune.model import load_processor
+
+    return load_processor(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> tuple[Path, Path]:
+    from qvltune.tiny import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=64, n_eval=16, seed=1)
+
+
+def write_image(path: Path, size=(64, 48), colour=(200, 30, 30), fmt=None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format=fmt)
+    return path
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
