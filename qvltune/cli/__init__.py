@@ -41,9 +41,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from qvltune.cli import check_data, demo
+    from qvltune.cli import check_data, demo, train
 
     app.command("check-data")(check_data.command)
+    app.command("train")(train.command)
     app.command("demo")(demo.command)
 
 

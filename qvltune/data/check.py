@@ -35,7 +35,8 @@ class Report:
     images_per_record: Counter = field(default_factory=Counter)
     videos: int = 0
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)  # tokens per valid record
+    lengths: list[int] = field(default_factory=list)  # tokens per valid (or only too long) record
+    usable: list[tuple[str, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens)
     trained_tokens: int = 0
     max_seq_length: int | None = None
 
@@ -239,6 +240,8 @@ def check_dataset(
             else:
                 seen[key] = record.where()
             report.valid += not too_long
+            if not too_long:
+                report.usable.append((record.file, record.index, length, trained))
             report.shapes[record.shape] += 1
             report.images_per_record[len(record.images)] += 1
             report.lengths.append(length)

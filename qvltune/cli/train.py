@@ -1,0 +1,58 @@
+"""``qvltune train CONFIG``: launch DeepSpeed training with a live panel."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from qvltune import console
+from qvltune.config import load_config
+
+
+def command(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Run config (YAML), e.g. from `qvltune init` or templates/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint, with the same data order."),
+    no_live: bool = typer.Option(False, "--no-live", help="One plain line per log step instead of the live panel."),
+    print_command: bool = typer.Option(False, "--print-command", help="Print the exact launcher command (for clusters) and exit."),
+    force: bool = typer.Option(False, "--force", help="Delete an earlier run of the same name instead of refusing."),
+) -> int:
+    """Train with DeepSpeed (transformers Trainer + peft) and show loss, eval loss, throughput, MFU and GPU memory."""
+    from qvltune.hardware import detect_gpus
+    from qvltune.launch import format_command
+    from qvltune.train import launch_command, run_training
+
+    cfg = load_config(config)
+    gpus = detect_gpus()[0]
+    if print_command:
+        argv, env = launch_command(cfg, len(gpus), resume)
+        console.out.print(format_command(argv, env), markup=False)
+        console.note(f"(the run folder {cfg.run_dir} must hold config.yaml; `qvltune train` prepares it)")
+        return 0
+    live = not no_live and console.err.is_terminal
+    outcome = run_training(cfg, resume=resume, live=live, force=force, gpus=gpus)
+    return report(outcome, cfg, config)
+
+
+def report(outcome, cfg, config_path: Path) -> int:
+    state = outcome.state
+    run_dir = cfg.run_dir
+    if outcome.exit_code == 0 and state.status == "completed":
+        final = run_dir / "final"
+        console.out.print(f"[green]Training completed[/]: {state.step} steps, loss {state.loss:.4f}" + (f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""))
+        console.out.print(f"model: {final}   curve: {run_dir / 'loss.png'}   metrics: {run_dir / 'metrics.jsonl'}")
+        if cfg.uses_lora():
+            console.out.print(f"next: qvltune merge {final} --out {run_dir / 'merged'}")
+        return 0
+    if state.status == "interrupted" or (outcome.interrupted and outcome.exit_code in (0, 130)):
+        console.warn(f"stopped at step {state.step}; last checkpoint: {state.checkpoint or 'none'}")
+        console.err.print(f"[bold]Hint:[/] resume with: qvltune train {config_path} --resume")
+        return 130
+    if state.status == "nan":
+        console.error(f"{state.message}; last good checkpoint: {state.checkpoint or 'none'}", "lower optim.learning_rate (or raise warmup), check the data around that step, then --resume")
+        return 1
+    tail = "\n".join(outcome.log_tail[-25:])
+    console.err.print(f"[red]training failed[/] (exit code {outcome.exit_code}); last lines of {run_dir / 'train.log'}:", highlight=False)
+    console.err.print(tail, markup=False, highlight=False)
+    return outcome.exit_code or 1

@@ -1,0 +1,368 @@
+"""``RunConfig``: the single source of truth of a training run, loaded strictly from YAML.
+
+Unknown keys and bad values are errors; every problem is reported at once as
+``field.path: message (got X)``. Cross-field conflicts that can be decided from the file alone are
+checked here (``check_conflicts``); those needing the model or the hardware are checked by
+``check_against_model`` / ``check_against_hardware`` before anything is launched. The resolved
+config (every default and preset written out) is saved beside the checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qvltune.errors import UserError
+from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, resolve_pixels
+
+Strategy = Literal["lora", "full", "mixed"]
+Mode = Literal["frozen", "full", "lora"]
+COMPONENTS = ("vision", "merger", "deepstack", "llm", "lm_head")
+
+# What each strategy trains (the guide's three strategies). The vision tower stays frozen unless the
+# visual domain is far from pre-training; `components` overrides any entry.
+STRATEGY_PRESETS: dict[str, dict[str, str]] = {
+    "lora": {"vision": "frozen", "merger": "frozen", "deepstack": "frozen", "llm": "lora", "lm_head": "frozen"},
+    "mixed": {"vision": "frozen", "merger": "full", "deepstack": "full", "llm": "lora", "lm_head": "frozen"},
+    "full": {"vision": "frozen", "merger": "full", "deepstack": "full", "llm": "full", "lm_head": "full"},
+}
+# Components that can be LoRA-adapted, and which can be trained fully beside LoRA adapters (peft's
+# modules_to_save keeps a trainable copy, so only the small parts qualify).
+LORA_CAPABLE = {"vision", "llm"}
+FULL_BESIDE_LORA = {"merger", "deepstack", "lm_head"}
+
+LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_LORA_TARGETS = ["qkv", "proj", "linear_fc1", "linear_fc2"]
+# Attention implementations that keep packed samples apart (block-diagonal mask or varlen kernels).
+PACKING_SAFE_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Hub id (Qwen/Qwen3-VL-2B-Instruct), local folder, or builtin:tiny")
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"] = "sdpa"
+
+
+class Components(_Strict):
+    """Per-component overrides of the strategy preset (None = take the preset)."""
+
+    vision: Mode | None = None
+    merger: Literal["frozen", "full"] | None = None
+    deepstack: Literal["frozen", "full"] | None = None
+    llm: Mode | None = None
+    lm_head: Literal["frozen", "full"] | None = None
+
+
+class DataConfig(_Strict):
+    train: str | list[str] = Field(description="dataset file(s) or mixture a.jsonl%50,b.jsonl")
+    eval: str | list[str] | None = None
+    eval_split: float = Field(0.0, ge=0.0, lt=0.5, description="seeded held-out fraction when no eval set is given")
+    image_root: str | None = None
+    allow_media_outside_root: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    min_image_tokens: int | None = None
+    max_image_tokens: int | None = None
+    max_seq_length: int = Field(4096, ge=64)
+    packing: bool = False
+    on_bad_sample: Literal["error", "skip"] = "error"
+    num_workers: int = Field(2, ge=0)
+    video_fps: float = Field(2.0, gt=0)
+
+    def pixel_budget(self) -> tuple[int, int]:
+        lo, hi = resolve_pixels(self.min_pixels, self.max_pixels, self.min_image_tokens, self.max_image_tokens)
+        return (lo if lo is not None else DEFAULT_MIN_PIXELS, hi if hi is not None else DEFAULT_MAX_PIXELS)
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLM_LORA_TARGETS))
+    vision_target_modules: list[str] = Field(default_factory=lambda: list(VISION_LORA_TARGETS))
+
+
+class ComponentLR(_Strict):
+    vision: float | None = Field(None, gt=0)
+    merger: float | None = Field(None, gt=0)
+    deepstack: float | None = Field(None, gt=0)
+    llm: float | None = Field(None, gt=0)
+    lm_head: float | None = Field(None, gt=0)
+
+
+class OptimConfig(_Strict):
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    component_lr: ComponentLR = Field(default_factory=ComponentLR)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch_fused"
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    per_device_batch: int = Field(1, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    effective_batch: int | None = Field(None, ge=1, description="optional check: per_device_batch x grad_accum x processes")
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    seed: int = 42
+
+
+class ScheduleConfig(_Strict):
+    log_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(200, ge=1)
+    save_steps: int = Field(200, ge=1)
+    save_total_limit: int | None = Field(3, ge=1)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+
+
+class DeepSpeedConfig(_Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class LaunchConfig(_Strict):
+    gpus: Literal["all"] | int | list[int] = Field("all", description="'all', a count, or device indices")
+    cpu_processes: int = Field(1, ge=1, description="processes when there is no GPU (CPU mode)")
+    nodes: int = Field(1, ge=1)
+    hostfile: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = Field(None, ge=1024, le=65535)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("must list distinct device indices")
+        return v
+
+
+class RunConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str = "runs"
+    model: ModelConfig
+    data: DataConfig
+    strategy: Strategy = "mixed"
+    components: Components = Field(default_factory=Components)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _pixels(self):
+        resolve_pixels(self.data.min_pixels, self.data.max_pixels, self.data.min_image_tokens, self.data.max_image_tokens)
+        return self
+
+    # -- derived views (never stored twice) ------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def modes(self) -> dict[str, str]:
+        """The training mode of each component: the strategy preset with the overrides applied."""
+        preset = dict(STRATEGY_PRESETS[self.strategy])
+        preset.update({k: v for k, v in self.components.model_dump().items() if v is not None})
+        return preset
+
+    def lr_for(self, component: str) -> float:
+        override = getattr(self.optim.component_lr, component)
+        return override if override is not None else self.optim.learning_rate
+
+    def uses_lora(self) -> bool:
+        return any(m == "lora" for m in self.modes().values())
+
+    def resolved(self) -> dict[str, Any]:
+        """The config with presets written out: what is saved beside checkpoints."""
+        doc = self.model_dump(mode="json")
+        doc["components"] = self.modes()
+        return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_validation_error(e: ValidationError) -> list[str]:
+    lines = []
+    for err in e.errors():
+        # Literal/union errors name the branch in loc (e.g. 'int', 'literal[...]'): drop those parts.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith(("literal[", "list[", "function-")) or p in ("int", "str", "float", "bool"))))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `qvltune init` writes a complete config)"
+        elif err["type"] == "missing":
+            msg = "required"
+        got = err.get("input")
+        got_text = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{_format_loc(loc) or '(top level)'}: {msg}{got_text}")
+    return list(dict.fromkeys(lines))
+
+
+def parse_config(doc: Any, source: str = "config") -> RunConfig:
+    """Validate a loaded YAML document; raises ``UserError`` listing every problem."""
+    if not isinstance(doc, dict):
+        raise UserError(f"{source}: a run config must be a YAML mapping (got {type(doc).__name__})", "start from `qvltune init` or a file in templates/")
+    try:
+        cfg = RunConfig.model_validate(doc)
+    except ValidationError as e:
+        problems = format_validation_error(e)
+        raise UserError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), "fix the fields above; `qvltune init` writes a valid config") from None
+    conflicts = check_conflicts(cfg)
+    if conflicts:
+        raise UserError(f"{source}: {len(conflicts)} conflict(s):\n  " + "\n  ".join(conflicts), "fix the fields above") from None
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file not found: {path}", "create one with `qvltune init`")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}{where}: invalid YAML: {problem}", "fix the YAML syntax (indentation, colons, quotes)") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}", "check the file") from None
+    cfg = parse_config(doc, str(path))
+    return _anchor_paths(cfg, path.parent)
+
+
+def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Relative paths in a config file are relative to the file, not to the working directory."""
+
+    def anchor(p: str) -> str:
+        # Keep mixture suffixes (a.jsonl%50) and Hub ids / builtin names intact.
+        head, sep, pct = p.partition("%")
+        q = Path(head)
+        return str(q if q.is_absolute() else (base / q)) + sep + pct
+
+    def anchor_spec(spec: str | list[str]) -> str | list[str]:
+        items = spec if isinstance(spec, list) else [s for s in spec.split(",") if s.strip()]
+        anchored = [anchor(s.strip()) for s in items]
+        return anchored if isinstance(spec, list) else ",".join(anchored)
+
+    cfg.data.train = anchor_spec(cfg.data.train)
+    if cfg.data.eval:
+        cfg.data.eval = anchor_spec(cfg.data.eval)
+    if cfg.data.image_root:
+        cfg.data.image_root = anchor(cfg.data.image_root)
+    if not Path(cfg.output_dir).is_absolute():
+        cfg.output_dir = str(base / cfg.output_dir)
+    model_path = base / cfg.model.path
+    if not cfg.model.path.startswith("builtin:") and not Path(cfg.model.path).is_absolute() and (cfg.model.path.startswith(".") or model_path.exists()):
+        cfg.model.path = str(model_path)
+    if cfg.launch.hostfile and not Path(cfg.launch.hostfile).is_absolute():
+        cfg.launch.hostfile = str(base / cfg.launch.hostfile)
+    return cfg
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conflicts
+
+
+def check_conflicts(cfg: RunConfig) -> list[str]:
+    """Every conflict between fields that the file alone decides, as 'field: message' lines."""
+    out: list[str] = []
+    modes = cfg.modes()
+    lora_parts = [c for c, m in modes.items() if m == "lora"]
+    if all(m == "frozen" for m in modes.values()):
+        out.append("components: every component is frozen: nothing to train (unfreeze one, e.g. components.llm: lora)")
+    if cfg.strategy in ("lora", "mixed") and not lora_parts:
+        out.append(f"strategy: '{cfg.strategy}' but no component is LoRA-adapted: LoRA has nothing to adapt (set components.llm: lora, or strategy: full)")
+    if cfg.strategy == "full" and lora_parts:
+        out.append(f"components: strategy 'full' with LoRA on {', '.join(lora_parts)} (use strategy: mixed or lora)")
+    if lora_parts:
+        heavy = [c for c, m in modes.items() if m == "full" and c not in FULL_BESIDE_LORA]
+        if heavy:
+            out.append(f"components: {', '.join(heavy)} trained fully beside LoRA adapters would be copied whole into the adapter; train {', '.join(heavy)} with LoRA, freeze it, or use strategy: full")
+        if "llm" in lora_parts and not cfg.lora.target_modules:
+            out.append("lora.target_modules: empty while components.llm is lora: LoRA has nothing to adapt")
+        if "vision" in lora_parts and not cfg.lora.vision_target_modules:
+            out.append("lora.vision_target_modules: empty while components.vision is lora: LoRA has nothing to adapt")
+    o = cfg.optim
+    if o.effective_batch is not None:
+        per_step = o.per_device_batch * o.grad_accum
+        if o.effective_batch % per_step:
+            out.append(
+                f"optim.effective_batch: {o.effective_batch} is not a multiple of per_device_batch x grad_accum = {per_step} "
+                f"(effective batch = per_device_batch x grad_accum x processes)"
+            )
+    ds = cfg.deepspeed
+    if ds.offload_optimizer and ds.stage < 1:
+        out.append("deepspeed.offload_optimizer: needs ZeRO stage 1, 2 or 3 (got stage 0)")
+    if ds.offload_params and ds.stage != 3:
+        out.append(f"deepspeed.offload_params: needs ZeRO stage 3 (got stage {ds.stage})")
+    if cfg.data.packing and cfg.model.attn_implementation not in PACKING_SAFE_ATTENTION:
+        out.append(f"data.packing: attention '{cfg.model.attn_implementation}' cannot keep packed samples apart (use sdpa or varlen)")
+    if cfg.data.eval and cfg.data.eval_split:
+        out.append("data.eval_split: give an eval set or a held-out split, not both")
+    if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
+        out.append("launch.hostfile: required when launch.nodes > 1 (one line per node: 'host slots=N')")
+    if isinstance(cfg.launch.gpus, list) and cfg.launch.nodes > 1:
+        out.append("launch.gpus: a device list applies to one node; with several nodes give a count or 'all'")
+    return out
+
+
+def check_against_model(cfg: RunConfig, model_type: str) -> list[str]:
+    out = []
+    if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+        out.append(f"model.path: {cfg.model.path} is a '{model_type}' model, not Qwen3-VL (qwen3_vl or qwen3_vl_moe)")
+    if model_type == "qwen3_vl_moe" and cfg.deepspeed.stage == 3:
+        out.append("deepspeed.stage: ZeRO-3 with the MoE model (30B-A3B) gathers every expert each step and hangs or crawls with uneven routing; use stage 2 (with offload_optimizer if memory is short)")
+    return out
+
+
+def check_against_hardware(cfg: RunConfig, gpus: list[Any]) -> list[str]:
+    """Conflicts that depend on the machine (``gpus`` from ``hardware.detect_gpus``)."""
+    out = []
+    if not gpus:
+        if cfg.optim.bf16:
+            out.append("optim.bf16: no GPU found (CPU mode): set optim.bf16: false")
+        if cfg.optim.optimizer == "adamw_torch_fused":
+            out.append("optim.optimizer: adamw_torch_fused needs a GPU: use adamw_torch in CPU mode")
+        return out
+    if cfg.optim.bf16:
+        old = [g for g in gpus if not g.bf16]
+        if old:
+            out.append(f"optim.bf16: GPU {old[0].index} ({old[0].name}, compute capability {old[0].compute_capability}) has no bf16: set optim.bf16: false")
+    if isinstance(cfg.launch.gpus, list):
+        missing = [i for i in cfg.launch.gpus if i >= len(gpus)]
+        if missing:
+            out.append(f"launch.gpus: device(s) {missing} do not exist ({len(gpus)} GPU(s) found)")
+    elif isinstance(cfg.launch.gpus, int) and cfg.launch.gpus > len(gpus) and cfg.launch.nodes == 1:
+        out.append(f"launch.gpus: {cfg.launch.gpus} requested but {len(gpus)} found")
+    return out

@@ -1,0 +1,184 @@
+"""The live training panel: ``DashboardState`` (fed by metrics.jsonl records and NVML samples) and
+``render(state)``, a pure function to a Rich renderable, tested with a fixed-width console.
+
+Without a TTY, ``format_line(record)`` gives one plain line per log step instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    values = [v for v in values if v is not None][-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = hi - lo or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in values)
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _fmt(value: Any, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+@dataclass
+class DashboardState:
+    name: str
+    started: float = field(default_factory=time.time)
+    step: int = 0
+    max_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    eval_loss: float | None = None
+    eval_ppl: float | None = None
+    eval_losses: list[float] = field(default_factory=list)
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    samples_per_s: float | None = None
+    mfu: float | None = None
+    mem_peak_gb: float | None = None
+    padding: float | None = None
+    checkpoint: str | None = None
+    device: str | None = None
+    world_size: int | None = None
+    status: str = "starting"
+    message: str | None = None
+    first_step_time: float | None = None
+    first_step: int = 0
+    gpus: list[Any] = field(default_factory=list)  # hardware.GpuInfo samples
+
+    def apply(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        if kind == "start":
+            self.status = "training"
+            self.world_size = record.get("world_size")
+            self.device = record.get("device")
+            self.padding = record.get("padding")
+        elif kind == "train":
+            if self.first_step_time is None:
+                self.first_step_time, self.first_step = record.get("time", time.time()), record.get("step", 0)
+            for key in ("step", "max_steps", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_peak_gb"):
+                if record.get(key) is not None:
+                    setattr(self, key, record[key])
+            if record.get("loss") is not None:
+                self.losses.append(record["loss"])
+            self.last_time = record.get("time")
+        elif kind == "eval":
+            self.eval_loss, self.eval_ppl = record.get("eval_loss"), record.get("eval_ppl")
+            if self.eval_loss is not None:
+                self.eval_losses.append(self.eval_loss)
+        elif kind == "checkpoint":
+            self.checkpoint = record.get("path")
+        elif kind == "end":
+            self.step = record.get("step", self.step)
+            self.status = record.get("status", "ended")
+            self.message = record.get("message")
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left, from the step rate since the first logged step."""
+        if not self.max_steps or self.first_step_time is None or self.step <= self.first_step:
+            return None
+        now = now if now is not None else getattr(self, "last_time", time.time())
+        rate = (self.step - self.first_step) / max(now - self.first_step_time, 1e-9)
+        return (self.max_steps - self.step) / rate if rate > 0 else None
+
+
+def render(state: DashboardState, now: float | None = None) -> Panel:
+    now = now if now is not None else time.time()
+    total = state.max_steps or 0
+    bar = ProgressBar(total=max(total, 1), completed=min(state.step, total) if total else 0, width=40)
+    head = Table.grid(padding=(0, 1))
+    head.add_row(
+        bar,
+        Text(f"step {state.step}/{total or '?'}"),
+        Text(f"epoch {_fmt(state.epoch, '.2f')}"),
+        Text(f"elapsed {_fmt_duration(now - state.started)}"),
+        Text(f"ETA {_fmt_duration(state.eta())}"),
+    )
+
+    metrics = Table.grid(padding=(0, 2))
+    metrics.add_column(style="bold")
+    metrics.add_column(justify="right")
+    metrics.add_column()
+    metrics.add_row("loss", _fmt(state.loss, ".4f"), Text(sparkline(state.losses), style="cyan"))
+    eval_text = _fmt(state.eval_loss, ".4f") + (f" (ppl {state.eval_ppl:.2f})" if state.eval_ppl is not None else "")
+    metrics.add_row("eval loss", eval_text, Text(sparkline(state.eval_losses), style="magenta"))
+    metrics.add_row("lr", _fmt(state.lr, ".2e"), "")
+    metrics.add_row("grad norm", _fmt(state.grad_norm, ".3f"), "")
+    throughput = f"{_fmt(state.tokens_per_s, ',.0f')} tok/s"
+    if state.samples_per_s is not None:
+        throughput += f"  {state.samples_per_s:,.1f} samples/s"
+    metrics.add_row("throughput", throughput, "real (non-pad) tokens, all ranks")
+    metrics.add_row("MFU", f"{state.mfu * 100:.1f}%" if state.mfu is not None else "- (no GPU peak)", "6 x LLM params per token")
+    if state.padding is not None:
+        metrics.add_row("padding", f"{state.padding * 100:.1f}%", "")
+
+    parts: list[Any] = [head, Text(""), metrics]
+    if state.gpus:
+        gpus = Table(box=None, padding=(0, 1), show_edge=False)
+        for col in ("GPU", "name", "memory", "util", "temp"):
+            gpus.add_column(col, justify="right" if col in ("memory", "util", "temp") else "left")
+        for g in state.gpus:
+            used = g.memory_used / 1024**3
+            gpus.add_row(
+                str(g.index),
+                g.name,
+                f"{used:,.1f}/{g.memory_total / 1024**3:,.0f} GiB",
+                f"{g.utilization}%" if g.utilization is not None else "-",
+                f"{g.temperature}°C" if g.temperature is not None else "-",
+            )
+        parts += [Text(""), gpus]
+    elif state.mem_peak_gb is not None:
+        parts.append(Text(f"GPU memory peak (rank 0): {state.mem_peak_gb:.1f} GiB"))
+    else:
+        parts += [Text(""), Text(f"device: {state.device or 'starting...'}" + (f" x{state.world_size}" if state.world_size else ""), style="dim")]
+    parts.append(Text(f"last checkpoint: {state.checkpoint or '-'}", style="dim"))
+    if state.message:
+        parts.append(Text(state.message, style="yellow"))
+    style = {"training": "green", "completed": "green", "starting": "blue"}.get(state.status, "red")
+    return Panel(Group(*parts), title=f"qvltune · {state.name} · {state.status}", border_style=style)
+
+
+def format_line(record: dict[str, Any]) -> str | None:
+    """One plain line per record for logs and non-TTY output."""
+    kind = record.get("kind")
+    if kind == "train":
+        mfu = f" mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
+        mem = f" mem {record['mem_peak_gb']:.1f}GiB" if record.get("mem_peak_gb") is not None else ""
+        return (
+            f"step {record.get('step')}/{record.get('max_steps')} epoch {_fmt(record.get('epoch'), '.2f')} "
+            f"loss {_fmt(record.get('loss'), '.4f')} lr {_fmt(record.get('lr'), '.2e')} grad_norm {_fmt(record.get('grad_norm'), '.3f')} "
+            f"tok/s {_fmt(record.get('tokens_per_s'), ',.0f')}{mfu}{mem}"
+        )
+    if kind == "eval":
+        return f"eval step {record.get('step')}: eval_loss {_fmt(record.get('eval_loss'), '.4f')} ppl {_fmt(record.get('eval_ppl'), '.2f')}"
+    if kind == "checkpoint":
+        return f"checkpoint saved: {record.get('path')}"
+    if kind == "start":
+        pad = record.get("padding")
+        return f"training started: {record.get('train_samples')} samples in {record.get('train_rows')} rows, {record.get('world_size')} process(es), padding {pad * 100:.1f}%" if pad is not None else "training started"
+    if kind == "end":
+        return f"training {record.get('status')}: {record.get('message', '')}"
+    return None

@@ -1,0 +1,140 @@
+"""The training and eval sets of a run: validated up front, sampled, split, and encoded on access.
+
+``prepare_data`` runs before any GPU work (in ``qvltune train``'s parent, and again in the worker
+when launched by hand): it reads every dataset, checks every record and its media exactly as
+``check-data`` does, counts tokens exactly with the model's processor, applies mixture percentages
+and the held-out split with the run's seed, and returns an index (file, record, tokens) that the
+worker's ``SFTDataset`` encodes lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvltune.data.check import check_dataset
+from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items, sample_indices
+from qvltune.data.tokenize import Encoded, Encoder
+from qvltune.errors import UserError
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: str
+    index: int
+    tokens: int
+    trained: int
+
+
+@dataclass
+class DataIndex:
+    train: list[Entry]
+    eval: list[Entry]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"train": [asdict(e) for e in self.train], "eval": [asdict(e) for e in self.eval], "skipped": self.skipped}))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> DataIndex:
+        doc = json.loads(path.read_text())
+        return cls([Entry(**e) for e in doc["train"]], [Entry(**e) for e in doc["eval"]], doc.get("skipped", []))
+
+
+def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[list[Entry], list[Problem]]:
+    """Every usable record of a dataset or mixture with its exact token count, after sampling."""
+    d = cfg.data
+    report = check_dataset(
+        spec,
+        image_root=Path(d.image_root) if d.image_root else None,
+        processor=processor,
+        max_seq_length=d.max_seq_length,
+        allow_outside_root=d.allow_media_outside_root,
+        video_fps=d.video_fps,
+    )
+    entries: list[Entry] = []
+    for s in parse_mixture(spec):
+        per_file = [Entry(*u) for u in report.usable if u[0] == str(s.path)]
+        entries += [per_file[i] for i in sample_indices(len(per_file), s.percent, seed)]
+    return entries, report.problems
+
+
+def prepare_data(cfg, processor: Any) -> DataIndex:
+    """Validate, count, sample and split the run's data; ``UserError`` on bad records (policy 'error')."""
+    seed = cfg.optim.seed
+    train, problems = _checked_entries(cfg.data.train, processor, cfg, seed)
+    evals: list[Entry] = []
+    if cfg.data.eval:
+        evals, eval_problems = _checked_entries(cfg.data.eval, processor, cfg, seed)
+        problems += eval_problems
+    errors = [p for p in problems if p.severity == "error"]
+    skipped = []
+    if errors:
+        if cfg.data.on_bad_sample == "error":
+            shown = "\n  ".join(str(p) for p in errors[:MAX_PROBLEMS_SHOWN])
+            more = f"\n  ... and {len(errors) - MAX_PROBLEMS_SHOWN} more" if len(errors) > MAX_PROBLEMS_SHOWN else ""
+            raise UserError(
+                f"{len(errors)} problem(s) in the training data:\n  {shown}{more}",
+                f"fix them (qvltune check-data {cfg.data.train} lists all), or set data.on_bad_sample: skip",
+            )
+        skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.message} for p in errors]
+    if not train:
+        raise UserError("no usable training records", f"check the data with qvltune check-data {cfg.data.train}")
+    if not cfg.data.eval and cfg.data.eval_split:
+        rng = random.Random(seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_eval = max(1, round(len(train) * cfg.data.eval_split))
+        held = set(order[:n_eval])
+        evals = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+    return DataIndex(train, evals, skipped)
+
+
+class RecordStore:
+    """Reads records by (file, index), parsing each file once."""
+
+    def __init__(self):
+        self._files: dict[str, dict[int, Record]] = {}
+
+    def get(self, file: str, index: int) -> Record:
+        if file not in self._files:
+            records = {}
+            for item in read_items(Path(file)):
+                if item.problem is None:
+                    rec, _ = parse_record(item, file)
+                    if rec is not None:
+                        records[item.index] = rec
+            self._files[file] = records
+        try:
+            return self._files[file][index]
+        except KeyError:
+            raise UserError(f"{file}: record {index} changed since the run was prepared", "prepare the run again (qvltune train re-checks the data)") from None
+
+
+class SFTDataset:
+    """A torch map-style dataset: item i is a list of encoded samples (one, or one packed row)."""
+
+    def __init__(self, entries: list[Entry], encoder: Encoder, groups: list[list[int]]):
+        self.entries = entries
+        self.encoder = encoder
+        self.groups = groups
+        self.store = RecordStore()
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> list[Encoded]:
+        out = []
+        for j in self.groups[i]:
+            e = self.entries[j]
+            out.append(self.encoder.encode(self.store.get(e.file, e.index)))
+        return out

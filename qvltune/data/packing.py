@@ -1,0 +1,174 @@
+"""Batches: padded (the plain path) and packed (several samples per row, exactly isolated).
+
+Packing concatenates whole samples into rows of at most ``max_seq_length`` tokens (images are never
+split: a sample is the unit). Each row gets 4-row ``position_ids``: row 0 holds text positions that
+restart at 0 for every sample, rows 1-3 that sample's own M-RoPE ids, computed by transformers' own
+``get_rope_index``. transformers detects the packed rows from the restarting positions and builds a
+block-diagonal causal mask (sdpa/eager) or varlen calls (flash/varlen attention), so no token attends
+across samples; the first label of every sample is masked so no loss term crosses a boundary either.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qvltune.data.tokenize import IGNORE_INDEX, Encoded
+
+
+def pack_bins(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of sample indices into rows of at most ``capacity`` tokens.
+
+    Deterministic for a seed: ties are broken by a seeded shuffle, and the bins are shuffled so rows
+    do not come sorted by length."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    order.sort(key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sample {i} has {n} tokens, more than the row capacity {capacity}")
+        # First fit: the first open bin with room (rows stay full; O(n * bins) is fine at these sizes,
+        # and a sorted structure would not change the result).
+        for b, room in enumerate(free):
+            if room >= n:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - n)
+    rng.shuffle(bins)
+    return bins
+
+
+def padding_fraction(row_lengths: list[list[int]]) -> float:
+    """Fraction of pad tokens when each batch (a list of row lengths) is padded to its longest row."""
+    total = sum(max(rows) * len(rows) for rows in row_lengths if rows)
+    real = sum(sum(rows) for rows in row_lengths)
+    return 0.0 if total == 0 else 1.0 - real / total
+
+
+class RopeIndex:
+    """transformers' own M-RoPE position code for a model config, without the model's weights.
+
+    The collator runs in DataLoader workers where the model is not available; borrowing the model
+    class's methods keeps packed positions identical to what the model computes for one sample."""
+
+    def __init__(self, config: Any):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+        self.config = config
+        model_cls = Qwen3VLModel
+        if getattr(config, "model_type", "") == "qwen3_vl_moe":
+            from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
+
+            model_cls = Qwen3VLMoeModel
+        self._get_rope_index = model_cls.get_rope_index
+        self._params = set(inspect.signature(model_cls.get_rope_index).parameters)
+        # Helpers that get_rope_index calls on self in some transformers versions.
+        for name in ("get_vision_position_ids",):
+            if hasattr(model_cls, name):
+                setattr(self, name, getattr(model_cls, name).__get__(self))
+
+    def __call__(self, sample: Encoded) -> torch.Tensor:
+        """(3, n) M-RoPE positions of one sample."""
+        ids = torch.tensor([sample.input_ids])
+        kwargs: dict[str, Any] = {"image_grid_thw": sample.image_grid_thw, "video_grid_thw": sample.video_grid_thw}
+        if "mm_token_type_ids" in self._params:
+            kwargs["mm_token_type_ids"] = torch.tensor([sample.mm_token_type_ids])
+        if sample.image_grid_thw is None and sample.video_grid_thw is None:
+            n = len(sample.input_ids)
+            return torch.arange(n).expand(3, n)
+        positions, _ = self._get_rope_index(self, ids, **kwargs)
+        return positions[:, 0, :]
+
+
+def _cat(tensors: list[Any]) -> Any:
+    tensors = [t for t in tensors if t is not None]
+    return torch.cat(tensors) if tensors else None
+
+
+@dataclass
+class BatchStats:
+    """Counts the metrics need, computed on the host so reading them never syncs the GPU."""
+
+    real_tokens: int
+    padded_tokens: int
+    samples: int
+    trained_tokens: int
+
+
+def _media(samples: list[Encoded], out: dict[str, Any]) -> None:
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        value = _cat([getattr(s, key) for s in samples])
+        if value is not None:
+            out[key] = value
+
+
+class PaddedCollator:
+    """The plain path: one sample per row, right-padded, with an attention mask (the model computes
+    M-RoPE positions itself)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
+        samples = [s for item in items for s in item]
+        width = max(len(s) for s in samples)
+        n = len(samples)
+        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        types = torch.zeros((n, width), dtype=torch.long)
+        for r, s in enumerate(samples):
+            k = len(s)
+            input_ids[r, :k] = torch.tensor(s.input_ids)
+            labels[r, :k] = torch.tensor(s.labels)
+            mask[r, :k] = 1
+            types[r, :k] = torch.tensor(s.mm_token_type_ids)
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
+        _media(samples, out)
+        out["stats"] = BatchStats(sum(len(s) for s in samples), n * width, n, sum(s.trained_tokens for s in samples))
+        return out
+
+
+class PackedCollator:
+    """Each item is one packed row (a list of samples); rows are padded to the longest in the batch."""
+
+    def __init__(self, pad_token_id: int, rope_index: RopeIndex):
+        self.pad = pad_token_id
+        self.rope_index = rope_index
+
+    def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
+        width = max(sum(len(s) for s in item) for item in items)
+        n = len(items)
+        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        types = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((4, n, width), dtype=torch.long)
+        for r, item in enumerate(items):
+            k = 0
+            for s in item:
+                m = len(s)
+                input_ids[r, k : k + m] = torch.tensor(s.input_ids)
+                labels[r, k : k + m] = torch.tensor(s.labels)
+                labels[r, k] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
+                types[r, k : k + m] = torch.tensor(s.mm_token_type_ids)
+                positions[0, r, k : k + m] = torch.arange(m)
+                positions[1:, r, k : k + m] = self.rope_index(s)
+                k += m
+            # The pad tail restarts its positions too, so it forms its own (masked, unlabelled) segment.
+            positions[:, r, k:] = torch.arange(width - k)
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "mm_token_type_ids": types}
+        samples = [s for item in items for s in item]
+        _media(samples, out)
+        out["stats"] = BatchStats(sum(len(s) for s in samples), n * width, len(samples), sum(s.trained_tokens for s in samples))
+        return out

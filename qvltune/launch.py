@@ -1,0 +1,128 @@
+"""The ``deepspeed`` launcher command for a run (pure), and running it as a child process.
+
+``build_launch`` is a pure function of the config and the machine, so ``--print-command`` prints
+exactly what ``qvltune train`` runs, and tests check it without launching anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qvltune.config import RunConfig
+
+DEFAULT_MASTER_PORT = 29500
+
+
+def deepspeed_launcher() -> list[str]:
+    """The ``deepspeed`` script next to this Python (a venv's), else the module form."""
+    script = Path(sys.executable).with_name("deepspeed")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def build_launch(
+    cfg: RunConfig, *, run_dir: Path, gpu_count: int, resume: bool = False, master_port: int | None = None, cpu_count: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) that start the worker on every rank."""
+    launch = cfg.launch
+    argv = deepspeed_launcher()
+    if launch.hostfile:
+        argv += ["--hostfile", launch.hostfile, "--num_nodes", str(launch.nodes)]
+        if launch.master_addr:
+            argv += ["--master_addr", launch.master_addr]
+    if gpu_count == 0:
+        processes = launch.cpu_processes
+        argv += ["--num_gpus", str(processes)]
+    elif isinstance(launch.gpus, list):
+        processes = len(launch.gpus)
+        argv += ["--include", "localhost:" + ",".join(str(i) for i in launch.gpus)]
+    else:
+        processes = gpu_count if launch.gpus == "all" else launch.gpus
+        argv += ["--num_gpus", str(processes)]
+    argv += ["--master_port", str(master_port or launch.master_port or DEFAULT_MASTER_PORT)]
+    argv += ["--module", "qvltune.worker", "--run-dir", str(run_dir)]
+    if resume:
+        argv.append("--resume")
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # DeepSpeed's op builder crashes on the "9.0a" arch some images default to.
+        "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace("9.0a", "9.0") or "",
+    }
+    if not env["TORCH_CUDA_ARCH_LIST"]:
+        del env["TORCH_CUDA_ARCH_LIST"]
+    if gpu_count == 0:
+        # CPU mode: split the cores between the processes instead of oversubscribing them.
+        env["OMP_NUM_THREADS"] = str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
+    return argv, env
+
+
+def format_command(argv: list[str], env: dict[str, str]) -> str:
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    return (prefix + " " if prefix else "") + shlex.join(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    """The launcher process and its output, kept in a log file and a ring buffer of recent lines."""
+
+    process: subprocess.Popen
+    log_path: Path
+    tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    _offset: int = 0
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def read_output(self) -> list[str]:
+        """New complete lines the child wrote since the last call."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return []
+        cut = data.rfind(b"\n") + 1
+        self._offset += cut
+        lines = data[:cut].decode(errors="replace").splitlines()
+        self.tail.extend(lines)
+        return lines
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """Stop the whole process group (launcher and ranks): SIGTERM, then SIGKILL."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+
+def start(argv: list[str], env: dict[str, str], log_path: Path) -> Child:
+    """Start the launcher in its own session: a terminal Ctrl-C reaches only ``qvltune train``, which
+    then asks the ranks to checkpoint and stop (the launcher would kill them outright)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    log = open(log_path, "ab")
+    process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return Child(process, log_path, _offset=offset)

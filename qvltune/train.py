@@ -1,0 +1,182 @@
+"""``qvltune train``'s parent side: validate, prepare the run folder and data, launch, supervise.
+
+The parent never imports torch in its drawing loop: it tails ``metrics.jsonl`` (written by rank 0)
+and samples NVML. Ctrl-C writes the STOP file that every rank checks at the end of each step; they
+save a checkpoint and exit cleanly. A second Ctrl-C stops the process group at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qvltune import console
+from qvltune.config import RunConfig, check_against_hardware, check_against_model, dump_config
+from qvltune.dashboard import DashboardState, format_line, render
+from qvltune.errors import UserError
+from qvltune.launch import Child, build_launch, format_command, free_port, start
+from qvltune.metrics import MetricsTailer, read_all
+from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
+from qvltune.zero import write_deepspeed_config
+
+
+def validate(cfg: RunConfig, gpus: list[Any]) -> None:
+    """Every conflict that needs the model or the machine, all at once, before anything runs."""
+    from qvltune.model import read_model_config
+
+    model_type = read_model_config(cfg.model.path, cfg.model.trust_remote_code).get("model_type", "?")
+    problems = check_against_model(cfg, model_type) + check_against_hardware(cfg, gpus)
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) with this config on this machine:\n  " + "\n  ".join(problems), "fix the fields above")
+
+
+def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[str, Any]:
+    """Create the run folder (config, ZeRO JSON, data index); refuse to clobber a previous run."""
+    from qvltune.data.dataset import prepare_data
+    from qvltune.model import load_processor
+
+    run_dir = cfg.run_dir
+    existing = checkpoints(run_dir) if run_dir.exists() else []
+    if existing and not resume:
+        if not force:
+            raise UserError(
+                f"{run_dir} already holds {len(existing)} checkpoint(s) of an earlier run",
+                "continue it with --resume, start over with --force (deletes it), or change `name`",
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    write_deepspeed_config(cfg, run_dir / "ds_config.json")
+    lo, hi = cfg.data.pixel_budget()
+    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    index = prepare_data(cfg, processor)
+    index.save(run_dir / "data_index.json")
+    if index.skipped:
+        import json
+
+        with open(run_dir / "skipped.jsonl", "w") as f:
+            for s in index.skipped:
+                f.write(json.dumps(s) + "\n")
+        console.warn(f"skipping {len(index.skipped)} bad record(s) (data.on_bad_sample: skip); listed in {run_dir / 'skipped.jsonl'}")
+    return {"train": len(index.train), "eval": len(index.eval), "skipped": len(index.skipped)}
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    state: DashboardState
+    log_tail: list[str]
+    interrupted: bool
+
+
+def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5) -> Outcome:
+    """Tail metrics and NVML while the child runs; render the panel (TTY) or one line per log step."""
+    run_dir = cfg.run_dir
+    state = DashboardState(cfg.name)
+    tailer = MetricsTailer(run_dir / "metrics.jsonl")
+    interrupts = 0
+
+    def on_sigint(signum, frame):
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            (run_dir / STOP_FILE).write_text("stop requested\n")
+            state.message = "Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to kill)"
+            if not live:
+                console.warn(state.message)
+        else:
+            child.terminate(timeout=10)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    last_sample = 0.0
+    try:
+        if live:
+            from rich.live import Live
+
+            with Live(render(state), console=console.err, refresh_per_second=4, transient=False) as view:
+                while child.poll() is None:
+                    _drain(tailer, state, None)
+                    child.read_output()
+                    if nvml_sampler and time.time() - last_sample > 1.0:
+                        state.gpus, last_sample = nvml_sampler(), time.time()
+                    view.update(render(state))
+                    time.sleep(refresh)
+                _drain(tailer, state, None)
+                view.update(render(state))
+        else:
+            while child.poll() is None:
+                _drain(tailer, state, console.out)
+                child.read_output()
+                time.sleep(refresh)
+            _drain(tailer, state, console.out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    child.read_output()
+    return Outcome(child.process.returncode, state, list(child.tail), interrupts > 0)
+
+
+def _drain(tailer: MetricsTailer, state: DashboardState, printer) -> None:
+    for record in tailer.read_new():
+        state.apply(record)
+        if printer is not None:
+            line = format_line(record)
+            if line:
+                printer.print(line)
+
+
+def plot_loss(metrics_path: Path, out: Path) -> Path | None:
+    """loss.png: training loss per step and eval loss, from metrics.jsonl."""
+    records = read_all(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval" and r.get("eval_loss") is not None]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:red")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def launch_command(cfg: RunConfig, gpu_count: int, resume: bool, master_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    return build_launch(cfg, run_dir=cfg.run_dir.resolve(), gpu_count=gpu_count, resume=resume, master_port=master_port)
+
+
+def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None) -> Outcome:
+    """The whole parent flow: validate, prepare, launch, supervise, plot."""
+    from qvltune.hardware import detect_gpus, sample_gpus
+
+    if gpus is None:
+        gpus = detect_gpus()[0]
+    validate(cfg, gpus)
+    if resume and latest_complete_checkpoint(cfg.run_dir) is None:
+        console.note(f"no complete checkpoint in {cfg.run_dir}: starting from the beginning")
+    counts = prepare_run(cfg, resume=resume, force=force)
+    console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
+    argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
+    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + format_command(argv, env) + "\n")
+    console.note(f"launching: {format_command(argv, env)}")
+    console.note(f"log: {cfg.run_dir / 'train.log'}")
+    child = start(argv, env, cfg.run_dir / "train.log")
+    outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None)
+    plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
+    return outcome

@@ -1,0 +1,498 @@
+"""The training recipe that DeepSpeed starts on every rank: ``python -m qvltune.worker --run-dir DIR``.
+
+A linear recipe: config -> TrainingArguments (first, so ZeRO-3 partitions the model as it loads) ->
+processor and model -> freeze / LoRA -> datasets and collator -> ``QvlTrainer`` -> save.
+
+``transformers.Trainer`` supplies checkpointing, resume, accumulation, schedules, eval and
+``report_to``. ``QvlTrainer`` changes only what measurements and correctness required, each said
+where it is done: a token-weighted loss over the whole accumulated batch, per-component learning
+rates, the dummy vision pass that keeps ZeRO-3 ranks in step on text-only batches, and atomic
+checkpoints (a marker file written last; rotation only among complete checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qvltune.checkpoints import COMPLETE_MARKER, STOP_FILE, checkpoints, is_complete, latest_complete_checkpoint
+from qvltune.config import RunConfig, load_config
+from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data
+from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, pack_bins, padding_fraction
+from qvltune.data.tokenize import IGNORE_INDEX, Encoder
+from qvltune.metrics import MetricsWriter
+from qvltune.model import apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table
+from qvltune.zero import deepspeed_config
+
+EXIT_INTERRUPTED = 130
+EXIT_NAN = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _unwrap(model):
+    """The HF model under DeepSpeed and peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class QvlTrainer(Trainer):
+        # compute_loss normalises by the token count of the whole accumulated batch itself.
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args, run_cfg: RunConfig, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.run_cfg = run_cfg
+            # Ask the Trainer to count label tokens over the accumulated batch (num_items_in_batch);
+            # Qwen3-VL declares accepts_loss_kwargs=False, which would average per micro-batch and
+            # weight short answers like long ones.
+            self.model_accepts_loss_kwargs = True
+            self.stats = BatchStats(0, 0, 0, 0)
+            model = _unwrap(self.model)
+            vision_trains = any(p.requires_grad for n, p in self.model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
+            self.needs_dummy_vision = _world_size() > 1 and (run_cfg.deepspeed.stage == 3 or vision_trains)
+            self._vision_cfg = model.config.vision_config
+
+        # -- loss --------------------------------------------------------------------------------
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            stats = inputs.pop("stats", None)
+            if stats is not None and model.training:
+                s = self.stats
+                self.stats = BatchStats(s.real_tokens + stats.real_tokens, s.padded_tokens + stats.padded_tokens, s.samples + stats.samples, s.trained_tokens + stats.trained_tokens)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1, :]
+            targets = labels[:, 1:].to(logits.device)
+            loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            if num_items_in_batch is None:  # evaluation: the batch's own token mean
+                loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            else:
+                loss = loss_sum / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    # num_items_in_batch counts every rank's tokens and DeepSpeed averages gradients
+                    # over ranks: scale back to a sum.
+                    loss = loss * self.accelerator.num_processes
+            if self.needs_dummy_vision and "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
+                loss = loss + 0.0 * self._dummy_vision(model)
+            return (loss, outputs) if return_outputs else loss
+
+        def _dummy_vision(self, model) -> torch.Tensor:
+            """Run the vision tower on a 32x32 dummy image whose output contributes zero.
+
+            Under ZeRO-3 every rank must gather the same parameters in the same order; a rank whose
+            batch has no image would skip the vision tower and deadlock the others (seen: gloo aborts,
+            NCCL hangs). Adding 0 x output keeps the graph, so gradients (zeros) exist on every rank."""
+            visual = _unwrap(model).model.visual
+            c = self._vision_cfg
+            dim = c.in_channels * c.temporal_patch_size * c.patch_size**2
+            grid = torch.tensor([[1, 2, 2]], device=self.args.device)
+            pixels = torch.zeros(4, dim, device=self.args.device, dtype=next(visual.parameters()).dtype)
+            out = visual(pixels, grid_thw=grid)
+            total = out.pooler_output.float().sum()
+            for feature in getattr(out, "deepstack_features", None) or []:
+                total = total + feature.float().sum()
+            return total
+
+        # -- optimizer: per-component learning rates ---------------------------------------------
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                groups = parameter_groups(self.model, self.run_cfg)
+                kwargs = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon}
+                if self.run_cfg.deepspeed.offload_optimizer:
+                    # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam (decoupled decay).
+                    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                    self.optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+                else:
+                    fused = self.run_cfg.optim.optimizer == "adamw_torch_fused" and torch.cuda.is_available()
+                    self.optimizer = torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+            return self.optimizer
+
+        # -- atomic checkpoints ------------------------------------------------------------------
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(self.args.output_dir)
+            target = run_dir / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save and target.exists() and not is_complete(target):
+                shutil.rmtree(target)  # leftovers of an interrupted save at this step
+            self.accelerator.wait_for_everyone()
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                _fsync_tree(target)
+                marker = target / COMPLETE_MARKER
+                marker.with_suffix(".tmp").write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
+                marker.with_suffix(".tmp").replace(marker)
+                self._rotate(run_dir)
+            self.accelerator.wait_for_everyone()
+
+        def _rotate(self, run_dir: Path):
+            """Keep the newest ``save_total_limit`` complete checkpoints (the Trainer's own rotation
+            is off: it could delete the previous checkpoint before the new one is marked complete)."""
+            limit = self.run_cfg.schedule.save_total_limit
+            done = [p for p in checkpoints(run_dir) if is_complete(p)]
+            if limit:
+                for old in done[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return QvlTrainer
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics, stop requests and NaN guard (one callback)
+
+
+def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: float | None, peak_flops: float | None):
+    from transformers import TrainerCallback
+
+    class QvlCallback(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+            self.stop_requested = False
+            self.nonfinite_step: int | None = None
+            self.last_time = time.time()
+            self.last_stats = BatchStats(0, 0, 0, 0)
+            self.stopped_by_request = False
+
+        def _all_reduce_max(self, values: list[float], args) -> list[float]:
+            t = torch.tensor(values, dtype=torch.float64, device=args.device if torch.cuda.is_available() else "cpu")
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return t.tolist()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # One tiny all-reduce per optimizer step so every rank agrees to stop at the same step.
+            loss = getattr(self.trainer, "_last_step_loss", None)
+            bad = 0.0 if loss is None or math.isfinite(loss) else 1.0
+            stop = 1.0 if (self.stop_requested or (run_dir / STOP_FILE).exists()) else 0.0
+            bad, stop = self._all_reduce_max([bad, stop], args)
+            if bad:
+                self.nonfinite_step = state.global_step
+                control.should_save = False
+                control.should_training_stop = True
+            elif stop:
+                self.stopped_by_request = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "eval_loss" in logs:
+                if writer:
+                    writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)))
+                return
+            if "loss" not in logs:
+                return
+            s, prev = self.trainer.stats, self.last_stats
+            delta = [s.real_tokens - prev.real_tokens, s.padded_tokens - prev.padded_tokens, s.samples - prev.samples]
+            t = torch.tensor(delta, dtype=torch.float64, device=args.device if torch.cuda.is_available() else "cpu")
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(t)
+            tokens, padded, samples = t.tolist()
+            now = time.time()
+            elapsed = max(now - self.last_time, 1e-9)
+            self.last_time, self.last_stats = now, s
+            if not writer:
+                return
+            tps = tokens / elapsed
+            mfu = None
+            if flops_per_token and peak_flops:
+                mfu = flops_per_token * tps / (peak_flops * _world_size())
+            mem = peak = None
+            if torch.cuda.is_available():
+                mem = torch.cuda.memory_allocated() / 1024**3
+                peak = torch.cuda.max_memory_allocated() / 1024**3
+            writer.write(
+                "train",
+                step=state.global_step,
+                max_steps=state.max_steps,
+                epoch=logs.get("epoch", state.epoch),
+                loss=logs["loss"],
+                lr=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                tokens_per_s=tps,
+                samples_per_s=samples / elapsed,
+                mfu=mfu,
+                mem_gb=mem,
+                mem_peak_gb=peak,
+                padding=(1 - tokens / padded) if padded else None,
+            )
+
+        def on_save(self, args, state, control, **kwargs):
+            if writer:
+                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"))
+
+    return QvlCallback()
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+
+def training_arguments(cfg: RunConfig, use_cpu: bool):
+    from transformers import TrainingArguments
+
+    o, s = cfg.optim, cfg.schedule
+    return TrainingArguments(
+        output_dir=str(cfg.run_dir),
+        per_device_train_batch_size=o.per_device_batch,
+        per_device_eval_batch_size=o.per_device_batch,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.learning_rate,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps or -1,
+        lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_ratio,  # transformers 5: a float in [0, 1) is the warmup ratio
+        bf16=o.bf16,
+        gradient_checkpointing=o.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=s.log_steps,
+        eval_strategy="steps" if cfg.data.eval or cfg.data.eval_split else "no",
+        eval_steps=s.eval_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=None,  # rotation is QvlTrainer._rotate's, among complete checkpoints only
+        seed=o.seed,
+        data_seed=o.seed,
+        report_to=[] if s.report_to == "none" else [s.report_to],
+        deepspeed=deepspeed_config(cfg),
+        use_cpu=use_cpu,
+        dataloader_num_workers=cfg.data.num_workers,
+        dataloader_pin_memory=not use_cpu,
+        dataloader_persistent_workers=cfg.data.num_workers > 0,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        disable_tqdm=True,
+        log_level="warning",
+        save_only_model=False,
+    )
+
+
+def llm_flops_per_token(model) -> float:
+    """Training FLOPs per token, counted as 6 x the language model's non-embedding parameters
+    (forward 2N + backward 4N; the counting rule MFU figures use)."""
+    n = 0
+    seen = set()
+    for name, p in _unwrap(model).named_parameters():
+        if id(p) in seen or "lora_" in name:
+            continue
+        seen.add(id(p))
+        if component_of(name) == "llm":
+            n += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    return 6.0 * n
+
+
+def run(run_dir: Path, resume: bool) -> int:
+    cfg = load_config(run_dir / "config.yaml")
+    use_cpu = not torch.cuda.is_available()
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
+    args = training_arguments(cfg, use_cpu)  # before the model: ZeRO-3 partitions at load
+
+    lo, hi = cfg.data.pixel_budget()
+    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    index_path = run_dir / "data_index.json"
+    index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
+
+    model = load_model(
+        cfg.model.path,
+        dtype="bfloat16" if cfg.optim.bf16 else "float32",
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model.config.use_cache = False
+    model = apply_strategy(model, cfg)
+    table = trainable_table(model, cfg)
+
+    root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    if cfg.data.packing:
+        train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
+        eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
+        collator = PackedCollator(pad_id, RopeIndex(_unwrap(model).config))
+    else:
+        train_groups = [[i] for i in range(len(index.train))]
+        eval_groups = [[i] for i in range(len(index.eval))]
+        collator = PaddedCollator(pad_id)
+    train_set = SFTDataset(index.train, encoder, train_groups)
+    eval_set = SFTDataset(index.eval, encoder, eval_groups) if index.eval else None
+
+    peak = None
+    if torch.cuda.is_available():
+        from qvltune.hardware import peak_tflops
+
+        tflops = peak_tflops(torch.cuda.get_device_name())
+        peak = tflops * 1e12 if tflops else None
+    callback = _make_callback(run_dir, writer, llm_flops_per_token(model), peak)
+    trainer = _make_trainer_class()(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=[callback], run_cfg=cfg
+    )
+    callback.trainer = trainer
+    _track_step_loss(trainer)
+    _install_stop_handlers(callback)
+
+    resume_from = latest_complete_checkpoint(run_dir) if resume else None
+    if writer:
+        b = cfg.optim.per_device_batch
+        batches = lambda groups: [[index.train[j].tokens for j in g] for g in groups]  # noqa: E731
+        padded_rows = [[sum(r) for r in batches(train_groups)[i : i + b]] for i in range(0, len(train_groups), b)]
+        unpacked = [[e.tokens for e in index.train[i : i + b]] for i in range(0, len(index.train), b)]
+        writer.write(
+            "start",
+            world_size=_world_size(),
+            epochs=cfg.optim.epochs,
+            components=[s.__dict__ for s in table],
+            train_samples=len(index.train),
+            eval_samples=len(index.eval),
+            skipped=len(index.skipped),
+            train_rows=len(train_groups),
+            padding=padding_fraction(padded_rows),
+            padding_unpacked=padding_fraction(unpacked),
+            packing=cfg.data.packing,
+            resumed_from=str(resume_from) if resume_from else None,
+            device="cpu" if use_cpu else torch.cuda.get_device_name(),
+        )
+        _print_table(table)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as e:
+        if writer:
+            writer.write("end", status="error", step=trainer.state.global_step, message=f"GPU out of memory: {str(e).splitlines()[0]}", last_checkpoint=_last(run_dir))
+        raise
+    step = trainer.state.global_step
+    if callback.nonfinite_step is not None:
+        last = _last(run_dir)
+        if writer:
+            writer.write("end", status="nan", step=callback.nonfinite_step, message=f"loss became NaN/inf at step {callback.nonfinite_step}", last_checkpoint=last)
+        print(f"qvltune: loss became NaN/inf at step {callback.nonfinite_step}; last good checkpoint: {last or 'none'}", file=sys.stderr)
+        return EXIT_NAN
+    if callback.stopped_by_request:
+        if writer:
+            writer.write("end", status="interrupted", step=step, message="stopped on request; checkpoint saved", last_checkpoint=_last(run_dir))
+        return EXIT_INTERRUPTED
+    final = save_final(trainer, processor, cfg, run_dir)
+    if writer:
+        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), message="training completed")
+    return 0
+
+
+def _last(run_dir: Path) -> str | None:
+    c = latest_complete_checkpoint(run_dir)
+    return str(c) if c else None
+
+
+def _track_step_loss(trainer) -> None:
+    """Keep the last micro-batch loss as a float for the NaN guard (training_step already returns it
+    detached; reading it once per step is the guard's only host sync)."""
+    original = trainer.training_step
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        loss = original(model, inputs, num_items_in_batch)
+        trainer._last_step_loss = float(loss)
+        return loss
+
+    trainer.training_step = training_step
+
+
+def _install_stop_handlers(callback) -> None:
+    """SIGINT/SIGTERM (Ctrl-C, a cluster scheduler) ask for a checkpoint and a clean exit at the
+    end of the current step instead of killing the process mid-step."""
+
+    def handler(signum, frame):
+        if callback.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        callback.stop_requested = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def save_final(trainer, processor, cfg: RunConfig, run_dir: Path) -> Path:
+    """The final adapter or model, with the processor and the resolved config, written atomically."""
+    from qvltune.config import dump_config
+
+    final, tmp = run_dir / "final", run_dir / "final.tmp"
+    if trainer.args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # collective under ZeRO-3 (gathers 16-bit weights)
+    if trainer.args.should_save:
+        processor.save_pretrained(str(tmp))
+        dump_config(cfg, tmp / "qvltune.yaml")
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def _print_table(table) -> None:
+    print("component   mode     parameters   trainable     lr", flush=True)
+    for s in table:
+        lr = f"{s.lr:.2e}" if s.lr else "-"
+        print(f"{s.component:<11} {s.mode:<8} {s.total:>12,} {s.trainable:>11,}   {lr}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qvltune.worker")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=None)  # added by the deepspeed launcher
+    args = parser.parse_args(argv)
+    from qvltune.errors import UserError
+
+    try:
+        code = run(args.run_dir, args.resume)
+    except UserError as e:
+        print(f"Error: {e.message}" + (f"\nHint: {e.hint}" if e.hint else ""), file=sys.stderr, flush=True)
+        code = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit (gloo aborts otherwise)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

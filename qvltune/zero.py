@@ -1,0 +1,70 @@
+"""The DeepSpeed config, generated from the run config (never a hand-edited template).
+
+Values the Trainer also sets (micro-batch, accumulation, clipping, bf16) are written explicitly and
+equal to the ``TrainingArguments`` the worker builds, so the Trainer's consistency check passes and
+the JSON is complete on its own (for ``launch.sh`` or a cluster). ``gradient_clipping`` is always
+present — the official recipe's JSON leaves it out, which silently disables clipping. Only the
+global batch stays ``auto``: it depends on how many processes are launched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qvltune.config import RunConfig
+
+
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    o, ds = cfg.optim, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage in (1, 2):
+        zero.update(
+            {
+                "allgather_partitions": True,
+                "allgather_bucket_size": 5e8,
+                "reduce_scatter": True,
+                "reduce_bucket_size": 5e8,
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+            }
+        )
+    elif ds.stage == 3:
+        zero.update(
+            {
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                "sub_group_size": 1e9,
+                "reduce_bucket_size": "auto",
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9,
+                # Save a full 16-bit copy of the weights with the checkpoint, so the final model and
+                # merge need no separate zero_to_fp32 step.
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": o.per_device_batch,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": "auto",
+        "gradient_clipping": o.max_grad_norm,
+        "bf16": {"enabled": o.bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        # Progress is reported by qvltune's own metrics; DeepSpeed's periodic prints would interleave.
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def write_deepspeed_config(cfg: RunConfig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(deepspeed_config(cfg), indent=2) + "\n")
+    return path
