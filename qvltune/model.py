@@ -92,7 +92,9 @@ def model_class(model_type: str):
 def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementation: str = "sdpa", trust_remote_code: bool = False):
     """Load through ``from_pretrained`` (under ZeRO-3 the Trainer's DeepSpeed config partitions at load)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # qvltune shows its own progress
     config = read_model_config(name_or_path, trust_remote_code)
     cls = model_class(config.get("model_type", "?"))
     attn = "sdpa" if attn_implementation == "varlen" else attn_implementation

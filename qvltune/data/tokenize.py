@@ -205,24 +205,14 @@ class Encoder:
         """Load the record's media and produce input ids, labels and pixel values."""
         import torch
 
-        root = self.media_root(record)
         media = iter(record.media)
         ids: list[int] = []
         labels: list[int] = []
         types: list[int] = []
         pixels, grids, vpixels, vgrids = [], [], [], []
         for seg in self.segments(record):
-            n_img = seg.text.count(self.image_token)
-            n_vid = seg.text.count(self.video_token)
-            images, videos, metas = [], [], []
-            for _ in range(n_img + n_vid):
-                m: Media = next(media)
-                if m.kind == "image":
-                    images.append(load_image(resolve(m.source, root, self.allow_outside_root)))
-                else:
-                    frames, meta = self._load_video(m, root)
-                    videos.append(frames)
-                    metas.append(meta)
+            n_media = seg.text.count(self.image_token) + seg.text.count(self.video_token)
+            images, videos, metas = self.load_media(record, [next(media) for _ in range(n_media)])
             kwargs: dict[str, Any] = {}
             if images:
                 kwargs["images"] = images
@@ -252,6 +242,19 @@ class Encoder:
             torch.cat(vpixels) if vpixels else None,
             torch.cat(vgrids) if vgrids else None,
         )
+
+    def load_media(self, record: Record, media: list[Media] | None = None) -> tuple[list[Any], list[Any], list[Any]]:
+        """Decoded (images, videos, video metadata) of a record's media, in order."""
+        root = self.media_root(record)
+        images, videos, metas = [], [], []
+        for m in record.media if media is None else media:
+            if m.kind == "image":
+                images.append(load_image(resolve(m.source, root, self.allow_outside_root)))
+            else:
+                frames, meta = self._load_video(m, root)
+                videos.append(frames)
+                metas.append(meta)
+        return images, videos, metas
 
     def _load_video(self, m: Media, root: Path):
         from transformers.video_utils import VideoMetadata
