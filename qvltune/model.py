@@ -135,7 +135,8 @@ def modules_to_save(cfg: RunConfig, model) -> list[str]:
     if modes["merger"] == "full":
         out.append("merger")
     if modes["deepstack"] == "full":
-        out.append("deepstack_merger_list")
+        # peft wraps modules, not ModuleLists: name each DeepStack merger.
+        out += [f"deepstack_merger_list.{i}" for i in range(len(model.config.vision_config.deepstack_visual_indexes))]
     if modes["lm_head"] == "full":
         out.append("lm_head")
         if not model.config.get_text_config().tie_word_embeddings:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 BUILTIN_TINY = "builtin:tiny"
 # Bump when the tiny model's definition changes, so stale caches are rebuilt rather than reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -217,7 +217,9 @@ def build_tiny_model(dest: Path) -> Path:
             num_heads=4,
             out_hidden_size=128,
             num_position_embeddings=256,
-            deepstack_visual_indexes=[0, 1],
+            # One DeepStack merger: vision layer 0 feeds LLM layer 0. (A merger feeding the last LLM layer
+            # would only touch image positions, which carry no labels, and could never learn.)
+            deepstack_visual_indexes=[0],
             patch_size=16,
             spatial_merge_size=2,
             temporal_patch_size=2,

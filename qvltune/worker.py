@@ -6,8 +6,7 @@ processor and model -> freeze / LoRA -> datasets and collator -> ``QvlTrainer`` 
 ``transformers.Trainer`` supplies checkpointing, resume, accumulation, schedules, eval and
 ``report_to``. ``QvlTrainer`` changes only what measurements and correctness required, each said
 where it is done: a token-weighted loss over the whole accumulated batch, per-component learning
-rates, the dummy vision pass that keeps ZeRO-3 ranks in step on text-only batches, and atomic
-checkpoints (a marker file written last; rotation only among complete checkpoints).
+rates, and atomic checkpoints (a marker file written last; rotation only among complete ones).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch
 from qvltune.checkpoints import COMPLETE_MARKER, STOP_FILE, checkpoints, is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data
-from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, pack_bins, padding_fraction
+from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.metrics import MetricsWriter
 from qvltune.model import apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table
@@ -74,10 +73,6 @@ def _make_trainer_class():
             # weight short answers like long ones.
             self.model_accepts_loss_kwargs = True
             self.stats = BatchStats(0, 0, 0, 0)
-            model = _unwrap(self.model)
-            vision_trains = any(p.requires_grad for n, p in self.model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
-            self.needs_dummy_vision = _world_size() > 1 and (run_cfg.deepspeed.stage == 3 or vision_trains)
-            self._vision_cfg = model.config.vision_config
 
         # -- loss --------------------------------------------------------------------------------
 
@@ -99,26 +94,7 @@ def _make_trainer_class():
                     # num_items_in_batch counts every rank's tokens and DeepSpeed averages gradients
                     # over ranks: scale back to a sum.
                     loss = loss * self.accelerator.num_processes
-            if self.needs_dummy_vision and "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
-                loss = loss + 0.0 * self._dummy_vision(model)
             return (loss, outputs) if return_outputs else loss
-
-        def _dummy_vision(self, model) -> torch.Tensor:
-            """Run the vision tower on a 32x32 dummy image whose output contributes zero.
-
-            Under ZeRO-3 every rank must gather the same parameters in the same order; a rank whose
-            batch has no image would skip the vision tower and deadlock the others (seen: gloo aborts,
-            NCCL hangs). Adding 0 x output keeps the graph, so gradients (zeros) exist on every rank."""
-            visual = _unwrap(model).model.visual
-            c = self._vision_cfg
-            dim = c.in_channels * c.temporal_patch_size * c.patch_size**2
-            grid = torch.tensor([[1, 2, 2]], device=self.args.device)
-            pixels = torch.zeros(4, dim, device=self.args.device, dtype=next(visual.parameters()).dtype)
-            out = visual(pixels, grid_thw=grid)
-            total = out.pooler_output.float().sum()
-            for feature in getattr(out, "deepstack_features", None) or []:
-                total = total + feature.float().sum()
-            return total
 
         # -- optimizer: per-component learning rates ---------------------------------------------
 
@@ -328,8 +304,16 @@ def run(run_dir: Path, resume: bool) -> int:
     cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
-    args = training_arguments(cfg, use_cpu)  # before the model: ZeRO-3 partitions at load
+    # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
+    # checks the global batch against DeepSpeed's own view of the world size.
+    import deepspeed
 
+    deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+    args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
+
+    from transformers import set_seed
+
+    set_seed(cfg.optim.seed)  # before LoRA adapters are initialised, so a run is reproducible
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index_path = run_dir / "data_index.json"
@@ -342,20 +326,25 @@ def run(run_dir: Path, resume: bool) -> int:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     model.config.use_cache = False
+    model.config.get_text_config().use_cache = False  # no KV cache in training (and packed rows need none)
     model = apply_strategy(model, cfg)
     table = trainable_table(model, cfg)
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
     encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    hf_config = _unwrap(model).config
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
+    # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
+    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if _world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
     if cfg.data.packing:
         train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
         eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
-        collator = PackedCollator(pad_id, RopeIndex(_unwrap(model).config))
+        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy)
     else:
         train_groups = [[i] for i in range(len(index.train))]
         eval_groups = [[i] for i in range(len(index.eval))]
-        collator = PaddedCollator(pad_id)
+        collator = PaddedCollator(pad_id, dummy)
     train_set = SFTDataset(index.train, encoder, train_groups)
     eval_set = SFTDataset(index.eval, encoder, eval_groups) if index.eval else None
 

@@ -113,16 +113,42 @@ def _media(samples: list[Encoded], out: dict[str, Any]) -> None:
             out[key] = value
 
 
+def dummy_image(image_token_id: int, vision_config: Any) -> Encoded:
+    """One image token backed by a blank 32x32 image (a 2x2 patch grid), never labelled.
+
+    Under ZeRO-3 every rank must run the same modules in the same order: a rank whose micro-batch
+    has no image would skip the vision tower while the others gather its weights, and the job hangs
+    (NCCL) or aborts (gloo: "Received data size doesn't match expected size"). Giving such a batch
+    this dummy image, isolated from the real tokens, keeps every rank in step; it affects no loss
+    term, so its gradients are zeros."""
+    c = vision_config
+    dim = c.in_channels * c.temporal_patch_size * c.patch_size**2
+    return Encoded([image_token_id], [IGNORE_INDEX], [1], torch.zeros(4, dim), torch.tensor([[1, 2, 2]]))
+
+
+def _with_dummy(items: list[list[Encoded]], dummy: Encoded | None) -> tuple[list[list[Encoded]], bool]:
+    """Append the dummy image to the first row when no sample of the batch has media."""
+    if dummy is None or any(s.pixel_values is not None or s.pixel_values_videos is not None for item in items for s in item):
+        return items, False
+    return [items[0] + [dummy], *items[1:]], True
+
+
 class PaddedCollator:
     """The plain path: one sample per row, right-padded, with an attention mask (the model computes
     M-RoPE positions itself)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, dummy: Encoded | None = None):
         self.pad = pad_token_id
+        self.dummy = dummy
 
     def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
-        samples = [s for item in items for s in item]
-        width = max(len(s) for s in samples)
+        items, dummied = _with_dummy(items, self.dummy)
+        # A dummy image rides at the end of row 0 with attention mask 0: no real token sees it.
+        samples = [s for item in items for s in item if s is not self.dummy]
+        rows = [len(s) for s in samples]
+        if dummied:
+            rows[0] += 1
+        width = max(rows)
         n = len(samples)
         input_ids = torch.full((n, width), self.pad, dtype=torch.long)
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
@@ -134,8 +160,12 @@ class PaddedCollator:
             labels[r, :k] = torch.tensor(s.labels)
             mask[r, :k] = 1
             types[r, :k] = torch.tensor(s.mm_token_type_ids)
+        if dummied:
+            k = len(samples[0])
+            input_ids[0, k] = self.dummy.input_ids[0]
+            types[0, k] = 1
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
-        _media(samples, out)
+        _media(samples + ([self.dummy] if dummied else []), out)
         out["stats"] = BatchStats(sum(len(s) for s in samples), n * width, n, sum(s.trained_tokens for s in samples))
         return out
 
@@ -143,11 +173,14 @@ class PaddedCollator:
 class PackedCollator:
     """Each item is one packed row (a list of samples); rows are padded to the longest in the batch."""
 
-    def __init__(self, pad_token_id: int, rope_index: RopeIndex):
+    def __init__(self, pad_token_id: int, rope_index: RopeIndex, dummy: Encoded | None = None):
         self.pad = pad_token_id
         self.rope_index = rope_index
+        self.dummy = dummy
 
     def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
+        # A dummy image is one more (unlabelled) segment of row 0: the packed mask isolates it.
+        items, _ = _with_dummy(items, self.dummy)
         width = max(sum(len(s) for s in item) for item in items)
         n = len(items)
         input_ids = torch.full((n, width), self.pad, dtype=torch.long)
@@ -167,8 +200,10 @@ class PackedCollator:
                 k += m
             # The pad tail restarts its positions too, so it forms its own (masked, unlabelled) segment.
             positions[:, r, k:] = torch.arange(width - k)
-        out = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "mm_token_type_ids": types}
+        # use_cache=False matters: transformers only looks for packed rows when no KV cache is built.
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "mm_token_type_ids": types, "use_cache": False}
         samples = [s for item in items for s in item]
         _media(samples, out)
-        out["stats"] = BatchStats(sum(len(s) for s in samples), n * width, len(samples), sum(s.trained_tokens for s in samples))
+        real = [s for s in samples if s is not self.dummy]
+        out["stats"] = BatchStats(sum(len(s) for s in real), n * width, len(real), sum(s.trained_tokens for s in real))
         return out

@@ -1,0 +1,212 @@
+"""Real training through the real launcher path: ``qvltune train`` -> deepspeed -> worker, on CPU (gloo).
+
+Each strategy changes exactly the parameters it should; ZeRO-2 and ZeRO-3 run with 1 and 2
+processes (ZeRO-3 with batches where one rank has no image); Ctrl-C saves a checkpoint and --resume
+reproduces the uninterrupted loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from qvltune.config import parse_config
+from qvltune.launch import build_launch
+from qvltune.metrics import read_all
+from qvltune.model import component_of
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, demo_data, name: str, **sections) -> Path:
+    train, evals = demo_data
+    doc = {
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"path": "builtin:tiny"},
+        "data": {"train": str(train), "eval": f"{evals}%50", "max_seq_length": 256, "num_workers": 0},
+        "strategy": "lora",
+        "optim": {"learning_rate": 2e-3, "bf16": False, "optimizer": "adamw_torch", "per_device_batch": 4, "grad_accum": 1, "max_steps": 4, "warmup_ratio": 0.0},
+        "schedule": {"log_steps": 1, "eval_steps": 2, "save_steps": 2},
+        "deepspeed": {"stage": 2},
+        "launch": {"cpu_processes": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            doc.setdefault(key, {}).update(value)
+        else:
+            doc[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def train(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def run_dir(config: Path) -> Path:
+    doc = yaml.safe_load(config.read_text())
+    return Path(doc["output_dir"]) / doc["name"]
+
+
+def tensors_by_component(path: Path, strip: str = "") -> dict[str, dict[str, object]]:
+    out: dict[str, dict] = {}
+    for name, t in load_file(str(path)).items():
+        out.setdefault(component_of(name), {})[name[len(strip):] if name.startswith(strip) else name] = t
+    return out
+
+
+def test_launch_command_is_pure_and_complete(tmp_path):
+    cfg = parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "launch": {"gpus": [0, 2], "master_port": 29600}})
+    argv, env = build_launch(cfg, run_dir=tmp_path, gpu_count=4)
+    assert argv[-4:] == ["--module", "qvltune.worker", "--run-dir", str(tmp_path)]
+    assert "--include" in argv and argv[argv.index("--include") + 1] == "localhost:0,2"
+    assert argv[argv.index("--master_port") + 1] == "29600"
+    argv, env = build_launch(cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"gpus": "all"})}), run_dir=tmp_path, gpu_count=4, resume=True)
+    assert argv[argv.index("--num_gpus") + 1] == "4" and argv[-1] == "--resume"
+    cpu = parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "launch": {"cpu_processes": 2}})
+    argv, env = build_launch(cpu, run_dir=tmp_path, gpu_count=0, cpu_count=2)
+    assert argv[argv.index("--num_gpus") + 1] == "2" and env["OMP_NUM_THREADS"] == "1"
+    multi = parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "launch": {"nodes": 2, "hostfile": "/etc/hosts.txt", "gpus": 8}})
+    argv, _ = build_launch(multi, run_dir=tmp_path, gpu_count=8)
+    assert argv[argv.index("--hostfile") + 1] == "/etc/hosts.txt" and argv[argv.index("--num_nodes") + 1] == "2"
+
+
+def test_print_command(tmp_path, demo_data):
+    config = write_config(tmp_path, demo_data, "pc")
+    out = subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--print-command"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "--module qvltune.worker --run-dir" in out.stdout and "deepspeed" in out.stdout
+    assert not run_dir(config).exists()  # printing launches nothing
+
+
+def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
+    config = write_config(tmp_path, demo_data, "lora")
+    result = train(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rd = run_dir(config)
+    final = rd / "final"
+    # An adapter, the processor and the resolved config, saved together.
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json", "qvltune.yaml"):
+        assert (final / name).exists(), name
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all(component_of(k) == "llm" and "lora_" in k for k in adapter)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero: it trained
+    records = read_all(rd / "metrics.jsonl")
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "eval" in kinds and "checkpoint" in kinds
+    start = records[0]
+    assert {c["component"]: c["mode"] for c in start["components"]}["llm"] == "lora"
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "epoch"):
+        assert all(r[key] is not None for r in train_recs), key
+    assert all(r["mfu"] is None for r in train_recs)  # CPU: no peak to divide by
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and all(r["eval_ppl"] > 1 for r in evals)
+    assert (rd / "loss.png").exists() and (rd / "ds_config.json").exists() and (rd / "launch.sh").exists()
+    assert (rd / "checkpoint-4" / "qvltune-complete").exists()
+    assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
+
+
+def test_full_zero2_two_processes_changes_exactly_the_right_parameters(tmp_path, demo_data, tiny_model_dir):
+    config = write_config(tmp_path, demo_data, "full", strategy="full", launch={"cpu_processes": 2}, optim={"per_device_batch": 2})
+    result = train(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base = tensors_by_component(tiny_model_dir / "model.safetensors")
+    trained = tensors_by_component(run_dir(config) / "final" / "model.safetensors")
+    for component in ("merger", "deepstack", "llm", "lm_head"):
+        for name, t in base[component].items():
+            assert not trained[component][name].equal(t), f"{name} did not change"
+    for name, t in base["vision"].items():
+        assert trained["vision"][name].equal(t), f"frozen {name} changed"
+    start = read_all(run_dir(config) / "metrics.jsonl")[0]
+    assert start["world_size"] == 2
+
+
+def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, tiny_model_dir):
+    """ZeRO-3 with a rank whose batch has no image: the dummy vision pass keeps the ranks in step."""
+    train_file, _ = demo_data
+    text_only = write_jsonl(tmp_path / "text.jsonl", [{"messages": [{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]} for i in range(2, 12)])
+    # Ranks alternate records (per-device batch 1): text-only and image records side by side.
+    config = write_config(
+        tmp_path, demo_data, "mixed", strategy="mixed", launch={"cpu_processes": 2}, deepspeed={"stage": 3},
+        data={"train": f"{text_only},{train_file}%20"}, optim={"per_device_batch": 1, "max_steps": 6},
+    )
+    result = train(config, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = run_dir(config) / "final"
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    base = tensors_by_component(tiny_model_dir / "model.safetensors")
+    saved = {}
+    for k, v in adapter.items():
+        saved.setdefault(component_of(k), {})[k] = v
+    assert set(saved) == {"llm", "merger", "deepstack"}  # vision frozen, lm_head frozen
+    # The fully trained projection is saved whole and changed.
+    for name, t in {**base["merger"], **base["deepstack"]}.items():
+        key = next(k for k in adapter if k.endswith(name.split("visual.", 1)[1]) and "visual" in k)
+        assert not adapter[key].equal(t), name
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
+    sections = {"optim": {"max_steps": 10, "per_device_batch": 2}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}, "data": {"packing": True, "max_seq_length": 256}}
+    reference = write_config(tmp_path, demo_data, "ref", **sections)
+    result = train(reference)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ref = {r["step"]: r["loss"] for r in read_all(run_dir(reference) / "metrics.jsonl") if r["kind"] == "train"}
+    start = read_all(run_dir(reference) / "metrics.jsonl")[0]
+    assert start["packing"] and 0 <= start["padding"] < 0.1 and 0 <= start["padding_unpacked"] < 1  # both reported
+
+    config = write_config(tmp_path, demo_data, "interrupted", **sections)
+    rd = run_dir(config)
+    proc = subprocess.Popen([sys.executable, "-m", "qvltune", "train", str(config), "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for step 3, then press Ctrl-C
+        steps = [r["step"] for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]
+        if steps and steps[-1] >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out + err
+    assert "--resume" in err
+    saved = [p for p in rd.glob("checkpoint-*") if (p / "qvltune-complete").exists()]
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert 3 <= stopped_at < 10
+    assert not (rd / "final").exists()
+
+    result = train(config, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    resumed = [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]
+    after = {r["step"]: r["loss"] for r in resumed if r["step"] > stopped_at}
+    assert sorted(after) == list(range(stopped_at + 1, 11))
+    for step, loss in after.items():
+        assert loss == pytest.approx(ref[step], rel=1e-4), (step, loss, ref[step])
+    assert (rd / "final" / "adapter_model.safetensors").exists()
+
+
+def test_existing_run_is_not_clobbered_and_bad_config_is_one_clear_error(tmp_path, demo_data):
+    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1})
+    assert train(config).returncode == 0
+    again = train(config)
+    assert again.returncode == 1 and "already holds" in again.stderr and "--resume" in again.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "b", "model": {"path": "builtin:tiny"}, "data": {"train": "x.jsonl"}, "optim": {"lr": 1}}))
+    result = train(bad)
+    assert result.returncode == 1 and "optim.lr: unknown key" in result.stderr and "Traceback" not in result.stderr
+    missing = write_config(tmp_path, demo_data, "nodata", data={"train": str(tmp_path / "nope.jsonl")})
+    result = train(missing)
+    assert result.returncode == 1 and "nope.jsonl" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((run_dir(config) / "data_index.json").read_text())["train"]
