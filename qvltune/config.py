@@ -37,7 +37,7 @@ FULL_BESIDE_LORA = {"merger", "deepstack", "lm_head"}
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_LORA_TARGETS = ["qkv", "proj", "linear_fc1", "linear_fc2"]
 # Attention implementations that keep packed samples apart (block-diagonal mask or varlen kernels).
-PACKING_SAFE_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"}
+PACKING_SAFE_ATTENTION = {"auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"}
 
 
 class _Strict(BaseModel):
@@ -47,7 +47,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     path: str = Field(description="Hub id (Qwen/Qwen3-VL-2B-Instruct), local folder, or builtin:tiny")
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"] = "sdpa"
+    # auto: varlen attention (qvltune.attention) where its CUDA kernels exist, else sdpa.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"] = "auto"
 
 
 class Components(_Strict):
@@ -112,6 +113,8 @@ class OptimConfig(_Strict):
     effective_batch: int | None = Field(None, ge=1, description="optional check: per_device_batch x grad_accum x processes")
     bf16: bool = True
     gradient_checkpointing: bool = True
+    # Loss on answer tokens only, chunked, without full-vocabulary logits (qvltune.loss); false = plain logits.
+    fused_loss: bool = True
     seed: int = 42
 
 

@@ -97,6 +97,10 @@ def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementatio
     hf_logging.disable_progress_bar()  # qvltune shows its own progress
     config = read_model_config(name_or_path, trust_remote_code)
     cls = model_class(config.get("model_type", "?"))
+    if attn_implementation == "auto":
+        from qvltune.attention import varlen_available
+
+        attn_implementation = "varlen" if varlen_available() else "sdpa"
     attn = "sdpa" if attn_implementation == "varlen" else attn_implementation
     try:
         model = cls.from_pretrained(

@@ -94,7 +94,8 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
         else:
             child.terminate(timeout=10)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # Ctrl-C, or SIGTERM from a scheduler to this process: checkpoint, then stop.
+    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     last_sample = 0.0
     try:
         if live:
@@ -117,7 +118,8 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
                 time.sleep(refresh)
             _drain(tailer, state, console.out)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     child.read_output()
     return Outcome(child.process.returncode, state, list(child.tail), interrupts > 0)
 

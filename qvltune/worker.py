@@ -29,6 +29,7 @@ from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data
 from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
+from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table
 from qvltune.zero import deepspeed_config
@@ -73,6 +74,8 @@ def _make_trainer_class():
             # weight short answers like long ones.
             self.model_accepts_loss_kwargs = True
             self.stats = BatchStats(0, 0, 0, 0)
+            self.nonfinite: torch.Tensor | None = None
+            self.loss_head = install_loss_head(_unwrap(self.model)) if run_cfg.optim.fused_loss else None
 
         # -- loss --------------------------------------------------------------------------------
 
@@ -82,18 +85,32 @@ def _make_trainer_class():
                 s = self.stats
                 self.stats = BatchStats(s.real_tokens + stats.real_tokens, s.padded_tokens + stats.padded_tokens, s.samples + stats.samples, s.trained_tokens + stats.trained_tokens)
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            logits = outputs.logits[:, :-1, :]
-            targets = labels[:, 1:].to(logits.device)
-            loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            index, targets = inputs.pop("loss_index"), inputs.pop("loss_targets")
+            if self.loss_head is not None:
+                # lm_head computes the summed loss of the labelled positions itself (qvltune.loss).
+                self.loss_head.set_targets(index, targets)
+                try:
+                    outputs = model(**inputs)
+                finally:
+                    self.loss_head.set_targets(None, None)
+                loss_sum, count = outputs.logits, targets.numel()
+            else:
+                outputs = model(**inputs)
+                logits = outputs.logits[:, :-1, :]
+                shifted = labels[:, 1:].to(logits.device)
+                loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+                count = (shifted != IGNORE_INDEX).sum()
             if num_items_in_batch is None:  # evaluation: the batch's own token mean
-                loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+                loss = loss_sum / max(count, 1) if isinstance(count, int) else loss_sum / count.clamp(min=1)
             else:
                 loss = loss_sum / num_items_in_batch
                 if self.args.average_tokens_across_devices:
                     # num_items_in_batch counts every rank's tokens and DeepSpeed averages gradients
                     # over ranks: scale back to a sum.
                     loss = loss * self.accelerator.num_processes
+            if model.training:  # NaN guard: remember (on the device, no sync) if any micro-batch went bad
+                bad = ~torch.isfinite(loss.detach())
+                self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
             return (loss, outputs) if return_outputs else loss
 
         # -- optimizer: per-component learning rates ---------------------------------------------
@@ -169,18 +186,20 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
             self.last_stats = BatchStats(0, 0, 0, 0)
             self.stopped_by_request = False
 
-        def _all_reduce_max(self, values: list[float], args) -> list[float]:
-            t = torch.tensor(values, dtype=torch.float64, device=args.device if torch.cuda.is_available() else "cpu")
+        def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
+            device = args.device if torch.cuda.is_available() else "cpu"
+            t = torch.stack([bad.to(device, torch.float64).reshape(()), torch.tensor(stop, dtype=torch.float64, device=device)])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             return t.tolist()
 
         def on_step_end(self, args, state, control, **kwargs):
-            # One tiny all-reduce per optimizer step so every rank agrees to stop at the same step.
-            loss = getattr(self.trainer, "_last_step_loss", None)
-            bad = 0.0 if loss is None or math.isfinite(loss) else 1.0
+            # One tiny all-reduce per optimizer step (the guard's only host sync) so every rank
+            # agrees to stop at the same step: on a NaN/inf loss anywhere, or on a stop request.
+            flag, self.trainer.nonfinite = self.trainer.nonfinite, None
+            bad = torch.zeros((), dtype=torch.float64) if flag is None else flag.double()
             stop = 1.0 if (self.stop_requested or (run_dir / STOP_FILE).exists()) else 0.0
-            bad, stop = self._all_reduce_max([bad, stop], args)
+            bad, stop = self._all_reduce_max(bad, stop, args)
             if bad:
                 self.nonfinite_step = state.global_step
                 control.should_save = False
@@ -265,6 +284,7 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
         gradient_checkpointing=o.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=s.log_steps,
+        logging_nan_inf_filter=False,  # qvltune's guard stops on NaN instead (and without a sync per micro-batch)
         eval_strategy="steps" if cfg.data.eval or cfg.data.eval_split else "no",
         eval_steps=s.eval_steps,
         save_strategy="steps",
@@ -334,17 +354,20 @@ def run(run_dir: Path, resume: bool) -> int:
     encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     hf_config = _unwrap(model).config
+    from qvltune.attention import NAME as VARLEN
+
+    varlen = hf_config.get_text_config()._attn_implementation == VARLEN
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
     # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
     dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if _world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
     if cfg.data.packing:
         train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
         eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
-        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy)
+        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
     else:
         train_groups = [[i] for i in range(len(index.train))]
         eval_groups = [[i] for i in range(len(index.eval))]
-        collator = PaddedCollator(pad_id, dummy)
+        collator = PaddedCollator(pad_id, dummy, varlen=varlen)
     train_set = SFTDataset(index.train, encoder, train_groups)
     eval_set = SFTDataset(index.eval, encoder, eval_groups) if index.eval else None
 
@@ -359,7 +382,6 @@ def run(run_dir: Path, resume: bool) -> int:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=[callback], run_cfg=cfg
     )
     callback.trainer = trainer
-    _track_step_loss(trainer)
     _install_stop_handlers(callback)
 
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
@@ -410,19 +432,6 @@ def run(run_dir: Path, resume: bool) -> int:
 def _last(run_dir: Path) -> str | None:
     c = latest_complete_checkpoint(run_dir)
     return str(c) if c else None
-
-
-def _track_step_loss(trainer) -> None:
-    """Keep the last micro-batch loss as a float for the NaN guard (training_step already returns it
-    detached; reading it once per step is the guard's only host sync)."""
-    original = trainer.training_step
-
-    def training_step(model, inputs, num_items_in_batch=None):
-        loss = original(model, inputs, num_items_in_batch)
-        trainer._last_step_loss = float(loss)
-        return loss
-
-    trainer.training_step = training_step
 
 
 def _install_stop_handlers(callback) -> None:

@@ -106,6 +106,12 @@ class BatchStats:
     trained_tokens: int
 
 
+def _loss_targets(out: dict[str, Any]) -> None:
+    from qvltune.loss import loss_positions
+
+    out["loss_index"], out["loss_targets"] = loss_positions(out["labels"])
+
+
 def _media(samples: list[Encoded], out: dict[str, Any]) -> None:
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         value = _cat([getattr(s, key) for s in samples])
@@ -133,13 +139,23 @@ def _with_dummy(items: list[list[Encoded]], dummy: Encoded | None) -> tuple[list
     return [items[0] + [dummy], *items[1:]], True
 
 
+def _varlen_kwargs(segments: list[int]) -> dict[str, Any]:
+    """Sample boundaries over the flattened batch, for varlen attention (see qvltune.attention)."""
+    from qvltune.attention import cu_seqlens
+
+    cu = cu_seqlens([n for n in segments if n > 0])
+    longest = max(segments)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 class PaddedCollator:
     """The plain path: one sample per row, right-padded, with an attention mask (the model computes
-    M-RoPE positions itself)."""
+    M-RoPE positions itself). With ``varlen`` each row's tokens and its pad tail become segments."""
 
-    def __init__(self, pad_token_id: int, dummy: Encoded | None = None):
+    def __init__(self, pad_token_id: int, dummy: Encoded | None = None, varlen: bool = False):
         self.pad = pad_token_id
         self.dummy = dummy
+        self.varlen = varlen
 
     def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
         items, dummied = _with_dummy(items, self.dummy)
@@ -165,6 +181,14 @@ class PaddedCollator:
             input_ids[0, k] = self.dummy.input_ids[0]
             types[0, k] = 1
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
+        if self.varlen:
+            # The dummy image token (if any) is attended by no real token: give it its own segment.
+            segments = []
+            for r, n in enumerate(rows):
+                real = n - 1 if (dummied and r == 0) else n
+                segments += [real, n - real, width - n]
+            out.update(_varlen_kwargs(segments))
+        _loss_targets(out)
         _media(samples + ([self.dummy] if dummied else []), out)
         out["stats"] = BatchStats(sum(len(s) for s in samples), n * width, n, sum(s.trained_tokens for s in samples))
         return out
@@ -173,10 +197,11 @@ class PaddedCollator:
 class PackedCollator:
     """Each item is one packed row (a list of samples); rows are padded to the longest in the batch."""
 
-    def __init__(self, pad_token_id: int, rope_index: RopeIndex, dummy: Encoded | None = None):
+    def __init__(self, pad_token_id: int, rope_index: RopeIndex, dummy: Encoded | None = None, varlen: bool = False):
         self.pad = pad_token_id
         self.rope_index = rope_index
         self.dummy = dummy
+        self.varlen = varlen
 
     def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
         # A dummy image is one more (unlabelled) segment of row 0: the packed mask isolates it.
@@ -187,10 +212,12 @@ class PackedCollator:
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         types = torch.zeros((n, width), dtype=torch.long)
         positions = torch.zeros((4, n, width), dtype=torch.long)
+        segments: list[int] = []
         for r, item in enumerate(items):
             k = 0
             for s in item:
                 m = len(s)
+                segments.append(m)
                 input_ids[r, k : k + m] = torch.tensor(s.input_ids)
                 labels[r, k : k + m] = torch.tensor(s.labels)
                 labels[r, k] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
@@ -200,8 +227,12 @@ class PackedCollator:
                 k += m
             # The pad tail restarts its positions too, so it forms its own (masked, unlabelled) segment.
             positions[:, r, k:] = torch.arange(width - k)
+            segments.append(width - k)
         # use_cache=False matters: transformers only looks for packed rows when no KV cache is built.
         out = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "mm_token_type_ids": types, "use_cache": False}
+        if self.varlen:
+            out.update(_varlen_kwargs(segments))
+        _loss_targets(out)
         samples = [s for item in items for s in item]
         _media(samples, out)
         real = [s for s in samples if s is not self.dummy]
