@@ -49,6 +49,9 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     # auto: varlen attention (qvltune.attention) where its CUDA kernels exist, else sdpa.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"] = "auto"
+    # Build the architecture from config.json with random weights: throughput and memory benchmarks
+    # of real-size shapes without downloading their weights. Never for real training.
+    random_init: bool = False
 
 
 class Components(_Strict):
@@ -115,15 +118,20 @@ class OptimConfig(_Strict):
     gradient_checkpointing: bool = True
     # Loss on answer tokens only, chunked, without full-vocabulary logits (qvltune.loss); false = plain logits.
     fused_loss: bool = True
+    # torch.compile each transformer block (language model and vision tower): fuses the many small
+    # element-wise kernels (norms, RoPE, activations, LoRA scaling) that make the step launch-bound.
+    compile: bool = False
     seed: int = 42
 
 
 class ScheduleConfig(_Strict):
     log_steps: int = Field(10, ge=1)
     eval_steps: int = Field(200, ge=1)
-    save_steps: int = Field(200, ge=1)
+    save_steps: int | None = Field(200, ge=1, description="null: no checkpoints at all (benchmarks); a crash then loses the run")
     save_total_limit: int | None = Field(3, ge=1)
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    # Profile optimizer steps [start, start + count) with torch.profiler: <run>/profile.txt (+ trace).
+    profile_steps: tuple[int, int] | None = None
 
 
 class DeepSpeedConfig(_Strict):

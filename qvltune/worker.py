@@ -287,8 +287,8 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
         logging_nan_inf_filter=False,  # qvltune's guard stops on NaN instead (and without a sync per micro-batch)
         eval_strategy="steps" if cfg.data.eval or cfg.data.eval_split else "no",
         eval_steps=s.eval_steps,
-        save_strategy="steps",
-        save_steps=s.save_steps,
+        save_strategy="steps" if s.save_steps else "no",
+        save_steps=s.save_steps or 500,
         save_total_limit=None,  # rotation is QvlTrainer._rotate's, among complete checkpoints only
         seed=o.seed,
         data_seed=o.seed,
@@ -320,7 +320,27 @@ def llm_flops_per_token(model) -> float:
     return 6.0 * n
 
 
+def _phase(name: str, since: float) -> float:
+    """Print how long a start-up phase took (train.log), return now."""
+    now = time.time()
+    if _is_main():
+        print(f"qvltune: {name} in {now - since:.1f} s", flush=True)
+    return now
+
+
+def compile_blocks(model) -> int:
+    """torch.compile every decoder layer and vision block in place (one graph per block type, reused
+    across layers; dynamic sequence lengths). Returns how many modules were compiled."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith(("DecoderLayer", "VisionBlock")):
+            module.compile(dynamic=True)
+            count += 1
+    return count
+
+
 def run(run_dir: Path, resume: bool) -> int:
+    t = time.time()
     cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
@@ -330,6 +350,7 @@ def run(run_dir: Path, resume: bool) -> int:
 
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
+    t = _phase("process group and arguments", t)
 
     from transformers import set_seed
 
@@ -338,17 +359,22 @@ def run(run_dir: Path, resume: bool) -> int:
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index_path = run_dir / "data_index.json"
     index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
+    t = _phase("processor and data index", t)
 
     model = load_model(
         cfg.model.path,
         dtype="bfloat16" if cfg.optim.bf16 else "float32",
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        random_init=cfg.model.random_init,
     )
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False  # no KV cache in training (and packed rows need none)
     model = apply_strategy(model, cfg)
     table = trainable_table(model, cfg)
+    if cfg.optim.compile:
+        compile_blocks(model)
+    t = _phase("model loaded and prepared", t)
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
     encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps)
@@ -378,10 +404,14 @@ def run(run_dir: Path, resume: bool) -> int:
         tflops = peak_tflops(torch.cuda.get_device_name())
         peak = tflops * 1e12 if tflops else None
     callback = _make_callback(run_dir, writer, llm_flops_per_token(model), peak)
+    callbacks = [callback]
+    if cfg.schedule.profile_steps:
+        callbacks.append(_profiler_callback(run_dir, *cfg.schedule.profile_steps))
     trainer = _make_trainer_class()(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=[callback], run_cfg=cfg
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
     )
     callback.trainer = trainer
+    t = _phase("trainer built", t)
     _install_stop_handlers(callback)
 
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
@@ -408,6 +438,7 @@ def run(run_dir: Path, resume: bool) -> int:
         _print_table(table)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        t = _phase("training", t)
     except torch.OutOfMemoryError as e:
         if writer:
             writer.write("end", status="error", step=trainer.state.global_step, message=f"GPU out of memory: {str(e).splitlines()[0]}", last_checkpoint=_last(run_dir))
@@ -424,9 +455,45 @@ def run(run_dir: Path, resume: bool) -> int:
             writer.write("end", status="interrupted", step=step, message="stopped on request; checkpoint saved", last_checkpoint=_last(run_dir))
         return EXIT_INTERRUPTED
     final = save_final(trainer, processor, cfg, run_dir)
+    _phase("final save", t)
     if writer:
         writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), message="training completed")
     return 0
+
+
+def _profiler_callback(run_dir: Path, start: int, count: int):
+    """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (ops by
+    device time) and profile-trace.json (open in chrome://tracing or Perfetto)."""
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        def __init__(self):
+            self.prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == start and self.prof is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities, record_shapes=False)
+                self.prof.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == start + count:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof.stop()
+                if _is_main():
+                    averages = self.prof.key_averages()
+                    text = f"optimizer steps {start}..{start + count - 1}\n"
+                    if torch.cuda.is_available():
+                        text += "\n== by device time ==\n" + averages.table(sort_by="self_device_time_total", row_limit=40)
+                    text += "\n== by host time ==\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40)
+                    (run_dir / "profile.txt").write_text(text + "\n")
+                    self.prof.export_chrome_trace(str(run_dir / "profile-trace.json"))
+                self.prof = None
+
+    return Profile()
 
 
 def _last(run_dir: Path) -> str | None:
