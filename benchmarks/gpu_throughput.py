@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--gc-off", action="store_true", default=True)
     ap.add_argument("--profile", default="", help="variant names (shape-strategy-variant) to profile")
-    ap.add_argument("--skip", default="8b-full", help="combinations to skip (8B full does not fit one GPU)")
+    ap.add_argument("--skip", default="8b-full", help="shape-strategy or shape-strategy-variant names to skip (8B full does not fit one GPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = make_data(args.work / "data", args.samples)
@@ -171,6 +171,8 @@ def main() -> None:
                 continue
             for variant in args.variants.split(","):
                 name = f"{shape}-{strategy}-{variant}"
+                if name in args.skip.split(","):
+                    continue
                 cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, args.gc_off, name in args.profile.split(","))
                 cfg_path = args.work / f"{name}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
