@@ -104,7 +104,7 @@ def make_data(dest: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, gc_off: bool, profile: bool) -> dict:
+def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, gc_off: bool, profile: bool, stage: int = 2) -> dict:
     fast = variant.startswith("qvltune")
     return {
         "name": name,
@@ -124,7 +124,7 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
             "warmup_ratio": 0.0,
         },
         "schedule": {"log_steps": 2, "eval_steps": 100000, "save_steps": None, "profile_steps": [steps - 4, 2] if profile else None},
-        "deepspeed": {"stage": 2},
+        "deepspeed": {"stage": stage},
         "launch": {"gpus": 1},
     }
 
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--gc-off", action="store_true", default=True)
     ap.add_argument("--profile", default="", help="variant names (shape-strategy-variant) to profile")
+    ap.add_argument("--stages", default="2", help="ZeRO stages to compare, e.g. 0,1,2")
     ap.add_argument("--skip", default="8b-full", help="shape-strategy or shape-strategy-variant names to skip (8B full does not fit one GPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,11 +170,11 @@ def main() -> None:
         for strategy in args.strategies.split(","):
             if f"{shape}-{strategy}" in args.skip.split(","):
                 continue
-            for variant in args.variants.split(","):
-                name = f"{shape}-{strategy}-{variant}"
+            for variant, stage in [(v, int(z)) for v in args.variants.split(",") for z in args.stages.split(",")]:
+                name = f"{shape}-{strategy}-{variant}" + (f"-zero{stage}" if args.stages != "2" else "")
                 if name in args.skip.split(","):
                     continue
-                cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, args.gc_off, name in args.profile.split(","))
+                cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, args.gc_off, name in args.profile.split(","), stage)
                 cfg_path = args.work / f"{name}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
                 t0 = time.time()
