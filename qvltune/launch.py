@@ -117,12 +117,25 @@ class Child:
             self.process.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if ``qvltune train`` dies (even by SIGKILL), so a lost
+    parent never leaves the ranks running on the GPUs (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the process group is still stopped on every path qvltune controls
+
+
 def start(argv: list[str], env: dict[str, str], log_path: Path) -> Child:
     """Start the launcher in its own session: a terminal Ctrl-C reaches only ``qvltune train``, which
     then asks the ranks to checkpoint and stop (the launcher would kill them outright)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
     log = open(log_path, "ab")
-    process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+    )
     log.close()
     return Child(process, log_path, _offset=offset)
