@@ -261,7 +261,7 @@ def load_config(path: str | Path) -> RunConfig:
     except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"cannot read {path}: {e}", "check the file") from None
     cfg = parse_config(doc, str(path))
-    return _anchor_paths(cfg, path.parent)
+    return _anchor_paths(cfg, path.parent.resolve())
 
 
 def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:

@@ -65,6 +65,7 @@ class DashboardState:
     world_size: int | None = None
     status: str = "starting"
     message: str | None = None
+    hint: str | None = None
     first_step_time: float | None = None
     first_step: int = 0
     gpus: list[Any] = field(default_factory=list)  # hardware.GpuInfo samples
@@ -95,6 +96,9 @@ class DashboardState:
             self.step = record.get("step", self.step)
             self.status = record.get("status", "ended")
             self.message = record.get("message")
+            self.hint = record.get("hint")
+            if record.get("last_checkpoint"):
+                self.checkpoint = record["last_checkpoint"]
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds left, from the step rate since the first logged step."""

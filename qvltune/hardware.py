@@ -174,3 +174,61 @@ def inventory(output_dir: str | Path = ".", nvml: Any = None) -> Inventory:
 def sample_gpus(nvml: Any = None) -> list[GpuInfo]:
     """Current memory/utilisation of every visible GPU (for the live panel)."""
     return detect_gpus(nvml)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPUs by name, for planning another machine (``--gpu H200``) than the one qvltune runs on.
+
+MiB = 1024**2
+
+# Memory as NVML reports it (MiB) and compute capability, by name fragment (datasheets; checked
+# against nvidia-smi where we had the card). More specific fragments come first.
+KNOWN_GPUS: list[tuple[str, str, int, str]] = [
+    # (fragment, canonical name, memory MiB, compute capability)
+    ("GH200", "NVIDIA GH200 96GB", 97871, "9.0"),
+    ("H200", "NVIDIA H200", 143771, "9.0"),
+    ("H100", "NVIDIA H100 80GB HBM3", 81559, "9.0"),
+    ("B200", "NVIDIA B200", 183359, "10.0"),
+    ("A100-40", "NVIDIA A100-SXM4-40GB", 40960, "8.0"),
+    ("A100 40", "NVIDIA A100-SXM4-40GB", 40960, "8.0"),
+    ("A100", "NVIDIA A100-SXM4-80GB", 81920, "8.0"),
+    ("A800", "NVIDIA A800-SXM4-80GB", 81920, "8.0"),
+    ("L40S", "NVIDIA L40S", 46068, "8.9"),
+    ("L40", "NVIDIA L40", 46068, "8.9"),
+    ("RTX 6000 Ada", "NVIDIA RTX 6000 Ada Generation", 49140, "8.9"),
+    ("A6000", "NVIDIA RTX A6000", 49140, "8.6"),
+    ("4090", "NVIDIA GeForce RTX 4090", 24564, "8.9"),
+    ("3090", "NVIDIA GeForce RTX 3090", 24576, "8.6"),
+    ("A10", "NVIDIA A10", 23028, "8.6"),
+    ("L4", "NVIDIA L4", 23034, "8.9"),
+    ("V100", "Tesla V100-SXM2-32GB", 32768, "7.0"),
+    ("T4", "Tesla T4", 15360, "7.5"),
+]
+
+
+def known_gpu(name: str) -> tuple[str, int, str] | None:
+    """(canonical name, memory in bytes, compute capability) of a GPU named like ``H200`` or
+    ``NVIDIA A100-SXM4-80GB``, else None."""
+    for fragment, canonical, mib, cc in KNOWN_GPUS:
+        if fragment.lower() in name.lower():
+            return canonical, mib * MiB, cc
+    return None
+
+
+def planned_gpus(name: str | None, count: int, memory_gb: float | None = None) -> list[GpuInfo]:
+    """``count`` GPUs of a machine that is not this one, from a name and/or a memory size (GB, as
+    in "80 GB": GiB). Raises ValueError naming the known GPUs when neither tells the memory."""
+    spec = known_gpu(name) if name else None
+    if memory_gb is None and spec is None:
+        names = ", ".join(dict.fromkeys(f for f, *_ in KNOWN_GPUS))
+        raise ValueError(f"unknown GPU '{name}': give its memory too (known: {names})")
+    canonical = spec[0] if spec else (name or f"GPU with {memory_gb:g} GB")
+    memory = int(memory_gb * GiB) if memory_gb is not None else spec[1]
+    cc = spec[2] if spec else "8.0"  # an unknown card given by memory alone: assume bf16-capable
+    return [GpuInfo(i, canonical, memory, memory, 0, cc) for i in range(count)]
+
+
+def planned_inventory(name: str | None, count: int, memory_gb: float | None = None, host: HostInfo | None = None) -> Inventory:
+    """An inventory for planning another machine (flags ``--gpu/--gpu-count/--gpu-memory``)."""
+    gpus = planned_gpus(name, count, memory_gb)
+    return Inventory(gpus, host, None, None, f"planning for {count} x {gpus[0].name} (given on the command line, not detected)")

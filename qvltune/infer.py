@@ -3,33 +3,76 @@
 ``evaluate`` reports loss/perplexity on the assistant tokens (exactly the training labels) and, for
 short-answer data, exact-match accuracy of greedy generations, overall and per ``question_type``
 (a record field, when present).
+
+A MODEL argument (``resolve_model_dir``) may name a merged or fully trained model folder, a LoRA
+adapter folder (a run's ``final/`` or ``checkpoint-N/``), a run folder (its ``final/``), a Hub id, or
+``builtin:tiny``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvltune.data.formats import Record, parse_mixture, parse_record, read_items
-from qvltune.data.tokenize import IGNORE_INDEX, Encoder
+from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
+from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
+from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record, read_items
+from qvltune.data.media import MediaError
+from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
 from qvltune.errors import UserError
 from qvltune.tiny import resolve_model_path
 
 # Answers up to this many words count as short: exact match is meaningful for them.
 SHORT_ANSWER_WORDS = 8
 
+# Command-line spellings of the weight dtypes.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-def adapter_base(path: Path) -> str | None:
-    """The base model an adapter folder was trained on (from adapter_config.json), if it is one."""
-    cfg = path / "adapter_config.json"
-    if not cfg.exists():
-        return None
-    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+
+def resolve_model_dir(model: str) -> str:
+    """The folder (or Hub id) to load for MODEL: a run folder gives its ``final/``.
+
+    A run without ``final/`` (training stopped early) is an error that names its newest checkpoint;
+    an interrupted checkpoint (no completion marker) is refused."""
+    if not looks_local(model):
+        return resolve_model_path(model)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise UserError(f"model folder not found: {path}", "give a merged model folder, an adapter folder, a run folder (runs/NAME) or a Hub id")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a model folder", "give the folder that holds config.json or adapter_config.json")
+    if is_adapter(path) or (path / "config.json").exists():
+        if path.name.startswith("checkpoint-") and (path.parent / "config.yaml").exists() and not (path / COMPLETE_MARKER).exists():
+            raise UserError(f"{path} is an incomplete checkpoint (its save was interrupted)", "use another checkpoint-N of the run, or its final/ folder")
+        return str(path)
+    if (path / "final").is_dir():
+        return str(path / "final")
+    if (path / "config.yaml").exists():  # a run folder without its final model
+        last = latest_complete_checkpoint(path)
+        hint = f"training did not finish; use its latest checkpoint: {last}" if last else "finish the training first: qvltune train CONFIG --resume"
+        raise UserError(f"run {path} has no final/ model", hint)
+    raise UserError(f"{path} holds no model: no config.json, adapter_config.json or final/", "give a merged model folder, an adapter folder or a run folder (runs/NAME)")
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device: unknown device '{device}'", "use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible here", "run on the CPU (the default: drop --device)")
+    return device
+
+
+def default_dtype(device: str) -> str:
+    """float32 on the CPU (bf16 matmuls are slow there and round every product), bfloat16 on a GPU."""
+    return "float32" if device == "cpu" else "bfloat16"
 
 
 def load_for_inference(model: str, base: str | None = None, device: str = "cpu", dtype: str = "float32"):
@@ -38,19 +81,15 @@ def load_for_inference(model: str, base: str | None = None, device: str = "cpu",
 
     from qvltune.model import load_model, load_processor
 
-    path = Path(resolve_model_path(model))
-    adapter_of = adapter_base(path) if path.is_dir() else None
-    if adapter_of is None:
+    check_device(device)
+    path = Path(resolve_model_dir(model))
+    if not is_adapter(path):
         net = load_model(str(path), dtype=dtype)
         processor = load_processor(str(path))
     else:
-        from peft import PeftModel
-
-        base = base or adapter_of
-        net = load_model(base, dtype=dtype)
-        net = PeftModel.from_pretrained(net, str(path))
-        has_processor = (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists()
-        processor = load_processor(str(path) if has_processor else base)
+        base = base or base_for_adapter(path)[0]
+        net = attach_adapter(load_model(base, dtype=dtype), path, base)
+        processor = load_processor(processor_source(path, base))
     net.to(torch.device(device)).eval()
     return net, processor
 
@@ -119,9 +158,18 @@ class EvalReport:
     accuracy: float | None  # exact match on short answers; None when answers are long
     by_type: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
+    short_answers: int = 0  # records whose answer is short enough for exact match
 
     def to_json(self) -> dict[str, Any]:
-        return {"records": self.records, "loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "by_type": self.by_type, "examples": self.examples}
+        return {
+            "records": self.records,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "accuracy": self.accuracy,
+            "short_answers": self.short_answers,
+            "by_type": self.by_type,
+            "examples": self.examples,
+        }
 
 
 def assistant_loss(model, processor, records: list[Record], encoder: Encoder | None = None) -> float:
@@ -168,4 +216,101 @@ def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 3
                 examples.append({"expected": refs[i], "got": answer})
         accuracy = sum(hits["all"]) / len(hits["all"])
         by_type = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"}
-    return EvalReport(len(records), loss, math.exp(min(loss, 50)) if loss is not None else None, accuracy, by_type, examples)
+    return EvalReport(len(records), loss, math.exp(min(loss, 50)) if loss is not None else None, accuracy, by_type, examples, len(short))
+
+
+# ----------------------------------------------------------------------------------------------
+# One call per command: `qvltune predict` and `qvltune eval`
+
+
+@dataclass
+class Prediction:
+    where: str  # file:line of the record, or "prompt"
+    prompt: str
+    answer: str
+    expected: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"where": self.where, "prompt": self.prompt, "answer": self.answer, "expected": self.expected}
+
+
+def prompt_record(prompt: str, images: list[Path]) -> Record:
+    """A one-turn record for a command-line prompt: the images first, then the text.
+
+    Built directly rather than parsed: the data parser rightly refuses records without an answer."""
+    parts: list[str | Media] = [Media("image", str(image), f"--image[{i}]") for i, image in enumerate(images)]
+    parts.append(prompt)
+    return Record("prompt", 0, None, SHAPE_HF, [Message("user", parts)])
+
+
+@contextmanager
+def _media_errors_as_user_errors(what: str):
+    """A missing or broken image or chat template is the user's to fix: one line, no traceback."""
+    try:
+        yield
+    except MediaError as e:
+        raise UserError(f"{what}: {e.message}", e.fix or "fix the path, or pass --image-root") from None
+    except TemplateError as e:
+        raise UserError(f"{what}: {e}", "the model's chat template cannot render this conversation") from None
+
+
+def _limit(records: list[Record], limit: int | None) -> list[Record]:
+    return records[:limit] if limit else records
+
+
+def predict(
+    model: str,
+    *,
+    prompt: str | None = None,
+    images: list[Path] | None = None,
+    data: str | None = None,
+    base: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    image_root: Path | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> list[Prediction]:
+    """Greedy answers from MODEL with its chat template: to one prompt (with images), or to the last
+    question of every record of ``data``."""
+    if (prompt is None) == (data is None):
+        raise UserError("give either --prompt (with --image) or --data", "qvltune predict MODEL --image photo.jpg --prompt 'What is shown?'")
+    if data is not None:
+        records = _limit(load_records(data), limit)
+        encoder_root, outside = image_root, False
+    else:
+        for image in images or []:
+            if not image.is_file():
+                raise UserError(f"--image: {image} not found", "check the path")
+        records = [prompt_record(prompt, list(images or []))]
+        encoder_root, outside = Path.cwd(), True  # command-line paths are the user's own, anywhere
+    net, processor = load_for_inference(model, base, device, dtype or default_dtype(device))
+    with _media_errors_as_user_errors(data or "--image"):
+        answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside))
+    out = []
+    for rec, answer in zip(records, answers):
+        asked = [m for m in rec.messages if m.role == "user"]
+        has_answer = rec.messages[-1].role == "assistant"
+        where = rec.where() if data is not None else "prompt"
+        out.append(Prediction(where, asked[-1].text().strip() if asked else "", answer, rec.messages[-1].text() if has_answer else None))
+    return out
+
+
+def evaluate_model(
+    model: str,
+    data: str,
+    *,
+    base: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    image_root: Path | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> EvalReport:
+    """Loss/perplexity on the assistant tokens of ``data`` and exact-match accuracy on its short answers."""
+    records = _limit(load_records(data), limit)  # the parser refuses records without an answer
+    net, processor = load_for_inference(model, base, device, dtype or default_dtype(device))
+    with _media_errors_as_user_errors(data):
+        return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root)

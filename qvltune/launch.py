@@ -7,6 +7,7 @@ exactly what ``qvltune train`` runs, and tests check it without launching anythi
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -126,6 +127,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the process group is still stopped on every path qvltune controls
+
+
+_RANK_EXIT = re.compile(r"--local_rank=(\d+).*exits with return code = (-?\d+)")
+
+
+def failed_ranks(lines: list[str]) -> list[tuple[int, int]]:
+    """(local rank, exit code) of ranks the deepspeed launcher reports as failed, from its log."""
+    out = []
+    for line in lines:
+        m = _RANK_EXIT.search(line)
+        if m and int(m.group(2)) != 0:
+            out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def start(argv: list[str], env: dict[str, str], log_path: Path) -> Child:

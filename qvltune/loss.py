@@ -48,6 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + rows] = g @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(g.t().to(acc), h.to(acc))
+            del logits, probs, g  # free this chunk before the next one is computed
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0), grad_weight if grad_weight is not None else torch.empty(0))
         ctx.has = (grad_hidden is not None, grad_weight is not None)
         ctx.weight_dtype = weight.dtype

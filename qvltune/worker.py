@@ -26,7 +26,8 @@ import torch
 
 from qvltune.checkpoints import COMPLETE_MARKER, STOP_FILE, checkpoints, is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
-from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data
+from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data
+from qvltune.errors import UserError
 from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.loss import install_loss_head
@@ -103,15 +104,20 @@ def _make_trainer_class():
             if num_items_in_batch is None:  # evaluation: the batch's own token mean
                 loss = loss_sum / max(count, 1) if isinstance(count, int) else loss_sum / count.clamp(min=1)
             else:
-                loss = loss_sum / num_items_in_batch
+                # clamp: a batch whose every sample was skipped as bad has no labelled token anywhere
+                loss = loss_sum / (num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1))
                 if self.args.average_tokens_across_devices:
                     # num_items_in_batch counts every rank's tokens and DeepSpeed averages gradients
                     # over ranks: scale back to a sum.
                     loss = loss * self.accelerator.num_processes
-            if model.training:  # NaN guard: remember (on the device, no sync) if any micro-batch went bad
-                bad = ~torch.isfinite(loss.detach())
-                self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
             return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # NaN guard: remember on the device (no sync) whether any micro-batch of this step went bad.
+            bad = ~torch.isfinite(loss)
+            self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
+            return loss
 
         # -- optimizer: per-component learning rates ---------------------------------------------
 
@@ -133,6 +139,7 @@ def _make_trainer_class():
 
         def _save_checkpoint(self, model, trial):
             run_dir = Path(self.args.output_dir)
+            self.saving_step = self.state.global_step  # read by explain_failure if the save fails
             target = run_dir / f"checkpoint-{self.state.global_step}"
             if self.args.should_save and target.exists() and not is_complete(target):
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
@@ -146,6 +153,7 @@ def _make_trainer_class():
                 marker.with_suffix(".tmp").replace(marker)
                 self._rotate(run_dir)
             self.accelerator.wait_for_everyone()
+            self.saving_step = None
 
         def _rotate(self, run_dir: Path):
             """Keep the newest ``save_total_limit`` complete checkpoints (the Trainer's own rotation
@@ -394,8 +402,9 @@ def run(run_dir: Path, resume: bool) -> int:
         train_groups = [[i] for i in range(len(index.train))]
         eval_groups = [[i] for i in range(len(index.eval))]
         collator = PaddedCollator(pad_id, dummy, varlen=varlen)
-    train_set = SFTDataset(index.train, encoder, train_groups)
-    eval_set = SFTDataset(index.eval, encoder, eval_groups) if index.eval else None
+    policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
+    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log)
+    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log) if index.eval else None
 
     peak = None
     if torch.cuda.is_available():
@@ -439,10 +448,11 @@ def run(run_dir: Path, resume: bool) -> int:
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         t = _phase("training", t)
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, OSError, BadSampleError) as e:
+        status, message, hint = explain_failure(e, cfg, trainer, run_dir)
         if writer:
-            writer.write("end", status="error", step=trainer.state.global_step, message=f"GPU out of memory: {str(e).splitlines()[0]}", last_checkpoint=_last(run_dir))
-        raise
+            writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=_last(run_dir))
+        raise UserError(message, hint) from None
     step = trainer.state.global_step
     if callback.nonfinite_step is not None:
         last = _last(run_dir)
@@ -496,6 +506,47 @@ def _profiler_callback(run_dir: Path, start: int, count: int):
     return Profile()
 
 
+def oom_advice(cfg: RunConfig) -> str:
+    """What would lower peak memory, in the order that costs least speed."""
+    o, d, ds = cfg.optim, cfg.data, cfg.deepspeed
+    steps = []
+    if o.per_device_batch > 1:
+        steps.append(f"optim.per_device_batch: {max(1, o.per_device_batch // 2)} with optim.grad_accum: {o.grad_accum * 2} (same effective batch)")
+    if not o.gradient_checkpointing:
+        steps.append("optim.gradient_checkpointing: true")
+    steps.append(f"a smaller data.max_seq_length (now {d.max_seq_length}) or data.max_pixels / max_image_tokens")
+    if ds.stage < 3:
+        steps.append("deepspeed.stage: 3 (shards weights across GPUs)")
+    if not ds.offload_optimizer:
+        steps.append("deepspeed.offload_optimizer: true")
+    return "try " + "; or ".join(steps) + f" — `qvltune estimate` shows the memory of each choice"
+
+
+def explain_failure(e: BaseException, cfg: RunConfig, trainer, run_dir: Path) -> tuple[str, str, str]:
+    """(status, one-line message, hint) for the failures a user can act on."""
+    step = trainer.state.global_step
+    last = _last(run_dir)
+    if isinstance(e, torch.OutOfMemoryError):
+        return "oom", f"GPU out of memory at step {step + 1}: {str(e).splitlines()[0][:160]}", oom_advice(cfg)
+    if isinstance(e, BadSampleError):
+        # Raised in a DataLoader worker, it arrives wrapped: its own message is the last line.
+        lines = [ln for ln in e.message.splitlines() if ln.strip()]
+        tag = f"{BadSampleError.__module__}.{BadSampleError.__name__}: "
+        message = next((ln.split(tag, 1)[1] for ln in reversed(lines) if tag in ln), lines[-1] if lines else str(e))
+        return "bad_sample", f"bad record at step {step + 1}: {message}", "restore the file, or set data.on_bad_sample: skip, then qvltune train CONFIG --resume"
+    saving = getattr(trainer, "saving_step", None)
+    if saving is not None:
+        partial = run_dir / f"checkpoint-{saving}"
+        if not is_complete(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        return (
+            "save_failed",
+            f"cannot write checkpoint-{saving}: {e.strerror or e} ({getattr(e, 'filename', None) or run_dir}); the previous checkpoint is intact: {last or 'none yet'}",
+            "free disk space (or fix permissions) under output_dir, then qvltune train CONFIG --resume",
+        )
+    return "error", f"I/O error at step {step + 1}: {e}", "check the files and folders the run uses, then --resume"
+
+
 def _last(run_dir: Path) -> str | None:
     c = latest_complete_checkpoint(run_dir)
     return str(c) if c else None
@@ -547,8 +598,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None)  # added by the deepspeed launcher
     args = parser.parse_args(argv)
-    from qvltune.errors import UserError
-
     try:
         code = run(args.run_dir, args.resume)
     except UserError as e:
@@ -560,4 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy's: then `qvltune.worker` is the one
+    # module holding the worker's functions (fault-injection tests patch it there).
+    from qvltune.worker import main as _main
+
+    sys.exit(_main())

@@ -42,10 +42,19 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _register() -> None:
     from qvltune.cli import check_data, demo, train
+    from qvltune.cli import eval as eval_cmd
+    from qvltune.cli import merge, predict
+    from qvltune.cli import doctor, estimate, init
 
     app.command("check-data")(check_data.command)
+    app.command("init")(init.command)
+    app.command("estimate")(estimate.command)
     app.command("train")(train.command)
+    app.command("merge")(merge.command)
+    app.command("predict")(predict.command)
+    app.command("eval")(eval_cmd.command)
     app.command("demo")(demo.command)
+    app.command("doctor")(doctor.command)
 
 
 _register()

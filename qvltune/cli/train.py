@@ -9,6 +9,7 @@ import typer
 
 from qvltune import console
 from qvltune.config import load_config
+from qvltune.redact import redact
 
 
 def command(
@@ -52,7 +53,15 @@ def report(outcome, cfg, config_path: Path) -> int:
     if state.status == "nan":
         console.error(f"{state.message}; last good checkpoint: {state.checkpoint or 'none'}", "lower optim.learning_rate (or raise warmup), check the data around that step, then --resume")
         return 1
-    tail = "\n".join(outcome.log_tail[-25:])
-    console.err.print(f"[red]training failed[/] (exit code {outcome.exit_code}); last lines of {run_dir / 'train.log'}:", highlight=False)
+    if state.status in ("oom", "bad_sample", "save_failed", "error") and state.message:
+        console.error(state.message, state.hint)
+        return 1
+    from qvltune.launch import describe_exit, failed_ranks
+
+    ranks = failed_ranks(outcome.log_tail)
+    what = ", ".join(f"rank {r} ({describe_exit(c)})" for r, c in ranks) if ranks else f"the launcher ({describe_exit(outcome.exit_code)})"
+    tail = "\n".join(redact(line) for line in outcome.log_tail[-25:])
+    console.err.print(f"[red]training failed[/]: {what}; last checkpoint: {state.checkpoint or 'none'}; last lines of {run_dir / 'train.log'}:", highlight=False)
     console.err.print(tail, markup=False, highlight=False)
+    console.err.print(f"[bold]Hint:[/] fix the cause above, then: qvltune train {config_path} --resume")
     return outcome.exit_code or 1

@@ -120,21 +120,47 @@ class RecordStore:
             raise UserError(f"{file}: record {index} changed since the run was prepared", "prepare the run again (qvltune train re-checks the data)") from None
 
 
-class SFTDataset:
-    """A torch map-style dataset: item i is a list of encoded samples (one, or one packed row)."""
+class BadSampleError(UserError):
+    """A record that passed the checks before training but cannot be read now (e.g. its image was
+    deleted or corrupted since), under ``on_bad_sample: error``."""
 
-    def __init__(self, entries: list[Entry], encoder: Encoder, groups: list[list[int]]):
+
+class SFTDataset:
+    """A torch map-style dataset: item i is a list of encoded samples (one, or one packed row).
+
+    A record whose media cannot be loaded any more stops training naming the record (``error``), or
+    is left out of its batch and appended to ``skipped_log`` (``skip``): never silently replaced."""
+
+    def __init__(self, entries: list[Entry], encoder: Encoder, groups: list[list[int]], on_bad_sample: str = "error", skipped_log: Path | None = None):
         self.entries = entries
         self.encoder = encoder
         self.groups = groups
+        self.on_bad_sample = on_bad_sample
+        self.skipped_log = skipped_log
         self.store = RecordStore()
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> list[Encoded]:
+        from qvltune.data.media import MediaError
+
         out = []
         for j in self.groups[i]:
             e = self.entries[j]
-            out.append(self.encoder.encode(self.store.get(e.file, e.index)))
+            record = self.store.get(e.file, e.index)
+            try:
+                out.append(self.encoder.encode(record))
+            except MediaError as err:
+                where = f"{record.where()} {err.field}".strip()
+                if self.on_bad_sample == "error":
+                    raise BadSampleError(f"{where}: {err.message}", "restore the file, or set data.on_bad_sample: skip, then --resume") from None
+                self._log_skip(record, err)
         return out
+
+    def _log_skip(self, record: Record, err) -> None:
+        if self.skipped_log is None:
+            return
+        line = json.dumps({"file": record.file, "line": record.line, "index": record.index, "field": err.field, "problem": err.message, "during": "training"})
+        with open(self.skipped_log, "a") as f:  # one short line per append: safe across loader workers
+            f.write(line + "\n")

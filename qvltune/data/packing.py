@@ -132,6 +132,13 @@ def dummy_image(image_token_id: int, vision_config: Any) -> Encoded:
     return Encoded([image_token_id], [IGNORE_INDEX], [1], torch.zeros(4, dim), torch.tensor([[1, 2, 2]]))
 
 
+def _nonempty(items: list[list[Encoded]], pad_token_id: int) -> list[list[Encoded]]:
+    """Drop rows whose samples were all skipped as bad; an entirely empty batch becomes one pad
+    token without labels (it adds nothing to the loss, and every rank still takes the step)."""
+    rows = [item for item in items if item]
+    return rows or [[Encoded([pad_token_id], [IGNORE_INDEX], [0])]]
+
+
 def _with_dummy(items: list[list[Encoded]], dummy: Encoded | None) -> tuple[list[list[Encoded]], bool]:
     """Append the dummy image to the first row when no sample of the batch has media."""
     if dummy is None or any(s.pixel_values is not None or s.pixel_values_videos is not None for item in items for s in item):
@@ -158,7 +165,7 @@ class PaddedCollator:
         self.varlen = varlen
 
     def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
-        items, dummied = _with_dummy(items, self.dummy)
+        items, dummied = _with_dummy(_nonempty(items, self.pad), self.dummy)
         # A dummy image rides at the end of row 0 with attention mask 0: no real token sees it.
         samples = [s for item in items for s in item if s is not self.dummy]
         rows = [len(s) for s in samples]
@@ -205,7 +212,7 @@ class PackedCollator:
 
     def __call__(self, items: list[list[Encoded]]) -> dict[str, Any]:
         # A dummy image is one more (unlabelled) segment of row 0: the packed mask isolates it.
-        items, _ = _with_dummy(items, self.dummy)
+        items, _ = _with_dummy(_nonempty(items, self.pad), self.dummy)
         width = max(sum(len(s) for s in item) for item in items)
         n = len(items)
         input_ids = torch.full((n, width), self.pad, dtype=torch.long)

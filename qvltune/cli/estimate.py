@@ -1,0 +1,180 @@
+"""``qvltune estimate CONFIG``: memory per GPU, host memory and time per epoch; fits or not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from qvltune import console
+from qvltune.errors import UserError
+
+
+def command(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Run config (YAML), e.g. from `qvltune init`."),
+    gpu: str = typer.Option(None, "--gpu", help="Estimate for this GPU instead of the detected ones: H200, H100, A100, A100-40GB, L40S, A6000, 4090, ..."),
+    gpu_count: int = typer.Option(None, "--gpu-count", min=1, help="GPUs per node (default: the config's launch.gpus, else all detected; 1 with --gpu)."),
+    gpu_memory: float = typer.Option(None, "--gpu-memory", min=1, help="Memory per GPU in GB (GiB), for a GPU --gpu does not know or to override it."),
+    no_data: bool = typer.Option(False, "--no-data", help="Do not read the dataset (no token statistics, no time estimate)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
+) -> int:
+    """Estimate GPU memory (weights, gradients, optimizer states, activations), host memory and time per epoch."""
+    from qvltune.config import load_config
+    from qvltune.estimate import Machine, estimate, workload_for
+
+    cfg = load_config(config)
+    stats, source = load_stats(cfg.model.path, cfg.model.trust_remote_code)
+    inv, planned = machine_inventory(cfg, gpu, gpu_count, gpu_memory)
+    count = gpu_count or _config_gpu_count(cfg)
+    machine = Machine.from_inventory(inv, nodes=cfg.launch.nodes, gpu_count=count if inv.gpus else None, cpu_processes=cfg.launch.cpu_processes)
+    data = None if no_data else dataset_summary(cfg.data.train, cfg.data.image_root, *cfg.data.pixel_budget(), quiet=as_json)
+    est = estimate(cfg, stats, machine, workload_for(cfg, data))
+    fits = None if machine.is_cpu else est.fits(machine.gpu_memory) and est.host_fits(machine.host_ram)
+    if as_json:
+        doc = est.to_json()
+        doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits})
+        console.print_json(doc)
+    else:
+        console.out.print(f"[bold]{console.escape(cfg.name)}[/]: {console.escape(cfg.model.path)} ({console.escape(source)}), strategy {cfg.strategy}, ZeRO-{cfg.deepspeed.stage}"
+                          + (" + offload" if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params else "")
+                          + f", gradient checkpointing {'on' if cfg.optim.gradient_checkpointing else 'off'}")
+        render_estimate(est, machine, cfg.optim.epochs)
+        render_fit(est, machine, inv.gpus if not planned else [])
+        if inv.note and not planned:
+            console.note(inv.note)
+    return 0 if fits in (None, True) else 1
+
+
+def _config_gpu_count(cfg) -> int | None:
+    g = cfg.launch.gpus
+    return len(g) if isinstance(g, list) else g if isinstance(g, int) else None
+
+
+def load_stats(path: str, trust_remote_code: bool = False):
+    from qvltune.estimate import model_stats, resolve_model_config
+
+    config, source = resolve_model_config(path, trust_remote_code)
+    try:
+        return model_stats(config), source
+    except ValueError as e:
+        raise UserError(f"model.path: {path}: {e}", "use a Qwen3-VL model (Qwen/Qwen3-VL-8B-Instruct, a local folder, or builtin:tiny)") from None
+
+
+def machine_inventory(cfg, gpu: str | None, gpu_count: int | None, gpu_memory: float | None):
+    """(inventory, planned?) — the detected machine, or one given by ``--gpu/--gpu-memory``."""
+    from qvltune.hardware import inventory, planned_inventory
+
+    if gpu or gpu_memory:
+        try:
+            return planned_inventory(gpu, gpu_count or _config_gpu_count(cfg) or 1, gpu_memory), True
+        except ValueError as e:
+            raise UserError(f"--gpu: {e}", "add --gpu-memory GB for a GPU qvltune does not know") from None
+    return inventory(cfg.output_dir), False
+
+
+_SUMMARIES: dict[tuple, Any] = {}
+
+
+def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: int, max_pixels: int, quiet: bool = False):
+    """Token statistics of the training data (check-data's estimated counts; cached per process)."""
+    from qvltune.data.check import check_dataset
+    from qvltune.estimate import summarize_report
+
+    key = (str(train), image_root, min_pixels, max_pixels)
+    if key in _SUMMARIES:
+        return _SUMMARIES[key]
+    try:
+        report = check_dataset(train, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:
+        raise UserError(f"data.train: {e}", "write mixtures as a.jsonl%50,b.jsonl") from None
+    summary = summarize_report(report, min_pixels, max_pixels) if report.lengths else None
+    if not quiet:
+        if summary is None:
+            console.warn(f"no usable record in {train}: token statistics and time are not estimated (`qvltune check-data` shows why)")
+        elif report.errors:
+            console.warn(f"{len(report.errors)} problem(s) in the data (`qvltune check-data` lists them); estimating from the {report.valid} good records")
+    _SUMMARIES[key] = summary
+    return summary
+
+
+def render_params(est) -> Table:
+    table = Table(title="Parameters", title_justify="left", box=None, padding=(0, 2))
+    for col, just in (("component", "left"), ("mode", "left"), ("parameters", "right"), ("trainable", "right")):
+        table.add_column(col, justify=just)
+    for c in est.components:
+        table.add_row(c.component, c.mode, f"{c.params:,}", f"{c.trainable:,}" if c.trainable else "-")
+    table.add_row("[bold]total[/]", "", f"{est.total_params:,}", f"[bold]{est.trainable_params:,}[/]" + (f" (LoRA {est.lora_params:,})" if est.lora_params else ""))
+    return table
+
+
+def render_memory(est, machine) -> None:
+    """The per-GPU breakdown, one term per line (notes say where each number comes from)."""
+    from qvltune.estimate import format_bytes, overhead_term
+
+    out = console.out
+    where = "process" if machine.is_cpu else "GPU"
+    ranks = f"{est.world_size} rank{'s' if est.world_size > 1 else ''}"
+    out.print(f"[bold]Memory per {where}[/] [dim]({console.escape(machine.label())}, {ranks})[/]")
+
+    def line(name: str, value: float, note: str, bold: bool = False) -> None:
+        text = f"  {name:<28}{value / 2**30:>9,.2f} GiB  [dim]{console.escape(note)}[/]"
+        out.print(f"[bold]{text}[/]" if bold else text)
+
+    for t in est.gpu_terms:
+        line(t.name, t.bytes, t.note)
+    line("peak allocated", est.peak_allocated, f"what torch.cuda.max_memory_allocated would report (peak at the {est.peak_phase})", bold=True)
+    if not machine.is_cpu:
+        o = overhead_term(est)
+        line(o.name, o.bytes, o.note)
+        line("total", est.per_gpu, f"of {format_bytes(machine.gpu_memory)}", bold=True)
+
+
+def render_estimate(est, machine, epochs: float | None = None) -> None:
+    from qvltune.estimate import format_bytes, format_duration
+
+    out = console.out
+    out.print(render_params(est))
+    render_memory(est, machine)
+    if est.host_terms:
+        for t in est.host_terms:
+            out.print(f"host memory: {t.name} {format_bytes(t.bytes)} per node [dim]({console.escape(t.note)})[/]")
+        if machine.host_ram:
+            out.print(f"host memory needed: {format_bytes(est.host_total)} of {format_bytes(machine.host_ram)} per node")
+    wl = est.workload
+    out.print(f"micro-batch: {wl.tokens:,} tokens, {wl.image_tokens:,} of them image tokens [dim]({console.escape(wl.assumption)})[/]")
+    out.print(f"compute: {est.flops_per_token / 1e9:,.1f} GFLOP per token by the 6N rule (MFU), {est.step_flops_per_token / 1e9:,.1f} GFLOP per token per training step")
+    if est.seconds_per_epoch is not None:
+        total = f", ~{format_duration(est.seconds_per_epoch * epochs)} for {epochs:g} epochs" if epochs and epochs != 1 else ""
+        out.print(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch ({wl.tokens_per_epoch:,} tokens){total}")
+    elif wl.tokens_per_epoch is None:
+        out.print("[dim]time: not estimated (no dataset statistics)[/]")
+    else:
+        out.print("[dim]time: not estimated (no GPU peak throughput known)[/]")
+    for a in est.assumptions:
+        if a != wl.assumption:
+            console.note(a)
+
+
+def render_fit(est, machine, gpus: list) -> None:
+    from qvltune.estimate import SAFETY_MARGIN, format_bytes
+
+    out = console.out
+    if machine.is_cpu:
+        out.print("[dim]no GPU: nothing to compare with (estimate another machine with --gpu H200 --gpu-count 8)[/]")
+        return
+    limit = machine.gpu_memory * (1 - SAFETY_MARGIN)
+    verdict = lambda ok: "[green]fits[/]" if ok else "[red]does not fit[/]"  # noqa: E731
+    rows = gpus or [None]
+    for g in rows:
+        memory = g.memory_total if g is not None else machine.gpu_memory
+        ok = est.per_gpu <= memory * (1 - SAFETY_MARGIN)
+        label = f"GPU {g.index} {g.name}" if g is not None else f"each of {machine.world_size} x {machine.gpu_name}"
+        out.print(f"{console.escape(label)}: {verdict(ok)} ({format_bytes(est.per_gpu)} of {format_bytes(memory)}, {SAFETY_MARGIN:.0%} kept free)")
+        if g is not None and g.memory_used > 0.1 * g.memory_total:
+            console.warn(f"GPU {g.index} already has {format_bytes(g.memory_used)} in use by another process")
+    if est.host_total and machine.host_ram and not est.host_fits(machine.host_ram):
+        out.print(f"host memory: [red]does not fit[/] ({format_bytes(est.host_total)} of {format_bytes(machine.host_ram)})")
+    if est.per_gpu > limit:
+        console.err.print("[bold]Hint:[/] turn on optim.gradient_checkpointing, use deepspeed.stage 3 (+ offload), lower data.max_seq_length / max_pixels, or plan again with `qvltune init`")

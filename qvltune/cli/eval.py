@@ -1,0 +1,69 @@
+"""``qvltune eval``: loss and perplexity on the assistant tokens, exact-match accuracy on short answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from qvltune import console
+from qvltune.cli.predict import MODEL_HELP
+
+
+def command(
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
+    data: str = typer.Option(..., "--data", metavar="FILE", help="Dataset with answers (any format check-data accepts; a.jsonl%50,b.jsonl mixes)."),
+    base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model for an adapter (default: the one it records)."),
+    image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths resolve against (default: the file's folder)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer for exact match, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records generated together."),
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where to run."),
+    dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype (default: fp32 on CPU, bf16 on GPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
+) -> int:
+    """Score a model on a dataset: loss/perplexity on the answers and, for short answers, exact-match accuracy."""
+    from qvltune.infer import DTYPES, evaluate_model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
+    report = evaluate_model(
+        model,
+        data,
+        base=base,
+        device=device,
+        dtype=DTYPES[dtype] if dtype else None,
+        image_root=image_root,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+    )
+    if as_json:
+        console.print_json({"model": model, "data": data, **report.to_json()})
+    else:
+        render(report, model, data)
+    return 0
+
+
+def render(report, model: str, data: str) -> None:
+    out = console.out
+    table = Table(title=f"Evaluation of {model} on {data}", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table.add_row("records", str(report.records))
+    table.add_row("loss (assistant tokens)", f"{report.loss:.4f}" if report.loss is not None else "-")
+    table.add_row("perplexity", f"{report.perplexity:.3f}" if report.perplexity is not None else "-")
+    if report.accuracy is not None:
+        table.add_row("exact-match accuracy", f"[bold]{report.accuracy:.1%}[/] of {report.short_answers} short answer(s)")
+    else:
+        table.add_row("exact-match accuracy", "- (no short answers: exact match is not meaningful for long ones)")
+    out.print(table)
+    if report.by_type:
+        by_type = Table(title="By question type", title_justify="left", box=None, padding=(0, 2))
+        by_type.add_column("question type")
+        by_type.add_column("n", justify="right")
+        by_type.add_column("accuracy", justify="right")
+        for qtype, stats in report.by_type.items():
+            by_type.add_row(console.escape(qtype), str(int(stats["n"])), f"{stats['accuracy']:.1%}")
+        out.print(by_type)
+    for ex in report.examples[:3]:
+        out.print(f"  expected {console.escape(repr(ex['expected']))}, got {console.escape(repr(ex['got']))}")

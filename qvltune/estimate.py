@@ -1,0 +1,713 @@
+"""Memory per GPU, host memory, FLOPs and time of a training run, from the model's config.json alone.
+
+No weights are read: the model is built on PyTorch's ``meta`` device (shapes only, instantly) to
+count parameters per component and find every linear layer LoRA would adapt. Everything else is
+arithmetic on those counts, the run config and the machine, so the estimate is a pure function
+(``estimate``) tested by tables of cases and used by the planner to search ZeRO stages.
+
+Per GPU, the peak of ``torch.cuda.max_memory_allocated`` is modelled as
+
+    static  = weights + gradients + optimizer states + DeepSpeed buffers (+ ZeRO-3 gathered params)
+    peak    = static + max(activations of one micro-batch + logits/loss,  optimizer-step temporaries)
+
+and what ``nvidia-smi`` shows adds ``framework overhead`` (CUDA context, NCCL, allocator slack).
+Each term below says where its bytes come from; the named constants are the calibration knobs
+(``benchmarks/estimate_accuracy.py`` measures predicted vs real peaks on a GPU machine).
+
+It models the worker as it runs: the Trainer + DeepSpeed ZeRO (qvltune.zero's buckets), torch
+AdamW (fused on GPUs, DeepSpeed's CPU Adam when offloading), peft LoRA (adapters and
+modules_to_save copies), varlen attention on GPUs (``attn_implementation: auto``; sdpa with a mask
+on CPUs or when asked), and the fused chunked loss (qvltune.loss) unless it is turned off. FLOPs per
+token follow worker.llm_flops_per_token's 6N rule (N = the LLM's parameters a token passes through;
+for the MoE model, its routed experts only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from qvltune.config import COMPONENTS, RunConfig
+from qvltune.pixels import TOKEN_PIXELS
+
+GiB = 1024**3
+
+# ----------------------------------------------------------------------------------------------
+# Calibration constants (bytes unless said otherwise)
+
+# Mixed-precision AdamW: bf16 weights and gradients on the GPU, and per trained parameter an fp32
+# master copy plus two fp32 moments = 12 bytes (the ZeRO paper, Rajbhandari et al. 2020, sec. 3.1:
+# "K = 12"). DeepSpeed keeps gradients in the model dtype unless data_types.grad_accum_dtype says
+# otherwise (deepspeed/runtime/engine.py get_data_types), and upcasts the gradient partition to fp32
+# only for the optimizer step (stage_1_and_2.py step(); stage3.py _prepare_fp32_grad_for_sub_group).
+OPTIMIZER_STATE_BYTES = 12
+STEP_FP32_GRAD_BYTES = 4
+# torch.optim.AdamW without fused kernels (adamw_torch) keeps foreach temporaries of about one fp32
+# copy of the parameters it steps; the fused kernel (adamw_torch_fused, the default on GPUs) none.
+FOREACH_STEP_TEMP_BYTES = 4
+
+# ZeRO-1/2 gradient buckets: with contiguous_gradients and overlap_comm (qvltune.zero writes both)
+# DeepSpeed allocates two reduce buffers of reduce_bucket_size elements in the gradient dtype
+# (stage_1_and_2.py setup_buckets: buf_0 and buf_1). qvltune.zero sets reduce_bucket_size = 5e8.
+ZERO12_REDUCE_BUCKET = 5e8
+# ZeRO-3: the Trainer fills reduce_bucket_size = hidden^2 and the prefetch bucket = 0.9 hidden^2
+# (transformers/integrations/deepspeed.py); parameters gathered at once are about the module being
+# computed plus the prefetched ones: the largest single tensor (embeddings / lm_head) plus this many
+# decoder layers.
+ZERO3_LIVE_LAYERS = 2
+
+# Activations, bytes per token per decoder layer. Derived by listing the tensors autograd saves in
+# transformers 5's Qwen3VLTextDecoderLayer with sdpa attention (modeling_qwen3_vl.py):
+#   RMSNorm (x2): fp32 copy of the input (4h), + bf16 normalised input for the weight gradient (2h)
+#     when norms train, + the bf16 output the next projections save (2h) when their weights train;
+#   q/k RMSNorm on each head: the same 4 (+2) bytes per q and k element;
+#   RoPE outputs q, k and v (2 each), saved by sdpa, and sdpa's output (2 per q element);
+#   o_proj's input (2 per q element) when o_proj trains;
+#   SwiGLU: gate, silu(gate) and up (2i each), + the product (2i) when down_proj trains.
+# => full training: 16h + 12 q_dim + 10 kv_dim + 8i. LoRA (frozen base) saves fewer base inputs but
+# each adapted linear keeps its dropout output (2) and mask (1): 3 bytes per input element.
+# Scale with these two knobs after measuring:
+ACT_LLM_SCALE = 1.0
+ACT_VISION_SCALE = 1.0
+LORA_DROPOUT_BYTES = 3
+# Per token outside the decoder layers: input embeddings, the image-feature scatter, final norm.
+LLM_EXTRA_PER_HIDDEN = 10
+# Vision block (Qwen3VLVisionBlock), bytes per patch when the tower trains: 2 LayerNorms (in + out,
+# 8hv), qkv output (6hv, kept whole because v is a view of it), RoPE'd q and k (4hv), attention
+# output and proj input (4hv), MLP fc1 output and GELU output (4iv).
+VISION_ACT_PER_HIDDEN = 22
+VISION_ACT_PER_INTERMEDIATE = 4
+# Merger / DeepStack merger (each, when trained), bytes per LLM image token: LayerNorm in/out,
+# fc1 output and GELU output, each 4 patches x hv wide in bf16.
+MERGER_ACT_PER_VISION_HIDDEN = 32
+# Logits and loss (optim.fused_loss: false, or lm_head trained beside LoRA), bytes per token per
+# vocabulary entry: the worker upcasts the bf16 logits to fp32 and takes a log-softmax (saved, 4);
+# at the start of backward the loss gradient (4) and the log-softmax gradient (4) coexist with it:
+# 12 (the forward's 2 + 4 + 4 = 10 is lower).
+LOGITS_BYTES_PER_VOCAB = 12
+# The fused loss (qvltune.loss, the default) never holds full logits: one chunk of CHUNK_ELEMENTS
+# logits at a time (bf16 matmul output 2 + fp32 copy 4, then the fp32 probabilities and their bf16
+# gradient 2), and while the next chunk is computed the previous chunk's fp32 logits and bf16
+# gradient are still referenced: 6 bytes per element for one chunk, 12 for several, +4 for the fp32
+# copy of the gradient when lm_head trains. It saves d(loss)/d(hidden) (2 bytes x hidden per
+# labelled token) and, when lm_head trains, d(loss)/d(weight) in fp32 (4 x vocab x hidden), which
+# backward scales into another fp32 (4) and a bf16 (2) copy.
+FUSED_CHUNK_ELEMENTS = 1 << 28  # qvltune.loss.CHUNK_ELEMENTS
+FUSED_BYTES_ONE_CHUNK = 6
+FUSED_BYTES_CHUNKS = 12
+FUSED_WEIGHT_GRAD_FORWARD = 4
+FUSED_WEIGHT_GRAD_BACKWARD = 10
+# Backward of one layer needs gradients of its intermediates while its saved tensors still exist:
+# about one more layer's activations (two with checkpointing: the recomputed layer and its grads).
+BACKWARD_TRANSIENT_LAYERS = 1.0
+
+# What nvidia-smi shows beyond torch.cuda.max_memory_allocated: CUDA context, cuBLAS/NCCL buffers
+# (outside PyTorch's allocator) and the caching allocator's fragmentation.
+CUDA_CONTEXT_BYTES = 1.0 * GiB
+FRAGMENTATION = 0.05
+# A plan fits when the total is at most (1 - SAFETY_MARGIN) of the GPU's memory: variable-resolution
+# batches and long records make real peaks wander above any single estimate.
+SAFETY_MARGIN = 0.10
+
+# Time: model FLOPs utilisation assumed for bf16 training with the HF Trainer + DeepSpeed on
+# A100/H100-class GPUs (the range reported for 2-30B models is ~30-45%); CPU offload steps the
+# optimizer on the host and stalls the GPUs (ZeRO-Offload paper: roughly 0.5-0.8x throughput).
+ASSUMED_MFU = 0.35
+OFFLOAD_OPTIMIZER_SPEED = 0.7
+OFFLOAD_PARAMS_SPEED = 0.5
+# Packed rows without a dataset to measure: text tokens assumed beside each image.
+TEXT_TOKENS_PER_IMAGE_SAMPLE = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, from config.json
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    component: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Shapes and parameter counts of a Qwen3-VL model (from its config, no weights)."""
+
+    model_type: str
+    params: dict[str, int]  # per component (tied embeddings counted once, in lm_head)
+    linears: tuple[Linear, ...]  # every nn.Linear, for LoRA counts
+    largest_tensor: int  # elements of the largest parameter (ZeRO-3 gathers it whole)
+    layer_params: int  # parameters of one decoder layer
+    # text
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    experts: int
+    experts_per_token: int
+    moe_intermediate: int
+    # vision
+    vision_depth: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_out: int
+    deepstack: int
+    spatial_merge: int
+    vision_block_params: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    def llm_active_params(self) -> int:
+        """LLM parameters a token passes through (all of them for dense models; for MoE only the
+        routed experts' share)."""
+        if not self.is_moe:
+            return self.params["llm"]
+        expert_params = self.layers * self.experts * 3 * self.hidden * self.moe_intermediate
+        return self.params["llm"] - expert_params + expert_params * self.experts_per_token // self.experts
+
+
+def _config_object(config: dict[str, Any]):
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+        raise ValueError(f"model_type '{model_type}' is not Qwen3-VL (qwen3_vl or qwen3_vl_moe)")
+    doc = {k: v for k, v in config.items() if k != "model_type"}
+    return CONFIG_MAPPING[model_type].from_dict(doc)
+
+
+@lru_cache(maxsize=32)
+def _stats_cached(config_json: str) -> ModelStats:
+    import torch
+    from torch import nn
+
+    from qvltune.model import component_of, model_class
+
+    config = json.loads(config_json)
+    cfg = _config_object(config)
+    with torch.device("meta"):
+        model = model_class(config["model_type"])._from_config(cfg, dtype=torch.bfloat16)
+    params = dict.fromkeys(COMPONENTS, 0)
+    largest = 0
+    layer0 = 0
+    for name, p in model.named_parameters():  # tied weights appear once
+        params[component_of(name)] += p.numel()
+        largest = max(largest, p.numel())
+        if ".language_model.layers.0." in name:
+            layer0 += p.numel()
+    linears = tuple(
+        Linear(name, component_of(name + ".weight"), m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    )
+    vblock = sum(p.numel() for n, p in model.named_parameters() if ".visual.blocks.0." in n)
+    t, v = cfg.text_config, cfg.vision_config
+    return ModelStats(
+        model_type=config["model_type"],
+        params=params,
+        linears=linears,
+        largest_tensor=largest,
+        layer_params=layer0,
+        hidden=t.hidden_size,
+        layers=t.num_hidden_layers,
+        heads=t.num_attention_heads,
+        kv_heads=t.num_key_value_heads,
+        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+        intermediate=t.intermediate_size,
+        vocab=t.vocab_size,
+        tied=bool(getattr(t, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False)),
+        experts=getattr(t, "num_experts", 0) or 0,
+        experts_per_token=getattr(t, "num_experts_per_tok", 0) or 0,
+        moe_intermediate=getattr(t, "moe_intermediate_size", 0) or 0,
+        vision_depth=v.depth,
+        vision_hidden=v.hidden_size,
+        vision_intermediate=v.intermediate_size,
+        vision_out=v.out_hidden_size,
+        deepstack=len(v.deepstack_visual_indexes),
+        spatial_merge=v.spatial_merge_size,
+        vision_block_params=vblock,
+    )
+
+
+def model_stats(config: dict[str, Any]) -> ModelStats:
+    """Parameter counts and shapes of the model a config.json describes (built on the meta device)."""
+    return _stats_cached(json.dumps(config, sort_keys=True, default=str))
+
+
+def lora_params(stats: ModelStats, cfg: RunConfig) -> dict[str, int]:
+    """LoRA adapter parameters per component: rank x (in + out) for each linear the run's
+    target regex selects (the same regex peft gets, matched the way peft does: re.fullmatch)."""
+    from qvltune.model import lora_target_regex
+
+    regex = lora_target_regex(cfg)
+    out = dict.fromkeys(COMPONENTS, 0)
+    if not regex:
+        return out
+    pattern = re.compile(regex)
+    for lin in stats.linears:
+        if pattern.fullmatch(lin.name):
+            out[lin.component] += cfg.lora.rank * (lin.in_features + lin.out_features)
+    return out
+
+
+def _adapted_inputs(stats: ModelStats, cfg: RunConfig, prefix: str) -> dict[str, int]:
+    """Input width of each adapted linear of one layer (e.g. {'q_proj': 2048, ...})."""
+    from qvltune.model import lora_target_regex
+
+    regex = lora_target_regex(cfg)
+    if not regex:
+        return {}
+    pattern = re.compile(regex)
+    return {lin.name.rsplit(".", 1)[-1]: lin.in_features for lin in stats.linears if lin.name.startswith(prefix) and pattern.fullmatch(lin.name)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine and the work
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the run goes: identical GPUs on each node (or CPU processes when gpus_per_node is 0)."""
+
+    gpu_name: str | None
+    gpu_memory: int  # bytes per GPU (the smallest of the node's)
+    gpus_per_node: int
+    nodes: int = 1
+    host_ram: int | None = None  # bytes per node
+    peak_tflops: float | None = None
+    bf16: bool = True
+    cpu_processes: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes if self.gpus_per_node else self.cpu_processes
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpus_per_node == 0
+
+    def label(self) -> str:
+        if self.is_cpu:
+            return f"CPU ({self.cpu_processes} process{'es' if self.cpu_processes > 1 else ''})"
+        nodes = f" x {self.nodes} nodes" if self.nodes > 1 else ""
+        return f"{self.gpus_per_node} x {self.gpu_name} ({self.gpu_memory / GiB:.0f} GiB){nodes}"
+
+    @classmethod
+    def from_inventory(cls, inv: Any, nodes: int = 1, gpu_count: int | None = None, cpu_processes: int = 1) -> Machine:
+        """From ``hardware.Inventory`` (GPUs of this node; other nodes assumed identical)."""
+        gpus = list(inv.gpus)
+        host_ram = inv.host.ram_total if inv.host else None
+        if not gpus:
+            return cls(None, host_ram or 0, 0, 1, host_ram, None, False, cpu_processes)
+        if gpu_count is not None:
+            gpus = gpus[:gpu_count] if gpu_count <= len(gpus) else gpus + [gpus[-1]] * (gpu_count - len(gpus))
+        smallest = min(gpus, key=lambda g: g.memory_total)
+        return cls(smallest.name, smallest.memory_total, len(gpus), nodes, host_ram, smallest.peak_tflops, all(g.bf16 for g in gpus))
+
+    def with_gpus(self, gpus_per_node: int) -> Machine:
+        from dataclasses import replace
+
+        return replace(self, gpus_per_node=gpus_per_node)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What the estimator and planner need from ``check-data``'s report."""
+
+    records: int
+    p50: int
+    p99: int
+    longest: int
+    mean: float
+    tokens: int  # per epoch
+    image_tokens: int  # per epoch (included in tokens)
+    max_images_per_record: int
+    suggested_max_seq_length: int | None
+    trained_tokens: int = 0  # labelled (answer) tokens per epoch
+
+    @property
+    def image_share(self) -> float:
+        return self.image_tokens / self.tokens if self.tokens else 0.0
+
+
+def summarize_report(report: Any, min_pixels: int, max_pixels: int) -> DatasetSummary:
+    """A ``DatasetSummary`` from ``qvltune.data.check.Report`` at the given pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image_tokens = 0
+    for w, h in report.image_sizes:
+        try:
+            rh, rw = smart_resize(h, w, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
+            image_tokens += (rh // 32) * (rw // 32)
+        except ValueError:  # extreme aspect ratios are reported by check-data itself
+            pass
+    lengths = report.lengths
+    return DatasetSummary(
+        records=len(lengths),
+        p50=report.percentile(50),
+        p99=report.percentile(99),
+        longest=max(lengths, default=0),
+        mean=sum(lengths) / len(lengths) if lengths else 0.0,
+        tokens=sum(lengths),
+        image_tokens=image_tokens,
+        max_images_per_record=max((k for k, v in report.images_per_record.items() if v), default=0),
+        suggested_max_seq_length=report.suggested_max_seq_length(),
+        trained_tokens=report.trained_tokens,
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The tokens one GPU processes per micro-batch (the peak is set by the largest batch)."""
+
+    tokens: int  # text + image tokens of one micro-batch (rows x max_seq_length)
+    image_tokens: int  # LLM image tokens among them (x merge^2 = vision patches)
+    rows: int
+    tokens_per_epoch: int | None = None
+    mean_sample_tokens: float | None = None
+    assumption: str = ""
+    label_share: float = 1.0  # labelled (answer) tokens / tokens; 1.0 = the worst case when unknown
+
+
+def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload:
+    """The worst micro-batch the run can see: ``per_device_batch`` rows of ``max_seq_length`` tokens
+    (a longer record is refused), holding as many image tokens as the pixel budget and the data allow."""
+    rows, seq = cfg.optim.per_device_batch, cfg.data.max_seq_length
+    tokens = rows * seq
+    max_image = cfg.data.pixel_budget()[1] // TOKEN_PIXELS
+    if cfg.data.packing:
+        share = data.image_share if data and data.tokens else max_image / (max_image + TEXT_TOKENS_PER_IMAGE_SAMPLE)
+        image = int(tokens * share)
+        why = f"packed rows of {seq} tokens, {share:.0%} image tokens" + (" (from the dataset)" if data else " (assumed: no dataset)")
+    else:
+        per_record = data.max_images_per_record if data else 1
+        image = rows * min(seq, per_record * max_image)
+        why = f"{rows} row(s) of up to {seq} tokens with {per_record} image(s) of up to {max_image} tokens each" + ("" if data else " (assumed: no dataset)")
+    # Labelled share: the answers' fraction, doubled for safety (one batch can hold the long answers).
+    label_share = min(1.0, 2 * data.trained_tokens / data.tokens) if data and data.tokens and data.trained_tokens else 1.0
+    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share)
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: float
+    note: str
+
+
+@dataclass(frozen=True)
+class ComponentCount:
+    component: str
+    mode: str
+    params: int
+    trainable: int  # full-trained parameters + LoRA adapters on this component
+
+
+@dataclass
+class Estimate:
+    components: list[ComponentCount]
+    total_params: int
+    trainable_params: int
+    lora_params: int
+    world_size: int
+    workload: Workload
+    gpu_terms: list[Term]  # what the peak is made of (per GPU)
+    peak_allocated: float  # comparable to torch.cuda.max_memory_allocated
+    overhead: float  # CUDA context + fragmentation (nvidia-smi minus max_memory_allocated)
+    host_terms: list[Term]
+    host_total: float  # bytes per node
+    flops_per_token: float  # 6 x LLM parameters per token (the MFU counting rule of worker.py)
+    step_flops_per_token: float  # what a training step really costs per token (LoRA, checkpointing, vision, lm_head)
+    seconds_per_epoch: float | None
+    assumptions: list[str] = field(default_factory=list)
+    peak_phase: str = "backward"
+
+    @property
+    def per_gpu(self) -> float:
+        return self.peak_allocated + self.overhead
+
+    def fits(self, gpu_memory: int, margin: float = SAFETY_MARGIN) -> bool:
+        return self.per_gpu <= gpu_memory * (1 - margin)
+
+    def host_fits(self, host_ram: int | None, margin: float = SAFETY_MARGIN) -> bool:
+        return host_ram is None or self.host_total <= host_ram * (1 - margin)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["per_gpu"] = self.per_gpu
+        return doc
+
+
+def attention_kind(cfg: RunConfig, machine: Machine) -> str:
+    """The attention the worker will run: ``auto`` is varlen where its CUDA kernels exist (GPUs),
+    else sdpa (qvltune.model.load_model)."""
+    a = cfg.model.attn_implementation
+    if a == "auto":
+        return "sdpa" if machine.is_cpu else "varlen"
+    return a
+
+
+def uses_fused_loss(cfg: RunConfig) -> bool:
+    """The worker installs qvltune.loss's head unless lm_head is wrapped by peft (trained beside LoRA)."""
+    return cfg.optim.fused_loss and not (cfg.uses_lora() and cfg.modes()["lm_head"] == "full")
+
+
+def _llm_layer_bytes(s: ModelStats, cfg: RunConfig, *, trains_base: bool, lora: bool, repeat_kv: bool) -> float:
+    """Bytes saved for backward per token by one decoder layer (see the constants above)."""
+    h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
+    base = 8 * h + 4 * (q + kv)  # fp32 copies in the 2 RMSNorms and the q/k norms
+    # q, k, v as sdpa saves them: with a mask (padding or packing) transformers repeats k and v to
+    # every query head (integrations/sdpa_attention.py use_gqa_in_sdpa), else they stay kv-wide.
+    base += 6 * q if repeat_kv else 2 * q + 4 * kv
+    base += 2 * q  # sdpa output
+    dropout = cfg.lora.dropout > 0
+    adapted = _adapted_inputs(s, cfg, "model.language_model.layers.0.") if lora else {}
+    if s.is_moe:
+        k, m = s.experts_per_token, s.moe_intermediate
+        mlp = k * ((4 * h + 8 * m) if trains_base else (2 * h + 6 * m)) + 6 * s.experts
+    else:
+        mlp = 6 * i + (2 * i if trains_base else 0)
+    base += mlp
+    if trains_base:
+        base += 2 * (2 * h) + 2 * (q + kv) + 2 * (2 * h) + 2 * q  # norm inputs for weight grads, outputs for projections, o_proj input
+    if adapted:
+        if dropout:
+            base += LORA_DROPOUT_BYTES * sum(adapted.values())
+        elif not trains_base:
+            base += 2 * (2 * h) + (2 * q if "o_proj" in adapted else 0) + (2 * i if "down_proj" in adapted else 0)
+    return base * ACT_LLM_SCALE
+
+
+def _vision_block_bytes(s: ModelStats, cfg: RunConfig, lora: bool) -> float:
+    hv, iv = s.vision_hidden, s.vision_intermediate
+    b = VISION_ACT_PER_HIDDEN * hv + VISION_ACT_PER_INTERMEDIATE * iv
+    if lora and cfg.lora.dropout > 0:
+        b += LORA_DROPOUT_BYTES * sum(_adapted_inputs(s, cfg, "model.visual.blocks.0.").values())
+    return b * ACT_VISION_SCALE
+
+
+def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Workload | None = None) -> Estimate:
+    """Memory per GPU and per node, FLOPs per token and time per epoch of ``cfg`` on ``machine``."""
+    s = stats
+    wl = workload or workload_for(cfg)
+    modes = cfg.modes()
+    ds = cfg.deepspeed
+    W = max(1, machine.world_size)
+    bf16 = cfg.optim.bf16
+    wbytes = 2 if bf16 else 4  # weights, gradients and activations scale with the dtype
+    act_scale = wbytes / 2
+    assumptions: list[str] = [wl.assumption] if wl.assumption else []
+
+    # -- parameters ---------------------------------------------------------------------------
+    lora = lora_params(s, cfg) if cfg.uses_lora() else dict.fromkeys(COMPONENTS, 0)
+    uses_lora = cfg.uses_lora()
+    components = []
+    full_trained = 0
+    saved_copies = 0  # peft modules_to_save: a trainable copy beside the frozen original
+    for c in COMPONENTS:
+        n = s.params[c]
+        full = n if modes[c] == "full" else 0
+        full_trained += full
+        if uses_lora and modes[c] == "full":
+            saved_copies += n
+        components.append(ComponentCount(c, modes[c], n, full + lora[c]))
+    n_lora = sum(lora.values())
+    trainable = full_trained + n_lora
+    n_weights = s.total + n_lora + saved_copies  # everything resident as model weights
+
+    # -- static memory: weights, gradients, optimizer states, buffers -------------------------
+    gpu: list[Term] = []
+    host: list[Term] = []
+    stage = ds.stage
+    part = W if stage >= 1 else 1  # optimizer states are partitioned from stage 1
+    ranks_per_node = machine.gpus_per_node or machine.cpu_processes
+    if stage == 3 and ds.offload_params:
+        host.append(Term("weights (offloaded)", wbytes * n_weights / W * ranks_per_node, "ZeRO-3 param offload: the partitions of this node's ranks, pinned host memory"))
+    elif stage == 3:
+        gpu.append(Term("weights", wbytes * n_weights / W, f"{'bf16' if bf16 else 'fp32'}, {format_count(n_weights)} parameters partitioned over {W} rank(s) (ZeRO-3)"))
+    else:
+        gpu.append(Term("weights", wbytes * n_weights, f"{'bf16' if bf16 else 'fp32'}, all {format_count(n_weights)} parameters on every rank (ZeRO-{stage})"))
+    if stage == 3:
+        live = wbytes * (s.largest_tensor + ZERO3_LIVE_LAYERS * s.layer_params)
+        gpu.append(Term("gathered parameters", live, f"ZeRO-3 working set: the largest tensor + {ZERO3_LIVE_LAYERS} decoder layers gathered at once"))
+
+    grad_part = W if stage >= 2 else 1
+    if trainable:
+        if ds.offload_optimizer:
+            per_rank = (OPTIMIZER_STATE_BYTES + STEP_FP32_GRAD_BYTES) * trainable / W
+            host.append(Term("optimizer states (offloaded)", per_rank * ranks_per_node, "fp32 master + 2 moments + fp32 gradients of each rank's partition, pinned host memory (ZeRO-Offload)"))
+        else:
+            gpu.append(Term("gradients", wbytes * trainable / grad_part, f"{'bf16' if bf16 else 'fp32'} gradients of {format_count(trainable)} trained parameters" + (f", partitioned over {W}" if grad_part > 1 else "")))
+            states = (OPTIMIZER_STATE_BYTES if bf16 else 8) * trainable / part
+            gpu.append(Term("optimizer states", states, ("fp32 master + " if bf16 else "") + "AdamW's 2 fp32 moments" + (f", partitioned over {W}" if part > 1 else "")))
+        if stage in (1, 2):
+            gpu.append(Term("gradient buckets", 2 * ZERO12_REDUCE_BUCKET * wbytes, "DeepSpeed's two reduce buffers of reduce_bucket_size (5e8) elements"))
+        elif stage == 3:
+            gpu.append(Term("gradient buckets", 2 * s.hidden**2 * wbytes, "DeepSpeed's reduce buffers of hidden^2 elements (ZeRO-3)"))
+
+    # -- activations of one micro-batch --------------------------------------------------------
+    t, img = wl.tokens, wl.image_tokens
+    ckpt = cfg.optim.gradient_checkpointing
+    llm_trains = modes["llm"] != "frozen"
+    attention = attention_kind(cfg, machine)
+    masked = attention == "sdpa" and (wl.rows > 1 or cfg.data.packing)  # varlen needs no mask
+    repeat_kv = masked  # with a mask, transformers' sdpa repeats k and v to every query head
+    layer = _llm_layer_bytes(s, cfg, trains_base=modes["llm"] == "full", lora=modes["llm"] == "lora", repeat_kv=repeat_kv) * act_scale
+    act_terms: list[Term] = []
+    if llm_trains or any(modes[c] != "frozen" for c in ("vision", "merger", "deepstack")):
+        if ckpt:
+            act_terms.append(Term("LLM activations", t * (s.layers * 2 * s.hidden * act_scale + layer * (1 + BACKWARD_TRANSIENT_LAYERS)), f"checkpointed: each of {s.layers} layers keeps its input; one layer is recomputed at a time"))
+        else:
+            act_terms.append(Term("LLM activations", t * layer * (s.layers + BACKWARD_TRANSIENT_LAYERS), f"{layer / 1024:.0f} KiB per token per layer x {s.layers} layers, {t:,} tokens"))
+        act_terms.append(Term("embeddings, final norm", t * LLM_EXTRA_PER_HIDDEN * s.hidden * act_scale, "per token outside the decoder layers"))
+        if cfg.model.attn_implementation == "eager":
+            act_terms.append(Term("eager attention scores", wl.rows * s.heads * (t / wl.rows) ** 2 * 6 * (1 if ckpt else s.layers), "softmax in fp32 + bf16 copy per head (use sdpa)"))
+        elif masked:
+            act_terms.append(Term("attention mask", wl.rows * (t / wl.rows) ** 2, "one boolean (rows x seq x seq) mask shared by the layers"))
+    patches = img * s.spatial_merge**2
+    if modes["vision"] != "frozen" and patches:
+        vb = _vision_block_bytes(s, cfg, modes["vision"] == "lora") * act_scale
+        if ckpt:
+            v = patches * (s.vision_depth * 2 * s.vision_hidden * act_scale + vb * (1 + BACKWARD_TRANSIENT_LAYERS))
+            act_terms.append(Term("vision activations", v, f"checkpointed: {patches:,} patches, one block recomputed at a time"))
+        else:
+            act_terms.append(Term("vision activations", patches * vb * (s.vision_depth + BACKWARD_TRANSIENT_LAYERS), f"{patches:,} patches x {s.vision_depth} blocks"))
+    trained_mergers = (modes["merger"] != "frozen") + (s.deepstack if modes["deepstack"] != "frozen" else 0)
+    if img and (trained_mergers or llm_trains):
+        m = img * (trained_mergers * MERGER_ACT_PER_VISION_HIDDEN * s.vision_hidden + (1 + s.deepstack) * 2 * s.vision_out) * act_scale
+        act_terms.append(Term("merger activations", m, f"{img:,} image tokens through {trained_mergers} trained merger(s), + the visual features held for the LLM"))
+    head_trains = modes["lm_head"] == "full"
+    if uses_fused_loss(cfg):
+        n = max(1, int(t * wl.label_share))
+        chunk_rows = max(1, FUSED_CHUNK_ELEMENTS // s.vocab)
+        per_logit = (FUSED_BYTES_ONE_CHUNK if n <= chunk_rows else FUSED_BYTES_CHUNKS) + (4 if head_trains else 0)
+        forward = min(n, chunk_rows) * s.vocab * per_logit + (FUSED_WEIGHT_GRAD_FORWARD * s.vocab * s.hidden if head_trains else 0)
+        backward = FUSED_WEIGHT_GRAD_BACKWARD * s.vocab * s.hidden if head_trains else 0
+        logits = n * s.hidden * wbytes + max(forward, backward)
+        act_terms.append(Term("loss (fused)", logits, f"{n:,} labelled tokens, logits {min(n, chunk_rows):,} rows at a time" + (", + the fp32 lm_head gradient" if head_trains else "")))
+    else:
+        logits = t * s.vocab * LOGITS_BYTES_PER_VOCAB
+        if head_trains:
+            logits = max(logits, t * s.vocab * 4 + wbytes * s.vocab * s.hidden)  # + the lm_head weight gradient
+        act_terms.append(Term("logits + loss", logits, f"{t:,} tokens x {s.vocab:,} vocabulary: fp32 log-softmax and its gradients"))
+    activations = sum(x.bytes for x in act_terms)
+
+    step_temp = 0.0
+    if trainable and not ds.offload_optimizer:
+        step_temp = STEP_FP32_GRAD_BYTES * trainable / grad_part
+        if cfg.optim.optimizer != "adamw_torch_fused" or machine.is_cpu:
+            step_temp += FOREACH_STEP_TEMP_BYTES * trainable / part
+    static = sum(x.bytes for x in gpu)
+    phase = "backward" if activations >= step_temp else "optimizer step"
+    if activations >= step_temp:
+        gpu += act_terms
+    else:
+        gpu.append(Term("optimizer-step temporaries", step_temp, "the fp32 copy of the gradient partition (and foreach temporaries)"))
+        assumptions.append(f"the peak is the optimizer step (activations {activations / GiB:.1f} GiB are freed by then)")
+    peak = static + max(activations, step_temp)
+    overhead = CUDA_CONTEXT_BYTES + FRAGMENTATION * peak if not machine.is_cpu else 0.0
+    if machine.is_cpu:
+        assumptions.append("CPU mode: the numbers are host memory per process")
+
+    # -- FLOPs and time ------------------------------------------------------------------------
+    n_llm = s.llm_active_params()
+    flops_rule = 6.0 * n_llm  # worker.llm_flops_per_token's rule (active experts for MoE)
+    ctx = wl.mean_sample_tokens if (cfg.data.packing and wl.mean_sample_tokens) else wl.tokens / wl.rows
+    fwd_llm = 2 * n_llm + 2 * s.layers * s.heads * s.head_dim * ctx  # matmuls + causal attention
+    # lm_head: every token's logits on the plain path, only the labelled tokens' with the fused loss.
+    fwd_head = 2 * s.vocab * s.hidden * (wl.label_share if uses_fused_loss(cfg) else 1.0)
+    # Backward costs 2x forward where weights train (input and weight gradients), 1x where only the
+    # input gradient is needed (frozen weights under LoRA), nothing for a frozen vision tower.
+    step = fwd_llm + fwd_llm * (2 if modes["llm"] == "full" else 1) + fwd_head + fwd_head * (2 if modes["lm_head"] == "full" else 1)
+    if ckpt:
+        step += fwd_llm
+    share = img / t if t else 0.0
+    fwd_vision = share * s.spatial_merge**2 * 2 * s.vision_depth * s.vision_block_params  # per LLM token
+    step += fwd_vision * (1 + {"full": 2, "lora": 1}.get(modes["vision"], 0))
+    if ckpt and modes["vision"] != "frozen":
+        step += fwd_vision
+    seconds = None
+    if wl.tokens_per_epoch and machine.peak_tflops and not machine.is_cpu:
+        speed = ASSUMED_MFU * (OFFLOAD_OPTIMIZER_SPEED if ds.offload_optimizer else 1.0) * (OFFLOAD_PARAMS_SPEED if ds.offload_params else 1.0)
+        seconds = wl.tokens_per_epoch * step / (W * machine.peak_tflops * 1e12 * speed)
+        assumptions.append(f"time at {speed:.0%} of the GPUs' bf16 peak ({machine.peak_tflops:g} TFLOP/s each)")
+    host_total = sum(x.bytes for x in host)
+    return Estimate(
+        components=components,
+        total_params=s.total,
+        trainable_params=trainable,
+        lora_params=n_lora,
+        world_size=W,
+        workload=wl,
+        gpu_terms=gpu,
+        peak_allocated=peak,
+        overhead=overhead,
+        host_terms=host,
+        host_total=host_total,
+        flops_per_token=flops_rule,
+        step_flops_per_token=step,
+        seconds_per_epoch=seconds,
+        assumptions=assumptions,
+        peak_phase=phase,
+    )
+
+
+def overhead_term(est: Estimate) -> Term:
+    return Term("framework overhead", est.overhead, f"CUDA context + NCCL ({CUDA_CONTEXT_BYTES / GiB:.1f} GiB) + {FRAGMENTATION:.0%} allocator fragmentation")
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the model config comes from (the only I/O here)
+
+
+def resolve_model_config(path: str, trust_remote_code: bool = False) -> tuple[dict[str, Any], str]:
+    """(config.json as a dict, where it came from). Known Qwen3-VL Hub ids use the built-in table
+    (no network); folders and ``builtin:tiny`` their own config.json; anything else the Hub cache."""
+    from pathlib import Path
+
+    from qvltune.catalog import builtin_config, size_of
+
+    if not path.startswith("builtin:") and not Path(path).exists():
+        known = builtin_config(path)
+        if known is not None:
+            return known, f"built-in config of Qwen3-VL-{size_of(path)}"
+    from qvltune.model import read_model_config
+
+    return read_model_config(path, trust_remote_code), f"{path}/config.json" if not path.startswith("builtin:") else f"{path} config.json"
+
+
+def format_count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k" if n >= 1e3 else f"{n:.0f}"
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:,.1f} GiB"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+

@@ -1,0 +1,444 @@
+"""``qvltune merge``, ``predict`` and ``eval`` on adapters from real short DeepSpeed training runs of the
+tiny model: LoRA (ZeRO-2), mixed with ``lm_head`` trained beside LoRA (ZeRO-3, 2 processes), full.
+
+The merged folders are checked independently of merge's own verification (logits of a fresh
+reload against base + adapter, every tensor against the base), merge's verification is shown to
+fail on broken merges, and every refusal is driven through the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import write_jsonl
+from qvltune.cli import main
+from test_training import run_dir, train, write_config
+
+pytestmark = pytest.mark.slow
+
+LORA_TARGET = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+BESIDE_LORA = re.compile(r"^(model\.visual\.(merger|deepstack_merger_list\.\d+)\.|lm_head\.)")
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the real command line in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def _train(tmp_path_factory, demo_data, name: str, **sections) -> Path:
+    config = write_config(tmp_path_factory.mktemp(name), demo_data, name, **sections)
+    result = train(config, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir(config)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, demo_data, tiny_model_dir) -> Path:
+    return _train(tmp_path_factory, demo_data, "lora")  # 4 steps, checkpoint-2 and checkpoint-4
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, demo_data, tiny_model_dir) -> Path:
+    """Mixed (merger + DeepStack trained fully beside LoRA) plus lm_head, under ZeRO-3 on 2 processes."""
+    return _train(
+        tmp_path_factory, demo_data, "mixed", strategy="mixed", components={"lm_head": "full"},
+        deepspeed={"stage": 3}, launch={"cpu_processes": 2}, optim={"per_device_batch": 2},
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, demo_data, tiny_model_dir) -> Path:
+    return _train(tmp_path_factory, demo_data, "full", strategy="full", optim={"max_steps": 2}, schedule={"eval_steps": 100, "save_steps": 100})
+
+
+@pytest.fixture(scope="module")
+def merged_lora(lora_run, tmp_path_factory) -> tuple[Path, str]:
+    """The LoRA run merged through the command line from its run folder, fp32, in small shards."""
+    out = tmp_path_factory.mktemp("merged") / "lora"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout, pytest.raises(SystemExit) as done:
+        main(["merge", str(lora_run), "--out", str(out), "--dtype", "fp32", "--max-shard-size", "2MB"])
+    assert done.value.code == 0, stdout.getvalue()
+    return out, stdout.getvalue()
+
+
+def merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def probe(processor, image: Path):
+    from PIL import Image
+
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    text = processor.apply_chat_template(chat, tokenize=False)
+    return processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def eval_image(demo_data) -> Path:
+    return demo_data[1].parent / "images" / "eval_00000.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging
+
+
+def test_lora_run_merges_into_a_plain_verified_model_folder(merged_lora, lora_run, tiny_model_dir, demo_data):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qvltune.infer import load_for_inference
+
+    out, text = merged_lora
+    # Everything needed to serve it, in safetensors shards; no adapter left.
+    for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json", "qvltune-merge.json"):
+        assert (out / name).exists(), name
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # --max-shard-size 2MB split the 6 MB model
+    assert not (out / "adapter_config.json").exists()
+    assert text.count("OK") == 3 and "FAIL" not in text
+    provenance = json.loads((out / "qvltune-merge.json").read_text())
+    assert provenance["ok"] and provenance["weights"]["changed"] == 14  # 2 layers x 7 LoRA projections
+
+    # Independently of merge's own check: a fresh reload gives base + adapter's logits on an image.
+    merged = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    processor = AutoProcessor.from_pretrained(str(out))
+    inputs = probe(processor, eval_image(demo_data))
+    adapted, _ = load_for_inference(str(lora_run / "final"))
+    base, _ = load_for_inference("builtin:tiny")
+    reference = logits(adapted, inputs)
+    assert (logits(merged, inputs) - reference).abs().max() < 1e-4
+    assert (logits(base, inputs) - reference).abs().max() > 0.1  # the comparison is not vacuous
+
+    # The weights differ from the base exactly on the LoRA-adapted projections.
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = merged_tensors(out)
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert after[name].equal(tensor) != bool(LORA_TARGET.search(name)), name
+
+
+def test_mixed_zero3_checkpoint_merges_modules_trained_beside_lora(mixed_run, tiny_model_dir, tmp_path, demo_data):
+    """From an intermediate ZeRO-3 checkpoint: merger, DeepStack merger and lm_head land in the weights."""
+    from qvltune.infer import load_for_inference
+    from qvltune.merge import merge
+
+    checkpoint = mixed_run / "checkpoint-2"
+    result = merge(str(checkpoint), tmp_path / "merged", dtype="float32")
+    assert result.ok, result.problems()
+    assert result.out == tmp_path / "merged" and result.weights.changed == 14 + 12 + 1
+
+    adapter = {k.removeprefix("base_model.model."): v for k, v in load_file(str(checkpoint / "adapter_model.safetensors")).items()}
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = merged_tensors(result.out)
+    assert set(after) == set(before) | {"lm_head.weight"}  # lm_head is untied from the embeddings now
+    for name, tensor in after.items():
+        if BESIDE_LORA.search(name):
+            assert tensor.equal(adapter[name]), f"{name} is not the trained copy"
+            assert not tensor.equal(before.get(name, before["model.language_model.embed_tokens.weight"])), name
+        elif LORA_TARGET.search(name):
+            assert not tensor.equal(before[name]), name
+        else:
+            assert tensor.equal(before[name]), f"frozen {name} changed"
+    config = json.loads((result.out / "config.json").read_text())
+    assert config.get("tie_word_embeddings") is False or config["text_config"].get("tie_word_embeddings") is False
+
+    # Checkpoints hold no processor: the run's final/ one (with its pixel budget) was saved.
+    assert (result.out / "tokenizer.json").exists() and (result.out / "chat_template.jinja").exists()
+    merged, processor = load_for_inference(str(result.out))
+    adapted, _ = load_for_inference(str(checkpoint))
+    inputs = probe(processor, eval_image(demo_data))
+    assert (logits(merged, inputs) - logits(adapted, inputs)).abs().max() < 1e-4
+
+
+def test_zero3_checkpoint_without_gathered_weights_is_gathered_from_the_shards(mixed_run, tmp_path):
+    """A ZeRO-3 checkpoint saved without the 16-bit gather holds empty placeholders: merge gathers the
+    weights from the DeepSpeed shards of both ranks and gets exactly what the gathered file holds."""
+    from qvltune.merge import merge
+
+    checkpoint = mixed_run / "checkpoint-4"
+    assert sorted(p.name for p in (checkpoint / "global_step4").glob("*model_states.pt")) == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    stripped = mixed_run / "checkpoint-1004"  # inside the run, like a real checkpoint
+    shutil.copytree(checkpoint, stripped)
+    try:
+        file = stripped / "adapter_model.safetensors"
+        save_file({k: torch.empty(0) for k in load_file(str(file))}, str(file))
+        gathered = merge(str(stripped), tmp_path / "gathered", dtype="float32")
+        reference = merge(str(checkpoint), tmp_path / "reference", dtype="float32")
+    finally:
+        shutil.rmtree(stripped)
+    assert gathered.ok and reference.ok
+    assert "DeepSpeed ZeRO shards" in gathered.weights_from and "global_step4" in gathered.weights_from
+    a, b = merged_tensors(gathered.out), merged_tensors(reference.out)
+    assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merge_is_within_the_stated_tolerance(lora_run, tmp_path, dtype):
+    from qvltune.merge import LOGIT_TOLERANCE, merge
+
+    result = merge(str(lora_run), tmp_path / dtype, dtype=dtype)
+    assert result.ok, result.problems()
+    assert result.logits.tolerance == pytest.approx(LOGIT_TOLERANCE[dtype] * max(1.0, result.logits.scale))
+    assert 0 < result.logits.max_abs_diff <= result.logits.tolerance < result.logits.training_effect
+    assert all(t.dtype == getattr(torch, dtype) for t in merged_tensors(result.out).values())
+    assert json.loads((result.out / "config.json").read_text())["dtype"] == dtype
+
+
+def test_intermediate_checkpoint_is_merged_not_the_final_adapter(lora_run, merged_lora, tmp_path):
+    from qvltune.merge import merge
+
+    result = merge(str(lora_run / "checkpoint-2"), tmp_path / "step2", dtype="float32")
+    assert result.ok and result.adapter == lora_run / "checkpoint-2"
+    step2, final = merged_tensors(result.out), merged_tensors(merged_lora[0])
+    differing = {k for k in final if not final[k].equal(step2[k])}
+    assert differing and all(LORA_TARGET.search(k) for k in differing)
+
+
+def test_merge_json_is_the_only_thing_on_stdout(lora_run, tmp_path):
+    """In a fresh process: saving imports DeepSpeed, whose logger would print on stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "qvltune", "merge", str(lora_run / "checkpoint-4"), "--out", str(tmp_path / "m"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["ok"] and doc["logits"]["ok"] and doc["weights"]["changed"] == 14 and doc["out"] == str(tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge's verification can fail
+
+
+def test_verification_fails_when_the_adapter_is_dropped_instead_of_merged(lora_run, tmp_path, capsys, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kw: self.unload())
+    out = tmp_path / "broken"
+    code, stdout, stderr = cli(capsys, "merge", lora_run, "--out", out, "--dtype", "fp32")
+    assert code == 1
+    assert "verification failed" in stderr and "FAIL" in stdout and "Traceback" not in stderr
+    assert not out.exists() and (tmp_path / "broken.unverified" / "config.json").exists()
+    provenance = json.loads((tmp_path / "broken.unverified" / "qvltune-merge.json").read_text())
+    assert not provenance["logits"]["ok"] and len(provenance["weights"]["not_merged"]) == 14
+
+
+def test_verification_names_modules_trained_beside_lora_that_a_merge_forgot(mixed_run, tmp_path):
+    """The official recipe's pitfall: LoRA merged, the fully trained merger left at its base weights."""
+    from peft.tuners.lora import LoraModel
+    from peft.utils import ModulesToSaveWrapper
+
+    from qvltune.merge import merge
+
+    original = LoraModel.merge_and_unload
+
+    def forgetful(self, **kwargs):
+        for module in self.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.modules_to_save["default"].load_state_dict(module.original_module.state_dict())
+        return original(self, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LoraModel, "merge_and_unload", forgetful)
+        result = merge(str(mixed_run), tmp_path / "forgot", dtype="float32")
+    assert not result.ok and not result.logits.ok
+    assert result.weights.not_merged and all(BESIDE_LORA.search(n) for n in result.weights.not_merged)
+    assert len(result.weights.not_merged) == 12 + 1 and result.weights.changed == 14
+    assert result.out.name == "forgot.unverified"
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: one clear line, nothing written
+
+
+def _config_with(tiny_model_dir: Path, folder: Path, edit) -> Path:
+    folder.mkdir(parents=True)
+    doc = json.loads((tiny_model_dir / "config.json").read_text())
+    edit(doc)
+    (folder / "config.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_refuses_a_quantized_base_another_model_type_and_mismatched_shapes(lora_run, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    quantized = _config_with(tiny_model_dir, tmp_path / "quantized", lambda d: d.update(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}))
+    code, _, err = cli(capsys, "merge", lora_run, "--out", out, "--base", quantized)
+    assert code == 1 and "is quantized (bitsandbytes)" in err and "unquantized" in err
+
+    other = _config_with(tiny_model_dir, tmp_path / "other", lambda d: d.update(model_type="qwen2_vl"))
+    code, _, err = cli(capsys, "merge", lora_run, "--out", out, "--base", other)
+    assert code == 1 and "trained on a 'qwen3_vl' model" in err and "'qwen2_vl'" in err
+
+    narrower = _config_with(tiny_model_dir, tmp_path / "narrower", lambda d: d["text_config"].update(intermediate_size=192))
+    code, _, err = cli(capsys, "merge", lora_run, "--out", out, "--base", narrower)
+    assert code == 1 and "does not fit the base" in err and "6 mismatch(es)" in err  # gate/up/down x 2 layers
+    assert "mlp.down_proj.lora_A.weight: adapter shape [64, 256] does not fit the base weight [128, 192]" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_without_force_and_replaces_with_force(lora_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli(capsys, "merge", lora_run, "--out", out)
+    assert code == 1 and "exists and is not empty" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, stdout, err = cli(capsys, "merge", lora_run, "--out", out, "--force")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".out.merging-*"))  # no temporary folder left behind
+
+
+def test_refuses_to_overwrite_the_adapter_or_its_run_even_with_force(lora_run, capsys):
+    for target in (lora_run / "final", lora_run):
+        code, _, err = cli(capsys, "merge", lora_run, "--out", target, "--force")
+        assert code == 1 and "would overwrite" in err
+    assert (lora_run / "final" / "adapter_model.safetensors").exists()
+
+
+def test_refuses_when_the_disk_is_too_small(lora_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qvltune.merge.free_disk", lambda path: 4096)  # a full disk cannot be made here
+    code, _, err = cli(capsys, "merge", lora_run, "--out", tmp_path / "out")
+    assert code == 1 and "not enough free disk" in err and "GiB" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nothing_to_merge_in_a_full_model_run(full_run, capsys, tmp_path):
+    code, _, err = cli(capsys, "merge", full_run, "--out", tmp_path / "out")
+    assert code == 1 and "nothing to merge" in err and "full model" in err and "qvltune predict" in err
+
+
+def test_refuses_incomplete_checkpoints_runs_without_final_and_bad_options(lora_run, tmp_path, capsys):
+    half = lora_run / "checkpoint-99"
+    shutil.copytree(lora_run / "checkpoint-2", half)
+    (half / "qvltune-complete").unlink()
+    try:
+        code, _, err = cli(capsys, "merge", half, "--out", tmp_path / "a")
+        assert code == 1 and "incomplete checkpoint" in err
+    finally:
+        shutil.rmtree(half)
+
+    unfinished = tmp_path / "runs" / "unfinished"
+    unfinished.mkdir(parents=True)
+    shutil.copy(lora_run / "config.yaml", unfinished / "config.yaml")
+    shutil.copytree(lora_run / "checkpoint-2", unfinished / "checkpoint-2")
+    code, _, err = cli(capsys, "merge", unfinished, "--out", tmp_path / "b")
+    assert code == 1 and "has no final/ model" in err and str(unfinished / "checkpoint-2") in err
+
+    code, _, err = cli(capsys, "merge", lora_run, "--out", tmp_path / "c", "--max-shard-size", "five gigs")
+    assert code == 1 and "--max-shard-size" in err
+    code, _, err = cli(capsys, "merge", lora_run, "--out", tmp_path / "c", "--dtype", "int8")
+    assert code == 2 and "--dtype" in err
+    code, _, err = cli(capsys, "merge", tmp_path / "nowhere", "--out", tmp_path / "c")
+    assert code == 1 and "not found" in err
+    if not torch.cuda.is_available():
+        code, _, err = cli(capsys, "merge", lora_run, "--out", tmp_path / "c", "--device", "cuda")
+        assert code == 1 and "no CUDA GPU" in err
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_a_moved_base_is_found_through_the_run_config_or_asked_for(lora_run, tmp_path, capsys):
+    """peft records the base's path at training time; the run config names it portably (builtin:tiny)."""
+    run = tmp_path / "runs" / "moved"
+    run.mkdir(parents=True)
+    shutil.copy(lora_run / "config.yaml", run / "config.yaml")
+    shutil.copytree(lora_run / "final", run / "final")
+    cfg = json.loads((run / "final" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone" / "tiny-qwen3-vl")
+    (run / "final" / "adapter_config.json").write_text(json.dumps(cfg))
+    (run / "final" / "qvltune.yaml").unlink()  # the run's config.yaml alone names the base
+    code, _, err = cli(capsys, "merge", run, "--out", tmp_path / "merged")
+    assert code == 0, err
+    assert "does not exist; using the run config's model.path builtin:tiny" in err
+
+    alone = tmp_path / "adapter-alone"
+    shutil.copytree(run / "final", alone)
+    code, _, err = cli(capsys, "merge", alone, "--out", tmp_path / "other")
+    assert code == 1 and "not found" in err and "--base" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# predict and eval
+
+
+def test_predict_gives_the_same_answers_on_merged_and_base_plus_adapter(merged_lora, lora_run, demo_data, capsys):
+    _, evals = demo_data
+    answers = {}
+    for model in (merged_lora[0], lora_run):
+        code, stdout, err = cli(capsys, "predict", model, "--data", evals, "--limit", 6, "--max-new-tokens", 4, "--json")
+        assert code == 0, err
+        answers[model] = json.loads(stdout)
+    merged, adapted = answers.values()
+    assert [p["answer"] for p in merged] == [p["answer"] for p in adapted]
+    assert len(merged) == 6 and all(p["expected"] and p["prompt"].startswith("What colour") for p in merged)
+
+    code, stdout, err = cli(capsys, "predict", merged_lora[0], "--image", eval_image(demo_data), "--prompt", "What colour is the shape?", "--max-new-tokens", 4)
+    assert code == 0, err
+    single = json.loads(cli(capsys, "predict", merged_lora[0], "--image", eval_image(demo_data), "--prompt", "What colour is the shape?", "--max-new-tokens", 4, "--json")[1])
+    assert stdout.strip() == single[0]["answer"] and single[0]["prompt"] == "What colour is the shape?"
+
+
+def test_eval_scores_merged_and_base_plus_adapter_alike_and_better_than_the_base(merged_lora, lora_run, demo_data, capsys):
+    _, evals = demo_data
+    reports = {}
+    for model in (merged_lora[0], lora_run, "builtin:tiny"):
+        code, stdout, err = cli(capsys, "eval", model, "--data", evals, "--max-new-tokens", 4, "--json")
+        assert code == 0, err
+        reports[model] = json.loads(stdout)
+    merged, adapted, base = reports.values()
+    assert merged["records"] == 16 and merged["short_answers"] == 16
+    assert merged["loss"] == pytest.approx(adapted["loss"], abs=1e-4)
+    assert merged["accuracy"] == adapted["accuracy"] and set(merged["by_type"]) == {"shape_colour", "background_colour"}
+    assert merged["loss"] < base["loss"] - 0.5  # four steps of training already lowered it
+    assert merged["perplexity"] == pytest.approx(2.718281828 ** merged["loss"], rel=1e-6)
+
+    code, stdout, _ = cli(capsys, "eval", merged_lora[0], "--data", evals, "--limit", 4, "--max-new-tokens", 4)
+    assert code == 0
+    assert "perplexity" in stdout and "exact-match accuracy" in stdout and "of 4 short answer(s)" in stdout and "By question type" in stdout
+
+
+def test_predict_and_eval_accept_a_full_model_run(full_run, demo_data, capsys):
+    _, evals = demo_data
+    code, stdout, err = cli(capsys, "eval", full_run, "--data", evals, "--limit", 4, "--max-new-tokens", 4, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["records"] == 4
+    code, stdout, err = cli(capsys, "predict", full_run, "--image", eval_image(demo_data), "--prompt", "What colour is the background?", "--max-new-tokens", 4)
+    assert code == 0, err
+
+
+def test_predict_and_eval_report_bad_input_in_one_line(merged_lora, demo_data, tmp_path, capsys):
+    model = merged_lora[0]
+    code, _, err = cli(capsys, "predict", model, "--image", tmp_path / "missing.png", "--prompt", "hi")
+    assert code == 1 and "missing.png not found" in err
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}])
+    code, _, err = cli(capsys, "eval", model, "--data", broken)
+    assert code == 1 and "nope.png" in err and "Traceback" not in err
+    code, _, err = cli(capsys, "predict", model, "--data", broken)
+    assert code == 1 and "nope.png" in err
+    code, _, err = cli(capsys, "predict", model)
+    assert code == 2 and "--prompt" in err
+    code, _, err = cli(capsys, "eval", tmp_path / "no-such-model", "--data", demo_data[1])
+    assert code == 1 and "model folder not found" in err
