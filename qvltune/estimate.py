@@ -386,7 +386,9 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
     """The worst micro-batch the run can see: ``per_device_batch`` rows of ``max_seq_length`` tokens
     (a longer record is refused), holding as many image tokens as the pixel budget and the data allow."""
     rows, seq = cfg.optim.per_device_batch, cfg.data.max_seq_length
-    tokens = rows * seq
+    # Packed rows fill up to max_seq_length; padded rows are as long as the batch's longest record.
+    longest = min(seq, data.longest) if data and data.longest and not cfg.data.packing else seq
+    tokens = rows * longest
     max_image = cfg.data.pixel_budget()[1] // TOKEN_PIXELS
     if cfg.data.packing:
         share = data.image_share if data and data.tokens else max_image / (max_image + TEXT_TOKENS_PER_IMAGE_SAMPLE)
@@ -394,8 +396,8 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
         why = f"packed rows of {seq} tokens, {share:.0%} image tokens" + (" (from the dataset)" if data else " (assumed: no dataset)")
     else:
         per_record = data.max_images_per_record if data else 1
-        image = rows * min(seq, per_record * max_image)
-        why = f"{rows} row(s) of up to {seq} tokens with {per_record} image(s) of up to {max_image} tokens each" + ("" if data else " (assumed: no dataset)")
+        image = rows * min(longest, per_record * max_image)
+        why = f"{rows} row(s) of up to {longest} tokens with {per_record} image(s) of up to {max_image} tokens each" + ("" if data else " (assumed: no dataset)")
     # Labelled share: the answers' fraction, doubled for safety (one batch can hold the long answers).
     label_share = min(1.0, 2 * data.trained_tokens / data.tokens) if data and data.tokens and data.trained_tokens else 1.0
     return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share)
