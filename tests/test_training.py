@@ -210,3 +210,18 @@ def test_existing_run_is_not_clobbered_and_bad_config_is_one_clear_error(tmp_pat
     result = train(missing)
     assert result.returncode == 1 and "nope.jsonl" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((run_dir(config) / "data_index.json").read_text())["train"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one_at_the_same_effective_batch(tmp_path, demo_data, stage):
+    """Data parallelism changes nothing but speed: 2 ranks x batch 2 == 1 rank x batch 2 x 2 accumulation."""
+    common = {"strategy": "full", "deepspeed": {"stage": stage}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
+    one = write_config(tmp_path, demo_data, f"one-z{stage}", launch={"cpu_processes": 1}, optim={"per_device_batch": 2, "grad_accum": 2, "max_steps": 4}, **common)
+    two = write_config(tmp_path, demo_data, f"two-z{stage}", launch={"cpu_processes": 2}, optim={"per_device_batch": 2, "grad_accum": 1, "max_steps": 4}, **common)
+    for config in (one, two):
+        result = train(config)
+        assert result.returncode == 0, result.stdout + result.stderr
+    losses = [{r["step"]: r["loss"] for r in read_all(run_dir(c) / "metrics.jsonl") if r["kind"] == "train"} for c in (one, two)]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-4), (step, losses)  # equal to 5 digits here
