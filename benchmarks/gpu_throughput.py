@@ -10,7 +10,7 @@ Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher 
 - plain:   what a user writes from the transformers docs: one sample per row padded to the longest
            in a batch of 4, masked sdpa, full-vocabulary logits, gradient checkpointing on.
 - qvltune: the shipped defaults: packed 8k rows, varlen attention, fused answer-only loss, and
-           gradient checkpointing off (the planner's choice when memory allows it).
+           gradient checkpointing as the planner decides (off when the estimate fits the GPU).
 - qvltune-compile: the same with `optim.compile: true` (torch.compile per transformer block).
 
 Real (non-pad) tokens/s and samples/s are averaged over the logged steps after warm-up; MFU counts
@@ -104,9 +104,21 @@ def make_data(dest: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def checkpointing_needed(doc: dict, model: Path) -> bool:
+    """The planner's rule: gradient checkpointing only when the estimate without it does not fit
+    one H200 with the planner's 10% margin (qvltune.estimate, as `qvltune init` decides)."""
+    from qvltune.config import parse_config
+    from qvltune.estimate import GiB, Machine, estimate, model_stats, workload_for
+
+    cfg = parse_config({**doc, "optim": {**doc["optim"], "gradient_checkpointing": False}})
+    machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, 989.0, True)
+    est = estimate(cfg, model_stats(json.loads((model / "config.json").read_text())), machine, workload_for(cfg))
+    return not est.fits(machine.gpu_memory)
+
+
 def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, gc_off: bool, profile: bool, stage: int = 2) -> dict:
     fast = variant.startswith("qvltune")
-    return {
+    doc = {
         "name": name,
         "output_dir": str(out / "runs"),
         "model": {"path": str(model), "random_init": True, "attn_implementation": "auto" if fast else "sdpa"},
@@ -118,7 +130,7 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
             "grad_accum": 1,
             "max_steps": steps,
             "bf16": True,
-            "gradient_checkpointing": not (fast and gc_off),
+            "gradient_checkpointing": True,  # the plain recipe's; qvltune variants take the planner's choice below
             "fused_loss": fast,
             "compile": variant.endswith("compile"),
             "warmup_ratio": 0.0,
@@ -127,6 +139,9 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
         "deepspeed": {"stage": stage},
         "launch": {"gpus": 1},
     }
+    if fast and gc_off:
+        doc["optim"]["gradient_checkpointing"] = checkpointing_needed(doc, model)
+    return doc
 
 
 def summarise(metrics: Path, warmup: int) -> dict:
@@ -157,7 +172,7 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,qvltune")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--samples", type=int, default=400)
-    ap.add_argument("--gc-off", action="store_true", default=True)
+    ap.add_argument("--gc-off", action=argparse.BooleanOptionalAction, default=True, help="qvltune variants: checkpointing as the planner decides (off when it fits)")
     ap.add_argument("--profile", default="", help="variant names (shape-strategy-variant) to profile")
     ap.add_argument("--stages", default="2", help="ZeRO stages to compare, e.g. 0,1,2")
     ap.add_argument("--skip", default="8b-full", help="shape-strategy or shape-strategy-variant names to skip (8B full does not fit one GPU)")

@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -519,7 +518,7 @@ def oom_advice(cfg: RunConfig) -> str:
         steps.append("deepspeed.stage: 3 (shards weights across GPUs)")
     if not ds.offload_optimizer:
         steps.append("deepspeed.offload_optimizer: true")
-    return "try " + "; or ".join(steps) + f" — `qvltune estimate` shows the memory of each choice"
+    return "try " + "; or ".join(steps) + " — `qvltune estimate` shows the memory of each choice"
 
 
 def explain_failure(e: BaseException, cfg: RunConfig, trainer, run_dir: Path) -> tuple[str, str, str]:

@@ -31,5 +31,5 @@ def command(
     if failed:
         console.out.print(f"[red]{len(failed)} blocker(s)[/], {warnings} warning(s): fix the fail lines first")
         return 1
-    console.out.print(f"[green]ready[/]: no blocker" + (f", {warnings} warning(s)" if warnings else ""))
+    console.out.print("[green]ready[/]: no blocker" + (f", {warnings} warning(s)" if warnings else ""))
     return 0
