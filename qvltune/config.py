@@ -121,6 +121,11 @@ class OptimConfig(_Strict):
     # torch.compile each transformer block (language model and vision tower): fuses the many small
     # element-wise kernels (norms, RoPE, activations, LoRA scaling) that make the step launch-bound.
     compile: bool = False
+    # On a NaN/inf loss: stop (naming the step and the last good checkpoint), or skip_step: DeepSpeed
+    # already drops the update of a step whose gradients are not finite; count such steps, say so in
+    # the metrics, and stop once more than max_skipped_steps were skipped.
+    nan_policy: Literal["stop", "skip_step"] = "stop"
+    max_skipped_steps: int = Field(10, ge=1)
     seed: int = 42
 
 

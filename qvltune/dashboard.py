@@ -92,6 +92,8 @@ class DashboardState:
                 self.eval_losses.append(self.eval_loss)
         elif kind == "checkpoint":
             self.checkpoint = record.get("path")
+        elif kind == "skipped":
+            self.message = f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
         elif kind == "end":
             self.step = record.get("step", self.step)
             self.status = record.get("status", "ended")
@@ -180,6 +182,8 @@ def format_line(record: dict[str, Any]) -> str | None:
         return f"eval step {record.get('step')}: eval_loss {_fmt(record.get('eval_loss'), '.4f')} ppl {_fmt(record.get('eval_ppl'), '.2f')}"
     if kind == "checkpoint":
         return f"checkpoint saved: {record.get('path')}"
+    if kind == "skipped":
+        return f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
     if kind == "start":
         pad = record.get("padding")
         return f"training started: {record.get('train_samples')} samples in {record.get('train_rows')} rows, {record.get('world_size')} process(es), padding {pad * 100:.1f}%" if pad is not None else "training started"

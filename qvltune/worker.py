@@ -181,7 +181,7 @@ def _fsync_tree(path: Path) -> None:
 # Metrics, stop requests and NaN guard (one callback)
 
 
-def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: float | None, peak_flops: float | None):
+def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: float | None, peak_flops: float | None, policy):
     from transformers import TrainerCallback
 
     class QvlCallback(TrainerCallback):
@@ -192,6 +192,7 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
             self.last_time = time.time()
             self.last_stats = BatchStats(0, 0, 0, 0)
             self.stopped_by_request = False
+            self.skipped = 0
 
         def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
             device = args.device if torch.cuda.is_available() else "cpu"
@@ -207,6 +208,12 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
             bad = torch.zeros((), dtype=torch.float64) if flag is None else flag.double()
             stop = 1.0 if (self.stop_requested or (run_dir / STOP_FILE).exists()) else 0.0
             bad, stop = self._all_reduce_max(bad, stop, args)
+            if bad and policy.nan_policy == "skip_step" and self.skipped < policy.max_skipped_steps:
+                # DeepSpeed found the gradients non-finite and did not apply this step's update.
+                self.skipped += 1
+                if writer:
+                    writer.write("skipped", step=state.global_step, count=self.skipped, limit=policy.max_skipped_steps)
+                bad = 0.0
             if bad:
                 self.nonfinite_step = state.global_step
                 control.should_save = False
@@ -291,7 +298,9 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
         gradient_checkpointing=o.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=s.log_steps,
-        logging_nan_inf_filter=False,  # qvltune's guard stops on NaN instead (and without a sync per micro-batch)
+        # qvltune's guard handles NaN; the Trainer's filter (a host sync per micro-batch) only keeps the
+        # logged loss readable when NaN steps are skipped instead of stopping the run.
+        logging_nan_inf_filter=o.nan_policy == "skip_step",
         eval_strategy="steps" if cfg.data.eval or cfg.data.eval_split else "no",
         eval_steps=s.eval_steps,
         save_strategy="steps" if s.save_steps else "no",
@@ -411,7 +420,7 @@ def run(run_dir: Path, resume: bool) -> int:
 
         tflops = peak_tflops(torch.cuda.get_device_name())
         peak = tflops * 1e12 if tflops else None
-    callback = _make_callback(run_dir, writer, llm_flops_per_token(model), peak)
+    callback = _make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
     callbacks = [callback]
     if cfg.schedule.profile_steps:
         callbacks.append(_profiler_callback(run_dir, *cfg.schedule.profile_steps))
@@ -456,7 +465,8 @@ def run(run_dir: Path, resume: bool) -> int:
     if callback.nonfinite_step is not None:
         last = _last(run_dir)
         if writer:
-            writer.write("end", status="nan", step=callback.nonfinite_step, message=f"loss became NaN/inf at step {callback.nonfinite_step}", last_checkpoint=last)
+            skipped = f" after {callback.skipped} skipped step(s) (optim.max_skipped_steps)" if callback.skipped else ""
+            writer.write("end", status="nan", step=callback.nonfinite_step, message=f"loss became NaN/inf at step {callback.nonfinite_step}{skipped}", last_checkpoint=last)
         print(f"qvltune: loss became NaN/inf at step {callback.nonfinite_step}; last good checkpoint: {last or 'none'}", file=sys.stderr)
         return EXIT_NAN
     if callback.stopped_by_request:
@@ -466,7 +476,8 @@ def run(run_dir: Path, resume: bool) -> int:
     final = save_final(trainer, processor, cfg, run_dir)
     _phase("final save", t)
     if writer:
-        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), message="training completed")
+        note = f" ({callback.skipped} step(s) skipped for a non-finite loss)" if callback.skipped else ""
+        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message="training completed" + note)
     return 0
 
 

@@ -142,6 +142,21 @@ def test_nan_loss_stops_at_that_step_and_names_the_last_good_checkpoint(tmp_path
     assert not (rd / "checkpoint-6").exists() and not (rd / "final").exists()  # nothing newer is saved
 
 
+def test_nan_policy_skip_step_skips_the_update_and_carries_on(tmp_path, demo_data):
+    config = write_config(tmp_path, demo_data, "nan-skip", optim={**SECTIONS["optim"], "nan_policy": "skip_step", "max_skipped_steps": 2}, schedule=SECTIONS["schedule"], data=SECTIONS["data"])
+    result = run_with(config, "nan:5")
+    rd = run_dir(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "step 5: non-finite loss, update skipped (1 of at most 2)" in result.stdout
+    records = read_all(rd / "metrics.jsonl")
+    trained = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    assert all(trained[s] == trained[s] for s in range(1, 9))  # the logged loss stays readable (no NaN)
+    assert records[-1]["skipped_steps"] == 1
+    from safetensors.torch import load_file
+
+    assert all(t.isfinite().all() for t in load_file(str(rd / "final" / "adapter_model.safetensors")).values())
+
+
 def test_a_dying_rank_is_named_and_leaves_no_orphans(tmp_path, demo_data):
     config = write_config(tmp_path, demo_data, "die", launch={"cpu_processes": 2}, optim={"max_steps": 6})
     result = run_with(config, "die:3", HF_TOKEN="hf_abcdefghijklmnopqrstuvwxyz0123456789")
