@@ -145,3 +145,33 @@ def test_template_that_is_not_prefix_stable_is_refused(tiny_model_dir):
     proc.chat_template = "{{ messages|length }}{% for m in messages %}{{ m.role }}:{{ m.content[0].text }};{% endfor %}"
     with pytest.raises(TemplateError):
         render_segments(proc, [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}])
+
+
+def _write_video(path: Path, frames: int = 16, fps: int = 8, size=(96, 64)) -> Path:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            image = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+            image[..., 0] = i * 15
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_video_file_is_sampled_at_2_fps_and_counted_exactly(tmp_path: Path, tiny_processor):
+    pytest.importorskip("av")
+    _write_video(tmp_path / "clip.mp4")  # 16 frames at 8 fps = 2 s -> 4 frames at 2 fps
+    rec = record({"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>What changes?"}, {"from": "gpt", "value": "It gets redder."}]}, tmp_path / "d.jsonl")
+    encoder = Encoder(tiny_processor)
+    (info,) = encoder.probe(rec)
+    assert info.frames == 4 and (info.width, info.height) == (96, 64)
+    enc = encoder.encode(rec)
+    assert enc.video_grid_thw.tolist() == [[2, 4, 6]]  # 4 frames -> 2 temporal patches of 4x6
+    assert encoder.count(rec, [info]) == (len(enc), enc.trained_tokens)
+    assert trained_spans(enc, tiny_processor.tokenizer) == ["It gets redder.<|im_end|>"]

@@ -225,3 +225,29 @@ def test_two_processes_match_one_at_the_same_effective_batch(tmp_path, demo_data
     assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-4), (step, losses)  # equal to 5 digits here
+
+
+def test_zero3_two_processes_stop_and_resume_reproduce_the_run(tmp_path, demo_data):
+    """ZeRO-3 checkpoints (sharded over 2 ranks) resume to the same losses as an uninterrupted run."""
+    sections = {"strategy": "mixed", "deepspeed": {"stage": 3}, "launch": {"cpu_processes": 2}, "optim": {"max_steps": 6, "per_device_batch": 2}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
+    reference = write_config(tmp_path, demo_data, "z3-ref", **sections)
+    assert train(reference).returncode == 0
+    ref = {r["step"]: r["loss"] for r in read_all(run_dir(reference) / "metrics.jsonl") if r["kind"] == "train"}
+    config = write_config(tmp_path, demo_data, "z3-stop", **sections)
+    rd = run_dir(config)
+    proc = subprocess.Popen([sys.executable, "-m", "qvltune", "train", str(config), "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train" and r["step"] >= 2]:
+        time.sleep(0.2)
+    (rd / "STOP").write_text("stop\n")  # what Ctrl-C in `qvltune train` does
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out + err
+    (saved,) = [p for p in rd.glob("checkpoint-*") if (p / "qvltune-complete").exists()]
+    stopped_at = int(saved.name.split("-")[1])
+    assert stopped_at < 6
+    result = train(config, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = {r["step"]: r["loss"] for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train" and r["step"] > stopped_at}
+    assert sorted(after) == list(range(stopped_at + 1, 7))
+    for step, loss in after.items():
+        assert loss == pytest.approx(ref[step], rel=1e-4), (step, loss, ref[step])
