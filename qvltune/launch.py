@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,24 @@ def _die_with_parent() -> None:
 _RANK_EXIT = re.compile(r"--local_rank=(\d+).*exits with return code = (-?\d+)")
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shm_buffers(master_port: int, rank: int | None = None, shm_dir: Path = SHM_DIR) -> int:
+    """Delete DeepSpeed's CPU all-reduce buffers of a run (``deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``,
+    ~70 MB each in /dev/shm). DeepSpeed never unlinks them, so every CPU run would otherwise leave
+    RAM behind until the machine swaps. Returns how many were removed."""
+    pattern = f"deepspeed_allreduce_buffer_*_{master_port}_{'*' if rank is None else rank}"
+    removed = 0
+    for path in shm_dir.glob(pattern):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def failed_ranks(lines: list[str]) -> list[tuple[int, int]]:
     """(local rank, exit code) of ranks the deepspeed launcher reports as failed, from its log."""
     out = []
@@ -151,14 +170,49 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def start(argv: list[str], env: dict[str, str], log_path: Path) -> Child:
-    """Start the launcher in its own session: a terminal Ctrl-C reaches only ``qvltune train``, which
-    then asks the ranks to checkpoint and stop (the launcher would kill them outright)."""
+def start(argv: list[str], env: dict[str, str], log_path: Path, run_dir: Path) -> Child:
+    """Start the launcher under a guard, in its own session: a terminal Ctrl-C reaches only
+    ``qvltune train``, which then asks the ranks to checkpoint and stop (the launcher would kill them
+    outright); and if ``qvltune train`` dies, the guard stops the whole group (see ``guard``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
     log = open(log_path, "ab")
+    guarded = [sys.executable, "-m", "qvltune.launch", str(run_dir), *argv]
     process = subprocess.Popen(
-        argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        guarded, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
     )
     log.close()
     return Child(process, log_path, _offset=offset)
+
+
+GUARD_GRACE_SECONDS = 60
+
+
+def guard(run_dir: Path, argv: list[str]) -> int:
+    """Run the launcher as a child and outlive nothing: the guard is the session leader between
+    ``qvltune train`` and the deepspeed runner, launcher and ranks. The kernel sends it SIGTERM when
+    ``qvltune train`` dies (PR_SET_PDEATHSIG, which the runner's own children would not inherit);
+    it then asks the ranks to checkpoint and stop (the STOP file), and after a grace period kills
+    whatever is left of its process group, so no rank keeps running on the GPUs."""
+    from qvltune.checkpoints import STOP_FILE
+
+    child = subprocess.Popen(argv)
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            (run_dir / STOP_FILE).write_text("qvltune train went away\n")
+        except OSError:
+            pass
+        deadline = time.time() + GUARD_GRACE_SECONDS
+        while child.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(guard(Path(sys.argv[1]), sys.argv[2:]))

@@ -18,7 +18,7 @@ from qvltune import console
 from qvltune.config import RunConfig, check_against_hardware, check_against_model, dump_config
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
-from qvltune.launch import Child, build_launch, format_command, free_port, start
+from qvltune.launch import Child, build_launch, format_command, free_port, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, read_all
 from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
 from qvltune.zero import write_deepspeed_config
@@ -178,7 +178,10 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + format_command(argv, env) + "\n")
     console.note(f"launching: {format_command(argv, env)}")
     console.note(f"log: {cfg.run_dir / 'train.log'}")
-    child = start(argv, env, cfg.run_dir / "train.log")
-    outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None)
+    child = start(argv, env, cfg.run_dir / "train.log", cfg.run_dir)
+    try:
+        outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None)
+    finally:
+        remove_shm_buffers(int(argv[argv.index("--master_port") + 1]))  # also those of ranks that were killed
     plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
     return outcome

@@ -615,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean exit (gloo aborts otherwise)
+    if "MASTER_PORT" in os.environ and "LOCAL_RANK" in os.environ:
+        from qvltune.launch import remove_shm_buffers
+
+        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ["LOCAL_RANK"]))
     return code
 
 

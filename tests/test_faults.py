@@ -77,6 +77,23 @@ def test_kill_9_mid_checkpoint_then_resume_matches_uninterrupted(tmp_path, demo_
     assert losses(config)[8] == pytest.approx(ref[8], rel=1e-4)
 
 
+def test_killing_qvltune_train_itself_leaves_no_rank_behind(tmp_path, demo_data):
+    """kill -9 of the parent only (a lost SSH session, an OOM-killed shell): the guard sees it, the
+    ranks checkpoint and stop, nothing keeps running, and DeepSpeed's /dev/shm buffers are gone."""
+    config = write_config(tmp_path, demo_data, "orphan", optim={"max_steps": 200, "per_device_batch": 2}, schedule={"log_steps": 1, "save_steps": 1000})
+    rd = run_dir(config)
+    proc = subprocess.Popen([sys.executable, "-m", "qvltune", "train", str(config), "--no-live"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]:
+        time.sleep(0.2)
+    port = int((rd / "launch.sh").read_text().split("--master_port ")[1].split()[0])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert no_workers_left(rd, timeout=90)
+    assert [p for p in rd.glob("checkpoint-*") if (p / "qvltune-complete").exists()], "the ranks saved before stopping"
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def test_sigterm_to_the_parent_saves_and_exits_cleanly(tmp_path, demo_data):
     config = write_config(tmp_path, demo_data, "term", optim={"max_steps": 30, "per_device_batch": 2}, schedule={"log_steps": 1, "save_steps": 100})
     rd = run_dir(config)
