@@ -204,13 +204,13 @@ def predict(case: Case, cfg, seq: int, trained: int, gpu: str, gpu_memory: float
 def measure(cfg, steps: int, timeout: float) -> dict[str, Any]:
     """Train through qvltune's launcher path; stop after ``steps`` logged steps (no final save)."""
     from qvltune.hardware import detect_gpus
-    from qvltune.launch import start
+    from qvltune.launch import free_port, start
     from qvltune.train import launch_command, prepare_run, validate
 
     gpus = detect_gpus()[0]
     validate(cfg, gpus)
     prepare_run(cfg, resume=False, force=True)
-    argv, env = launch_command(cfg, len(gpus), resume=False)
+    argv, env = launch_command(cfg, len(gpus), resume=False, master_port=free_port())
     log = cfg.run_dir / "train.log"
     child = start(argv, env, log)
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="predictions only, nothing is trained")
     ap.add_argument("--allow-cpu", action="store_true", help="run the tiny-full case without a GPU (checks the measuring path)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True, help="run 1-GPU cases side by side, one per GPU (peak memory is per process)")
     args = ap.parse_args(argv)
     if args.list:
         for c in CASES:
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.work / "results"
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    todo: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (row, config document) to measure
     for case in cases:
         if not args.dry_run and case.gpus > max(1, len(gpus)):
             print(f"skip {case.name}: needs {case.gpus} GPUs, {len(gpus)} here", file=sys.stderr)
@@ -309,19 +311,50 @@ def main(argv: list[str] | None = None) -> int:
             records = args.steps * case.per_device_batch * case.gpus + 8
             data = make_data(args.work / "data", records, answer_words_for(args.seq))
             seq, trained = exact_lengths(data, model_dir, IMAGE_PIXELS)
-        cfg = parse_config(case_config(case, model_dir, data, seq, args.work, args.steps + 2), case.name)
+        doc = case_config(case, model_dir, data, seq, args.work, args.steps + 2)
+        cfg = parse_config(doc, case.name)
         est = predict(case, cfg, seq, trained, gpu_name, args.gpu_memory)
         row: dict[str, Any] = {**asdict(case), "case": case.name, "tokens": seq * case.per_device_batch, "predicted_gib": est.peak_allocated / 2**30}
         peak = peak_tflops(gpu_name)
         row["predicted_tokens_per_s"] = case.gpus * peak * 1e12 * ASSUMED_MFU / est.step_flops_per_token if peak else None
         row["terms"] = {t.name: round(t.bytes / 2**30, 3) for t in est.gpu_terms}
-        if not args.dry_run:
-            t0 = time.time()
-            result = measure(cfg, args.steps, args.timeout)
-            (out / f"{case.name}.log").write_text("\n".join(result.pop("log_tail", [])) + "\n")
-            row.update(result, wall_s=round(time.time() - t0, 1))
         rows.append(row)
+        if args.dry_run:
+            print(json.dumps({k: v for k, v in row.items() if k != "terms"}), flush=True)
+        else:
+            todo.append((row, doc))
+
+    def run_case(row: dict[str, Any], doc: dict[str, Any], device: int | None) -> None:
+        if device is not None:  # pin a 1-GPU case to one device so cases can run side by side
+            doc = {**doc, "launch": {**doc["launch"], "gpus": [device]}}
+        t0 = time.time()
+        result = measure(parse_config(doc, row["case"]), args.steps, args.timeout)
+        (out / f"{row['case']}.log").write_text("\n".join(result.pop("log_tail", [])) + "\n")
+        row.update(result, wall_s=round(time.time() - t0, 1))
         print(json.dumps({k: v for k, v in row.items() if k != "terms"}), flush=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+    single = [(r, d) for r, d in todo if r["gpus"] == 1]
+    if args.parallel and len(gpus) > 1 and len(single) > 1:
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        free: queue.Queue[int] = queue.Queue()
+        for i in range(len(gpus)):
+            free.put(i)
+
+        def on_free_gpu(row: dict[str, Any], doc: dict[str, Any]) -> None:
+            device = free.get()
+            try:
+                run_case(row, doc, device)
+            finally:
+                free.put(device)
+
+        with ThreadPoolExecutor(len(gpus)) as pool:
+            list(pool.map(lambda rd: on_free_gpu(*rd), single))
+        todo = [(r, d) for r, d in todo if r["gpus"] > 1]
+    for row, doc in todo:
+        run_case(row, doc, None)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print()
     print(f"Machine: {gpu_name} x {len(gpus) or 'none (predictions only)'}; rows of exactly the tokens shown (one 896x896 image = 784 tokens + one answer); "

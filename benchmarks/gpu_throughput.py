@@ -9,15 +9,16 @@ prompts of tens to hundreds of tokens, answers of 8 to 1000 tokens, 10% text-onl
 Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher path):
 - plain:   what a user writes from the transformers docs: one sample per row padded to the longest
            in a batch of 4, masked sdpa, full-vocabulary logits, gradient checkpointing on.
-- qvltune: the shipped defaults: packed 8k rows, varlen attention, fused answer-only loss, and
-           gradient checkpointing as the planner decides (off when the estimate fits the GPU).
+- qvltune: the run config `qvltune init` writes for this model, data and one H200 (effective batch
+           64 samples): packed rows of the length the planner picks (the longest that fits without
+           gradient checkpointing), varlen attention, fused answer-only loss; run for --steps.
 - qvltune-compile: the same with `optim.compile: true` (torch.compile per transformer block).
 
 Real (non-pad) tokens/s and samples/s are averaged over the logged steps after warm-up; MFU counts
 6 x the language model's non-embedding parameters per token against 989 TFLOP/s (H100/H200 dense
 bf16). Prints a Markdown table; writes results.json and logs to --out.
 
-    python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b] [--strategies mixed,full] [--variants plain,qvltune] [--steps 16]
+    python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b] [--strategies mixed,full] [--variants plain,qvltune,qvltune-compile] [--steps 16]
 """
 
 from __future__ import annotations
@@ -104,43 +105,43 @@ def make_data(dest: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def checkpointing_needed(doc: dict, model: Path) -> bool:
-    """The planner's rule: gradient checkpointing only when the estimate without it does not fit
-    one H200 with the planner's 10% margin (qvltune.estimate, as `qvltune init` decides)."""
-    from qvltune.config import parse_config
-    from qvltune.estimate import GiB, Machine, estimate, model_stats, workload_for
+def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int) -> dict:
+    """The run config `qvltune init` writes for this model, data and one H200 (the planner decides
+    the packed row length, gradient checkpointing, ZeRO stage and accumulation)."""
+    from qvltune.cli.estimate import dataset_summary, load_stats
+    from qvltune.estimate import GiB, Machine
+    from qvltune.plan import Answers, make_plan, pixel_budget
 
-    cfg = parse_config({**doc, "optim": {**doc["optim"], "gradient_checkpointing": False}})
-    machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, 989.0, True)
-    est = estimate(cfg, model_stats(json.loads((model / "config.json").read_text())), machine, workload_for(cfg))
-    return not est.fits(machine.gpu_memory)
+    answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch)
+    lo, hi, _ = pixel_budget(answers)
+    machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, 128 * GiB, 989.0, True)
+    plan = make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True))
+    return plan.doc
 
 
-def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, gc_off: bool, profile: bool, stage: int = 2) -> dict:
-    fast = variant.startswith("qvltune")
-    doc = {
-        "name": name,
-        "output_dir": str(out / "runs"),
-        "model": {"path": str(model), "random_init": True, "attn_implementation": "auto" if fast else "sdpa"},
-        "data": {"train": str(data), "max_seq_length": 8192, "packing": fast, "num_workers": 4},
-        "strategy": strategy,
-        "optim": {
-            "learning_rate": 1e-5,
-            "per_device_batch": 1 if fast else 4,
-            "grad_accum": 1,
-            "max_steps": steps,
-            "bf16": True,
-            "gradient_checkpointing": True,  # the plain recipe's; qvltune variants take the planner's choice below
-            "fused_loss": fast,
-            "compile": variant.endswith("compile"),
-            "warmup_ratio": 0.0,
-        },
-        "schedule": {"log_steps": 2, "eval_steps": 100000, "save_steps": None, "profile_steps": [steps - 4, 2] if profile else None},
-        "deepspeed": {"stage": stage},
-        "launch": {"gpus": 1},
-    }
-    if fast and gc_off:
-        doc["optim"]["gradient_checkpointing"] = checkpointing_needed(doc, model)
+def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, profile: bool, stage: int | None, effective_batch: int, gpus: int = 1) -> dict:
+    """plain: the recipe from the transformers docs. qvltune*: the planner's config, run for ``steps``."""
+    schedule = {"log_steps": 2, "eval_steps": 100000, "save_steps": None, "profile_steps": [steps - 4, 2] if profile else None}
+    if variant == "plain":
+        return {
+            "name": name,
+            "output_dir": str(out / "runs"),
+            "model": {"path": str(model), "random_init": True, "attn_implementation": "sdpa"},
+            "data": {"train": str(data), "max_seq_length": 8192, "packing": False, "num_workers": 4},
+            "strategy": strategy,
+            "optim": {"learning_rate": 1e-5, "per_device_batch": 4, "grad_accum": 1, "max_steps": steps, "bf16": True, "gradient_checkpointing": True, "fused_loss": False, "warmup_ratio": 0.0},
+            "schedule": schedule,
+            "deepspeed": {"stage": stage or 2},
+            "launch": {"gpus": gpus},
+        }
+    doc = planned_doc(model, data, strategy, effective_batch)
+    doc.update(name=name, output_dir=str(out / "runs"), schedule=schedule, launch={"gpus": gpus})
+    doc["model"] = {**doc["model"], "random_init": True}
+    doc["data"] = {**doc["data"], "eval_split": 0.0, "num_workers": 4}
+    doc["optim"] = {**doc["optim"], "max_steps": steps, "warmup_ratio": 0.0, "compile": variant.endswith("compile")}
+    doc["optim"].pop("effective_batch", None)
+    if stage is not None:
+        doc["deepspeed"] = {**doc["deepspeed"], "stage": stage}
     return doc
 
 
@@ -172,9 +173,9 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,qvltune")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--samples", type=int, default=400)
-    ap.add_argument("--gc-off", action=argparse.BooleanOptionalAction, default=True, help="qvltune variants: checkpointing as the planner decides (off when it fits)")
+    ap.add_argument("--effective-batch", type=int, default=64, help="samples per optimizer step given to the planner (its default for datasets of 1,280+ records)")
     ap.add_argument("--profile", default="", help="variant names (shape-strategy-variant) to profile")
-    ap.add_argument("--stages", default="2", help="ZeRO stages to compare, e.g. 0,1,2")
+    ap.add_argument("--stages", default="", help="ZeRO stages to compare, e.g. 0,1,2 (default: the planner's)")
     ap.add_argument("--skip", default="8b-full", help="shape-strategy or shape-strategy-variant names to skip (8B full does not fit one GPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,11 +186,11 @@ def main() -> None:
         for strategy in args.strategies.split(","):
             if f"{shape}-{strategy}" in args.skip.split(","):
                 continue
-            for variant, stage in [(v, int(z)) for v in args.variants.split(",") for z in args.stages.split(",")]:
-                name = f"{shape}-{strategy}-{variant}" + (f"-zero{stage}" if args.stages != "2" else "")
+            for variant, stage in [(v, int(z) if z else None) for v in args.variants.split(",") for z in args.stages.split(",")]:
+                name = f"{shape}-{strategy}-{variant}" + (f"-zero{stage}" if stage is not None else "")
                 if name in args.skip.split(","):
                     continue
-                cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, args.gc_off, name in args.profile.split(","), stage)
+                cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, name in args.profile.split(","), stage, args.effective_batch)
                 cfg_path = args.work / f"{name}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
                 t0 = time.time()
@@ -198,17 +199,19 @@ def main() -> None:
                 (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr + "\n--- train.log tail ---\n" + "\n".join((run_dir / "train.log").read_text().splitlines()[-60:]) if (run_dir / "train.log").exists() else proc.stdout + proc.stderr)
                 if (run_dir / "profile.txt").exists():
                     (args.out / f"{name}-profile.txt").write_text((run_dir / "profile.txt").read_text())
-                row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode}
+                o = cfg["optim"]
+                row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": cfg["data"]["max_seq_length"], "packing": cfg["data"]["packing"],
+                       "batch": f"{o['per_device_batch']}x{o['grad_accum']}", "checkpointing": o["gradient_checkpointing"], "compile": o.get("compile", False)}
                 row.update(summarise(run_dir / "metrics.jsonl", warmup=4) if (run_dir / "metrics.jsonl").exists() else {"error": "no metrics"})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("\n| variant | real tok/s | samples/s | MFU | peak GiB | padding | exit |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant | rows (tokens x batch x accum) | ckpt | real tok/s | samples/s | MFU | peak GiB | padding | exit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-"
         pad = f"{r['padding'] * 100:.1f}%" if r.get("padding") is not None else "-"
-        print(f"| {r['variant']} | {r.get('tokens_per_s', 0):,.0f} | {r.get('samples_per_s', 0):.2f} | {mfu} | {r.get('mem_peak_gb', 0):.1f} | {pad} | {r['exit']} |")
+        print(f"| {r['variant']} | {r['row_tokens']:,} x {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {r.get('tokens_per_s', 0):,.0f} | {r.get('samples_per_s', 0):.2f} | {mfu} | {r.get('mem_peak_gb', 0):.1f} | {pad} | {r['exit']} |")
 
 
 if __name__ == "__main__":

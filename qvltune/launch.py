@@ -30,24 +30,41 @@ def deepspeed_launcher() -> list[str]:
 
 
 def build_launch(
-    cfg: RunConfig, *, run_dir: Path, gpu_count: int, resume: bool = False, master_port: int | None = None, cpu_count: int | None = None
+    cfg: RunConfig,
+    *,
+    run_dir: Path,
+    gpu_count: int,
+    resume: bool = False,
+    master_port: int | None = None,
+    cpu_count: int | None = None,
+    visible_devices: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) that start the worker on every rank."""
+    """(argv, extra environment) that start the worker on every rank. ``visible_devices`` is
+    CUDA_VISIBLE_DEVICES: GPU indices in the config count within it, as everywhere in CUDA."""
     launch = cfg.launch
     argv = deepspeed_launcher()
     if launch.hostfile:
         argv += ["--hostfile", launch.hostfile, "--num_nodes", str(launch.nodes)]
         if launch.master_addr:
             argv += ["--master_addr", launch.master_addr]
+    # The deepspeed runner drops CUDA_VISIBLE_DEVICES as soon as --num_gpus is given (and then
+    # starts on GPU 0), so a restricted set of visible GPUs is passed on as --include instead.
+    visible = [v.strip() for v in (visible_devices or "").split(",") if v.strip()]
+    if not all(v.isdigit() for v in visible) or launch.hostfile:
+        visible = []  # UUIDs, or several nodes: leave the choice to the runner as before
     if gpu_count == 0:
         processes = launch.cpu_processes
         argv += ["--num_gpus", str(processes)]
     elif isinstance(launch.gpus, list):
         processes = len(launch.gpus)
-        argv += ["--include", "localhost:" + ",".join(str(i) for i in launch.gpus)]
+        ids = [visible[i] if i < len(visible) else str(i) for i in launch.gpus] if visible else [str(i) for i in launch.gpus]
+        argv += ["--include", "localhost:" + ",".join(ids)]
     else:
         processes = gpu_count if launch.gpus == "all" else launch.gpus
-        argv += ["--num_gpus", str(processes)]
+        if visible:
+            argv += ["--include", "localhost:" + ",".join(visible[:processes])]
+        else:
+            argv += ["--num_gpus", str(processes)]
     argv += ["--master_port", str(master_port or launch.master_port or DEFAULT_MASTER_PORT)]
     argv += ["--module", "qvltune.worker", "--run-dir", str(run_dir)]
     if resume:

@@ -40,8 +40,14 @@ FIXED_PIXELS = 256 * QWEN25_TOKEN_PIXELS
 # Packing pays off when a row holds several samples: on when the median record is at most this
 # fraction of the row (the guide: "30-50% faster training, same final quality"). Packed rows are
 # the guide's "--max_seq_length 8192", halved while they do not fit (never below the longest record).
+# Longer rows (up to LONGEST_ROW_TOKENS) are taken where they fit WITHOUT gradient checkpointing and
+# one row per GPU stays within the effective batch: with varlen attention a longer row costs no
+# extra attention work, and a step's host-side work (kernel launches, DeepSpeed's gradient hooks) is
+# the same for 8k or 16k tokens, so a GPU that would idle behind the host gets more to do
+# (benchmarks/RESULTS.md, training throughput).
 PACKING_MAX_FRACTION = 0.25
 PACKED_ROW_TOKENS = 8192
+LONGEST_ROW_TOKENS = 32768
 MIN_ROW_WITHOUT_CHECKPOINTING = 2048
 # Hold out this fraction for eval loss when the dataset is big enough to spare it (the guide:
 # "Evaluation loss: should track training loss (not diverge)").
@@ -235,12 +241,13 @@ def choose_packing(answers: Answers, data: DatasetSummary | None, max_seq_length
 
 
 def row_lengths(answers: Answers, data: DatasetSummary | None, seq: int, packing: bool) -> list[int]:
-    """max_seq_length candidates, longest first: packed rows of 8192 tokens halved down to ``seq``
-    (the longest record); unpacked, or given with --max-seq-length, just ``seq``."""
+    """max_seq_length candidates, longest first: packed rows of 32768 tokens halved down to ``seq``
+    (the longest record); unpacked, or given with --max-seq-length, just ``seq``. Rows longer than
+    the guide's 8192 are only taken without gradient checkpointing (``make_plan``)."""
     if not packing or answers.max_seq_length or answers.packing == "on" and not data:
         return [seq]
     out = []
-    row = max(seq, PACKED_ROW_TOKENS)
+    row = max(seq, LONGEST_ROW_TOKENS)
     while row >= seq:
         out.append(row)
         if row // 2 < seq:
@@ -403,7 +410,13 @@ def make_plan(
     plans: list[tuple[int, Plan]] = []
     for n, row in enumerate(options):
         why = seq_why
-        if row == PACKED_ROW_TOKENS:
+        if row > max(seq, PACKED_ROW_TOKENS):
+            why = (
+                f"packed rows of {row:,} tokens: the longest row (from {LONGEST_ROW_TOKENS:,}) that fits without gradient checkpointing "
+                "and keeps one row per GPU within the effective batch; with varlen attention longer rows cost no extra attention, "
+                f"and fewer, larger micro-batches keep the GPU ahead of the host; longest record: {seq_why}"
+            )
+        elif row == PACKED_ROW_TOKENS:
             why = f"packed rows of {row:,} tokens (the guide's packing example: --max_seq_length 8192); longest record: {seq_why}"
         elif row != seq:
             why = (
@@ -413,8 +426,12 @@ def make_plan(
         elif packing and n:
             why = f"{seq_why}; longer packed rows do not fit"
         plan = _plan_for(answers, machine, stats, data, stats_for, row, skip_long, why, packing, pack_why)
+        longer = row > max(seq, PACKED_ROW_TOKENS)
+        if longer and not (plan.fits and not plan.config.optim.gradient_checkpointing):
+            continue  # beyond the guide's 8192 only where no forward pass is recomputed
+        first = not plans
         plans.append((row, plan))
-        if plan.fits and not plan.config.optim.gradient_checkpointing and (row >= MIN_ROW_WITHOUT_CHECKPOINTING or n == 0):
+        if plan.fits and not plan.config.optim.gradient_checkpointing and (row >= MIN_ROW_WITHOUT_CHECKPOINTING or first):
             return plan
     return next((p for _, p in plans if p.fits), plans[-1][1])
 

@@ -7,6 +7,7 @@ save a checkpoint and exit cleanly. A second Ctrl-C stops the process group at o
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -160,7 +161,9 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
 
 
 def launch_command(cfg: RunConfig, gpu_count: int, resume: bool, master_port: int | None = None) -> tuple[list[str], dict[str, str]]:
-    return build_launch(cfg, run_dir=cfg.run_dir.resolve(), gpu_count=gpu_count, resume=resume, master_port=master_port)
+    return build_launch(
+        cfg, run_dir=cfg.run_dir.resolve(), gpu_count=gpu_count, resume=resume, master_port=master_port, visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES")
+    )
 
 
 def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None) -> Outcome:

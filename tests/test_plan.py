@@ -287,15 +287,20 @@ def test_answers_are_strict():
     assert "modle: unknown key" in msg and "nodes" in msg and "packing" in msg
 
 
-def test_packed_rows_start_at_8192_and_halve():
+def test_packed_rows_start_long_and_halve():
     from qvltune.plan import row_lengths
 
-    assert row_lengths(Answers(), SHORT, 768, True) == [8192, 4096, 2048, 1024, 768]
+    assert row_lengths(Answers(), SHORT, 768, True) == [32768, 16384, 8192, 4096, 2048, 1024, 768]
     assert row_lengths(Answers(max_seq_length=2048), SHORT, 2048, True) == [2048]  # given: kept
     assert row_lengths(Answers(), SHORT, 768, False) == [768]
-    assert row_lengths(Answers(), SHORT, 9000, True) == [9000]  # never shorter than the longest record
+    assert row_lengths(Answers(), SHORT, 9000, True) == [32768, 16384, 9000]  # never shorter than the longest record
+    # 141 GB: 16k rows fit without checkpointing (32k would hold ~105 samples, above the batch of 64).
     roomy = plan("1xH200", "2B", data=SHORT)
-    assert roomy.config.data.max_seq_length == 8192 and not roomy.config.optim.gradient_checkpointing
+    assert roomy.config.data.max_seq_length == 16384 and not roomy.config.optim.gradient_checkpointing
+    assert "fits without gradient checkpointing" in roomy.decision("max_seq_length").why
+    # 80 GB: 16k rows of the 8B model would need checkpointing, so the guide's 8192 (checkpointed) is kept.
+    a100 = plan("1xA100", "8B", data=SHORT)
+    assert a100.config.data.max_seq_length <= 8192
     tight = plan("1x4090", "2B", data=SHORT)  # 8192 and 4096 need checkpointing on 24 GB; 2048 does not
     assert tight.config.data.max_seq_length == 2048 and not tight.config.optim.gradient_checkpointing
     assert "halved from the guide's 8192" in tight.decision("max_seq_length").why

@@ -83,6 +83,21 @@ def test_launch_command_is_pure_and_complete(tmp_path):
     assert argv[argv.index("--hostfile") + 1] == "/etc/hosts.txt" and argv[argv.index("--num_nodes") + 1] == "2"
 
 
+def test_launch_honours_cuda_visible_devices(tmp_path):
+    """The deepspeed runner ignores CUDA_VISIBLE_DEVICES once --num_gpus is given: qvltune passes
+    the visible GPUs as --include, and config indices count within them (as in CUDA)."""
+    def include(gpus, count, visible):
+        cfg = parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "launch": {"gpus": gpus}})
+        argv, _ = build_launch(cfg, run_dir=tmp_path, gpu_count=count, visible_devices=visible)
+        return argv[argv.index("--include") + 1] if "--include" in argv else "--num_gpus " + argv[argv.index("--num_gpus") + 1]
+
+    assert include(1, 2, "2,3") == "localhost:2"
+    assert include("all", 2, "2,3") == "localhost:2,3"
+    assert include([1], 2, "2,3") == "localhost:3"
+    assert include("all", 4, None) == "--num_gpus 4"
+    assert include("all", 1, "GPU-5f2c") == "--num_gpus 1"  # UUIDs: left to the runner
+
+
 def test_print_command(tmp_path, demo_data):
     config = write_config(tmp_path, demo_data, "pc")
     out = subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--print-command"], capture_output=True, text=True)
