@@ -179,7 +179,10 @@ def apply_strategy(model, cfg: RunConfig):
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, lora)
+        # Adapters in the weights' dtype (peft would make them fp32): DeepSpeed keeps fp32 master
+        # copies of every trained parameter itself, and ZeRO-3 refuses trained parameters of mixed
+        # dtypes (fp32 adapters beside bf16 modules_to_save abort its partitioning).
+        peft_model = get_peft_model(model, lora, autocast_adapter_dtype=False)
     except ValueError as e:
         raise UserError(f"LoRA found nothing to adapt: {_first_line(e)}", "check lora.target_modules against the model's module names") from None
     return peft_model

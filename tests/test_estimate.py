@@ -297,3 +297,17 @@ def test_summary_from_check_data(demo_data):
     assert s.p50 <= s.p99 <= s.longest and s.suggested_max_seq_length == 256
     wl = workload_for(conf("lora", data__packing=True, data__max_seq_length=256), s)
     assert wl.image_tokens == int(256 * s.image_share) and wl.tokens_per_epoch == s.tokens and wl.label_share < 1
+
+
+def test_trained_parameters_share_one_dtype_in_bf16(tiny_model_dir):
+    """ZeRO-3 partitions all trained parameters into one flat buffer and aborts on mixed dtypes:
+    LoRA adapters must be created in the weights' bf16 beside the fully trained (bf16) mergers."""
+    import torch
+
+    from qvltune.model import apply_strategy, load_model
+
+    cfg = parse_config({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "d.jsonl"}, "strategy": "mixed"})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="bfloat16", attn_implementation="sdpa"), cfg)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and any("merger" in n for n in trained)
+    assert set(trained.values()) == {torch.bfloat16}
