@@ -212,7 +212,7 @@ def measure(cfg, steps: int, timeout: float) -> dict[str, Any]:
     prepare_run(cfg, resume=False, force=True)
     argv, env = launch_command(cfg, len(gpus), resume=False, master_port=free_port())
     log = cfg.run_dir / "train.log"
-    child = start(argv, env, log)
+    child = start(argv, env, log, cfg.run_dir)
     metrics = cfg.run_dir / "metrics.jsonl"
     t0 = time.time()
     train: list[dict] = []

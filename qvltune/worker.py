@@ -124,14 +124,11 @@ def _make_trainer_class():
             if self.optimizer is None:
                 groups = parameter_groups(self.model, self.run_cfg)
                 kwargs = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon}
-                if self.run_cfg.deepspeed.offload_optimizer:
-                    # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam (decoupled decay).
-                    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-                    self.optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-                else:
-                    fused = self.run_cfg.optim.optimizer == "adamw_torch_fused" and torch.cuda.is_available()
-                    self.optimizer = torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+                # Always torch's AdamW: under ZeRO-Offload accelerate swaps the optimizer for
+                # DeepSpeed's CPU Adam and keeps decoupled weight decay only when handed torch.optim.AdamW
+                # (handed anything else, DeepSpeedCPUAdam included, it builds L2-regularised Adam).
+                fused = self.run_cfg.optim.optimizer == "adamw_torch_fused" and torch.cuda.is_available() and not self.run_cfg.deepspeed.offload_optimizer
+                self.optimizer = torch.optim.AdamW(groups, fused=fused or None, **kwargs)
             return self.optimizer
 
         # -- atomic checkpoints ------------------------------------------------------------------

@@ -242,6 +242,22 @@ def test_two_processes_match_one_at_the_same_effective_batch(tmp_path, demo_data
         assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-4), (step, losses)  # equal to 5 digits here
 
 
+def test_optimizer_offload_changes_where_adam_runs_not_what_it_computes(tmp_path, demo_data):
+    """ZeRO-3 + CPU optimizer offload follows ZeRO-2's loss curve: decoupled weight decay (AdamW) on
+    the CPU too. (accelerate rebuilds the optimizer for offload; handed anything but torch's AdamW
+    it builds L2-regularised Adam, which moves every zero-gradient LoRA A matrix by a full step.)"""
+    common = {"strategy": "mixed", "optim": {"per_device_batch": 4, "max_steps": 3, "weight_decay": 0.1}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
+    plain = write_config(tmp_path, demo_data, "z2", deepspeed={"stage": 2}, **common)
+    offload = write_config(tmp_path, demo_data, "z3-offload", deepspeed={"stage": 3, "offload_optimizer": True}, **common)
+    for config in (plain, offload):
+        result = train(config)
+        assert result.returncode == 0, result.stdout + result.stderr
+    losses = [{r["step"]: r["loss"] for r in read_all(run_dir(c) / "metrics.jsonl") if r["kind"] == "train"} for c in (plain, offload)]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3]
+    for step in (2, 3):
+        assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-4), (step, losses)
+
+
 def test_zero3_two_processes_stop_and_resume_reproduce_the_run(tmp_path, demo_data):
     """ZeRO-3 checkpoints (sharded over 2 ranks) resume to the same losses as an uninterrupted run."""
     sections = {"strategy": "mixed", "deepspeed": {"stage": 3}, "launch": {"cpu_processes": 2}, "optim": {"max_steps": 6, "per_device_batch": 2}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
