@@ -54,10 +54,10 @@ FOREACH_STEP_TEMP_BYTES = 4
 # (stage_1_and_2.py setup_buckets: buf_0 and buf_1). qvltune.zero sets reduce_bucket_size = 5e8.
 ZERO12_REDUCE_BUCKET = 5e8
 # ZeRO-3: the Trainer fills reduce_bucket_size = hidden^2 and the prefetch bucket = 0.9 hidden^2
-# (transformers/integrations/deepspeed.py); parameters gathered at once are about the module being
-# computed plus the prefetched ones: the largest single tensor (embeddings / lm_head) plus this many
-# decoder layers.
-ZERO3_LIVE_LAYERS = 2
+# (transformers/integrations/deepspeed.py). Gathered parameters are kept while they will be reused
+# soon (stage3_max_reuse_distance) up to stage3_max_live_parameters (qvltune.zero sets both to 1e9):
+# the largest single tensor (embeddings / lm_head) plus up to that many elements.
+ZERO3_MAX_LIVE_PARAMETERS = 1e9
 
 # Activations, bytes per token per decoder layer. Derived by listing the tensors autograd saves in
 # transformers 5's Qwen3VLTextDecoderLayer with sdpa attention (modeling_qwen3_vl.py):
@@ -89,15 +89,15 @@ MERGER_ACT_PER_VISION_HIDDEN = 32
 # 12 (the forward's 2 + 4 + 4 = 10 is lower).
 LOGITS_BYTES_PER_VOCAB = 12
 # The fused loss (qvltune.loss, the default) never holds full logits: one chunk of CHUNK_ELEMENTS
-# logits at a time (bf16 matmul output 2 + fp32 copy 4, then the fp32 probabilities and their bf16
-# gradient 2), and while the next chunk is computed the previous chunk's fp32 logits and bf16
-# gradient are still referenced: 6 bytes per element for one chunk, 12 for several, +4 for the fp32
-# copy of the gradient when lm_head trains. It saves d(loss)/d(hidden) (2 bytes x hidden per
-# labelled token) and, when lm_head trains, d(loss)/d(weight) in fp32 (4 x vocab x hidden), which
-# backward scales into another fp32 (4) and a bf16 (2) copy.
+# logits at a time (bf16 matmul output 2 + its fp32 copy 4; then the fp32 probabilities, in place,
+# and their bf16 copy 2): 6 bytes per element, whatever the number of chunks (each chunk is freed
+# before the next, and the allocator reuses its blocks), +4 for the fp32 copy of the gradient when
+# lm_head trains. It saves d(loss)/d(hidden) (2 bytes x hidden per labelled token) and, when lm_head
+# trains, d(loss)/d(weight) in fp32 (4 x vocab x hidden), which backward scales into another fp32
+# (4) and a bf16 (2) copy. (Measured on the H200, benchmarks/RESULTS.md: 12 bytes over-predicted
+# every peak with several chunks by ~1.5 GiB.)
 FUSED_CHUNK_ELEMENTS = 1 << 28  # qvltune.loss.CHUNK_ELEMENTS
-FUSED_BYTES_ONE_CHUNK = 6
-FUSED_BYTES_CHUNKS = 12
+FUSED_BYTES_PER_LOGIT = 6
 FUSED_WEIGHT_GRAD_FORWARD = 4
 FUSED_WEIGHT_GRAD_BACKWARD = 10
 # Backward of one layer needs gradients of its intermediates while its saved tensors still exist:
@@ -547,8 +547,8 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     else:
         gpu.append(Term("weights", wbytes * n_weights, f"{'bf16' if bf16 else 'fp32'}, all {format_count(n_weights)} parameters on every rank (ZeRO-{stage})"))
     if stage == 3:
-        live = wbytes * (s.largest_tensor + ZERO3_LIVE_LAYERS * s.layer_params)
-        gpu.append(Term("gathered parameters", live, f"ZeRO-3 working set: the largest tensor + {ZERO3_LIVE_LAYERS} decoder layers gathered at once"))
+        live = wbytes * (s.largest_tensor + min(ZERO3_MAX_LIVE_PARAMETERS, s.total - s.largest_tensor))
+        gpu.append(Term("gathered parameters", live, f"ZeRO-3 working set: the largest tensor + up to {ZERO3_MAX_LIVE_PARAMETERS:.0e} live parameters (stage3_max_live_parameters)"))
 
     grad_part = W if stage >= 2 else 1
     if trainable:
@@ -599,7 +599,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     if uses_fused_loss(cfg):
         n = max(1, int(t * wl.label_share))
         chunk_rows = max(1, FUSED_CHUNK_ELEMENTS // s.vocab)
-        per_logit = (FUSED_BYTES_ONE_CHUNK if n <= chunk_rows else FUSED_BYTES_CHUNKS) + (4 if head_trains else 0)
+        per_logit = FUSED_BYTES_PER_LOGIT + (4 if head_trains else 0)
         forward = min(n, chunk_rows) * s.vocab * per_logit + (FUSED_WEIGHT_GRAD_FORWARD * s.vocab * s.hidden if head_trains else 0)
         backward = FUSED_WEIGHT_GRAD_BACKWARD * s.vocab * s.hidden if head_trains else 0
         logits = n * s.hidden * wbytes + max(forward, backward)
