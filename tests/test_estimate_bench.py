@@ -1,5 +1,6 @@
 """benchmarks/estimate_accuracy.py runs on the GPU machine; here: its CPU side (model folders,
-exact-length data, configs, predictions, the Markdown table) with --dry-run."""
+exact-length data, configs, predictions, the Markdown table) with --dry-run, and its measuring
+path on the tiny model."""
 
 from __future__ import annotations
 
@@ -56,3 +57,13 @@ def test_refuses_to_measure_without_a_gpu(bench, capsys, monkeypatch):
     monkeypatch.setattr(hardware, "_load_nvml", lambda: (_ for _ in ()).throw(ImportError("no pynvml")))
     assert bench.main(["--cases", "2b-lora"]) == 2 and "--dry-run" in capsys.readouterr().err
     assert bench.main(["--cases", "nope"]) == 2
+
+
+@pytest.mark.slow
+def test_measuring_path_trains_through_the_launcher_on_cpu(bench, tmp_path):
+    """The GPU measurement's own path (validate, prepare_run, the deepspeed launcher, the metrics it
+    polls), run for the tiny model on CPU so that it cannot break unseen between GPU sessions."""
+    out = tmp_path / "out"
+    assert bench.main(["--allow-cpu", "--cases", "tiny-full", "--steps", "2", "--work", str(tmp_path), "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["steps"] >= 2 and row["tokens_per_s"] > 0 and "error" not in row
