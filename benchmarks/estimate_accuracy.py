@@ -204,13 +204,14 @@ def predict(case: Case, cfg, seq: int, trained: int, gpu: str, gpu_memory: float
 def measure(cfg, steps: int, timeout: float) -> dict[str, Any]:
     """Train through qvltune's launcher path; stop after ``steps`` logged steps (no final save)."""
     from qvltune.hardware import detect_gpus
-    from qvltune.launch import free_port, start
+    from qvltune.launch import free_port, remove_shm_buffers, start
     from qvltune.train import launch_command, prepare_run, validate
 
     gpus = detect_gpus()[0]
     validate(cfg, gpus)
     prepare_run(cfg, resume=False, force=True)
-    argv, env = launch_command(cfg, len(gpus), resume=False, master_port=free_port())
+    port = free_port()
+    argv, env = launch_command(cfg, len(gpus), resume=False, master_port=port)
     log = cfg.run_dir / "train.log"
     child = start(argv, env, log, cfg.run_dir)
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -227,6 +228,7 @@ def measure(cfg, steps: int, timeout: float) -> dict[str, Any]:
             time.sleep(1.0)
     finally:
         child.terminate(timeout=20)
+        remove_shm_buffers(port)  # the ranks stopped here leave DeepSpeed's CPU all-reduce buffers
     tail = log.read_text().splitlines()[-40:] if log.exists() else []
     if not train:
         return {"error": "no step logged", "log_tail": tail}

@@ -64,6 +64,8 @@ def test_measuring_path_trains_through_the_launcher_on_cpu(bench, tmp_path):
     """The GPU measurement's own path (validate, prepare_run, the deepspeed launcher, the metrics it
     polls), run for the tiny model on CPU so that it cannot break unseen between GPU sessions."""
     out = tmp_path / "out"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     assert bench.main(["--allow-cpu", "--cases", "tiny-full", "--steps", "2", "--work", str(tmp_path), "--out", str(out)]) == 0
     (row,) = json.loads((out / "results.json").read_text())
     assert row["steps"] >= 2 and row["tokens_per_s"] > 0 and "error" not in row
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before, "the stopped ranks' shared-memory buffers must be removed"
