@@ -410,7 +410,8 @@ def make_plan(
     plans: list[tuple[int, Plan]] = []
     for n, row in enumerate(options):
         why = seq_why
-        if row > max(seq, PACKED_ROW_TOKENS):
+        longer = row > max(seq, PACKED_ROW_TOKENS)  # beyond the guide's 8192: only without checkpointing
+        if longer:
             why = (
                 f"packed rows of {row:,} tokens: the longest row (from {LONGEST_ROW_TOKENS:,}) that fits without gradient checkpointing "
                 "and keeps one row per GPU within the effective batch; with varlen attention longer rows cost no extra attention, "
@@ -426,9 +427,8 @@ def make_plan(
         elif packing and n:
             why = f"{seq_why}; longer packed rows do not fit"
         plan = _plan_for(answers, machine, stats, data, stats_for, row, skip_long, why, packing, pack_why)
-        longer = row > max(seq, PACKED_ROW_TOKENS)
         if longer and not (plan.fits and not plan.config.optim.gradient_checkpointing):
-            continue  # beyond the guide's 8192 only where no forward pass is recomputed
+            continue
         first = not plans
         plans.append((row, plan))
         if plan.fits and not plan.config.optim.gradient_checkpointing and (row >= MIN_ROW_WITHOUT_CHECKPOINTING or first):
