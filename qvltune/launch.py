@@ -224,6 +224,8 @@ def guard(run_dir: Path, argv: list[str]) -> int:
         deadline = time.time() + GUARD_GRACE_SECONDS
         while child.poll() is None and time.time() < deadline:
             time.sleep(0.5)
+        if "--master_port" in argv:  # nobody else is left to remove the ranks' shared memory
+            remove_shm_buffers(int(argv[argv.index("--master_port") + 1]))
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, on_term)
