@@ -119,7 +119,7 @@ def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int) ->
     return plan.doc
 
 
-def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, profile: bool, stage: int | None, effective_batch: int, gpus: int = 1) -> dict:
+def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, profile: bool, stage: int | None, effective_batch: int) -> dict:
     """plain: the recipe from the transformers docs. qvltune*: the planner's config, run for ``steps``."""
     schedule = {"log_steps": 2, "eval_steps": 100000, "save_steps": None, "profile_steps": [steps - 4, 2] if profile else None}
     if variant == "plain":
@@ -132,10 +132,10 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
             "optim": {"learning_rate": 1e-5, "per_device_batch": 4, "grad_accum": 1, "max_steps": steps, "bf16": True, "gradient_checkpointing": True, "fused_loss": False, "warmup_ratio": 0.0},
             "schedule": schedule,
             "deepspeed": {"stage": stage or 2},
-            "launch": {"gpus": gpus},
+            "launch": {"gpus": 1},
         }
     doc = planned_doc(model, data, strategy, effective_batch)
-    doc.update(name=name, output_dir=str(out / "runs"), schedule=schedule, launch={"gpus": gpus})
+    doc.update(name=name, output_dir=str(out / "runs"), schedule=schedule, launch={"gpus": 1})
     doc["model"] = {**doc["model"], "random_init": True}
     doc["data"] = {**doc["data"], "eval_split": 0.0, "num_workers": 4}
     doc["optim"] = {**doc["optim"], "max_steps": steps, "warmup_ratio": 0.0, "compile": variant.endswith("compile")}

@@ -93,7 +93,7 @@ class DashboardState:
         elif kind == "checkpoint":
             self.checkpoint = record.get("path")
         elif kind == "skipped":
-            self.message = f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
+            self.message = skipped_line(record)
         elif kind == "end":
             self.step = record.get("step", self.step)
             self.status = record.get("status", "ended")
@@ -167,6 +167,10 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
     return Panel(Group(*parts), title=f"qvltune · {state.name} · {state.status}", border_style=style)
 
 
+def skipped_line(record: dict[str, Any]) -> str:
+    return f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
+
+
 def format_line(record: dict[str, Any]) -> str | None:
     """One plain line per record for logs and non-TTY output."""
     kind = record.get("kind")
@@ -183,7 +187,7 @@ def format_line(record: dict[str, Any]) -> str | None:
     if kind == "checkpoint":
         return f"checkpoint saved: {record.get('path')}"
     if kind == "skipped":
-        return f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
+        return skipped_line(record)
     if kind == "start":
         pad = record.get("padding")
         return f"training started: {record.get('train_samples')} samples in {record.get('train_rows')} rows, {record.get('world_size')} process(es), padding {pad * 100:.1f}%" if pad is not None else "training started"

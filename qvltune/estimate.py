@@ -32,6 +32,7 @@ from typing import Any
 
 from qvltune.config import COMPONENTS, RunConfig
 from qvltune.pixels import TOKEN_PIXELS
+from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE
 
 GiB = 1024**3
 
@@ -51,13 +52,13 @@ FOREACH_STEP_TEMP_BYTES = 4
 
 # ZeRO-1/2 gradient buckets: with contiguous_gradients and overlap_comm (qvltune.zero writes both)
 # DeepSpeed allocates two reduce buffers of reduce_bucket_size elements in the gradient dtype
-# (stage_1_and_2.py setup_buckets: buf_0 and buf_1). qvltune.zero sets reduce_bucket_size = 5e8.
-ZERO12_REDUCE_BUCKET = 5e8
+# (stage_1_and_2.py setup_buckets: buf_0 and buf_1) of qvltune.zero's reduce_bucket_size.
+ZERO12_REDUCE_BUCKET = ZERO12_BUCKET_SIZE
 # ZeRO-3: the Trainer fills reduce_bucket_size = hidden^2 and the prefetch bucket = 0.9 hidden^2
 # (transformers/integrations/deepspeed.py). Gathered parameters are kept while they will be reused
-# soon (stage3_max_reuse_distance) up to stage3_max_live_parameters (qvltune.zero sets both to 1e9):
+# soon (stage3_max_reuse_distance) up to stage3_max_live_parameters (both set by qvltune.zero):
 # the largest single tensor (embeddings / lm_head) plus up to that many elements.
-ZERO3_MAX_LIVE_PARAMETERS = 1e9
+ZERO3_MAX_LIVE_PARAMETERS = STAGE3_MAX_LIVE_PARAMETERS
 
 # Activations, bytes per token per decoder layer. Derived by listing the tensors autograd saves in
 # transformers 5's Qwen3VLTextDecoderLayer with sdpa attention (modeling_qwen3_vl.py):

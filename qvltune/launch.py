@@ -153,6 +153,11 @@ _RANK_EXIT = re.compile(r"--local_rank=(\d+).*exits with return code = (-?\d+)")
 SHM_DIR = Path("/dev/shm")
 
 
+def master_port_of(argv: list[str]) -> int | None:
+    """The --master_port of a deepspeed launcher command (``build_launch`` always sets one)."""
+    return int(argv[argv.index("--master_port") + 1]) if "--master_port" in argv else None
+
+
 def remove_shm_buffers(master_port: int, rank: int | None = None, shm_dir: Path = SHM_DIR) -> int:
     """Delete DeepSpeed's CPU all-reduce buffers of a run (``deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``,
     ~70 MB each in /dev/shm). DeepSpeed never unlinks them, so every CPU run would otherwise leave
@@ -224,8 +229,9 @@ def guard(run_dir: Path, argv: list[str]) -> int:
         deadline = time.time() + GUARD_GRACE_SECONDS
         while child.poll() is None and time.time() < deadline:
             time.sleep(0.5)
-        if "--master_port" in argv:  # nobody else is left to remove the ranks' shared memory
-            remove_shm_buffers(int(argv[argv.index("--master_port") + 1]))
+        port = master_port_of(argv)
+        if port is not None:  # nobody else is left to remove the ranks' shared memory
+            remove_shm_buffers(port)
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, on_term)

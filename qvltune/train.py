@@ -19,7 +19,7 @@ from qvltune import console
 from qvltune.config import RunConfig, check_against_hardware, check_against_model, dump_config
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
-from qvltune.launch import Child, build_launch, format_command, free_port, remove_shm_buffers, start
+from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, read_all
 from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
 from qvltune.zero import write_deepspeed_config
@@ -185,6 +185,6 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     try:
         outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None)
     finally:
-        remove_shm_buffers(int(argv[argv.index("--master_port") + 1]))  # also those of ranks that were killed
+        remove_shm_buffers(master_port_of(argv))  # also those of ranks that were killed
     plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
     return outcome

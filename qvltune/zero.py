@@ -16,6 +16,11 @@ from typing import Any
 from qvltune.config import RunConfig
 
 
+# DeepSpeed buffer sizes qvltune sets (elements); qvltune.estimate counts the memory they hold.
+ZERO12_BUCKET_SIZE = 5e8
+STAGE3_MAX_LIVE_PARAMETERS = 1e9
+
+
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     o, ds = cfg.optim, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
@@ -23,9 +28,9 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         zero.update(
             {
                 "allgather_partitions": True,
-                "allgather_bucket_size": 5e8,
+                "allgather_bucket_size": ZERO12_BUCKET_SIZE,
                 "reduce_scatter": True,
-                "reduce_bucket_size": 5e8,
+                "reduce_bucket_size": ZERO12_BUCKET_SIZE,
                 "overlap_comm": True,
                 "contiguous_gradients": True,
             }
@@ -39,8 +44,8 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
                 "reduce_bucket_size": "auto",
                 "stage3_prefetch_bucket_size": "auto",
                 "stage3_param_persistence_threshold": "auto",
-                "stage3_max_live_parameters": 1e9,
-                "stage3_max_reuse_distance": 1e9,
+                "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
+                "stage3_max_reuse_distance": STAGE3_MAX_LIVE_PARAMETERS,
                 # Save a full 16-bit copy of the weights with the checkpoint, so the final model and
                 # merge need no separate zero_to_fp32 step.
                 "stage3_gather_16bit_weights_on_model_save": True,

@@ -5,6 +5,7 @@ crashing) are injected by tests/faults/sitecustomize.py; everything else is the 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import psutil
 import pytest
 
 from conftest import write_image, write_jsonl
-from qvltune.launch import remove_shm_buffers
+from qvltune.launch import master_port_of, remove_shm_buffers
 from qvltune.metrics import read_all
-from test_training import run_dir, train, write_config
+from test_training import losses, run_dir, train, write_config
 
 pytestmark = pytest.mark.slow
 FAULTS = str(Path(__file__).parent / "faults")
@@ -31,8 +32,9 @@ def run_with(config: Path, fault: str, *args: str, timeout: int = 300, **env: st
     return subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", *args], capture_output=True, text=True, timeout=timeout, env=faulty_env(fault, **env))
 
 
-def losses(config: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_all(run_dir(config) / "metrics.jsonl") if r["kind"] == "train"}
+def launched_port(rd: Path) -> int:
+    """The master port of the command the run recorded in launch.sh."""
+    return master_port_of(shlex.split((rd / "launch.sh").read_text().splitlines()[-1]))
 
 
 def no_workers_left(rd: Path, timeout: float = 20.0) -> bool:
@@ -69,7 +71,7 @@ def test_kill_9_mid_checkpoint_then_resume_matches_uninterrupted(tmp_path, demo_
     proc.wait()
     # A real crash also empties /dev/shm (it is RAM); the simulated one leaves the killed ranks'
     # DeepSpeed buffers behind, so remove them as the reboot would.
-    remove_shm_buffers(int((rd / "launch.sh").read_text().split("--master_port ")[1].split()[0]))
+    remove_shm_buffers(launched_port(rd))
     assert (rd / "checkpoint-4").exists() and not (rd / "checkpoint-4" / "qvltune-complete").exists(), "the kill was meant to land mid-save"
     assert (rd / "checkpoint-2" / "qvltune-complete").exists()
     assert no_workers_left(rd)
@@ -90,7 +92,7 @@ def test_killing_qvltune_train_itself_leaves_no_rank_behind(tmp_path, demo_data)
     deadline = time.time() + 240
     while time.time() < deadline and not [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]:
         time.sleep(0.2)
-    port = int((rd / "launch.sh").read_text().split("--master_port ")[1].split()[0])
+    port = launched_port(rd)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert no_workers_left(rd, timeout=90)

@@ -51,6 +51,11 @@ def write_config(tmp_path: Path, demo_data, name: str, **sections) -> Path:
     return path
 
 
+def losses(config: Path) -> dict[int, float]:
+    """{step: loss} of a run's logged optimizer steps."""
+    return {r["step"]: r["loss"] for r in read_all(run_dir(config) / "metrics.jsonl") if r["kind"] == "train"}
+
+
 def train(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
 
@@ -236,10 +241,10 @@ def test_two_processes_match_one_at_the_same_effective_batch(tmp_path, demo_data
     for config in (one, two):
         result = train(config)
         assert result.returncode == 0, result.stdout + result.stderr
-    losses = [{r["step"]: r["loss"] for r in read_all(run_dir(c) / "metrics.jsonl") if r["kind"] == "train"} for c in (one, two)]
-    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    single, double = losses(one), losses(two)
+    assert sorted(single) == sorted(double) == [1, 2, 3, 4]
     for step in range(1, 5):
-        assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-4), (step, losses)  # equal to 5 digits here
+        assert double[step] == pytest.approx(single[step], rel=1e-4), (step, single, double)  # equal to 5 digits here
 
 
 def test_optimizer_offload_changes_where_adam_runs_not_what_it_computes(tmp_path, demo_data):
@@ -252,10 +257,10 @@ def test_optimizer_offload_changes_where_adam_runs_not_what_it_computes(tmp_path
     for config in (plain, offload):
         result = train(config)
         assert result.returncode == 0, result.stdout + result.stderr
-    losses = [{r["step"]: r["loss"] for r in read_all(run_dir(c) / "metrics.jsonl") if r["kind"] == "train"} for c in (plain, offload)]
-    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3]
+    z2, z3 = losses(plain), losses(offload)
+    assert sorted(z2) == sorted(z3) == [1, 2, 3]
     for step in (2, 3):
-        assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-4), (step, losses)
+        assert z3[step] == pytest.approx(z2[step], rel=1e-4), (step, z2, z3)
 
 
 def test_zero3_two_processes_stop_and_resume_reproduce_the_run(tmp_path, demo_data):
@@ -263,7 +268,7 @@ def test_zero3_two_processes_stop_and_resume_reproduce_the_run(tmp_path, demo_da
     sections = {"strategy": "mixed", "deepspeed": {"stage": 3}, "launch": {"cpu_processes": 2}, "optim": {"max_steps": 6, "per_device_batch": 2}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
     reference = write_config(tmp_path, demo_data, "z3-ref", **sections)
     assert train(reference).returncode == 0
-    ref = {r["step"]: r["loss"] for r in read_all(run_dir(reference) / "metrics.jsonl") if r["kind"] == "train"}
+    ref = losses(reference)
     config = write_config(tmp_path, demo_data, "z3-stop", **sections)
     rd = run_dir(config)
     proc = subprocess.Popen([sys.executable, "-m", "qvltune", "train", str(config), "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
