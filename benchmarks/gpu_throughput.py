@@ -11,14 +11,15 @@ Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher 
            in a batch of 4, masked sdpa, full-vocabulary logits, gradient checkpointing on.
 - qvltune: the run config `qvltune init` writes for this model, data and one H200 (effective batch
            64 samples): packed rows of the length the planner picks (the longest that fits without
-           gradient checkpointing), varlen attention, fused answer-only loss; run for --steps.
-- qvltune-compile: the same with `optim.compile: true` (torch.compile per transformer block).
+           gradient checkpointing), varlen attention, fused answer-only loss, compiled decoder
+           layers (the planner's choice on GPUs under ZeRO-0..2); run for --steps.
+- qvltune-eager / qvltune-compile: the same with `optim.compile` forced off / on.
 
 Real (non-pad) tokens/s and samples/s are averaged over the logged steps after warm-up; MFU counts
 6 x the language model's non-embedding parameters per token against 989 TFLOP/s (H100/H200 dense
 bf16). Prints a Markdown table; writes results.json and logs to --out.
 
-    python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b] [--strategies mixed,full] [--variants plain,qvltune,qvltune-compile] [--steps 16]
+    python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b] [--strategies mixed,full] [--variants plain,qvltune,qvltune-eager] [--steps 16]
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
     doc.update(name=name, output_dir=str(out / "runs"), schedule=schedule, launch={"gpus": 1})
     doc["model"] = {**doc["model"], "random_init": True}
     doc["data"] = {**doc["data"], "eval_split": 0.0, "num_workers": 4}
-    doc["optim"] = {**doc["optim"], "max_steps": steps, "warmup_ratio": 0.0, "compile": variant.endswith("compile")}
+    doc["optim"] = {**doc["optim"], "max_steps": steps, "warmup_ratio": 0.0}
+    if variant in ("qvltune-eager", "qvltune-compile"):
+        doc["optim"]["compile"] = variant == "qvltune-compile"
     doc["optim"].pop("effective_batch", None)
     if stage is not None:
         doc["deepspeed"] = {**doc["deepspeed"], "stage": stage}
@@ -205,7 +208,7 @@ def main() -> None:
                 row.update(summarise(run_dir / "metrics.jsonl", warmup=4) if (run_dir / "metrics.jsonl").exists() else {"error": "no metrics"})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+                (args.out / "results.json").write_text(json.dumps(rows, indent=2))  # after every run: a cut call keeps what finished
     print("\n| variant | rows (tokens x batch x accum) | ckpt | real tok/s | samples/s | MFU | peak GiB | padding | exit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -38,6 +38,17 @@ _COMPONENT_PATTERNS = [
 ]
 
 
+# Transformer blocks, by class-name suffix (Qwen3VLTextDecoderLayer, Qwen3VLMoeTextDecoderLayer,
+# Qwen3VLVisionBlock, ...): the units that compilation and ZeRO-3 gathering work on.
+DECODER_LAYER = "DecoderLayer"
+VISION_BLOCK = "VisionBlock"
+
+
+def transformer_blocks(model, kinds: tuple[str, ...] = (DECODER_LAYER, VISION_BLOCK)) -> list[Any]:
+    """Every module whose class name ends with one of ``kinds``, in model order."""
+    return [m for m in model.modules() if type(m).__name__.endswith(kinds)]
+
+
 def component_of(name: str) -> str:
     """The component a parameter belongs to, from its name (works through peft wrappers)."""
     for component, pattern in _COMPONENT_PATTERNS:

@@ -340,6 +340,7 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
         "effective_batch": c.per_device_batch * grad_accum * W,
         "bf16": machine.bf16 and not machine.is_cpu,
         "gradient_checkpointing": c.checkpointing,
+        "compile": compiles(machine, c.rung),
     }
     doc["schedule"] = {"log_steps": min(10, every), "eval_steps": every, "save_steps": every, "save_total_limit": 3}
     doc["deepspeed"] = {"stage": c.rung.stage, "offload_optimizer": c.rung.offload_optimizer, "offload_params": c.rung.offload_params}
@@ -550,6 +551,8 @@ def _plan_for(
             decide("gradient checkpointing", "on", f"without it this stage needs {format_bytes(off.per_gpu)} per {unit_of(machine)} (the guide's first OOM fix: '--gradient_checkpointing True')")
         else:
             decide("gradient checkpointing", "off", "memory allows it: no recomputed forward pass (about a third more compute saved)")
+        if compiles(machine, chosen.rung):
+            decide("compile", "on", "torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step)")
     else:
         chosen = replace(chosen, rung=ladder(stats, machine)[-1], checkpointing=True)
         cfg, est = search.estimate(chosen)
@@ -636,6 +639,13 @@ def _suggestions(search: _Search, chosen: _Choice, stats: ModelStats, machine: M
     if not out:
         out.append("no nearby option fits this machine: use a machine with more GPU memory")
     return out
+
+
+def compiles(machine: Machine, rung: Rung) -> bool:
+    """torch.compile the decoder layers on bf16-capable GPUs under ZeRO-0..2: it fuses the element-wise
+    kernels that leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the compile would
+    outlast a small run) nor under ZeRO-3, whose gather hooks would run inside each compiled call."""
+    return not machine.is_cpu and machine.bf16 and rung.stage < 3
 
 
 def unit_of(machine: Machine) -> str:

@@ -31,8 +31,8 @@ from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, Rop
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
-from qvltune.model import apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table
-from qvltune.zero import deepspeed_config
+from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table, transformer_blocks
+from qvltune.zero import deepspeed_config, zero3_leaf_blocks
 
 EXIT_INTERRUPTED = 130
 EXIT_NAN = 3
@@ -342,14 +342,17 @@ def _phase(name: str, since: float) -> float:
 
 
 def compile_blocks(model) -> int:
-    """torch.compile every decoder layer and vision block in place (one graph per block type, reused
-    across layers; dynamic sequence lengths). Returns how many modules were compiled."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__.endswith(("DecoderLayer", "VisionBlock")):
-            module.compile(dynamic=True)
-            count += 1
-    return count
+    """torch.compile every language-model decoder layer in place; returns how many were compiled.
+
+    One graph serves all layers (same code, parameters are graph inputs) and ``dynamic=True`` makes
+    it cover every packed-row length from the first step, so there is one compilation, not one per
+    length. Vision blocks stay eager: with sdpa their attention loops over the images of the batch in
+    Python (``lengths.tolist()``), so every new image count would be a graph break and a recompile.
+    """
+    layers = transformer_blocks(model, (DECODER_LAYER,))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def run(run_dir: Path, resume: bool) -> int:
@@ -385,6 +388,8 @@ def run(run_dir: Path, resume: bool) -> int:
     model.config.get_text_config().use_cache = False  # no KV cache in training (and packed rows need none)
     model = apply_strategy(model, cfg)
     table = trainable_table(model, cfg)
+    if cfg.deepspeed.stage == 3:
+        zero3_leaf_blocks(model)
     if cfg.optim.compile:
         compile_blocks(model)
     t = _phase("model loaded and prepared", t)

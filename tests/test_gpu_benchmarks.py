@@ -26,7 +26,9 @@ def test_qvltune_variant_is_the_planners_config(bench_inputs):
     doc = gt.run_config("v", model, data, work, "mixed", "qvltune", 6, False, None, 64)
     cfg = parse_config(doc)
     assert cfg.data.packing and cfg.data.max_seq_length >= 8192 and not cfg.optim.gradient_checkpointing
-    assert cfg.optim.max_steps == 6 and cfg.model.random_init and not cfg.optim.compile
+    assert cfg.optim.max_steps == 6 and cfg.model.random_init and cfg.optim.compile  # the planner compiles on GPUs
+    eager = parse_config(gt.run_config("e", model, data, work, "mixed", "qvltune-eager", 6, False, None, 64))
+    assert not eager.optim.compile and eager.data.max_seq_length == cfg.data.max_seq_length
     plain = parse_config(gt.run_config("p", model, data, work, "mixed", "plain", 6, False, None, 64))
     assert not plain.data.packing and plain.optim.gradient_checkpointing and plain.model.attn_implementation == "sdpa"
 
@@ -41,6 +43,7 @@ def test_multi_gpu_variants_keep_the_rows_per_step(bench_inputs):
         cfg = parse_config(mg.variant_doc(name, base, work, 10, 5))
         rows[name] = cfg.optim.per_device_batch * cfg.optim.grad_accum * gpus
         assert cfg.deepspeed.stage == stage and cfg.deepspeed.offload_optimizer == offload and cfg.launch.gpus == gpus
+        assert cfg.optim.compile == (stage < 3)  # as the planner decides: compiled under ZeRO-0..2 only
         assert not cfg.model.random_init  # every variant loads the same saved weights
         assert 0 < mg.predicted_gib(mg.variant_doc(name, base, work, 10, None), model, gpus) < 140
     assert set(rows.values()) == {4}

@@ -287,3 +287,19 @@ def test_zero3_two_processes_stop_and_resume_reproduce_the_run(tmp_path, demo_da
     assert sorted(after) == list(range(stopped_at + 1, 7))
     for step, loss in after.items():
         assert loss == pytest.approx(ref[step], rel=1e-4), (step, loss, ref[step])
+
+
+def test_zero3_gathers_each_transformer_block_whole(tiny_model_dir):
+    """Under ZeRO-3 every decoder layer and vision block is one gather unit (one hook pair per block,
+    not per Linear): the ZeRO-3 runs above train through these leaf blocks."""
+    from deepspeed.utils import get_z3_leaf_modules
+
+    from qvltune.model import load_model
+    from qvltune.zero import zero3_leaf_blocks
+
+    model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa")
+    cfg = model.config
+    assert zero3_leaf_blocks(model) == cfg.text_config.num_hidden_layers + cfg.vision_config.depth
+    leaves = get_z3_leaf_modules(model)
+    assert {type(m).__name__ for m in leaves} == {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"}
+    assert model.model.language_model.layers[0] in leaves and model.model.language_model.layers[0].self_attn not in leaves
