@@ -1,8 +1,10 @@
 """Predicted (qvltune.estimate) vs measured peak memory of the GPU training runs recorded in
-RESULTS.md (gpu_throughput.py's 8k-row runs and multi_gpu.py's runs), recomputed for the same
-configs and data on any CPU:
+RESULTS.md (gpu_throughput.py's and multi_gpu.py's runs), recomputed for the same configs and data
+on any CPU:
 
     python benchmarks/estimate_vs_throughput_runs.py
+
+Each run is pinned to the rows it ran with (the planner has since chosen longer rows for some).
 """
 
 from __future__ import annotations
@@ -21,41 +23,62 @@ from qvltune.estimate import GiB, Machine, estimate, model_stats, summarize_repo
 from qvltune.model import load_processor
 
 WORK = Path("/tmp/qvltune-estimate-cmp")
-# max torch.cuda.max_memory_allocated (GiB, rank 0) of each run, from benchmarks/results/*.json.
-THROUGHPUT_RUNS = {"2b-mixed-plain": 18.18, "2b-mixed-qvltune": 40.01, "2b-full-plain": 36.34, "2b-full-qvltune": 54.8, "8b-mixed-plain": 33.89, "8b-mixed-qvltune": 99.76}
-MULTI_GPU_RUNS = {"1gpu-z2": 70.42, "2gpu-z2": 68.89, "2gpu-z3": 77.39, "2gpu-z3-offload": 76.28}
+
+# (label, shape, strategy, variant, packed row tokens, accumulation, compiled, measured GiB): max
+# torch.cuda.max_memory_allocated of rank 0, from benchmarks/results/*.json.
+THROUGHPUT_RUNS = [
+    ("plain recipe, padded batch of 4", "2b", "mixed", "plain", None, None, False, 18.18),
+    ("plain recipe, padded batch of 4", "2b", "full", "plain", None, None, False, 36.34),
+    ("plain recipe, padded batch of 4", "8b", "mixed", "plain", None, None, False, 33.89),
+    ("packed 8k rows, eager", "2b", "mixed", "qvltune", 8192, 1, False, 40.01),
+    ("packed 8k rows, eager", "2b", "full", "qvltune", 8192, 1, False, 54.8),
+    ("packed 8k rows, eager", "8b", "mixed", "qvltune", 8192, 1, False, 99.76),
+    ("packed 16k rows, compiled", "2b", "mixed", "qvltune", 16384, 4, True, 59.04),
+    ("packed 16k rows, compiled", "2b", "full", "qvltune", 16384, 4, True, 66.73),
+    ("packed 8k rows, compiled", "8b", "mixed", "qvltune", 8192, 7, True, 85.76),
+    ("packed 32k rows, compiled", "2b", "mixed", "qvltune", 32768, 2, True, 108.55),
+]
+# (label, multi_gpu variant, compiled, measured GiB): 2B mixed, packed 16k rows, 4 rows per step.
+MULTI_GPU_RUNS = [
+    ("eager", "1gpu-z2", False, 70.42),
+    ("eager", "2gpu-z2", False, 68.89),
+    ("per-module gathers", "2gpu-z3", False, 77.39),
+    ("per-module gathers", "2gpu-z3-offload", False, 76.28),
+    ("compiled", "1gpu-z2", True, 59.04),
+    ("compiled", "2gpu-z2", True, 57.52),
+    ("block gathers", "2gpu-z3", False, 77.65),
+    ("block gathers", "2gpu-z3-offload", False, 76.53),
+]
+H200 = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, 989.0, True)
 
 
-def throughput_config(name: str, model: Path, data: Path) -> dict:
-    """The configs of those runs: plain as gpu_throughput.py builds it; qvltune then ran packed 8k
-    rows, one per step, without checkpointing (before the planner chose longer rows)."""
-    shape, strategy, variant = name.split("-")
-    doc = gt.run_config(name, model, data, WORK, strategy, variant, 14, False, None, 64)
-    if variant == "qvltune":
-        doc["data"]["max_seq_length"] = 8192
-        doc["optim"].update(grad_accum=1, gradient_checkpointing=False)
-    return doc
+def row(label: str, predicted: float, measured: float) -> str:
+    return f"| {label} | {predicted:.1f} | {measured:.1f} | {100 * (predicted - measured) / measured:+.0f}% |"
 
 
 def main() -> None:
     data = gt.make_data(WORK / "data", 400)
     print("| run | predicted GiB | measured GiB | error |\n|---|---|---|---|")
-    for name, measured in THROUGHPUT_RUNS.items():
-        shape = name.split("-")[0]
+    for label, shape, strategy, variant, rows, accum, compiled, measured in THROUGHPUT_RUNS:
         model = gt.make_model_folder(WORK / f"model-{shape}", shape)
-        cfg = parse_config(throughput_config(name, model, data))
+        doc = gt.run_config("run", model, data, WORK, strategy, variant, 14, False, None, 64)
+        if variant != "plain":
+            doc["data"]["max_seq_length"] = rows
+            doc["optim"].update(grad_accum=accum, gradient_checkpointing=False, compile=compiled)
+        cfg = parse_config(doc)
         lo, hi = cfg.data.pixel_budget()
-        report = check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=8192)
-        machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, 989.0, True)
-        est = estimate(cfg, model_stats(json.loads((model / "config.json").read_text())), machine, workload_for(cfg, summarize_report(report, lo, hi)))
-        predicted = est.peak_allocated / GiB
-        print(f"| {name} (1 GPU) | {predicted:.1f} | {measured:.1f} | {100 * (predicted - measured) / measured:+.0f}% |")
+        report = check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=cfg.data.max_seq_length)
+        est = estimate(cfg, model_stats(json.loads((model / "config.json").read_text())), H200, workload_for(cfg, summarize_report(report, lo, hi)))
+        print(row(f"{shape.upper()} {strategy}, {label}, 1 GPU", est.peak_allocated / GiB, measured))
     model = gt.make_model_folder(WORK / "model-2b", "2b")
     base = gt.planned_doc(model, data, "mixed", 64)
-    for name, measured in MULTI_GPU_RUNS.items():
+    base["data"]["max_seq_length"] = 16384
+    base["optim"]["grad_accum"] = 4
+    for label, name, compiled, measured in MULTI_GPU_RUNS:
         doc = mg.variant_doc(name, base, WORK, 10, None)
-        predicted = mg.predicted_gib(doc, model, mg.VARIANTS[name][0])
-        print(f"| 2b-mixed {name} (16k rows) | {predicted:.1f} | {measured:.1f} | {100 * (predicted - measured) / measured:+.0f}% |")
+        doc["optim"]["compile"] = compiled
+        gpus, stage, offload = mg.VARIANTS[name]
+        print(row(f"2B mixed, 16k rows, {gpus} GPU{'s' if gpus > 1 else ''}, ZeRO-{stage}{' + offload' if offload else ''}, {label}", mg.predicted_gib(doc, model, gpus), measured))
 
 
 if __name__ == "__main__":

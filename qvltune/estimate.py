@@ -70,6 +70,12 @@ ZERO3_MAX_LIVE_PARAMETERS = STAGE3_MAX_LIVE_PARAMETERS
 #   SwiGLU: gate, silu(gate) and up (2i each), + the product (2i) when down_proj trains.
 # => full training: 16h + 12 q_dim + 10 kv_dim + 8i. LoRA (frozen base) saves fewer base inputs but
 # each adapted linear keeps its dropout output (2) and mask (1): 3 bytes per input element.
+# optim.compile (qvltune.worker.compile_blocks): inductor fuses each RMSNorm into one kernel that
+# saves its bf16 input and per-token statistics instead of an fp32 copy (-4h per norm, two norms),
+# and SwiGLU's silu(gate) is recomputed in backward from the saved gate (-2i). Checked on the H200
+# against eager runs of the same configs (benchmarks/RESULTS.md).
+COMPILED_SAVES_PER_HIDDEN = 8
+COMPILED_SAVES_PER_INTERMEDIATE = 2
 # Scale with these two knobs after measuring:
 ACT_LLM_SCALE = 1.0
 ACT_VISION_SCALE = 1.0
@@ -495,6 +501,8 @@ def _llm_layer_bytes(s: ModelStats, cfg: RunConfig, *, trains_base: bool, lora: 
             base += LORA_DROPOUT_BYTES * sum(adapted.values())
         elif not trains_base:
             base += 2 * (2 * h) + (2 * q if "o_proj" in adapted else 0) + (2 * i if "down_proj" in adapted else 0)
+    if cfg.optim.compile and not s.is_moe:
+        base -= COMPILED_SAVES_PER_HIDDEN * h + COMPILED_SAVES_PER_INTERMEDIATE * i
     return base * ACT_LLM_SCALE
 
 
