@@ -40,6 +40,9 @@ def cu_seqlens(lengths: list[int]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int32)
 
 
+# Opaque to torch.compile: its Python loop over the samples would make every new sample count a
+# recompilation of the compiled decoder layer (optim.compile) on CPU.
+@torch.compiler.disable
 def _per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference implementation: causal sdpa on each sample separately. q: (T, Hq, D); k, v: (T, Hkv, D)."""
     groups = q.shape[1] // k.shape[1]

@@ -93,3 +93,47 @@ def test_fast_path_loss_equals_plain_path(tmp_path, models, tiny_processor):
     # Without targets the head is the ordinary lm_head, and without boundaries attention is masked
     # sdpa: the fast model then gives the plain model's logits (generation, evaluation elsewhere).
     assert torch.allclose(fast(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits, logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_compute_what_eager_layers_compute(tmp_path, tiny_model_dir, tiny_processor):
+    """optim.compile: the same loss and gradients as eager layers, and one compilation serves packed
+    rows of every length and sample count (no recompilation on a new batch shape)."""
+    import torch._dynamo
+
+    from qvltune.config import RunConfig
+    from qvltune.model import apply_strategy, load_model
+    from qvltune.worker import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = RunConfig.model_validate({"name": "c", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": "mixed", "lora": {"dropout": 0.0}})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="varlen"), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the adapters contribute
+            torch.nn.init.normal_(p, std=0.02)
+    head = install_loss_head(model.get_base_model())
+    samples = [Encoder(tiny_processor).encode(r) for r in records(tmp_path)]
+    collate = PackedCollator(tiny_processor.tokenizer.pad_token_id, RopeIndex(model.config), varlen=True)
+    batches = [collate([samples]), collate([samples[1:3]])]  # one packed row each (per_device_batch 1)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        head.set_targets(batch["loss_index"], batch["loss_targets"])
+        try:
+            loss = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+        finally:
+            head.set_targets(None, None)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    eager = [loss_and_grads(b) for b in batches]
+    torch._dynamo.reset()
+    assert compile_blocks(model) == model.config.text_config.num_hidden_layers
+    compiled = [loss_and_grads(batches[0])]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new length and sample count
+        compiled.append(loss_and_grads(batches[1]))
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(eager, compiled):
+        assert abs(loss_c - loss_e) / loss_e < 1e-5, (loss_c, loss_e)
+        assert grads_e.keys() == grads_c.keys() and any("lora_A" in n for n in grads_e)
+        for n in grads_e:
+            assert torch.allclose(grads_c[n], grads_e[n], rtol=1e-3, atol=1e-6), n
