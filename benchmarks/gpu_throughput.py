@@ -14,18 +14,26 @@ Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher 
            gradient checkpointing), varlen attention, fused answer-only loss, compiled decoder
            layers (the planner's choice on GPUs under ZeRO-0..2); run for --steps.
 - qvltune-eager / qvltune-compile: the same with `optim.compile` forced off / on.
+- llamafactory / llamafactory-packed: LLaMA-Factory 0.9.5, the most used peer, on the same data (in
+           its sharegpt layout) and the same random weights (saved once as a model folder), with its
+           defaults (sdpa, gradient checkpointing, full-vocabulary logits), LoRA r64 on every LLM
+           linear + trained projector (mixed) or the LLM and projector trained (full), the vision
+           tower frozen, the same pixel budget: padded batches of 4, and its `neat_packing` into 8k
+           rows. Needs --llamafactory-site: a folder with LLaMA-Factory and its pinned stack
+           (`pip install --target`), kept apart from qvltune's (benchmarks/llamafactory_run.py).
 
 Real (non-pad) tokens/s and samples/s are averaged over the logged steps after warm-up; MFU counts
 6 x the language model's non-embedding parameters per token against 989 TFLOP/s (H100/H200 dense
 bf16). Prints a Markdown table; writes results.json and logs to --out.
 
-    python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b] [--strategies mixed,full] [--variants plain,qvltune,qvltune-eager] [--steps 16]
+    python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b] [--strategies mixed,full] [--variants plain,qvltune,qvltune-eager,llamafactory,llamafactory-packed --llamafactory-site DIR] [--steps 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -80,6 +88,21 @@ def make_model_folder(dest: Path, shape: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(dest)
     processor.save_pretrained(dest)
+    return dest
+
+
+def write_weights(folder: Path, dest: Path) -> Path:
+    """Random bf16 weights of ``folder``'s config, saved once as a model folder (in a child process,
+    so the calling script holds no GPU memory while the runs measure theirs)."""
+    if (dest / "model.safetensors.index.json").exists() or (dest / "model.safetensors").exists():
+        return dest
+    code = (
+        "import sys, torch; from transformers import AutoProcessor; from qvltune.model import load_model\n"
+        "torch.manual_seed(0)\n"
+        "m = load_model(sys.argv[1], dtype='bfloat16', attn_implementation='sdpa', random_init=True)\n"
+        "m.save_pretrained(sys.argv[2]); AutoProcessor.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(folder), str(dest)], check=True)
     return dest
 
 
@@ -148,6 +171,70 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
     return doc
 
 
+def llamafactory_data(data: Path) -> Path:
+    """The same records in LLaMA-Factory's sharegpt layout (absolute image paths), + dataset_info.json."""
+    dest = data.parent / "llamafactory"
+    if (dest / "dataset_info.json").exists():
+        return dest
+    records = []
+    for line in data.read_text().splitlines():
+        r = json.loads(line)
+        records.append({"conversations": r["conversations"], "images": [str((data.parent / r["image"]).resolve())] if "image" in r else []})
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "train.json").write_text(json.dumps(records))
+    info = {"bench": {"file_name": "train.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images"}}}
+    (dest / "dataset_info.json").write_text(json.dumps(info))
+    return dest
+
+
+def llamafactory_args(weights: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int]) -> dict:
+    """LLaMA-Factory's training arguments for one variant (its defaults where not named here)."""
+    tuning = {"finetuning_type": "lora", "lora_rank": 64, "lora_alpha": 128, "lora_dropout": 0.05, "lora_target": "all"} if strategy == "mixed" else {"finetuning_type": "full"}
+    packed = variant == "llamafactory-packed"
+    return {
+        "stage": "sft", "do_train": True, "model_name_or_path": str(weights), "template": "qwen3_vl_nothink",
+        "dataset": "bench", "dataset_dir": str(llamafactory_data(data)), "cutoff_len": 8192, "overwrite_cache": True, "preprocessing_num_workers": 8,
+        **tuning, "freeze_vision_tower": True, "freeze_multi_modal_projector": False,
+        "image_min_pixels": pixels[0], "image_max_pixels": pixels[1], "flash_attn": "sdpa",
+        "per_device_train_batch_size": 1 if packed else 4, "gradient_accumulation_steps": 1, "neat_packing": packed,
+        "learning_rate": 1e-4, "max_steps": steps, "bf16": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "output_dir": str(out), "overwrite_output_dir": True, "dataloader_num_workers": 4,
+    }
+
+
+def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int], site: Path, log: Path) -> dict:
+    """One LLaMA-Factory run in its own process and stack; its per-step counts -> the summary fields."""
+    metrics = work / "runs" / name / "steps.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    spec = work / f"{name}.json"
+    spec.write_text(json.dumps({"args": llamafactory_args(weights, data, work / "runs" / name, strategy, variant, steps, pixels), "metrics": str(metrics)}))
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=env)
+    log.write_text(proc.stdout + proc.stderr)
+    return {"exit": proc.returncode, **summarise_steps(metrics, warmup=4, weights=weights)}
+
+
+def summarise_steps(metrics: Path, warmup: int, weights: Path) -> dict:
+    """llamafactory_run.py's per-step counts: real tokens/s and samples/s over the steps after warm-up."""
+    from qvltune.estimate import model_stats
+
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    steady = [r for r in recs if r["step"] > warmup]
+    if not steady:
+        return {"error": "no steps logged"}
+    seconds = sum(r["seconds"] for r in steady)
+    tokens = sum(r["tokens"] for r in steady)
+    flops = 6.0 * model_stats(json.loads((weights / "config.json").read_text())).llm_active_params()  # the worker's MFU rule
+    return {
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": sum(r["samples"] for r in steady) / seconds,
+        "mfu": tokens / seconds * flops / 989e12,
+        "mem_peak_gb": max(r.get("mem_peak_gb", 0) for r in recs),
+        "padding": 1 - tokens / max(1, sum(r["slots"] for r in steady)),
+        "status": "completed" if len(recs) >= warmup else "stopped",
+    }
+
+
 def summarise(metrics: Path, warmup: int) -> dict:
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     start = next((r for r in recs if r["kind"] == "start"), {})
@@ -179,6 +266,7 @@ def main() -> None:
     ap.add_argument("--effective-batch", type=int, default=64, help="samples per optimizer step given to the planner (its default for datasets of 1,280+ records)")
     ap.add_argument("--profile", default="", help="variant names (shape-strategy-variant) to profile")
     ap.add_argument("--stages", default="", help="ZeRO stages to compare, e.g. 0,1,2 (default: the planner's)")
+    ap.add_argument("--llamafactory-site", type=Path, help="folder holding LLaMA-Factory 0.9.5 and its pinned stack (for the llamafactory variants)")
     ap.add_argument("--skip", default="8b-full", help="shape-strategy or shape-strategy-variant names to skip (8B full does not fit one GPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +280,21 @@ def main() -> None:
             for variant, stage in [(v, int(z) if z else None) for v in args.variants.split(",") for z in args.stages.split(",")]:
                 name = f"{shape}-{strategy}-{variant}" + (f"-zero{stage}" if stage is not None else "")
                 if name in args.skip.split(","):
+                    continue
+                if variant.startswith("llamafactory"):
+                    if not args.llamafactory_site:
+                        raise SystemExit(f"{name}: give --llamafactory-site (a folder with LLaMA-Factory 0.9.5 and its pinned stack)")
+                    from qvltune.config import parse_config
+
+                    weights = write_weights(model, args.work / f"weights-{shape}")
+                    pixels = parse_config(planned_doc(model, data, strategy, args.effective_batch)).data.pixel_budget()
+                    t0 = time.time()
+                    row = {"variant": name, "row_tokens": 8192, "packing": variant.endswith("packed"), "batch": "1x1" if variant.endswith("packed") else "4x1", "checkpointing": True, "compile": False}
+                    row.update(run_llamafactory(name, weights, data, args.work, strategy, variant, args.steps, pixels, args.llamafactory_site, args.out / f"{name}.log"))
+                    row["wall_s"] = round(time.time() - t0, 1)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
                     continue
                 cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, name in args.profile.split(","), stage, args.effective_batch)
                 cfg_path = args.work / f"{name}.yaml"

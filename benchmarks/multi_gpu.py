@@ -11,7 +11,7 @@ for an effective batch of 64 samples) and divides the accumulation by N, so ever
 same rows in each optimizer step.
 
     python benchmarks/multi_gpu.py --out $OUT [--shape 2b] [--strategy mixed] [--steps 12]
-        [--variants 1gpu-z2,2gpu-z2,2gpu-z3,2gpu-z3-offload] [--resume-check] [--merge]
+        [--variants 1gpu-z2,2gpu-z2,2gpu-z3,2gpu-z3-offload] [--rows N --accum N] [--resume-check] [--merge]
 
 Real tokens/s are counted over all ranks (non-pad tokens / wall time, steps after --warmup);
 per-GPU scaling = (tokens/s at N GPUs / N) / (tokens/s on 1 GPU). Loss curves are compared step by
@@ -43,21 +43,6 @@ VARIANTS = {  # name: (GPUs, ZeRO stage, optimizer offload)
     "4gpu-z2": (4, 2, False),
     "4gpu-z3": (4, 3, False),
 }
-
-
-def write_weights(folder: Path, dest: Path) -> Path:
-    """Random bf16 weights of ``folder``'s config, saved once as a model folder (in a child process,
-    so this script holds no GPU memory while the runs measure theirs)."""
-    if (dest / "model.safetensors.index.json").exists() or (dest / "model.safetensors").exists():
-        return dest
-    code = (
-        "import sys, torch; from transformers import AutoProcessor; from qvltune.model import load_model\n"
-        "torch.manual_seed(0)\n"
-        "m = load_model(sys.argv[1], dtype='bfloat16', attn_implementation='sdpa', random_init=True)\n"
-        "m.save_pretrained(sys.argv[2]); AutoProcessor.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(folder), str(dest)], check=True)
-    return dest
 
 
 def variant_doc(name: str, base: dict, work: Path, steps: int, save_steps: int | None) -> dict:
@@ -110,14 +95,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="steps left out of the throughput mean")
     ap.add_argument("--variants", default="1gpu-z2,2gpu-z2,2gpu-z3,2gpu-z3-offload")
+    ap.add_argument("--rows", type=int, help="pin the packed row length (default: the planner's)")
+    ap.add_argument("--accum", type=int, help="pin the 1-GPU accumulation (default: the planner's)")
     ap.add_argument("--resume-check", action="store_true", help="resume the ZeRO-3 run from its middle checkpoint and compare the rest of the curve")
     ap.add_argument("--merge", action="store_true", help="merge the ZeRO-3 run's adapter (qvltune merge verifies logits)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     data = gt.make_data(args.work / "data", 400)
-    model = write_weights(gt.make_model_folder(args.work / f"config-{args.shape}", args.shape), args.work / f"model-{args.shape}")
+    model = gt.write_weights(gt.make_model_folder(args.work / f"config-{args.shape}", args.shape), args.work / f"model-{args.shape}")
     base = gt.planned_doc(model, data, args.strategy, 64)
+    if args.rows:
+        base["data"]["max_seq_length"] = args.rows
+    if args.accum:
+        base["optim"]["grad_accum"] = args.accum
     results_path = args.work / "results.json"
     rows: dict[str, dict] = json.loads(results_path.read_text()) if results_path.exists() else {}
 

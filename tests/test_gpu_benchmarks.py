@@ -47,3 +47,49 @@ def test_multi_gpu_variants_keep_the_rows_per_step(bench_inputs):
         assert not cfg.model.random_init  # every variant loads the same saved weights
         assert 0 < mg.predicted_gib(mg.variant_doc(name, base, work, 10, None), model, gpus) < 140
     assert set(rows.values()) == {4}
+
+
+def test_llamafactory_variant_sees_the_same_records(bench_inputs):
+    """The peer runs on the same conversations and images, in its sharegpt layout."""
+    import json
+
+    model, data, work = bench_inputs
+    folder = gt.llamafactory_data(data)
+    ours = [json.loads(line) for line in data.read_text().splitlines()]
+    theirs = json.loads((folder / "train.json").read_text())
+    assert [r["conversations"] for r in theirs] == [r["conversations"] for r in ours]
+    for a, b in zip(ours, theirs):
+        assert b["images"] == ([str((data.parent / a["image"]).resolve())] if "image" in a else [])
+        assert all(Path(p).exists() for p in b["images"])
+    info = json.loads((folder / "dataset_info.json").read_text())["bench"]
+    assert info["formatting"] == "sharegpt" and info["columns"]["images"] == "images"
+    args = gt.llamafactory_args(model, data, work / "lf", "mixed", "llamafactory-packed", 6, (100, 200))
+    assert args["neat_packing"] and args["per_device_train_batch_size"] == 1 and args["lora_rank"] == 64 and args["freeze_vision_tower"]
+
+
+def test_llamafactory_step_counts_real_tokens_and_samples(tmp_path, bench_inputs):
+    """Padded rows count their 1s; neat-packed rows (LLaMA-Factory's 4-D block-diagonal mask) count
+    real tokens and samples; the summary divides by the measured seconds."""
+    import json
+
+    import torch
+
+    import llamafactory_run as lf
+
+    timer = lf.StepTimer(tmp_path / "steps.jsonl")
+    timer._count(None, (), {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])})
+    assert timer.counts.tolist() == [5, 8, 2]
+    # Row [sample 1 x2, sample 2 x3, pad], as LLaMA-Factory's prepare_4d_attention_mask builds it.
+    idx = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    allowed = (idx[:, None, :, None] == idx[:, None, None, :]) & (idx != 0)[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool).tril()
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    timer.counts = None
+    timer._count(None, (), {"input_ids": torch.zeros(1, 6, dtype=torch.long), "attention_mask": mask})
+    assert timer.counts.tolist() == [5, 6, 2]
+
+    model, _, _ = bench_inputs
+    steps = tmp_path / "s.jsonl"
+    steps.write_text("".join(json.dumps({"step": s, "seconds": 2.0, "tokens": 8000, "slots": 8192, "samples": 10, "mem_peak_gb": 30.0}) + "\n" for s in range(1, 9)))
+    summary = gt.summarise_steps(steps, warmup=4, weights=model)
+    assert summary["tokens_per_s"] == 4000 and summary["samples_per_s"] == 5 and abs(summary["padding"] - 192 / 8192) < 1e-9
+    assert 0 < summary["mfu"] < 1 and summary["status"] == "completed"
