@@ -61,6 +61,8 @@ class Facts:
     sdpa: bool = False
     varlen: bool = False
     flash_attn: str | None = None
+    triton: str | None = None  # torch.compile's GPU code generator
+    c_compiler: str | None = None  # triton builds a small launcher with it at the first compile
     disk_path: str = "."
     disk_free: int | None = None
     shm_total: int | None = None
@@ -162,6 +164,16 @@ def run_checks(f: Facts) -> list[Check]:
     else:
         add("attention: flash-attn", "info", "flash-attn not installed (optional: sdpa and varlen need nothing)")
 
+    # torch.compile (optim.compile, on by default for bf16 GPUs): inductor emits triton kernels, and
+    # triton compiles a small launcher with the system C compiler at the first step.
+    if f.gpus:
+        if f.triton is None:
+            add("compile", "warn", "triton is not installed: optim.compile would fail at the first step", "pip install triton (torch's CUDA wheels bring it), or set optim.compile: false")
+        elif f.c_compiler is None:
+            add("compile", "warn", f"triton {f.triton} needs a C compiler (cc/gcc) at the first compile; none found", "apt install build-essential, or set optim.compile: false")
+        else:
+            add("compile", "ok", f"triton {f.triton}, C compiler {f.c_compiler} (optim.compile works)")
+
     # disk and shared memory
     if f.disk_free is not None:
         free = f"{f.disk_free / GiB:,.0f} GiB free at {f.disk_path}"
@@ -233,6 +245,8 @@ def collect_facts(path: str | Path = ".", nvml: Any = None) -> Facts:
             except Exception as e:
                 f.cpu_adam = f"{type(e).__name__}: {e}"
     f.flash_attn, _, _ = _version("flash_attn")
+    f.triton, _, _ = _version("triton")
+    f.c_compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     f.gpus, f.driver, f.driver_cuda, f.nvml_note = detect_gpus(nvml)
     target = Path(path)
     while not target.exists() and target != target.parent:

@@ -34,6 +34,8 @@ HEALTHY = Facts(
     sdpa=True,
     varlen=True,
     flash_attn=None,
+    triton="3.5.0",
+    c_compiler="cc",
     disk_free=800 * GiB,
     shm_total=64 * GiB,
 )
@@ -49,6 +51,7 @@ def test_healthy_gpu_machine_has_no_blocker():
     s = {c.name: c for c in checks}
     assert s["gpus"].detail.startswith("2 x NVIDIA H200") and s["attention: varlen"].status == "ok"
     assert s["attention: flash-attn"].status == "info"  # optional
+    assert s["compile"].status == "ok" and "compile" not in statuses(replace(HEALTHY, gpus=[]))  # CPU runs never compile
 
 
 @pytest.mark.parametrize(
@@ -67,6 +70,8 @@ def test_healthy_gpu_machine_has_no_blocker():
         ({"peft": "0.13.0"}, "peft", "warn", "peft>=0.17"),
         ({"deepspeed": None, "deepspeed_error": "ImportError: libcudart.so"}, "deepspeed", "fail", "pip install"),
         ({"arch_list": "9.0a"}, "deepspeed ops", "warn", "export TORCH_CUDA_ARCH_LIST=9.0"),
+        ({"triton": None}, "compile", "warn", "optim.compile: false"),
+        ({"c_compiler": None}, "compile", "warn", "build-essential"),
         ({"arch_list": "8.0;9.0a"}, "deepspeed ops", "warn", "export TORCH_CUDA_ARCH_LIST=9.0"),
         ({"cpu_adam": "no compiler"}, "deepspeed ops", "warn", "build-essential"),
         ({"gpus": [gpu("Tesla V100-SXM2-32GB", "7.0")]}, "gpu 0 bf16", "warn", "optim.bf16: false"),
