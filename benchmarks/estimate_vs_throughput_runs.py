@@ -49,6 +49,9 @@ MULTI_GPU_RUNS = [
     ("block gathers", "2gpu-z3", False, 77.65),
     ("block gathers", "2gpu-z3-offload", False, 76.53),
 ]
+# Equal tokens per micro-batch: the plain recipe vs qvltune's path, same 8,192 tokens, same image
+# tokens and answer share, both with checkpointing (the plain recipe's setting), predicted only.
+EQUAL_TOKENS = 8192
 H200 = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, 989.0, True)
 
 
@@ -79,6 +82,20 @@ def main() -> None:
         doc["optim"]["compile"] = compiled
         gpus, stage, offload = mg.VARIANTS[name]
         print(row(f"2B mixed, 16k rows, {gpus} GPU{'s' if gpus > 1 else ''}, ZeRO-{stage}{' + offload' if offload else ''}, {label}", mg.predicted_gib(doc, model, gpus), measured))
+    print(f"\n| {EQUAL_TOKENS:,} tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
+    for shape, strategy in (("2b", "mixed"), ("2b", "full"), ("8b", "mixed")):
+        model = gt.make_model_folder(WORK / f"model-{shape}", shape)
+        stats = model_stats(json.loads((model / "config.json").read_text()))
+        ours = gt.run_config("run", model, data, WORK, strategy, "qvltune", 14, False, None, 64)
+        ours["data"]["max_seq_length"] = EQUAL_TOKENS
+        ours["optim"].update(grad_accum=1, gradient_checkpointing=True, compile=False)
+        cfg = parse_config(ours)
+        lo, hi = cfg.data.pixel_budget()
+        wl = workload_for(cfg, summarize_report(check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=EQUAL_TOKENS), lo, hi))
+        plain = parse_config(gt.run_config("run", model, data, WORK, strategy, "plain", 14, False, None, 64))
+        compiled = parse_config({**ours, "optim": {**ours["optim"], "compile": True}})
+        gib = [estimate(c, stats, H200, wl).peak_allocated / GiB for c in (plain, cfg, compiled)]
+        print(f"| {shape.upper()} {strategy} | {gib[0]:.1f} GiB | {gib[1]:.1f} GiB | {gib[2]:.1f} GiB |")
 
 
 if __name__ == "__main__":
