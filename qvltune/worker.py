@@ -455,10 +455,16 @@ def run(run_dir: Path, resume: bool) -> int:
             device="cpu" if use_cpu else torch.cuda.get_device_name(),
         )
         _print_table(table)
+    # torch.compile's errors (a missing triton, no C compiler) surface at the first step.
+    compile_errors: tuple[type[BaseException], ...] = ()
+    if cfg.optim.compile:
+        from torch._dynamo.exc import TorchDynamoException
+
+        compile_errors = (TorchDynamoException,)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         t = _phase("training", t)
-    except (torch.OutOfMemoryError, OSError, BadSampleError) as e:
+    except (torch.OutOfMemoryError, OSError, BadSampleError, *compile_errors) as e:
         status, message, hint = explain_failure(e, cfg, trainer, run_dir)
         if writer:
             writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=_last(run_dir))
@@ -540,6 +546,9 @@ def explain_failure(e: BaseException, cfg: RunConfig, trainer, run_dir: Path) ->
     last = _last(run_dir)
     if isinstance(e, torch.OutOfMemoryError):
         return "oom", f"GPU out of memory at step {step + 1}: {str(e).splitlines()[0][:160]}", oom_advice(cfg)
+    if cfg.optim.compile and type(e).__module__.startswith("torch._dynamo"):
+        cause = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return "compile_failed", f"torch.compile failed at step {step + 1}: {cause[:200]}", "set optim.compile: false in the config and qvltune train CONFIG --resume (qvltune doctor shows what compile needs: triton and a C compiler)"
     if isinstance(e, BadSampleError):
         # Raised in a DataLoader worker, it arrives wrapped: its own message is the last line.
         lines = [ln for ln in e.message.splitlines() if ln.strip()]

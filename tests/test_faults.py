@@ -156,6 +156,17 @@ def test_out_of_memory_is_explained(tmp_path, demo_data):
     assert "Traceback" not in err
 
 
+def test_compile_failure_is_one_line_with_the_switch_to_turn_it_off(tmp_path, demo_data):
+    config = write_config(tmp_path, demo_data, "compile-fail", optim={"max_steps": 3, "compile": True})
+    result = run_with(config, "compile_fail:0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    err = result.stderr
+    assert "torch.compile failed at step 1" in err and "triton" in err and "optim.compile: false" in err
+    assert "Traceback" not in err
+    end = [r for r in read_all(run_dir(config) / "metrics.jsonl") if r["kind"] == "end"]
+    assert end and end[-1]["status"] == "compile_failed"
+
+
 def test_nan_loss_stops_at_that_step_and_names_the_last_good_checkpoint(tmp_path, demo_data):
     config = write_config(tmp_path, demo_data, "nan", **SECTIONS)
     result = run_with(config, "nan:5")

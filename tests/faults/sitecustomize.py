@@ -10,6 +10,7 @@ QVLTUNE_TEST_FAULT=kind:arg, kind one of
   oom:CALL                the CALL-th loss computation raises torch.OutOfMemoryError
   nan:CALL                the CALL-th loss is NaN
   die:CALL                rank 1 exits with code 17 at its CALL-th loss computation
+  compile_fail:0          torch.compile's backend fails (as it does without triton or a C compiler)
 """
 
 import importlib.abc
@@ -44,6 +45,18 @@ def _patch(worker):
             return original_save(obj, f, *a, **k)
 
         torch.save = save
+    elif kind == "compile_fail":
+
+        def broken_backend(gm, example_inputs):
+            raise RuntimeError("Cannot find a working triton installation (injected)")
+
+        def compile_blocks(model):
+            layers = worker.transformer_blocks(model, (worker.DECODER_LAYER,))
+            for layer in layers:
+                layer.compile(backend=broken_backend)
+            return len(layers)
+
+        worker.compile_blocks = compile_blocks
     elif kind in ("oom", "nan", "die"):
         make = worker._make_trainer_class
         target = int(arg)
