@@ -203,15 +203,37 @@ def llamafactory_args(weights: Path, data: Path, out: Path, strategy: str, varia
 
 
 def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int], site: Path, log: Path) -> dict:
-    """One LLaMA-Factory run in its own process and stack; its per-step counts -> the summary fields."""
+    """One LLaMA-Factory run in its own process and stack -> its results row."""
     metrics = work / "runs" / name / "steps.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
+    args = llamafactory_args(weights, data, work / "runs" / name, strategy, variant, steps, pixels)
     spec = work / f"{name}.json"
-    spec.write_text(json.dumps({"args": llamafactory_args(weights, data, work / "runs" / name, strategy, variant, steps, pixels), "metrics": str(metrics)}))
+    spec.write_text(json.dumps({"args": args, "metrics": str(metrics)}))
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.time()
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=env)
     log.write_text(proc.stdout + proc.stderr)
-    return {"exit": proc.returncode, **summarise_steps(metrics, warmup=4, weights=weights)}
+    row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": args["cutoff_len"], "packing": args["neat_packing"],
+           "batch": f"{args['per_device_train_batch_size']}x{args['gradient_accumulation_steps']}", "checkpointing": True, "compile": False}  # its default: checkpointing on
+    return {**row, **summarise_steps(metrics, warmup=4, weights=weights)}
+
+
+def run_qvltune(name: str, cfg: dict, work: Path, out: Path) -> dict:
+    """One `qvltune train` run of ``cfg`` -> its results row (logs and any profile copied to ``out``)."""
+    cfg_path = work / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "qvltune", "train", str(cfg_path), "--no-live", "--force"], capture_output=True, text=True)
+    run_dir = work / "runs" / name
+    train_log = run_dir / "train.log"
+    tail = "\n--- train.log tail ---\n" + "\n".join(train_log.read_text().splitlines()[-60:]) if train_log.exists() else ""
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr + tail)
+    if (run_dir / "profile.txt").exists():
+        (out / f"{name}-profile.txt").write_text((run_dir / "profile.txt").read_text())
+    o = cfg["optim"]
+    row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": cfg["data"]["max_seq_length"], "packing": cfg["data"]["packing"],
+           "batch": f"{o['per_device_batch']}x{o['grad_accum']}", "checkpointing": o["gradient_checkpointing"], "compile": o.get("compile", False)}
+    return {**row, **(summarise(run_dir / "metrics.jsonl", warmup=4) if (run_dir / "metrics.jsonl").exists() else {"error": "no metrics"})}
 
 
 def summarise_steps(metrics: Path, warmup: int, weights: Path) -> dict:
@@ -287,28 +309,11 @@ def main() -> None:
                     from qvltune.config import parse_config
 
                     weights = write_weights(model, args.work / f"weights-{shape}")
-                    pixels = parse_config(planned_doc(model, data, strategy, args.effective_batch)).data.pixel_budget()
-                    t0 = time.time()
-                    row = {"variant": name, "row_tokens": 8192, "packing": variant.endswith("packed"), "batch": "1x1" if variant.endswith("packed") else "4x1", "checkpointing": True, "compile": False}
-                    row.update(run_llamafactory(name, weights, data, args.work, strategy, variant, args.steps, pixels, args.llamafactory_site, args.out / f"{name}.log"))
-                    row["wall_s"] = round(time.time() - t0, 1)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-                    continue
-                cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, name in args.profile.split(","), stage, args.effective_batch)
-                cfg_path = args.work / f"{name}.yaml"
-                cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-                t0 = time.time()
-                proc = subprocess.run([sys.executable, "-m", "qvltune", "train", str(cfg_path), "--no-live", "--force"], capture_output=True, text=True)
-                run_dir = args.work / "runs" / name
-                (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr + "\n--- train.log tail ---\n" + "\n".join((run_dir / "train.log").read_text().splitlines()[-60:]) if (run_dir / "train.log").exists() else proc.stdout + proc.stderr)
-                if (run_dir / "profile.txt").exists():
-                    (args.out / f"{name}-profile.txt").write_text((run_dir / "profile.txt").read_text())
-                o = cfg["optim"]
-                row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": cfg["data"]["max_seq_length"], "packing": cfg["data"]["packing"],
-                       "batch": f"{o['per_device_batch']}x{o['grad_accum']}", "checkpointing": o["gradient_checkpointing"], "compile": o.get("compile", False)}
-                row.update(summarise(run_dir / "metrics.jsonl", warmup=4) if (run_dir / "metrics.jsonl").exists() else {"error": "no metrics"})
+                    pixels = parse_config(planned_doc(model, data, strategy, args.effective_batch)).data.pixel_budget()  # the budget qvltune's runs use
+                    row = run_llamafactory(name, weights, data, args.work, strategy, variant, args.steps, pixels, args.llamafactory_site, args.out / f"{name}.log")
+                else:
+                    cfg = run_config(name, model, data, args.work, strategy, variant, args.steps, name in args.profile.split(","), stage, args.effective_batch)
+                    row = run_qvltune(name, cfg, args.work, args.out)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (args.out / "results.json").write_text(json.dumps(rows, indent=2))  # after every run: a cut call keeps what finished

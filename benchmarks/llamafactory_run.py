@@ -49,13 +49,14 @@ class StepTimer(TrainerCallback):
         else:  # padded rows: 1 = real token
             real, samples = (mask != 0).sum(), rows
         # Summed on the GPU, read once per optimizer step (no per-micro-batch sync).
-        step = torch.stack([real, torch.tensor(ids.numel(), device=ids.device), samples]).to(ids.device)
+        step = torch.stack([real, torch.tensor(ids.numel(), device=ids.device), samples])
         self.counts = step if self.counts is None else self.counts + step
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.register_forward_pre_hook(self._count, with_kwargs=True)
         self.path.write_text("")
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.last = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -53,12 +53,10 @@ FOREACH_STEP_TEMP_BYTES = 4
 # ZeRO-1/2 gradient buckets: with contiguous_gradients and overlap_comm (qvltune.zero writes both)
 # DeepSpeed allocates two reduce buffers of reduce_bucket_size elements in the gradient dtype
 # (stage_1_and_2.py setup_buckets: buf_0 and buf_1) of qvltune.zero's reduce_bucket_size.
-ZERO12_REDUCE_BUCKET = ZERO12_BUCKET_SIZE
 # ZeRO-3: the Trainer fills reduce_bucket_size = hidden^2 and the prefetch bucket = 0.9 hidden^2
 # (transformers/integrations/deepspeed.py). Gathered parameters are kept while they will be reused
 # soon (stage3_max_reuse_distance) up to stage3_max_live_parameters (both set by qvltune.zero):
 # the largest single tensor (embeddings / lm_head) plus up to that many elements.
-ZERO3_MAX_LIVE_PARAMETERS = STAGE3_MAX_LIVE_PARAMETERS
 
 # Activations, bytes per token per decoder layer. Derived by listing the tensors autograd saves in
 # transformers 5's Qwen3VLTextDecoderLayer with sdpa attention (modeling_qwen3_vl.py):
@@ -501,7 +499,7 @@ def _llm_layer_bytes(s: ModelStats, cfg: RunConfig, *, trains_base: bool, lora: 
             base += LORA_DROPOUT_BYTES * sum(adapted.values())
         elif not trains_base:
             base += 2 * (2 * h) + (2 * q if "o_proj" in adapted else 0) + (2 * i if "down_proj" in adapted else 0)
-    if cfg.optim.compile and not s.is_moe:
+    if cfg.optim.compile and not s.is_moe:  # MoE layers compiled: not measured, counted as eager (an over-estimate)
         base -= COMPILED_SAVES_PER_HIDDEN * h + COMPILED_SAVES_PER_INTERMEDIATE * i
     return base * ACT_LLM_SCALE
 
@@ -556,8 +554,8 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     else:
         gpu.append(Term("weights", wbytes * n_weights, f"{'bf16' if bf16 else 'fp32'}, all {format_count(n_weights)} parameters on every rank (ZeRO-{stage})"))
     if stage == 3:
-        live = wbytes * (s.largest_tensor + min(ZERO3_MAX_LIVE_PARAMETERS, s.total - s.largest_tensor))
-        gpu.append(Term("gathered parameters", live, f"ZeRO-3 working set: the largest tensor + up to {ZERO3_MAX_LIVE_PARAMETERS:.0e} live parameters (stage3_max_live_parameters)"))
+        live = wbytes * (s.largest_tensor + min(STAGE3_MAX_LIVE_PARAMETERS, s.total - s.largest_tensor))
+        gpu.append(Term("gathered parameters", live, f"ZeRO-3 working set: the largest tensor + up to {STAGE3_MAX_LIVE_PARAMETERS:.0e} live parameters (stage3_max_live_parameters)"))
 
     grad_part = W if stage >= 2 else 1
     if trainable:
@@ -569,7 +567,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
             states = (OPTIMIZER_STATE_BYTES if bf16 else 8) * trainable / part
             gpu.append(Term("optimizer states", states, ("fp32 master + " if bf16 else "") + "AdamW's 2 fp32 moments" + (f", partitioned over {W}" if part > 1 else "")))
         if stage in (1, 2):
-            gpu.append(Term("gradient buckets", 2 * ZERO12_REDUCE_BUCKET * wbytes, "DeepSpeed's two reduce buffers of reduce_bucket_size (5e8) elements"))
+            gpu.append(Term("gradient buckets", 2 * ZERO12_BUCKET_SIZE * wbytes, "DeepSpeed's two reduce buffers of reduce_bucket_size (5e8) elements"))
         elif stage == 3:
             gpu.append(Term("gradient buckets", 2 * s.hidden**2 * wbytes, "DeepSpeed's reduce buffers of hidden^2 elements (ZeRO-3)"))
 

@@ -389,7 +389,9 @@ def run(run_dir: Path, resume: bool) -> int:
     model = apply_strategy(model, cfg)
     table = trainable_table(model, cfg)
     if cfg.deepspeed.stage == 3:
-        zero3_leaf_blocks(model)
+        blocks = zero3_leaf_blocks(model)
+        if _is_main():
+            print(f"qvltune: ZeRO-3 gathers {blocks} transformer blocks whole", flush=True)
     if cfg.optim.compile:
         compile_blocks(model)
     t = _phase("model loaded and prepared", t)
@@ -455,16 +457,10 @@ def run(run_dir: Path, resume: bool) -> int:
             device="cpu" if use_cpu else torch.cuda.get_device_name(),
         )
         _print_table(table)
-    # torch.compile's errors (a missing triton, no C compiler) surface at the first step.
-    compile_errors: tuple[type[BaseException], ...] = ()
-    if cfg.optim.compile:
-        from torch._dynamo.exc import TorchDynamoException
-
-        compile_errors = (TorchDynamoException,)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         t = _phase("training", t)
-    except (torch.OutOfMemoryError, OSError, BadSampleError, *compile_errors) as e:
+    except (torch.OutOfMemoryError, OSError, BadSampleError, *_compile_errors(cfg)) as e:
         status, message, hint = explain_failure(e, cfg, trainer, run_dir)
         if writer:
             writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=_last(run_dir))
@@ -540,13 +536,23 @@ def oom_advice(cfg: RunConfig) -> str:
     return "try " + "; or ".join(steps) + " — `qvltune estimate` shows the memory of each choice"
 
 
+def _compile_errors(cfg: RunConfig) -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile (a missing triton, no C compiler): at the
+    first step. Imported only for compiled runs."""
+    if not cfg.optim.compile:
+        return ()
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
 def explain_failure(e: BaseException, cfg: RunConfig, trainer, run_dir: Path) -> tuple[str, str, str]:
     """(status, one-line message, hint) for the failures a user can act on."""
     step = trainer.state.global_step
     last = _last(run_dir)
     if isinstance(e, torch.OutOfMemoryError):
         return "oom", f"GPU out of memory at step {step + 1}: {str(e).splitlines()[0][:160]}", oom_advice(cfg)
-    if cfg.optim.compile and type(e).__module__.startswith("torch._dynamo"):
+    if isinstance(e, _compile_errors(cfg)):
         cause = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         return "compile_failed", f"torch.compile failed at step {step + 1}: {cause[:200]}", "set optim.compile: false in the config and qvltune train CONFIG --resume (qvltune doctor shows what compile needs: triton and a C compiler)"
     if isinstance(e, BadSampleError):

@@ -78,6 +78,7 @@ def zero3_leaf_blocks(model) -> int:
     host-bound. A leaf block is gathered whole before its forward (and backward) and released after:
     one hook pair per block. On 2 H200s this took 2B mixed from 12.3k to 29.4k tokens/s
     (benchmarks/RESULTS.md).
+
     The largest block qvltune knows (a 30B-A3B MoE decoder layer, ~0.6e9 parameters; a 32B layer has
     ~0.5e9) stays below ``stage3_max_live_parameters``, so the gathered memory stays what the
     estimator counts.

@@ -166,6 +166,7 @@ def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, t
     )
     result = train(config, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "ZeRO-3 gathers 4 transformer blocks whole" in (run_dir(config) / "train.log").read_text()  # 2 decoder layers + 2 vision blocks
     final = run_dir(config) / "final"
     adapter = load_file(str(final / "adapter_model.safetensors"))
     base = tensors_by_component(tiny_model_dir / "model.safetensors")
@@ -291,7 +292,7 @@ def test_zero3_two_processes_stop_and_resume_reproduce_the_run(tmp_path, demo_da
 
 def test_zero3_gathers_each_transformer_block_whole(tiny_model_dir):
     """Under ZeRO-3 every decoder layer and vision block is one gather unit (one hook pair per block,
-    not per Linear): the ZeRO-3 runs above train through these leaf blocks."""
+    not per Linear); the ZeRO-3 runs above train through them (their train.log says how many)."""
     from deepspeed.utils import get_z3_leaf_modules
 
     from qvltune.model import load_model
