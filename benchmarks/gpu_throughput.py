@@ -42,49 +42,29 @@ from pathlib import Path
 
 import yaml
 
-# Real Qwen3-VL text/vision shapes (from the released config.json files).
-SHAPES = {
-    "2b": {
-        "text": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-        "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17]),
-        "tie": True,
-    },
-    "8b": {
-        "text": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-        "vision": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
-        "tie": False,
-    },
-}
+# Real Qwen3-VL shapes: the released config.json values from qvltune's catalog.
+SHAPES = {"2b": "2B", "8b": "8B", "30b-a3b": "30B-A3B"}
 WORDS = "the a is of to in on and with what which colour shape image picture red green blue yellow car tree house road sky water left right top bottom large small one two three".split()
 
 
 def make_model_folder(dest: Path, shape: str) -> Path:
-    """config.json of a real-size shape + the tiny model's tokenizer and processors."""
-    from transformers import AutoProcessor, Qwen3VLConfig
+    """config.json of a released shape (token ids remapped to the tiny tokenizer's) + the tiny
+    model's tokenizer and processors."""
+    from transformers import AutoConfig, AutoProcessor
 
+    from qvltune.catalog import builtin_config
     from qvltune.tiny import tiny_model_path
 
     if (dest / "config.json").exists():
         return dest
     processor = AutoProcessor.from_pretrained(tiny_model_path())
     tok = processor.tokenizer
-    spec = SHAPES[shape]
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=151936,
-            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-            max_position_embeddings=262144,
-            rms_norm_eps=1e-6,
-            pad_token_id=tok.pad_token_id,
-            **spec["text"],
-        ),
-        vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh", **spec["vision"]),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-        tie_word_embeddings=spec["tie"],
-    )
+    doc = builtin_config(SHAPES[shape])
+    doc["text_config"].update(bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        doc[key] = tok.convert_tokens_to_ids(token)
+    doc.pop("architectures")
+    config = AutoConfig.for_model(doc.pop("model_type"), **doc)
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(dest)
     processor.save_pretrained(dest)
@@ -189,12 +169,12 @@ def llamafactory_data(data: Path) -> Path:
 
 def llamafactory_args(weights: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int]) -> dict:
     """LLaMA-Factory's training arguments for one variant (its defaults where not named here)."""
-    tuning = {"finetuning_type": "lora", "lora_rank": 64, "lora_alpha": 128, "lora_dropout": 0.05, "lora_target": "all"} if strategy == "mixed" else {"finetuning_type": "full"}
+    tuning = {"finetuning_type": "lora", "lora_rank": 64, "lora_alpha": 128, "lora_dropout": 0.05, "lora_target": "all"} if strategy in ("lora", "mixed") else {"finetuning_type": "full"}
     packed = variant == "llamafactory-packed"
     return {
         "stage": "sft", "do_train": True, "model_name_or_path": str(weights), "template": "qwen3_vl_nothink",
         "dataset": "bench", "dataset_dir": str(llamafactory_data(data)), "cutoff_len": 8192, "overwrite_cache": True, "preprocessing_num_workers": 8,
-        **tuning, "freeze_vision_tower": True, "freeze_multi_modal_projector": False,
+        **tuning, "freeze_vision_tower": True, "freeze_multi_modal_projector": strategy == "lora",
         "image_min_pixels": pixels[0], "image_max_pixels": pixels[1], "flash_attn": "sdpa",
         "per_device_train_batch_size": 1 if packed else 4, "gradient_accumulation_steps": 1, "neat_packing": packed,
         "learning_rate": 1e-4, "max_steps": steps, "bf16": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none",

@@ -59,6 +59,9 @@ DEFAULT_MAX_SEQ_LENGTH = 4096
 # on a 2-core CPU (DESIGN.md sec. 4): batch 32 at lr 2e-3 learns its colour task in a few epochs.
 TINY_LR = 2e-3
 TINY_EFFECTIVE_BATCH = 32
+# Models this small train on a CPU in minutes (the built-in tiny one has 1.9 M parameters; a test
+# model of a few million is no different). The smallest released size, 2B, would take weeks.
+CPU_PRACTICAL_PARAMS = 50_000_000
 
 
 class Answers(BaseModel):
@@ -456,9 +459,10 @@ def _plan_for(
         decisions.append(Decision(topic, choice, why))
 
     tiny = answers.model == BUILTIN_TINY
+    cpu_practical = tiny or stats.total <= CPU_PRACTICAL_PARAMS
     if machine.is_cpu:
-        decide("machine", "CPU", "no NVIDIA GPU found: CPU mode (gloo backend, fp32), practical for the built-in tiny model only")
-        if not tiny:
+        decide("machine", "CPU", "no NVIDIA GPU found: CPU mode (gloo backend, fp32), practical for tiny test models only")
+        if not cpu_practical:
             warnings.append(f"training {answers.model} on a CPU is impractically slow: run `qvltune init` on the GPU machine, or plan for it here with --gpu H200 --gpu-count 8")
     else:
         total = f"{machine.world_size} GPUs in total; " if machine.nodes > 1 else ""
@@ -564,7 +568,7 @@ def _plan_for(
     # 4. Batch: effective = per-device batch x accumulation x GPUs (the guide's formula).
     o = cfg.optim
     eff = o.per_device_batch * o.grad_accum * machine.world_size
-    unit = "packed rows" if packing else "samples"
+    unit = ("packed row" if packing else "sample") + ("s" if eff != 1 else "")
     devices = f"{machine.world_size} {'process' if machine.is_cpu else 'GPU'}{'s' if machine.world_size > 1 else ''}"
     bwhy = f"{eff} {unit} = {o.per_device_batch} per device x {o.grad_accum} accumulation x {devices}; {batch_why}"
     if packing and samples_per_row > 1:
@@ -583,7 +587,7 @@ def _plan_for(
         warnings.append(f"CPU offload needs {format_bytes(est.host_total)} of host memory; this node has {format_bytes(machine.host_ram)}")
     elif est.host_total and machine.host_ram is None:
         warnings.append(f"CPU offload needs {format_bytes(est.host_total)} of host memory per node (not checked: the machine's memory is unknown here)")
-    return Plan(cfg, doc, decisions, est, machine, fits and not (machine.is_cpu and not tiny), suggestions, warnings)
+    return Plan(cfg, doc, decisions, est, machine, fits and not (machine.is_cpu and not cpu_practical), suggestions, warnings)
 
 
 def _suggestions(search: _Search, chosen: _Choice, stats: ModelStats, machine: Machine, stats_for: Callable[[str], ModelStats], data: DatasetSummary | None) -> list[str]:

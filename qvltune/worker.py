@@ -481,7 +481,7 @@ def run(run_dir: Path, resume: bool) -> int:
     _phase("final save", t)
     if writer:
         note = f" ({callback.skipped} step(s) skipped for a non-finite loss)" if callback.skipped else ""
-        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message="training completed" + note)
+        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note)
     return 0
 
 

@@ -65,6 +65,31 @@ def test_llamafactory_variant_sees_the_same_records(bench_inputs):
     assert info["formatting"] == "sharegpt" and info["columns"]["images"] == "images"
     args = gt.llamafactory_args(model, data, work / "lf", "mixed", "llamafactory-packed", 6, (100, 200))
     assert args["neat_packing"] and args["per_device_train_batch_size"] == 1 and args["lora_rank"] == 64 and args["freeze_vision_tower"]
+    assert not args["freeze_multi_modal_projector"]  # mixed: the projector trains beside LoRA
+    lora = gt.llamafactory_args(model, data, work / "lf", "lora", "llamafactory", 6, (100, 200))
+    assert lora["finetuning_type"] == "lora" and lora["freeze_multi_modal_projector"] and lora["per_device_train_batch_size"] == 4
+
+
+def test_benchmark_shapes_are_the_released_models_with_the_tiny_tokens(tmp_path):
+    """Each shape has its released parameter count; its special-token ids are the tiny tokenizer's."""
+    import json
+
+    import torch
+    from transformers import AutoConfig
+
+    from qvltune.model import model_class
+    from qvltune.tiny import tiny_model_path
+
+    tiny = json.loads((tiny_model_path() / "config.json").read_text())
+    released = {"2b": 2_127_532_032, "8b": 8_767_123_696, "30b-a3b": 31_070_754_032}
+    for shape, params in released.items():
+        folder = gt.make_model_folder(tmp_path / shape, shape)
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = model_class(config.model_type)._from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == params, shape
+        assert (config.image_token_id, config.vision_start_token_id) == (tiny["image_token_id"], tiny["vision_start_token_id"])
+        assert (folder / "tokenizer.json").exists() and (folder / "chat_template.jinja").exists()
 
 
 def test_llamafactory_step_counts_real_tokens_and_samples(tmp_path, bench_inputs):

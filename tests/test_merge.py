@@ -442,3 +442,67 @@ def test_predict_and_eval_report_bad_input_in_one_line(merged_lora, demo_data, t
     assert code == 2 and "--prompt" in err
     code, _, err = cli(capsys, "eval", tmp_path / "no-such-model", "--data", demo_data[1])
     assert code == 1 and "model folder not found" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# The MoE architecture (30B-A3B's layout, shrunk)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A Qwen3-VL-MoE of the tiny model's widths, with its tokenizer and processors: every decoder
+    layer a mixture of 4 experts of width 64, 2 active per token."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    dest = tmp_path_factory.mktemp("tiny-moe")
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, dest / f.name)
+    doc = json.loads((tiny_model_dir / "config.json").read_text())
+    text = {k: v for k, v in doc["text_config"].items() if k != "model_type"}
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[])
+    vision = {k: v for k, v in doc["vision_config"].items() if k != "model_type"}
+    ids = {k: doc[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    torch.manual_seed(0)
+    Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)).save_pretrained(dest)
+    return dest
+
+
+def test_moe_model_plans_trains_and_merges(tiny_moe_dir, demo_data, tmp_path, capsys):
+    """init plans the MoE model (ZeRO-2, packed rows) and finds it fits this CPU; the mixed strategy
+    puts LoRA on the attention only (the experts are 3-D parameters, not linears) beside the trained
+    mergers; the merged model gives the adapter's logits and leaves every expert as it was."""
+    import yaml
+
+    from qvltune.infer import load_for_inference
+    from qvltune.merge import merge
+
+    code, out, _ = cli(capsys, "init", "--model", tiny_moe_dir, "--data", demo_data[0], "--strategy", "mixed", "--out", tmp_path / "plan", "--yes")
+    assert code == 0 and "does not fit" not in out, out
+    doc = yaml.safe_load((tmp_path / "plan" / "qvltune.yaml").read_text())
+    assert doc["deepspeed"]["stage"] == 2 and doc["data"]["packing"] and not doc["optim"]["gradient_checkpointing"]
+
+    doc.update(output_dir=str(tmp_path / "runs"), schedule={"log_steps": 1, "eval_steps": 4, "save_steps": 4})
+    doc["data"]["num_workers"] = 0
+    doc["optim"].update(max_steps=4, learning_rate=2e-3, warmup_ratio=0.0)
+    doc["optim"].pop("epochs", None)
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    result = train(config, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = run_dir(config) / "final"
+
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    lora = [k for k in adapter if "lora_" in k]
+    assert lora and all(re.search(r"self_attn\.[qkvo]_proj\.lora_[AB]", k) for k in lora), lora
+    assert any(".merger." in k for k in adapter) and not any("experts" in k for k in adapter)
+
+    merged = merge(str(final), tmp_path / "merged", dtype="float32")
+    assert merged.ok, merged.problems()
+    before, after = load_file(str(tiny_moe_dir / "model.safetensors")), merged_tensors(merged.out)
+    experts = [k for k in before if ".experts." in k or k.endswith("mlp.gate.weight")]
+    assert experts and all(after[k].equal(before[k]) for k in experts)
+    model, processor = load_for_inference(str(merged.out))
+    adapted, _ = load_for_inference(str(final))
+    inputs = probe(processor, eval_image(demo_data))
+    assert (logits(model, inputs) - logits(adapted, inputs)).abs().max() < 1e-4
