@@ -37,6 +37,14 @@ THROUGHPUT_RUNS = [
     ("packed 16k rows, compiled", "2b", "full", "qvltune", 16384, 4, True, 66.73),
     ("packed 8k rows, compiled", "8b", "mixed", "qvltune", 8192, 7, True, 85.76),
     ("packed 32k rows, compiled", "2b", "mixed", "qvltune", 32768, 2, True, 108.55),
+    ("packed 32k rows, compiled", "2b", "full", "qvltune", 32768, 2, True, 101.02),
+    ("packed 32k rows, compiled", "2b", "lora", "qvltune", 32768, 2, True, 103.88),
+    ("plain recipe, padded batch of 4", "2b", "lora", "plain", None, None, False, 16.65),
+    ("packed 8k rows, compiled", "8b", "lora", "qvltune", 8192, 7, True, 82.52),
+    ("plain recipe, padded batch of 4", "8b", "lora", "plain", None, None, False, 31.54),
+    ("packed 4k rows, compiled", "30b-a3b", "lora", "qvltune", 4096, 16, True, 87.26),
+    ("packed 4k rows, eager", "30b-a3b", "lora", "qvltune", 4096, 16, False, 92.72),
+    ("plain recipe, padded batch of 4", "30b-a3b", "lora", "plain", None, None, False, 70.85),
 ]
 # (label, multi_gpu variant, compiled, measured GiB): 2B mixed, packed 16k rows, 4 rows per step.
 MULTI_GPU_RUNS = [

@@ -320,16 +320,21 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
 
 
 def llm_flops_per_token(model) -> float:
-    """Training FLOPs per token, counted as 6 x the language model's non-embedding parameters
-    (forward 2N + backward 4N; the counting rule MFU figures use)."""
-    n = 0
+    """Training FLOPs per token, counted as 6 x the language model's non-embedding parameters that
+    a token passes through (forward 2N + backward 4N; the counting rule MFU figures use). In an MoE
+    layer a token passes through num_experts_per_tok of the num_experts experts."""
+    model = _unwrap(model)
+    text = getattr(model.config, "text_config", model.config)
+    routed = getattr(text, "num_experts_per_tok", 0) / getattr(text, "num_experts", 1) if getattr(text, "num_experts", 0) else 1.0
+    n = 0.0
     seen = set()
-    for name, p in _unwrap(model).named_parameters():
+    for name, p in model.named_parameters():
         if id(p) in seen or "lora_" in name:
             continue
         seen.add(id(p))
         if component_of(name) == "llm":
-            n += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            n += numel * routed if ".experts." in name else numel
     return 6.0 * n
 
 

@@ -163,6 +163,20 @@ def test_flops_per_token_is_the_workers_rule(tiny_model_dir):
     assert estimate(cfg, stats, CPU).flops_per_token == llm_flops_per_token(model)
 
 
+@pytest.mark.parametrize("size", ["8B", "30B-A3B"])
+def test_released_shapes_count_the_parameters_a_token_passes_through(size):
+    """MFU's 6N: all LLM weights of a dense model; of the MoE, the 8 of 128 experts a token is routed to."""
+    import torch
+
+    from qvltune.model import model_class
+    from qvltune.worker import llm_flops_per_token
+
+    config = _config_object(builtin_config(size))
+    with torch.device("meta"):
+        model = model_class(config.model_type)._from_config(config)
+    assert llm_flops_per_token(model) == pytest.approx(6.0 * model_stats(builtin_config(size)).llm_active_params())
+
+
 def test_lora_parameters_of_2b(s2):
     # rank 64 on q,k,v,o,gate,up,down of 28 layers: 64 x (4096 + 3072 + 3072 + 4096 + 3 x 8192) x 28
     assert lora_params(s2, conf("lora"))["llm"] == 64 * 38912 * 28
