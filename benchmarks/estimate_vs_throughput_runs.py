@@ -45,6 +45,8 @@ THROUGHPUT_RUNS = [
     ("packed 4k rows, compiled", "30b-a3b", "lora", "qvltune", 4096, 16, True, 87.26),
     ("packed 4k rows, eager", "30b-a3b", "lora", "qvltune", 4096, 16, False, 92.72),
     ("plain recipe, padded batch of 4", "30b-a3b", "lora", "plain", None, None, False, 70.85),
+    ("packed 8k rows, checkpointing, eager", "2b", "mixed", "qvltune-8k-checkpointed", 8192, 1, False, 11.01),
+    ("packed 8k rows, checkpointing, eager", "8b", "mixed", "qvltune-8k-checkpointed", 8192, 1, False, 28.25),
 ]
 # (label, multi_gpu variant, compiled, measured GiB): 2B mixed, packed 16k rows, 4 rows per step.
 MULTI_GPU_RUNS = [
@@ -73,7 +75,7 @@ def main() -> None:
     for label, shape, strategy, variant, rows, accum, compiled, measured in THROUGHPUT_RUNS:
         model = gt.make_model_folder(WORK / f"model-{shape}", shape)
         doc = gt.run_config("run", model, data, WORK, strategy, variant, 14, False, None, 64)
-        if variant != "plain":
+        if variant == "qvltune":
             doc["data"]["max_seq_length"] = rows
             doc["optim"].update(grad_accum=accum, gradient_checkpointing=False, compile=compiled)
         cfg = parse_config(doc)

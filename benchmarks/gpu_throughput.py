@@ -15,6 +15,8 @@ Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher 
            gradient checkpointing), varlen attention, fused answer-only loss, compiled decoder
            layers (the planner's choice on GPUs under ZeRO-0..2); run for --steps.
 - qvltune-eager / qvltune-compile: the same with `optim.compile` forced off / on.
+- qvltune-8k-checkpointed: qvltune's path with the plain recipe's memory settings (8k packed rows,
+           gradient checkpointing on, eager), for peak memory at equal tokens per micro-batch.
 - llamafactory / llamafactory-packed: LLaMA-Factory 0.9.5, the most used peer, on the same data (in
            its sharegpt layout) and the same random weights (saved once as a model folder), with its
            defaults (sdpa, gradient checkpointing, full-vocabulary logits), LoRA r64 on every LLM
@@ -146,6 +148,9 @@ def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, var
     doc["optim"] = {**doc["optim"], "max_steps": steps, "warmup_ratio": 0.0}
     if variant in ("qvltune-eager", "qvltune-compile"):
         doc["optim"]["compile"] = variant == "qvltune-compile"
+    if variant == "qvltune-8k-checkpointed":  # the plain recipe's memory settings on qvltune's path
+        doc["data"]["max_seq_length"] = 8192
+        doc["optim"].update(grad_accum=1, gradient_checkpointing=True, compile=False)
     doc["optim"].pop("effective_batch", None)
     if stage is not None:
         doc["deepspeed"] = {**doc["deepspeed"], "stage": stage}
