@@ -29,6 +29,8 @@ def test_qvltune_variant_is_the_planners_config(bench_inputs):
     assert cfg.optim.max_steps == 6 and cfg.model.random_init and cfg.optim.compile  # the planner compiles on GPUs
     eager = parse_config(gt.run_config("e", model, data, work, "mixed", "qvltune-eager", 6, False, None, 64))
     assert not eager.optim.compile and eager.data.max_seq_length == cfg.data.max_seq_length
+    equal = parse_config(gt.run_config("q", model, data, work, "mixed", "qvltune-8k-checkpointed", 6, False, None, 64))
+    assert equal.data.packing and equal.data.max_seq_length == 8192 and equal.optim.gradient_checkpointing and not equal.optim.compile
     plain = parse_config(gt.run_config("p", model, data, work, "mixed", "plain", 6, False, None, 64))
     assert not plain.data.packing and plain.optim.gradient_checkpointing and plain.model.attn_implementation == "sdpa"
 
