@@ -325,7 +325,8 @@ def llm_flops_per_token(model) -> float:
     layer a token passes through num_experts_per_tok of the num_experts experts."""
     model = _unwrap(model)
     text = getattr(model.config, "text_config", model.config)
-    routed = getattr(text, "num_experts_per_tok", 0) / getattr(text, "num_experts", 1) if getattr(text, "num_experts", 0) else 1.0
+    experts = getattr(text, "num_experts", 0)
+    routed = text.num_experts_per_tok / experts if experts else 1.0  # the share of each expert tensor a token uses
     n = 0.0
     seen = set()
     for name, p in model.named_parameters():
