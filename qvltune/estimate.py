@@ -196,17 +196,25 @@ def _config_object(config: dict[str, Any]):
     return CONFIG_MAPPING[model_type].from_dict(doc)
 
 
+def meta_model(config: dict[str, Any]):
+    """The model a config.json describes, built on the meta device: shapes only, no memory, instant."""
+    import torch
+
+    from qvltune.model import model_class
+
+    with torch.device("meta"):
+        return model_class(config["model_type"])._from_config(_config_object(config), dtype=torch.bfloat16)
+
+
 @lru_cache(maxsize=32)
 def _stats_cached(config_json: str) -> ModelStats:
-    import torch
     from torch import nn
 
-    from qvltune.model import component_of, model_class
+    from qvltune.model import component_of
 
     config = json.loads(config_json)
-    cfg = _config_object(config)
-    with torch.device("meta"):
-        model = model_class(config["model_type"])._from_config(cfg, dtype=torch.bfloat16)
+    model = meta_model(config)
+    cfg = model.config
     params = dict.fromkeys(COMPONENTS, 0)
     largest = 0
     layer0 = 0

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -347,7 +348,7 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, backend: str | Callable = "inductor") -> int:
     """torch.compile every language-model decoder layer in place; returns how many were compiled.
 
     One graph serves all layers (same code, parameters are graph inputs) and ``dynamic=True`` makes
@@ -357,7 +358,7 @@ def compile_blocks(model) -> int:
     """
     layers = transformer_blocks(model, (DECODER_LAYER,))
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     return len(layers)
 
 

@@ -166,14 +166,10 @@ def test_flops_per_token_is_the_workers_rule(tiny_model_dir):
 @pytest.mark.parametrize("size", ["8B", "30B-A3B"])
 def test_released_shapes_count_the_parameters_a_token_passes_through(size):
     """MFU's 6N: all LLM weights of a dense model; of the MoE, the 8 of 128 experts a token is routed to."""
-    import torch
-
-    from qvltune.model import model_class
+    from qvltune.estimate import meta_model
     from qvltune.worker import llm_flops_per_token
 
-    config = _config_object(builtin_config(size))
-    with torch.device("meta"):
-        model = model_class(config.model_type)._from_config(config)
+    model = meta_model(builtin_config(size))
     assert llm_flops_per_token(model) == pytest.approx(6.0 * model_stats(builtin_config(size)).llm_active_params())
 
 

@@ -76,21 +76,16 @@ def test_benchmark_shapes_are_the_released_models_with_the_tiny_tokens(tmp_path)
     """Each shape has its released parameter count; its special-token ids are the tiny tokenizer's."""
     import json
 
-    import torch
-    from transformers import AutoConfig
-
-    from qvltune.model import model_class
+    from qvltune.estimate import model_stats
     from qvltune.tiny import tiny_model_path
 
     tiny = json.loads((tiny_model_path() / "config.json").read_text())
     released = {"2b": 2_127_532_032, "8b": 8_767_123_696, "30b-a3b": 31_070_754_032}
     for shape, params in released.items():
         folder = gt.make_model_folder(tmp_path / shape, shape)
-        config = AutoConfig.from_pretrained(folder)
-        with torch.device("meta"):
-            model = model_class(config.model_type)._from_config(config)
-        assert sum(p.numel() for p in model.parameters()) == params, shape
-        assert (config.image_token_id, config.vision_start_token_id) == (tiny["image_token_id"], tiny["vision_start_token_id"])
+        config = json.loads((folder / "config.json").read_text())
+        assert model_stats(config).total == params, shape
+        assert (config["image_token_id"], config["vision_start_token_id"]) == (tiny["image_token_id"], tiny["vision_start_token_id"])
         assert (folder / "tokenizer.json").exists() and (folder / "chat_template.jinja").exists()
 
 
