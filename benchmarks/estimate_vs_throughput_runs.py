@@ -25,7 +25,8 @@ from qvltune.model import load_processor
 WORK = Path("/tmp/qvltune-estimate-cmp")
 
 # (label, shape, strategy, variant, packed row tokens, accumulation, compiled, measured GiB): max
-# torch.cuda.max_memory_allocated of rank 0, from benchmarks/results/*.json.
+# torch.cuda.max_memory_allocated of rank 0, from benchmarks/results/*.json. Rows, accumulation and
+# compile are pinned for the `qvltune` variant only; the others fix their own.
 THROUGHPUT_RUNS = [
     ("plain recipe, padded batch of 4", "2b", "mixed", "plain", None, None, False, 18.18),
     ("plain recipe, padded batch of 4", "2b", "full", "plain", None, None, False, 36.34),
@@ -45,8 +46,8 @@ THROUGHPUT_RUNS = [
     ("packed 4k rows, compiled", "30b-a3b", "lora", "qvltune", 4096, 16, True, 87.26),
     ("packed 4k rows, eager", "30b-a3b", "lora", "qvltune", 4096, 16, False, 92.72),
     ("plain recipe, padded batch of 4", "30b-a3b", "lora", "plain", None, None, False, 70.85),
-    ("packed 8k rows, checkpointing, eager", "2b", "mixed", "qvltune-8k-checkpointed", 8192, 1, False, 11.01),
-    ("packed 8k rows, checkpointing, eager", "8b", "mixed", "qvltune-8k-checkpointed", 8192, 1, False, 28.25),
+    ("packed 8k rows, checkpointing, eager", "2b", "mixed", "qvltune-8k-checkpointed", None, None, False, 11.01),
+    ("packed 8k rows, checkpointing, eager", "8b", "mixed", "qvltune-8k-checkpointed", None, None, False, 28.255),
 ]
 # (label, multi_gpu variant, compiled, measured GiB): 2B mixed, packed 16k rows, 4 rows per step.
 MULTI_GPU_RUNS = [
@@ -59,9 +60,9 @@ MULTI_GPU_RUNS = [
     ("block gathers", "2gpu-z3", False, 77.65),
     ("block gathers", "2gpu-z3-offload", False, 76.53),
 ]
-# Equal tokens per micro-batch: the plain recipe vs qvltune's path, same 8,192 tokens, same image
-# tokens and answer share, both with checkpointing (the plain recipe's setting), predicted only.
-EQUAL_TOKENS = 8192
+# Equal tokens per micro-batch: the plain recipe vs qvltune's path with the plain recipe's memory
+# settings (gpu_throughput.py's qvltune-8k-checkpointed: 8,192-token rows, checkpointing on), same
+# image tokens and answer share, predicted.
 H200 = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, 989.0, True)
 
 
@@ -92,16 +93,14 @@ def main() -> None:
         doc["optim"]["compile"] = compiled
         gpus, stage, offload = mg.VARIANTS[name]
         print(row(f"2B mixed, 16k rows, {gpus} GPU{'s' if gpus > 1 else ''}, ZeRO-{stage}{' + offload' if offload else ''}, {label}", mg.predicted_gib(doc, model, gpus), measured))
-    print(f"\n| {EQUAL_TOKENS:,} tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
+    print(f"\n| 8,192 tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
     for shape, strategy in (("2b", "mixed"), ("2b", "full"), ("8b", "mixed")):
         model = gt.make_model_folder(WORK / f"model-{shape}", shape)
         stats = model_stats(json.loads((model / "config.json").read_text()))
-        ours = gt.run_config("run", model, data, WORK, strategy, "qvltune", 14, False, None, 64)
-        ours["data"]["max_seq_length"] = EQUAL_TOKENS
-        ours["optim"].update(grad_accum=1, gradient_checkpointing=True, compile=False)
+        ours = gt.run_config("run", model, data, WORK, strategy, "qvltune-8k-checkpointed", 14, False, None, 64)
         cfg = parse_config(ours)
         lo, hi = cfg.data.pixel_budget()
-        wl = workload_for(cfg, summarize_report(check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=EQUAL_TOKENS), lo, hi))
+        wl = workload_for(cfg, summarize_report(check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=cfg.data.max_seq_length), lo, hi))
         plain = parse_config(gt.run_config("run", model, data, WORK, strategy, "plain", 14, False, None, 64))
         compiled = parse_config({**ours, "optim": {**ours["optim"], "compile": True}})
         gib = [estimate(c, stats, H200, wl).peak_allocated / GiB for c in (plain, cfg, compiled)]
