@@ -3,9 +3,9 @@
 Real-size Qwen3-VL shapes (2B, 8B, the 30B-A3B MoE) are built from their released configs
 (qvltune's catalog) with random bf16 weights (`model.random_init`), with the tiny model's tokenizer
 and processors (token ids below its 769-token vocabulary; the 151,936-row embedding and lm_head are
-real size). The data is shaped like real
-fine-tuning data: images from 352x352 to 1280x960 under the default variable budget (49-784 tokens),
-prompts of tens to hundreds of tokens, answers of 8 to 1000 tokens, 10% text-only records.
+real size). The data is shaped like real fine-tuning data: images from 352x352 to 1280x960 under
+the default variable budget (49-784 tokens), prompts of tens to hundreds of tokens, answers of 8 to
+1000 tokens, 10% text-only records.
 
 Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher path):
 - plain:   what a user writes from the transformers docs: one sample per row padded to the longest
@@ -22,12 +22,14 @@ Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher 
            defaults (sdpa, gradient checkpointing, full-vocabulary logits), LoRA r64 on every LLM
            linear alone (lora) or with the projector trained (mixed), or the LLM and projector
            trained (full); the vision tower frozen, the same pixel budget; padded batches of 4, and
-           its `neat_packing` into 8k rows. Needs --llamafactory-site: a folder with LLaMA-Factory and its pinned stack
-           (`pip install --target`), kept apart from qvltune's (benchmarks/llamafactory_run.py).
+           its `neat_packing` into 8k rows. Needs --llamafactory-site: a folder with LLaMA-Factory
+           and its pinned stack (`pip install --target`), kept apart from qvltune's
+           (benchmarks/llamafactory_run.py).
 
 Real (non-pad) tokens/s and samples/s are averaged over the logged steps after warm-up; MFU counts
 6 x the language model's non-embedding parameters a token passes through (for the MoE: attention,
-router and 8 of 128 experts) against 989 TFLOP/s (H100/H200 dense bf16). Prints a Markdown table; writes results.json and logs to --out.
+router and 8 of 128 experts) against 989 TFLOP/s (H100/H200 dense bf16). Prints a Markdown table;
+writes results.json and logs to --out.
 
     python benchmarks/gpu_throughput.py --out $OUT [--shapes 2b,8b,30b-a3b] [--strategies lora,mixed,full] [--variants plain,qvltune,qvltune-eager,llamafactory,llamafactory-packed --llamafactory-site DIR] [--steps 16]
 """
