@@ -2,7 +2,8 @@
 
 ``evaluate`` reports loss/perplexity on the assistant tokens (exactly the training labels) and, for
 short-answer data, exact-match accuracy of greedy generations, overall and per ``question_type``
-(a record field, when present).
+(a record field, when present); answers that are a box (``{"bbox_2d": [...]}``) are scored by IoU
+and by accuracy at IoU >= 0.5 instead.
 
 A MODEL argument (``resolve_model_dir``) may name a merged or fully trained model folder, a LoRA
 adapter folder (a run's ``final/`` or ``checkpoint-N/``), a run folder (its ``final/``), a Hub id, or
@@ -22,6 +23,7 @@ from typing import Any
 from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
 from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+from qvltune.data.boxes import first_box, iou
 from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record, read_items
 from qvltune.data.media import MediaError
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
@@ -159,6 +161,8 @@ class EvalReport:
     by_type: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
     short_answers: int = 0  # records whose answer is short enough for exact match
+    # Box answers ({"bbox_2d": [...]}) are scored by IoU, not exact match: n, mean_iou, accuracy_iou50.
+    boxes: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -167,6 +171,7 @@ class EvalReport:
             "perplexity": self.perplexity,
             "accuracy": self.accuracy,
             "short_answers": self.short_answers,
+            "boxes": self.boxes,
             "by_type": self.by_type,
             "examples": self.examples,
         }
@@ -195,11 +200,20 @@ def assistant_loss(model, processor, records: list[Record], encoder: Encoder | N
     return total / max(count, 1)
 
 
+# A generated box needs room for its JSON (about 30 tokens with Qwen's one-token digits).
+BOX_ANSWER_TOKENS = 48
+IOU_THRESHOLD = 0.5
+
+
 def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 32, batch_size: int = 16, with_loss: bool = True, image_root: Path | None = None) -> EvalReport:
     encoder = Encoder(processor, root=image_root)
     loss = assistant_loss(model, processor, records, encoder) if with_loss else None
     refs = [r.messages[-1].text() if r.messages and r.messages[-1].role == "assistant" else "" for r in records]
-    short = [i for i, ref in enumerate(refs) if ref and len(ref.split()) <= SHORT_ANSWER_WORDS]
+    # An answer that is one box is scored by IoU; exact match on coordinates would count a box one
+    # unit off as wrong.
+    ref_boxes = {i: first_box(ref) for i, ref in enumerate(refs)}
+    box_items = [i for i, b in ref_boxes.items() if b is not None]
+    short = [i for i, ref in enumerate(refs) if ref and ref_boxes[i] is None and len(ref.split()) <= SHORT_ANSWER_WORDS]
     accuracy = None
     by_type: dict[str, dict[str, float]] = {}
     examples = []
@@ -216,7 +230,26 @@ def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 3
                 examples.append({"expected": refs[i], "got": answer})
         accuracy = sum(hits["all"]) / len(hits["all"])
         by_type = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"}
-    return EvalReport(len(records), loss, math.exp(min(loss, 50)) if loss is not None else None, accuracy, by_type, examples, len(short))
+    boxes = None
+    if box_items:
+        answers = generate(model, processor, [records[i] for i in box_items], max_new_tokens=max(max_new_tokens, BOX_ANSWER_TOKENS), batch_size=batch_size, encoder=encoder)
+        ious: dict[str, list[float]] = defaultdict(list)
+        for i, answer in zip(box_items, answers):
+            got = first_box(answer)
+            score = iou(ref_boxes[i], got) if got is not None else 0.0
+            ious["all"].append(score)
+            qtype = records[i].raw.get("question_type")
+            if isinstance(qtype, str):
+                ious[qtype].append(score)
+            if sum(1 for e in examples if "iou" in e) < 2:
+                examples.append({"expected": refs[i], "got": answer, "iou": f"{score:.2f}"})
+
+        def summary(v: list[float]) -> dict[str, float]:
+            return {"n": len(v), "mean_iou": sum(v) / len(v), "accuracy_iou50": sum(x >= IOU_THRESHOLD for x in v) / len(v)}
+
+        boxes = summary(ious.pop("all"))
+        by_type.update({k: summary(v) for k, v in sorted(ious.items())})
+    return EvalReport(len(records), loss, math.exp(min(loss, 50)) if loss is not None else None, accuracy, by_type, examples, len(short), boxes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ QUESTIONS = {
     "shape_colour": "What colour is the shape?",
     "background_colour": "What colour is the background?",
 }
+# The grounding question: where the shape is, answered as a Qwen3-VL box (0-1000 relative to the
+# image). Kept out of QUESTIONS, whose text the tiny tokenizer is trained on (changing it would
+# change the tokenizer and every cached tiny model).
+GROUNDING_TYPE = "shape_box"
+GROUNDING_QUESTION = "Where is the shape? Answer with its box."
 # Image sizes of the demo data: varied sizes and aspect ratios, up to 192x128 (a few image tokens
 # each, so a CPU trains on thousands of them in seconds).
 _WIDTHS = (64, 96, 128, 160, 192)
@@ -270,13 +275,16 @@ def draw_sample(rng: random.Random):
         draw.rectangle(box, fill=COLOURS[shape_colour])
     else:
         draw.polygon([(x0 + size // 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=COLOURS[shape_colour])
-    return image, {"shape_colour": shape_colour, "background_colour": background, "shape": shape}
+    # The shape's box in Qwen3-VL's convention: 0-1000 relative to the image's width and height.
+    box = [round(x0 / width * 1000), round(y0 / height * 1000), round((x0 + size) / width * 1000), round((y0 + size) / height * 1000)]
+    return image, {"shape_colour": shape_colour, "background_colour": background, "shape": shape, GROUNDING_TYPE: json.dumps({"bbox_2d": box})}
 
 
-def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: int = 0) -> tuple[Path, Path]:
+def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: int = 0, grounding_every: int = 0) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` (Qwen official format) and their PNG images into ``dest``.
 
-    Each image gets one question, alternating between the question types, so the splits are balanced.
+    Each image gets one question, alternating between the colour questions, so the splits are
+    balanced; with ``grounding_every`` N, every Nth record asks for the shape's box instead.
     """
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "images").mkdir(exist_ok=True)
@@ -290,13 +298,17 @@ def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: 
                 image, labels = draw_sample(rng)
                 name = f"images/{split}_{i:05d}.png"
                 image.save(dest / name)
-                qtype = question_types[i % len(question_types)]
+                if grounding_every and i % grounding_every == grounding_every - 1:
+                    qtype, question = GROUNDING_TYPE, GROUNDING_QUESTION
+                else:
+                    qtype = question_types[(i - (i // grounding_every if grounding_every else 0)) % len(question_types)]
+                    question = QUESTIONS[qtype]
                 record = {
                     "id": f"{split}-{i}",
                     "image": name,
                     "question_type": qtype,
                     "conversations": [
-                        {"from": "human", "value": f"<image>\n{QUESTIONS[qtype]}"},
+                        {"from": "human", "value": f"<image>\n{question}"},
                         {"from": "gpt", "value": labels[qtype]},
                     ],
                 }

@@ -41,12 +41,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from qvltune.cli import check_data, demo, train
+    from qvltune.cli import check_data, convert_boxes, demo, train
     from qvltune.cli import eval as eval_cmd
     from qvltune.cli import merge, predict
     from qvltune.cli import doctor, estimate, init
 
     app.command("check-data")(check_data.command)
+    app.command("convert-boxes")(convert_boxes.command)
     app.command("init")(init.command)
     app.command("estimate")(estimate.command)
     app.command("train")(train.command)

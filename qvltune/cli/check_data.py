@@ -112,6 +112,8 @@ def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> No
     summary.add_row("images per record", ", ".join(f"{k}: {v}" for k, v in sorted(report.images_per_record.items())) or "-")
     if report.videos:
         summary.add_row("videos", str(report.videos))
+    if report.boxes:
+        summary.add_row("boxes and points", f"{report.boxes:,} in {report.box_records:,} records (Qwen3-VL convention: 0-1000 relative to the image)")
     sizes = report.to_json()["image_sizes"]
     if sizes:
         summary.add_row(

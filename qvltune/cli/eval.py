@@ -54,8 +54,12 @@ def render(report, model: str, data: str) -> None:
     table.add_row("perplexity", f"{report.perplexity:.3f}" if report.perplexity is not None else "-")
     if report.accuracy is not None:
         table.add_row("exact-match accuracy", f"[bold]{report.accuracy:.1%}[/] of {report.short_answers} short answer(s)")
-    else:
+    elif not report.boxes:
         table.add_row("exact-match accuracy", "- (no short answers: exact match is not meaningful for long ones)")
+    if report.boxes:
+        b = report.boxes
+        table.add_row("boxes: mean IoU", f"{b['mean_iou']:.3f} over {int(b['n'])} box answer(s)")
+        table.add_row("boxes: IoU >= 0.5", f"[bold]{b['accuracy_iou50']:.1%}[/]")
     out.print(table)
     if report.by_type:
         by_type = Table(title="By question type", title_justify="left", box=None, padding=(0, 2))
@@ -63,7 +67,11 @@ def render(report, model: str, data: str) -> None:
         by_type.add_column("n", justify="right")
         by_type.add_column("accuracy", justify="right")
         for qtype, stats in report.by_type.items():
-            by_type.add_row(console.escape(qtype), str(int(stats["n"])), f"{stats['accuracy']:.1%}")
+            if "accuracy" in stats:
+                score = f"{stats['accuracy']:.1%}"
+            else:  # box answers
+                score = f"{stats['accuracy_iou50']:.1%} at IoU >= 0.5 (mean IoU {stats['mean_iou']:.3f})"
+            by_type.add_row(console.escape(qtype), str(int(stats["n"])), score)
         out.print(by_type)
     for ex in report.examples[:3]:
         out.print(f"  expected {console.escape(repr(ex['expected']))}, got {console.escape(repr(ex['got']))}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qvltune.data.boxes import BoxStats, check_record as check_boxes
 from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items
 from qvltune.data.media import ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
@@ -39,6 +40,8 @@ class Report:
     usable: list[tuple[str, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens)
     trained_tokens: int = 0
     max_seq_length: int | None = None
+    boxes: int = 0  # boxes and points found in the records' text (grounding data)
+    box_records: int = 0
 
     @property
     def errors(self) -> list[Problem]:
@@ -88,6 +91,7 @@ class Report:
             "shapes": dict(self.shapes),
             "images_per_record": {str(k): v for k, v in sorted(self.images_per_record.items())},
             "videos": self.videos,
+            "coordinates": {"count": self.boxes, "records": self.box_records},
             "image_sizes": _size_summary(sizes),
             "tokens": {
                 "counting": self.counting,
@@ -176,6 +180,7 @@ def check_dataset(
         if spec.path.is_dir():
             report.problems.append(Problem("error", str(spec.path), None, None, "", "is a directory, not a dataset file", "point at a .json or .jsonl file", "missing-file"))
             continue
+        box_stats = BoxStats()
         items = list(read_items(spec.path))
         for n, item in enumerate(items):
             if progress:
@@ -217,6 +222,11 @@ def check_dataset(
                     report.problems.append(Problem("error", record.file, record.line, record.index, m.field, e.message, e.fix, e.code))
             if not media_ok:
                 continue
+            # Grounding coordinates (qvltune.data.boxes): a record with a box Qwen3-VL would misread is not used.
+            box_problems = check_boxes(record, [(i.width, i.height) for i in infos if isinstance(i, ImageInfo)], box_stats)
+            report.problems += box_problems
+            if any(p.severity == "error" for p in box_problems):
+                continue
             # Tokens.
             try:
                 if encoder is not None:
@@ -246,5 +256,8 @@ def check_dataset(
             report.images_per_record[len(record.images)] += 1
             report.lengths.append(length)
             report.trained_tokens += trained
+        report.problems += box_stats.problems(str(spec.path))
+        report.boxes += box_stats.boxes
+        report.box_records += box_stats.records
     report.problems.sort(key=lambda p: (p.file, p.index if p.index is not None else -1, p.severity != "error"))
     return report
