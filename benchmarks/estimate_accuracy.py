@@ -146,8 +146,8 @@ def exact_lengths(data: Path, model_dir: Path, pixels: int) -> tuple[int, int]:
     report = check_dataset(str(data), processor=processor, min_pixels=pixels, max_pixels=pixels)
     if report.errors:
         raise SystemExit(f"benchmark data has errors: {report.errors[0].message}")
-    lengths = {n for _, _, n, _ in report.usable}
-    trained = {t for _, _, _, t in report.usable}
+    lengths = {u[2] for u in report.usable}
+    trained = {u[3] for u in report.usable}
     assert len(lengths) == 1 and len(trained) == 1, "every record must have the same length"
     return lengths.pop(), trained.pop()
 

@@ -79,6 +79,9 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = Field(2, ge=0)
     video_fps: float = Field(2.0, gt=0)
+    # Thinking templates (which drop earlier reasoning): train every answer in the context the
+    # template gives it as the last turn (each), or only each record's final answer (last).
+    thinking_turns: Literal["each", "last"] = "each"
 
     def pixel_budget(self) -> tuple[int, int]:
         lo, hi = resolve_pixels(self.min_pixels, self.max_pixels, self.min_image_tokens, self.max_image_tokens)

@@ -24,12 +24,15 @@ def command(
     min_image_tokens: int = typer.Option(None, "--min-image-tokens", help="Same as --min-pixels, in tokens per image."),
     max_image_tokens: int = typer.Option(None, "--max-image-tokens", help="Same as --max-pixels, in tokens per image."),
     max_seq_length: int = typer.Option(None, "--max-seq-length", help="Flag records longer than this many tokens."),
+    thinking_turns: str = typer.Option("each", "--thinking-turns", metavar="each|last", help="Thinking templates (earlier reasoning dropped): train every answer as the last turn (each) or only the final one."),
     deep: bool = typer.Option(False, "--deep", help="Decode every image fully (catches truncated files; slower)."),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept media paths outside the image root."),
     strict: bool = typer.Option(False, "--strict", help="Fail on warnings too."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
     """Find every problem in a multimodal dataset before any GPU time is spent."""
+    if thinking_turns not in ("each", "last"):
+        raise typer.BadParameter(f"'{thinking_turns}' is not one of each, last", param_hint="--thinking-turns")
     try:
         lo, hi = resolve_pixels(min_pixels, max_pixels, min_image_tokens, max_image_tokens)
     except ValueError as e:
@@ -55,6 +58,7 @@ def command(
                 max_seq_length=max_seq_length,
                 deep=deep,
                 allow_outside_root=allow_outside_root,
+                thinking_turns=thinking_turns,
                 progress=progress,
             )
     except ValueError as e:  # a malformed mixture spec
@@ -108,6 +112,8 @@ def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> No
     summary = Table(title="Dataset", show_header=False, title_justify="left", box=None, padding=(0, 2))
     summary.add_row("files", ", ".join(report.files))
     summary.add_row("records", f"{report.records} ({report.valid} valid)")
+    if report.views:
+        summary.add_row("samples", f"{len(report.usable)}: the chat template drops earlier reasoning, so each answer is trained as the last turn of its own sample ({report.views} from multi-turn records)")
     summary.add_row("shapes", ", ".join(f"{k}: {v}" for k, v in report.shapes.most_common()) or "-")
     summary.add_row("images per record", ", ".join(f"{k}: {v}" for k, v in sorted(report.images_per_record.items())) or "-")
     if report.videos:

@@ -37,7 +37,8 @@ class Report:
     videos: int = 0
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # tokens per valid (or only too long) record
-    usable: list[tuple[str, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens)
+    usable: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens, view)
+    views: int = 0  # samples made from records a Thinking template trains turn by turn (see tokenize.record_views)
     trained_tokens: int = 0
     max_seq_length: int | None = None
     boxes: int = 0  # boxes and points found in the records' text (grounding data)
@@ -91,6 +92,8 @@ class Report:
             "shapes": dict(self.shapes),
             "images_per_record": {str(k): v for k, v in sorted(self.images_per_record.items())},
             "videos": self.videos,
+            "samples": len(self.usable),
+            "thinking_views": self.views,
             "coordinates": {"count": self.boxes, "records": self.box_records},
             "image_sizes": _size_summary(sizes),
             "tokens": {
@@ -158,6 +161,7 @@ def check_dataset(
     deep: bool = False,
     allow_outside_root: bool = False,
     video_fps: float = 2.0,
+    thinking_turns: str = "each",
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
@@ -170,9 +174,10 @@ def check_dataset(
         "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
     )
     report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
-    encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps) if processor is not None else None
+    encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps, thinking_turns=thinking_turns) if processor is not None else None
     seen: dict[str, str] = {}
     template_broken = False
+    reasoning_warned = False
     for spec in specs:
         if not spec.path.exists():
             report.problems.append(Problem("error", str(spec.path), None, None, "", "dataset file not found", "check the path", "missing-file"))
@@ -230,20 +235,30 @@ def check_dataset(
             # Tokens.
             try:
                 if encoder is not None:
-                    length, trained = encoder.count(record, infos)
+                    # One count per view: a record is several samples under a Thinking template.
+                    counts = [(view, *encoder.count(rec, infos)) for view, rec in encoder.views(record)]
                 else:
                     length = estimate_tokens(record, infos, min_pixels, max_pixels)
-                    trained = sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant")
+                    counts = [(0, length, sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant"))]
             except TemplateError as e:
                 if not template_broken:
                     report.problems.append(Problem("error", record.file, record.line, record.index, "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template"))
                 template_broken = True
                 continue
-            too_long = bool(max_seq_length and length > max_seq_length)
-            if too_long:
-                report.problems.append(
-                    Problem("error", record.file, record.line, record.index, "", f"{length} tokens (text + image tokens at the pixel budget) exceed max_seq_length {max_seq_length}", "raise max_seq_length, lower max_pixels, or shorten/split the record", "too-long")
-                )
+            if any(v != 0 for v, _, _ in counts):
+                report.views += len(counts)
+            if encoder is not None and not reasoning_warned and any(m.reasoning for m in record.messages):
+                if any(encoder.drops_reasoning(rec) for _, rec in encoder.views(record)):
+                    reasoning_warned = True
+                    report.problems.append(Problem("warning", record.file, record.line, record.index, "", "the model's chat template does not render this record's reasoning_content, so the reasoning would not be trained (first such record)", "use a Thinking model, or put the reasoning in the answer text", "reasoning-dropped"))
+            too_long = False
+            for view, length, trained in counts:
+                if max_seq_length and length > max_seq_length:
+                    too_long = True
+                    what = f" (the view up to answer {sum(m.role == 'assistant' for m in record.messages[:view])})" if view > 0 else ""
+                    report.problems.append(
+                        Problem("error", record.file, record.line, record.index, "", f"{length} tokens{what} (text + image tokens at the pixel budget) exceed max_seq_length {max_seq_length}", "raise max_seq_length, lower max_pixels, or shorten/split the record", "too-long")
+                    )
             key = _record_key(record)
             if key in seen:
                 report.problems.append(Problem("warning", record.file, record.line, record.index, "", f"duplicate of {seen[key]}", "remove one copy unless the repetition is intended", "duplicate"))
@@ -251,11 +266,11 @@ def check_dataset(
                 seen[key] = record.where()
             report.valid += not too_long
             if not too_long:
-                report.usable.append((record.file, record.index, length, trained))
+                report.usable += [(record.file, record.index, length, trained, view) for view, length, trained in counts]
             report.shapes[record.shape] += 1
             report.images_per_record[len(record.images)] += 1
-            report.lengths.append(length)
-            report.trained_tokens += trained
+            report.lengths += [length for _, length, _ in counts]
+            report.trained_tokens += sum(trained for _, _, trained in counts)
         report.problems += box_stats.problems(str(spec.path))
         report.boxes += box_stats.boxes
         report.box_records += box_stats.records

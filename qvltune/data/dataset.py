@@ -17,7 +17,7 @@ from typing import Any
 
 from qvltune.data.check import check_dataset
 from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items, sample_indices
-from qvltune.data.tokenize import Encoded, Encoder
+from qvltune.data.tokenize import Encoded, Encoder, view_of
 from qvltune.errors import UserError
 
 MAX_PROBLEMS_SHOWN = 20
@@ -29,6 +29,7 @@ class Entry:
     index: int
     tokens: int
     trained: int
+    view: int = 0  # which view of the record (tokenize.record_views): 0 = the whole record
 
 
 @dataclass
@@ -59,6 +60,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         max_seq_length=d.max_seq_length,
         allow_outside_root=d.allow_media_outside_root,
         video_fps=d.video_fps,
+        thinking_turns=d.thinking_turns,
     )
     entries: list[Entry] = []
     for s in parse_mixture(spec):
@@ -148,7 +150,7 @@ class SFTDataset:
         out = []
         for j in self.groups[i]:
             e = self.entries[j]
-            record = self.store.get(e.file, e.index)
+            record = view_of(self.store.get(e.file, e.index), e.view)
             try:
                 out.append(self.encoder.encode(record))
             except MediaError as err:

@@ -81,6 +81,9 @@ class Media:
 class Message:
     role: Literal["system", "user", "assistant"]
     parts: list[str | Media]  # text and media, in order
+    # An assistant turn's reasoning given apart from its answer (a turn's "reasoning_content" field);
+    # Thinking templates render it as <think>...</think> where they keep it.
+    reasoning: str | None = None
 
     def text(self) -> str:
         return "".join(p for p in self.parts if isinstance(p, str))
@@ -93,7 +96,10 @@ class Message:
                 content.append({"type": part.kind})
             elif part:
                 content.append({"type": "text", "text": part})
-        return {"role": self.role, "content": content}
+        msg: dict[str, Any] = {"role": self.role, "content": content}
+        if self.reasoning is not None:
+            msg["reasoning_content"] = self.reasoning
+        return msg
 
 
 @dataclass
@@ -104,6 +110,9 @@ class Record:
     shape: str
     messages: list[Message]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    # A view of a record for chat templates that rewrite earlier turns (Thinking models): only the
+    # last assistant turn is trained; see qvltune.data.tokenize.record_views.
+    train_last_only: bool = False
 
     @property
     def media(self) -> list[Media]:
@@ -341,7 +350,7 @@ def _parse_placeholder_shape(value: dict[str, Any], shape: str, c: _Collector) -
                     n_vid += 1
             elif piece:
                 parts.append(piece)
-        messages.append(Message(role, parts))
+        messages.append(Message(role, parts, _reasoning(turn, role, where, c)))
     for kind, used, given, key, ph in (("image", n_img, len(images), img_key, IMAGE_PLACEHOLDER), ("video", n_vid, len(videos), vid_key, VIDEO_PLACEHOLDER)):
         if used != given:
             c.error(key, f"{used} {ph} placeholder(s) but {given} {kind}(s) listed", f"put one {ph} in the text for each {kind}, in order", "placeholder-count")
@@ -395,8 +404,22 @@ def _parse_hf(value: dict[str, Any], c: _Collector) -> list[Message] | None:
                 parts.append(Media(kind, source, f"{pwhere}.{kind}"))
             else:
                 c.error(f"{pwhere}.type", f"unknown content type {json.dumps(ptype)}", "use text, image or video", "bad-value")
-        messages.append(Message(role, parts))
+        messages.append(Message(role, parts, _reasoning(turn, role, where, c)))
     return messages
+
+
+def _reasoning(turn: dict[str, Any], role: str, where: str, c: _Collector) -> str | None:
+    """An assistant turn's ``reasoning_content`` (Thinking models), validated."""
+    value = turn.get("reasoning_content")
+    if value is None:
+        return None
+    if role != "assistant":
+        c.error(f"{where}.reasoning_content", "reasoning in a non-assistant turn", "reasoning belongs to the answer it leads to: move it to the assistant turn", "bad-value")
+    elif not isinstance(value, str):
+        c.error(f"{where}.reasoning_content", f"must be text (got {_type_name(value)})", code="bad-value")
+    else:
+        return value
+    return None
 
 
 def _check_turns(messages: list[Message], shape: str, c: _Collector) -> None:

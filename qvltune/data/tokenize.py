@@ -3,8 +3,16 @@
 Labels: only assistant turns are trained (every assistant turn of a multi-turn record), through
 their end-of-turn token; everything else is -100. The spans are found without knowing the template:
 the conversation is rendered prefix by prefix (``messages[:i]`` with the generation prompt, then
-``messages[:i+1]``), and the text between the two is the answer. A template whose renders are not
-prefixes of each other is refused with a clear error instead of being guessed at.
+``messages[:i+1]``), and the text between the two is the answer.
+
+Thinking templates (Qwen3-VL-*-Thinking) render the last answer as ``<think>reasoning</think>answer``
+but drop the reasoning of earlier answers once a later user turn follows, so a multi-turn render is
+not a prefix of the next one. Such a record is trained in views (``record_views``): with
+``thinking_turns: each`` (the default) one view per assistant turn, the conversation up to that turn,
+rendered exactly as the template renders it when that turn is the last (earlier answers without
+their reasoning, as context), training that turn only; with ``last``, only the final turn. A template
+that is not prefix-stable even for the last turn is refused with a clear error instead of being
+guessed at.
 
 Each segment (prompt, answer, tail) is run through the processor with just the media it contains,
 so image and video tokens are expanded exactly as the processor expands them under the configured
@@ -14,9 +22,9 @@ splits the text where training and generation split it (the prompt ends at ``ass
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qvltune.data.formats import Media, Record
 from qvltune.data.media import ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
@@ -32,6 +40,13 @@ TURN_OVERHEAD_TOKENS = 5
 
 class TemplateError(Exception):
     pass
+
+
+class HistoryRewritten(TemplateError):
+    """The template renders earlier turns differently once later turns follow (Thinking templates)."""
+
+
+ThinkingTurns = Literal["each", "last"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,10 @@ def configure_processor(processor: Any, min_pixels: int | None, max_pixels: int 
     return processor
 
 
-def render_segments(processor: Any, messages: list[dict[str, Any]]) -> list[Segment]:
-    """Split the rendered conversation into untrained and trained (assistant) text segments."""
+def render_segments(processor: Any, messages: list[dict[str, Any]], only_last: bool = False) -> list[Segment]:
+    """Split the rendered conversation into untrained and trained (assistant) text segments.
+
+    ``only_last``: train the last assistant turn only (earlier answers are context)."""
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
     if not template:
         raise TemplateError("the model has no chat template")
@@ -68,15 +85,19 @@ def render_segments(processor: Any, messages: list[dict[str, Any]]) -> list[Segm
     end_token = _end_of_turn(processor)
     segments: list[Segment] = []
     done = ""
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in answers[-1:] if only_last else answers:
         prompt = render(messages[:i], True)
         full = render(messages[: i + 1], False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
+        if not full.startswith(prompt):
             raise TemplateError(
-                "the chat template does not render conversations as prefixes of each other, "
+                "the chat template does not render an answer after its own generation prompt, "
                 "so assistant turns cannot be located"
+            )
+        if not prompt.startswith(done):
+            raise HistoryRewritten(
+                "the chat template renders earlier turns differently once later turns follow "
+                "(as Thinking templates drop earlier reasoning)"
             )
         answer = full[len(prompt) :]
         cut = answer.rfind(end_token) + len(end_token) if end_token and end_token in answer else len(answer)
@@ -86,6 +107,31 @@ def render_segments(processor: Any, messages: list[dict[str, Any]]) -> list[Segm
             segments.append(Segment(answer[cut:], False))
         done = full
     return [s for s in segments if s.text]
+
+
+def record_views(processor: Any, record: Record, thinking_turns: ThinkingTurns = "each") -> list[tuple[int, Record]]:
+    """The (view, record) pairs a record is trained as; view 0 is the whole record, every assistant
+    turn trained. A template that rewrites earlier turns (``HistoryRewritten``) gives, with ``each``,
+    view n = the first n messages training their last answer, for each answer; with ``last``, the
+    whole record training only its last answer (view -1)."""
+    try:
+        render_segments(processor, record.chat())
+        return [(0, record)]
+    except HistoryRewritten:
+        pass
+    if thinking_turns == "last":
+        return [(-1, view_of(record, -1))]
+    ends = [i + 1 for i, m in enumerate(record.messages) if m.role == "assistant"]
+    return [(n, view_of(record, n)) for n in ends]
+
+
+def view_of(record: Record, view: int) -> Record:
+    """The record as ``record_views`` numbered it (0: itself)."""
+    if view == 0:
+        return record
+    if view == -1:
+        return replace(record, train_last_only=True)
+    return replace(record, messages=record.messages[:view], train_last_only=True)
 
 
 def _end_of_turn(processor: Any) -> str:
@@ -117,8 +163,9 @@ class Encoded:
 class Encoder:
     """Encodes records for one processor, pixel budget and media root."""
 
-    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0):
+    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0, thinking_turns: ThinkingTurns = "each"):
         self.processor = processor
+        self.thinking_turns = thinking_turns
         self.root = root
         self.allow_outside_root = allow_outside_root
         self.video_fps = video_fps
@@ -130,7 +177,20 @@ class Encoder:
         return self.root if self.root is not None else Path(record.file).parent
 
     def segments(self, record: Record) -> list[Segment]:
-        return render_segments(self.processor, record.chat())
+        return render_segments(self.processor, record.chat(), only_last=record.train_last_only)
+
+    def views(self, record: Record) -> list[tuple[int, Record]]:
+        return record_views(self.processor, record, self.thinking_turns)
+
+    def drops_reasoning(self, record: Record) -> bool:
+        """Whether the template leaves out reasoning given for a trained answer (``reasoning_content``):
+        Instruct templates ignore the field, so it would silently not be trained."""
+        answers = [m for m in record.messages if m.role == "assistant"]
+        trained = answers[-1:] if record.train_last_only else answers
+        if not any(m.reasoning and m.reasoning.strip() for m in trained):
+            return False
+        text = "".join(seg.text for seg in self.segments(record) if seg.trainable)
+        return any(m.reasoning and m.reasoning.strip() and m.reasoning.strip() not in text for m in trained)
 
     # -- counting (no pixel decoding: sizes come from file headers) -----------------------------
 
