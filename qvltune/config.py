@@ -64,9 +64,36 @@ class Components(_Strict):
     lm_head: Literal["frozen", "full"] | None = None
 
 
+class SourceConfig(_Strict):
+    """One dataset of a mixture with its own settings (unset: the data section's)."""
+
+    path: str
+    weight: float = Field(100.0, gt=0, le=1000, description="percent of the file used per epoch; > 100 repeats records")
+    image_root: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    min_image_tokens: int | None = None
+    max_image_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _budget(self):
+        resolve_pixels(self.min_pixels, self.max_pixels, self.min_image_tokens, self.max_image_tokens)
+        return self
+
+
+def _check_mixture(value):
+    """A mixture string or list parses (per-source settings included); the value is kept as written."""
+    from qvltune.data.formats import parse_mixture
+
+    if value is not None:
+        parse_mixture(value if isinstance(value, str) else [v.model_dump() if isinstance(v, SourceConfig) else v for v in value])
+    return value
+
+
 class DataConfig(_Strict):
-    train: str | list[str] = Field(description="dataset file(s) or mixture a.jsonl%50,b.jsonl")
-    eval: str | list[str] | None = None
+    # A file, a mixture string (a.jsonl%50[max_image_tokens=256],b.jsonl) or a list of sources.
+    train: str | list[str | SourceConfig] = Field(description="dataset file(s) or mixture a.jsonl%50,b.jsonl, or a list of sources")
+    eval: str | list[str | SourceConfig] | None = None
     eval_split: float = Field(0.0, ge=0.0, lt=0.5, description="seeded held-out fraction when no eval set is given")
     image_root: str | None = None
     allow_media_outside_root: bool = False
@@ -82,6 +109,8 @@ class DataConfig(_Strict):
     # Thinking templates (which drop earlier reasoning): train every answer in the context the
     # template gives it as the last turn (each), or only each record's final answer (last).
     thinking_turns: Literal["each", "last"] = "each"
+
+    _mixtures = field_validator("train", "eval")(classmethod(lambda cls, v: _check_mixture(v)))
 
     def pixel_budget(self) -> tuple[int, int]:
         lo, hi = resolve_pixels(self.min_pixels, self.max_pixels, self.min_image_tokens, self.max_image_tokens)
@@ -281,10 +310,28 @@ def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
         q = Path(head)
         return str(q if q.is_absolute() else (base / q)) + sep + pct
 
-    def anchor_spec(spec: str | list[str]) -> str | list[str]:
-        items = spec if isinstance(spec, list) else [s for s in spec.split(",") if s.strip()]
-        anchored = [anchor(s.strip()) for s in items]
-        return anchored if isinstance(spec, list) else ",".join(anchored)
+    def anchor_entry(entry: str) -> str:
+        from qvltune.data.formats import split_settings
+
+        head, settings = split_settings(entry.strip())
+        if "image_root" in settings:
+            settings["image_root"] = anchor(settings["image_root"])
+        inner = ",".join(f"{k}={v}" for k, v in settings.items())
+        return anchor(head) + (f"[{inner}]" if settings else "")
+
+    def anchor_spec(spec):
+        from qvltune.data.formats import _split_entries
+
+        if isinstance(spec, str):
+            return ",".join(anchor_entry(s) for s in _split_entries(spec) if s.strip())
+        out = []
+        for item in spec:
+            if isinstance(item, SourceConfig):
+                item = item.model_copy(update={"path": anchor(item.path), "image_root": anchor(item.image_root) if item.image_root else None})
+            else:
+                item = anchor_entry(item)
+            out.append(item)
+        return out
 
     cfg.data.train = anchor_spec(cfg.data.train)
     if cfg.data.eval:

@@ -26,7 +26,7 @@ import torch
 
 from qvltune.checkpoints import COMPLETE_MARKER, STOP_FILE, checkpoints, is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
-from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data
+from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data, source_encoders
 from qvltune.errors import UserError
 from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
@@ -422,8 +422,9 @@ def run(run_dir: Path, resume: bool) -> int:
         eval_groups = [[i] for i in range(len(index.eval))]
         collator = PaddedCollator(pad_id, dummy, varlen=varlen)
     policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
-    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log)
-    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log) if index.eval else None
+    encoders = source_encoders(cfg, encoder)
+    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
+    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if index.eval else None
 
     peak = None
     if torch.cuda.is_available():

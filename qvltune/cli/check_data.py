@@ -128,6 +128,13 @@ def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> No
             f"height {sizes['height']['min']}-{sizes['height']['max']} (median {sizes['height']['median']})",
         )
     summary.add_row("pixel budget", f"{min_pixels:,}-{max_pixels:,} px = {min_pixels // TOKEN_PIXELS}-{max_pixels // TOKEN_PIXELS} tokens per image")
+    if len(report.sources) > 1 or any((s["min_pixels"], s["max_pixels"]) != (min_pixels, max_pixels) for s in report.sources):
+        for s in report.sources:  # a mixture: each source with its own share, budget and image root
+            lo, hi = s["min_pixels"], s["max_pixels"]
+            summary.add_row(
+                f"  {s['file']}",
+                f"{s['percent']:g}%, {lo:,}-{hi:,} px = {lo // TOKEN_PIXELS}-{hi // TOKEN_PIXELS} tokens per image, images in {s['image_root']}",
+            )
     out.print(summary)
 
     if report.lengths:

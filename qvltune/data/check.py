@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.boxes import BoxStats, check_record as check_boxes
-from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items
+from qvltune.data.formats import DatasetSpec, Problem, Record, parse_mixture, parse_record, read_items
 from qvltune.data.media import ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
 
@@ -38,6 +38,7 @@ class Report:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # tokens per valid (or only too long) record
     usable: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens, view)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # each source's file, share and settings
     views: int = 0  # samples made from records a Thinking template trains turn by turn (see tokenize.record_views)
     trained_tokens: int = 0
     max_seq_length: int | None = None
@@ -81,6 +82,7 @@ class Report:
         return {
             "ok": not self.errors,
             "files": self.files,
+            "sources": self.sources,
             "records": self.records,
             "valid_records": self.valid,
             "errors": len(self.errors),
@@ -149,6 +151,36 @@ def _record_key(record: Record) -> str:
     return hashlib.blake2b(json.dumps(canon, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
+def source_budget(spec: DatasetSpec, processor: Any, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """A source's (min, max) pixels: its own, else the processor's (exact counts), else the given ones."""
+    if processor is not None:
+        size = processor.image_processor.size
+        min_pixels, max_pixels = size.get("shortest_edge", min_pixels), size.get("longest_edge", max_pixels)
+    lo = spec.min_pixels if spec.min_pixels is not None else min_pixels
+    hi = spec.max_pixels if spec.max_pixels is not None else max_pixels
+    # The source's own bound wins over the inherited one it crosses (max_image_tokens=4 under the
+    # default minimum of 49 tokens means 4 tokens per image).
+    if lo > hi:
+        lo, hi = (hi, hi) if spec.max_pixels is not None else (lo, lo)
+    return lo, hi
+
+
+def encoder_for_source(encoder: Encoder, spec: DatasetSpec) -> Encoder:
+    """The encoder of one source: the shared one, or a copy with the source's image root and budget
+    (a processor copy, so that each source's images are resized as configured for it)."""
+    if spec.image_root is None and spec.min_pixels is None and spec.max_pixels is None:
+        return encoder
+    import copy
+
+    from qvltune.data.tokenize import configure_processor
+
+    processor = encoder.processor
+    if spec.min_pixels is not None or spec.max_pixels is not None:
+        lo, hi = source_budget(spec, processor, 0, 0)
+        processor = configure_processor(copy.deepcopy(processor), lo, hi)
+    return Encoder(processor, root=spec.image_root or encoder.root, allow_outside_root=encoder.allow_outside_root, video_fps=encoder.video_fps, thinking_turns=encoder.thinking_turns)
+
+
 def check_dataset(
     data: str | list[str],
     *,
@@ -174,11 +206,15 @@ def check_dataset(
         "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
     )
     report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
-    encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps, thinking_turns=thinking_turns) if processor is not None else None
+    base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps, thinking_turns=thinking_turns) if processor is not None else None
     seen: dict[str, str] = {}
     template_broken = False
     reasoning_warned = False
     for spec in specs:
+        # Each source's own settings (image root, pixel budget) over the run's.
+        spec_lo, spec_hi = source_budget(spec, processor, min_pixels, max_pixels)
+        report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(spec.image_root or image_root or spec.path.parent), "min_pixels": spec_lo, "max_pixels": spec_hi})
+        encoder = encoder_for_source(base_encoder, spec) if base_encoder is not None else None
         if not spec.path.exists():
             report.problems.append(Problem("error", str(spec.path), None, None, "", "dataset file not found", "check the path", "missing-file"))
             continue
@@ -201,7 +237,7 @@ def check_dataset(
             if record is None:
                 continue
             # Media: every item, every problem.
-            root = image_root if image_root is not None else spec.path.parent
+            root = spec.image_root or (image_root if image_root is not None else spec.path.parent)
             infos: list[ImageInfo | VideoInfo] = []
             media_ok = True
             for m in record.media:
@@ -238,7 +274,7 @@ def check_dataset(
                     # One count per view: a record is several samples under a Thinking template.
                     counts = [(view, *encoder.count(rec, infos)) for view, rec in encoder.views(record)]
                 else:
-                    length = estimate_tokens(record, infos, min_pixels, max_pixels)
+                    length = estimate_tokens(record, infos, spec_lo, spec_hi)
                     counts = [(0, length, sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant"))]
             except TemplateError as e:
                 if not template_broken:

@@ -69,6 +69,17 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
     return entries, report.problems
 
 
+def source_encoders(cfg, encoder: Encoder) -> dict[str, Encoder]:
+    """Each dataset file's encoder: its source's own image root and pixel budget over the run's."""
+    from qvltune.data.check import encoder_for_source
+
+    out: dict[str, Encoder] = {}
+    for spec_value in (cfg.data.train, cfg.data.eval):
+        for spec in parse_mixture(spec_value) if spec_value else []:
+            out[str(spec.path)] = encoder_for_source(encoder, spec)
+    return out
+
+
 def prepare_data(cfg, processor: Any) -> DataIndex:
     """Validate, count, sample and split the run's data; ``UserError`` on bad records (policy 'error')."""
     seed = cfg.optim.seed
@@ -133,9 +144,10 @@ class SFTDataset:
     A record whose media cannot be loaded any more stops training naming the record (``error``), or
     is left out of its batch and appended to ``skipped_log`` (``skip``): never silently replaced."""
 
-    def __init__(self, entries: list[Entry], encoder: Encoder, groups: list[list[int]], on_bad_sample: str = "error", skipped_log: Path | None = None):
+    def __init__(self, entries: list[Entry], encoder: Encoder, groups: list[list[int]], on_bad_sample: str = "error", skipped_log: Path | None = None, encoders: dict[str, Encoder] | None = None):
         self.entries = entries
         self.encoder = encoder
+        self.encoders = encoders or {}  # per dataset file (a mixture's per-source settings)
         self.groups = groups
         self.on_bad_sample = on_bad_sample
         self.skipped_log = skipped_log
@@ -152,7 +164,7 @@ class SFTDataset:
             e = self.entries[j]
             record = view_of(self.store.get(e.file, e.index), e.view)
             try:
-                out.append(self.encoder.encode(record))
+                out.append(self.encoders.get(e.file, self.encoder).encode(record))
             except MediaError as err:
                 where = f"{record.where()} {err.field}".strip()
                 if self.on_bad_sample == "error":
