@@ -106,11 +106,22 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = Field(2, ge=0)
     video_fps: float = Field(2.0, gt=0)
+    # Frames per video: files are resampled to video_fps within [video_min_frames, video_max_frames];
+    # folders/lists of frames are thinned beyond video_max_frames. video_max_tokens bounds each video's
+    # LLM tokens (all frames), lowering the resolution of long videos.
+    video_min_frames: int = Field(2, ge=2)
+    video_max_frames: int | None = Field(None, ge=2)
+    video_max_tokens: int | None = Field(None, ge=1)
     # Thinking templates (which drop earlier reasoning): train every answer in the context the
     # template gives it as the last turn (each), or only each record's final answer (last).
     thinking_turns: Literal["each", "last"] = "each"
 
     _mixtures = field_validator("train", "eval")(classmethod(lambda cls, v: _check_mixture(v)))
+
+    def video_sampling(self):
+        from qvltune.data.video import VideoSampling
+
+        return VideoSampling(self.video_fps, self.video_min_frames, self.video_max_frames, self.video_max_tokens)
 
     def pixel_budget(self) -> tuple[int, int]:
         lo, hi = resolve_pixels(self.min_pixels, self.max_pixels, self.min_image_tokens, self.max_image_tokens)

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from qvltune import console
 from qvltune.data.check import Report, check_dataset
+from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS, resolve_pixels
 
@@ -25,6 +26,10 @@ def command(
     max_image_tokens: int = typer.Option(None, "--max-image-tokens", help="Same as --max-pixels, in tokens per image."),
     max_seq_length: int = typer.Option(None, "--max-seq-length", help="Flag records longer than this many tokens."),
     thinking_turns: str = typer.Option("each", "--thinking-turns", metavar="each|last", help="Thinking templates (earlier reasoning dropped): train every answer as the last turn (each) or only the final one."),
+    video_fps: float = typer.Option(2.0, "--video-fps", min=0.01, help="Frames per second sampled from video files (frame folders/lists are taken to be at this rate)."),
+    video_min_frames: int = typer.Option(2, "--video-min-frames", min=2, help="Fewest frames sampled from a video file."),
+    video_max_frames: int = typer.Option(None, "--video-max-frames", min=2, help="Most frames per video (files and frame lists)."),
+    video_max_tokens: int = typer.Option(None, "--video-max-tokens", min=1, help="LLM tokens per video, all frames (lowers the resolution of long videos)."),
     deep: bool = typer.Option(False, "--deep", help="Decode every image fully (catches truncated files; slower)."),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept media paths outside the image root."),
     strict: bool = typer.Option(False, "--strict", help="Fail on warnings too."),
@@ -59,6 +64,7 @@ def command(
                 deep=deep,
                 allow_outside_root=allow_outside_root,
                 thinking_turns=thinking_turns,
+                video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
                 progress=progress,
             )
     except ValueError as e:  # a malformed mixture spec

@@ -20,6 +20,7 @@ from qvltune.data.boxes import BoxStats, check_record as check_boxes
 from qvltune.data.formats import DatasetSpec, Problem, Record, parse_mixture, parse_record, read_items
 from qvltune.data.media import ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
+from qvltune.data.video import VideoSampling, frames_that_fit
 
 # Qwen3-VL's processor refuses images whose long/short side ratio exceeds 200 (smart_resize).
 MAX_ASPECT_RATIO = 200
@@ -178,7 +179,7 @@ def encoder_for_source(encoder: Encoder, spec: DatasetSpec) -> Encoder:
     if spec.min_pixels is not None or spec.max_pixels is not None:
         lo, hi = source_budget(spec, processor, 0, 0)
         processor = configure_processor(copy.deepcopy(processor), lo, hi)
-    return Encoder(processor, root=spec.image_root or encoder.root, allow_outside_root=encoder.allow_outside_root, video_fps=encoder.video_fps, thinking_turns=encoder.thinking_turns)
+    return Encoder(processor, root=spec.image_root or encoder.root, allow_outside_root=encoder.allow_outside_root, video=encoder.video, thinking_turns=encoder.thinking_turns)
 
 
 def check_dataset(
@@ -193,6 +194,7 @@ def check_dataset(
     deep: bool = False,
     allow_outside_root: bool = False,
     video_fps: float = 2.0,
+    video: VideoSampling | None = None,
     thinking_turns: str = "each",
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
@@ -206,7 +208,8 @@ def check_dataset(
         "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
     )
     report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
-    base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps, thinking_turns=thinking_turns) if processor is not None else None
+    video = video or VideoSampling(fps=video_fps)
+    base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video=video, thinking_turns=thinking_turns) if processor is not None else None
     seen: dict[str, str] = {}
     template_broken = False
     reasoning_warned = False
@@ -253,7 +256,7 @@ def check_dataset(
                             )
                         report.image_sizes.append((info.width, info.height))
                     else:
-                        info = probe_video(m.source, root, allow_outside_root, video_fps, deep)
+                        info = probe_video(m.source, root, allow_outside_root, video, deep)
                         if info.frames < 1:
                             raise MediaError(f"video {m.source} has no frames", "re-encode it", "corrupt-video")
                         report.videos += 1
@@ -274,7 +277,7 @@ def check_dataset(
                     # One count per view: a record is several samples under a Thinking template.
                     counts = [(view, *encoder.count(rec, infos)) for view, rec in encoder.views(record)]
                 else:
-                    length = estimate_tokens(record, infos, spec_lo, spec_hi)
+                    length = estimate_tokens(record, infos, spec_lo, spec_hi, video.max_tokens)
                     counts = [(0, length, sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant"))]
             except TemplateError as e:
                 if not template_broken:
@@ -292,8 +295,15 @@ def check_dataset(
                 if max_seq_length and length > max_seq_length:
                     too_long = True
                     what = f" (the view up to answer {sum(m.role == 'assistant' for m in record.messages[:view])})" if view > 0 else ""
+                    fix = "raise max_seq_length, lower max_pixels, or shorten/split the record"
+                    if record.videos:
+                        rec = dict(encoder.views(record)).get(view, record) if encoder is not None else record
+                        count = (lambda i, r=rec: encoder.count(r, i)[0]) if encoder is not None else (lambda i, r=rec: estimate_tokens(r, i, spec_lo, spec_hi, video.max_tokens))
+                        fit = frames_that_fit(infos, count, max_seq_length)
+                        fix = (f"its video(s) would fit with at most {fit} frames: set data.video_max_frames: {fit} (check-data --video-max-frames), lower video_fps or video_max_tokens, or raise max_seq_length"
+                               if fit else "even 2 frames per video do not fit: raise max_seq_length or lower video_max_tokens")
                     report.problems.append(
-                        Problem("error", record.file, record.line, record.index, "", f"{length} tokens{what} (text + image tokens at the pixel budget) exceed max_seq_length {max_seq_length}", "raise max_seq_length, lower max_pixels, or shorten/split the record", "too-long")
+                        Problem("error", record.file, record.line, record.index, "", f"{length} tokens{what} (text + image and video tokens at the budget) exceed max_seq_length {max_seq_length}", fix, "too-long")
                     )
             key = _record_key(record)
             if key in seen:

@@ -59,7 +59,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         processor=processor,
         max_seq_length=d.max_seq_length,
         allow_outside_root=d.allow_media_outside_root,
-        video_fps=d.video_fps,
+        video=d.video_sampling(),
         thinking_turns=d.thinking_turns,
     )
     entries: list[Entry] = []

@@ -1,8 +1,9 @@
 """Media files: resolve paths safely, read image sizes from headers, load images and video frames.
 
 A video is a video file (decoded with PyAV when it is installed), a folder of frames, or a list of
-frame paths. Frames given as a folder or list are used as they are (no resampling) and are assumed
-to be ``video_fps`` frames per second apart, which is what the frame timestamps in the prompt say.
+frame paths. Which frames are used, and the timestamps they carry, is ``qvltune.data.video``'s
+sampling: files are resampled to ``fps``; folders and lists are taken to be ``fps`` frames per
+second apart and only thinned beyond ``max_frames``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class VideoInfo:
     frames: int  # frames the model will see
     width: int
     height: int
-    fps: float
-    frame_paths: tuple[Path, ...] = ()  # empty for video files
+    fps: float  # frame rate of the source (a file's own; a frame list's configured fps)
+    frame_paths: tuple[Path, ...] = ()  # the chosen frames; empty for video files
+    indices: tuple[int, ...] = ()  # the chosen frames' indices in the source (timestamps = index / fps)
+    total_frames: int = 0  # frames in the source
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -117,14 +120,19 @@ def frame_paths(source: str | tuple[str, ...], root: Path, allow_outside: bool) 
     return None
 
 
-def probe_video(source: str | tuple[str, ...], root: Path, allow_outside: bool, fps: float, deep: bool = False) -> VideoInfo:
+def probe_video(source: str | tuple[str, ...], root: Path, allow_outside: bool, fps, deep: bool = False) -> VideoInfo:
+    """Header-read a video and choose its frames (``fps``: a ``video.VideoSampling`` or a rate)."""
+    from qvltune.data.video import coerce, file_indices, list_indices
+
+    sampling = coerce(fps)
     frames = frame_paths(source, root, allow_outside)
     if frames is not None:
         sizes = {(info.width, info.height) for info in (probe_image(f, deep) for f in frames)}
         if len(sizes) > 1:
             raise MediaError(f"video frames differ in size ({len(sizes)} sizes) in {source if isinstance(source, str) else frames[0].parent}", "resize the frames to one size", "frame-sizes")
         (width, height), = sizes
-        return VideoInfo(len(frames), width, height, fps, frames)
+        chosen = list_indices(len(frames), sampling)
+        return VideoInfo(len(chosen), width, height, sampling.fps, tuple(frames[i] for i in chosen), tuple(chosen), len(frames))
     path = resolve(source, root, allow_outside)
     _check_file(path, "video")
     try:
@@ -134,11 +142,12 @@ def probe_video(source: str | tuple[str, ...], root: Path, allow_outside: bool, 
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            rate = float(stream.average_rate or 0) or fps
+            rate = float(stream.average_rate or 0) or sampling.fps
             count = stream.frames or 0
             if not count or deep:
                 count = sum(1 for _ in container.decode(stream))
-            return VideoInfo(len(_sample(count, rate, fps)), stream.codec_context.width, stream.codec_context.height, fps)
+            chosen = file_indices(count, rate, sampling)
+            return VideoInfo(len(chosen), stream.codec_context.width, stream.codec_context.height, rate, (), tuple(chosen), count)
     except Exception as e:
         raise MediaError(f"cannot decode video {path}: {e}", "re-encode it (e.g. H.264 MP4) or give frames", "corrupt-video") from None
 
@@ -150,16 +159,11 @@ def load_video(info: VideoInfo, source: str | tuple[str, ...], root: Path, allow
     import av
 
     path = resolve(source, root, allow_outside)
+    wanted = set(info.indices)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
-        rate = float(stream.average_rate or 0) or info.fps
-    return [frames[i] for i in _sample(len(frames), rate, info.fps)]
-
-
-def _sample(total: int, rate: float, fps: float) -> list[int]:
-    """Frame indices that resample a ``rate`` fps video to ``fps`` (at least 2: one temporal patch)."""
-    count = min(total, max(2, round(total / rate * fps)))
-    if count <= 1:
-        return [0] * max(count, 1)
-    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+        frames = {i: frame.to_image().convert("RGB") for i, frame in enumerate(container.decode(stream)) if i in wanted}
+    missing = [i for i in info.indices if i not in frames]
+    if missing:
+        raise MediaError(f"video {path} has fewer frames than its header said (frame {missing[0]} missing)", "re-encode it", "corrupt-video")
+    return [frames[i] for i in info.indices]

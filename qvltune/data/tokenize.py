@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qvltune.data.formats import Media, Record
+from qvltune.data.video import VideoSampling, configure_video_processor
+from qvltune.data.video import metadata as video_metadata
 from qvltune.data.media import ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
 
 IGNORE_INDEX = -100
@@ -163,12 +165,16 @@ class Encoded:
 class Encoder:
     """Encodes records for one processor, pixel budget and media root."""
 
-    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0, thinking_turns: ThinkingTurns = "each"):
+    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0, thinking_turns: ThinkingTurns = "each", video: VideoSampling | None = None):
         self.processor = processor
         self.thinking_turns = thinking_turns
         self.root = root
         self.allow_outside_root = allow_outside_root
-        self.video_fps = video_fps
+        self.video = video or VideoSampling(fps=video_fps)
+        self.video_fps = self.video.fps
+        # The per-video token budget is set on the processor itself, like the image budget, so the
+        # saved processor resizes videos as training did.
+        configure_video_processor(processor, self.video)
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.video_token = getattr(processor, "video_token", "<|video_pad|>")
         self._merge = processor.image_processor.merge_size**2
@@ -200,7 +206,6 @@ class Encoder:
 
     def _video_placeholder(self, info: VideoInfo) -> str:
         import torch
-        from transformers.video_utils import VideoMetadata
 
         patches = self.processor.video_processor.get_num_of_video_patches(info.frames, info.height, info.width)
         t = -(-info.frames // self.processor.video_processor.temporal_patch_size)
@@ -208,8 +213,8 @@ class Encoder:
         merge = self.processor.video_processor.merge_size
         # Grid in patches (t, h, w) only needs the right product per frame for the placeholder.
         grid = torch.tensor([[t, hw // merge, merge]])
-        meta = VideoMetadata(total_num_frames=info.frames, fps=info.fps, frames_indices=list(range(info.frames)))
-        return self.processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [meta]}, 0)
+        # The processor's own placeholder: frame groups with the timestamps it writes between them.
+        return self.processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [video_metadata(info)]}, 0)
 
     def count(self, record: Record, infos: list[ImageInfo | VideoInfo]) -> tuple[int, int]:
         """(total tokens, trained tokens) of a record, exactly as ``encode`` will produce them."""
@@ -253,7 +258,7 @@ class Encoder:
                 if m.kind == "image":
                     infos.append(probe_image(resolve(m.source, root, self.allow_outside_root), deep))
                 else:
-                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video_fps, deep))
+                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video, deep))
             except MediaError as e:
                 e.field = m.field
                 raise
@@ -317,15 +322,18 @@ class Encoder:
         return images, videos, metas
 
     def _load_video(self, m: Media, root: Path):
-        from transformers.video_utils import VideoMetadata
-
-        info = probe_video(m.source, root, self.allow_outside_root, self.video_fps)
+        info = probe_video(m.source, root, self.allow_outside_root, self.video)
         frames = load_video(info, m.source, root, self.allow_outside_root)
-        meta = VideoMetadata(total_num_frames=len(frames), fps=info.fps, frames_indices=list(range(len(frames))))
-        return frames, meta
+        return frames, video_metadata(info)
 
 
-def estimate_tokens(record: Record, infos: list[ImageInfo | VideoInfo], min_pixels: int, max_pixels: int) -> int:
+# The released Qwen3-VL video processors' budget (video_preprocessor_config.json): frames x height x
+# width between these many pixels.
+QWEN3VL_VIDEO_MIN_PIXELS = 4096
+QWEN3VL_VIDEO_MAX_PIXELS = 25165824
+
+
+def estimate_tokens(record: Record, infos: list[ImageInfo | VideoInfo], min_pixels: int, max_pixels: int, video_max_tokens: int | None = None) -> int:
     """Token count without a model: exact image tokens for the Qwen3-VL geometry (patch 16, merge 2),
     text estimated from characters. Used by ``check-data`` when no ``--model`` is given."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -341,9 +349,13 @@ def estimate_tokens(record: Record, infos: list[ImageInfo | VideoInfo], min_pixe
                     h, w = smart_resize(info.height, info.width, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
                     total += (h // 32) * (w // 32) + 2  # + vision start/end
                 else:
-                    h, w = smart_resize(info.height, info.width, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
-                    groups = -(-info.frames // 2)
-                    total += groups * ((h // 32) * (w // 32) + 2 + 6) + 2  # + per-frame timestamp text
+                    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_resize
+
+                    budget = video_max_tokens * 32 * 32 * 2 if video_max_tokens else QWEN3VL_VIDEO_MAX_PIXELS
+                    frames = max(2, info.frames)
+                    h, w = video_resize(frames, info.height, info.width, temporal_factor=2, factor=32, min_pixels=min(QWEN3VL_VIDEO_MIN_PIXELS, budget), max_pixels=budget)
+                    groups = -(-frames // 2)
+                    total += groups * ((h // 32) * (w // 32) + 2 + 6)  # + "<t seconds>" before each group
             else:
                 total += int(len(part) / CHARS_PER_TOKEN_ESTIMATE + 0.999)
     return total
