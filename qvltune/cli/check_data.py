@@ -30,6 +30,7 @@ def command(
     video_min_frames: int = typer.Option(2, "--video-min-frames", min=2, help="Fewest frames sampled from a video file."),
     video_max_frames: int = typer.Option(None, "--video-max-frames", min=2, help="Most frames per video (files and frame lists)."),
     video_max_tokens: int = typer.Option(None, "--video-max-tokens", min=1, help="LLM tokens per video, all frames (lowers the resolution of long videos)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Check records in this many processes (large datasets; the report is the same)."),
     deep: bool = typer.Option(False, "--deep", help="Decode every image fully (catches truncated files; slower)."),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept media paths outside the image root."),
     strict: bool = typer.Option(False, "--strict", help="Fail on warnings too."),
@@ -64,6 +65,7 @@ def command(
                 deep=deep,
                 allow_outside_root=allow_outside_root,
                 thinking_turns=thinking_turns,
+                workers=workers,
                 video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
                 progress=progress,
             )
@@ -95,7 +97,7 @@ class _progress:
         self.task = self.bar.add_task("check", total=None)
         return self.update
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int, total: int | None) -> None:
         if done % 500 == 0 or done == total:
             self.bar.update(self.task, completed=done, total=total)
 

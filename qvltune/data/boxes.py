@@ -148,6 +148,17 @@ class BoxStats:
     reach_edge: float = 0.0  # the largest coordinate / image size among the fitting ones
     example: str = ""
 
+    def merge(self, other: BoxStats) -> None:
+        """Add another part of the same dataset (checked in another process), in file order."""
+        self.boxes += other.boxes
+        self.records += other.records
+        self.above_scale += other.above_scale
+        self.first_above = self.first_above or other.first_above
+        self.small_image_boxes += other.small_image_boxes
+        self.fitting_pixels += other.fitting_pixels
+        if other.reach_edge > self.reach_edge:
+            self.reach_edge, self.example = other.reach_edge, other.example
+
     def problems(self, file: str) -> list[Problem]:
         """The dataset-level verdict: looks absolute (values above 1000, or values matching pixel sizes)."""
         out = []

@@ -182,6 +182,164 @@ def encoder_for_source(encoder: Encoder, spec: DatasetSpec) -> Encoder:
     return Encoder(processor, root=spec.image_root or encoder.root, allow_outside_root=encoder.allow_outside_root, video=encoder.video, thinking_turns=encoder.thinking_turns)
 
 
+# ----------------------------------------------------------------------------------------------
+# One record, checked on its own (in this process or a worker), then merged in file order.
+
+
+@dataclass
+class _Source:
+    file: str
+    root: Path
+    encoder: Encoder | None
+    min_pixels: int
+    max_pixels: int
+
+
+@dataclass
+class _Settings:
+    allow_outside_root: bool
+    deep: bool
+    max_seq_length: int | None
+    video: VideoSampling
+
+
+@dataclass
+class _Outcome:
+    """What checking one item found; ``counts`` is None when the record is not usable at all."""
+
+    counted: bool = True  # a record (False: a file-level problem)
+    problems: list[Problem] = field(default_factory=list)
+    where: tuple[str, int | None, int] = ("", None, 0)
+    key: str = ""
+    shape: str = ""
+    n_images: int = 0
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    videos: int = 0
+    boxes: BoxStats | None = None
+    counts: list[tuple[int, int, int]] | None = None  # (view, tokens, trained tokens)
+    too_long: bool = False
+    template_error: Problem | None = None
+    reasoning_dropped: Problem | None = None
+
+
+def _check_item(item, source: _Source, s: _Settings) -> _Outcome:
+    out = _Outcome()
+    if item.problem is not None:
+        out.counted = item.problem.index is not None  # a record that could not be read (not a file-level problem)
+        out.problems.append(item.problem)
+        return out
+    record, problems = parse_record(item, source.file)
+    out.problems += problems
+    if record is None:
+        return out
+    out.where = (record.file, record.line, record.index)
+    # Media: every item, every problem.
+    infos: list[ImageInfo | VideoInfo] = []
+    media_ok = True
+    for m in record.media:
+        try:
+            if m.kind == "image":
+                info = probe_image(resolve(m.source, source.root, s.allow_outside_root), s.deep)
+                ratio = max(info.width, info.height) / min(info.width, info.height)
+                if ratio > MAX_ASPECT_RATIO:
+                    raise MediaError(
+                        f"aspect ratio {ratio:.0f}:1 of {m.source} ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1",
+                        "crop or pad the image",
+                        "aspect-ratio",
+                    )
+                out.image_sizes.append((info.width, info.height))
+            else:
+                info = probe_video(m.source, source.root, s.allow_outside_root, s.video, s.deep)
+                if info.frames < 1:
+                    raise MediaError(f"video {m.source} has no frames", "re-encode it", "corrupt-video")
+                out.videos += 1
+            infos.append(info)
+        except MediaError as e:
+            media_ok = False
+            out.problems.append(Problem("error", record.file, record.line, record.index, m.field, e.message, e.fix, e.code))
+    if not media_ok:
+        return out
+    # Grounding coordinates (qvltune.data.boxes): a record with a box Qwen3-VL would misread is not used.
+    out.boxes = BoxStats()
+    box_problems = check_boxes(record, [(i.width, i.height) for i in infos if isinstance(i, ImageInfo)], out.boxes)
+    out.problems += box_problems
+    if any(p.severity == "error" for p in box_problems):
+        return out
+    # Tokens.
+    encoder = source.encoder
+    try:
+        if encoder is not None:
+            # One count per view: a record is several samples under a Thinking template.
+            views = encoder.views(record)
+            counts = [(view, *encoder.count(rec, infos)) for view, rec in views]
+        else:
+            views = [(0, record)]
+            length = estimate_tokens(record, infos, source.min_pixels, source.max_pixels, s.video.max_tokens)
+            counts = [(0, length, sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant"))]
+    except TemplateError as e:
+        out.template_error = Problem("error", record.file, record.line, record.index, "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template")
+        return out
+    if encoder is not None and any(m.reasoning for m in record.messages) and any(encoder.drops_reasoning(rec) for _, rec in views):
+        out.reasoning_dropped = Problem("warning", record.file, record.line, record.index, "", "the model's chat template does not render this record's reasoning_content, so the reasoning would not be trained (first such record)", "use a Thinking model, or put the reasoning in the answer text", "reasoning-dropped")
+    for (view, length, trained), (_, rec) in zip(counts, views):
+        if s.max_seq_length and length > s.max_seq_length:
+            out.too_long = True
+            what = f" (the view up to answer {sum(m.role == 'assistant' for m in record.messages[:view])})" if view > 0 else ""
+            fix = "raise max_seq_length, lower max_pixels, or shorten/split the record"
+            if record.videos:
+                count = (lambda i, r=rec: encoder.count(r, i)[0]) if encoder is not None else (lambda i, r=rec: estimate_tokens(r, i, source.min_pixels, source.max_pixels, s.video.max_tokens))
+                fit = frames_that_fit(infos, count, s.max_seq_length)
+                fix = (f"its video(s) would fit with at most {fit} frames: set data.video_max_frames: {fit} (check-data --video-max-frames), lower video_fps or video_max_tokens, or raise max_seq_length"
+                       if fit else "even 2 frames per video do not fit: raise max_seq_length or lower video_max_tokens")
+            out.problems.append(
+                Problem("error", record.file, record.line, record.index, "", f"{length} tokens{what} (text + image and video tokens at the budget) exceed max_seq_length {s.max_seq_length}", fix, "too-long")
+            )
+    out.key = _record_key(record)
+    out.shape = record.shape
+    out.n_images = len(record.images)
+    out.counts = counts
+    return out
+
+
+# Worker processes inherit the source and settings by fork (the processor is not re-loaded per chunk).
+_WORKER_STATE: tuple[_Source, _Settings] | None = None
+CHUNK = 2000  # records per task handed to a worker
+
+
+def _check_chunk(items: list) -> list[_Outcome]:
+    source, settings = _WORKER_STATE
+    return [_check_item(item, source, settings) for item in items]
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _outcomes(items, source: _Source, settings: _Settings, workers: int):
+    """Each item's outcome, in file order; ``workers`` > 1 spreads chunks over forked processes."""
+    if workers <= 1:
+        for item in items:
+            yield _check_item(item, source, settings)
+        return
+    import multiprocessing
+
+    global _WORKER_STATE
+    _WORKER_STATE = (source, settings)
+    # fork: the workers share the parent's imports and processor (spawn would re-import torch and
+    # transformers in each, seconds apiece); they run no threads of their own.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for chunk in pool.imap(_check_chunk, _chunks(items, CHUNK), chunksize=1):
+            yield from chunk
+    _WORKER_STATE = None
+
+
 def check_dataset(
     data: str | list[str],
     *,
@@ -196,12 +354,15 @@ def check_dataset(
     video_fps: float = 2.0,
     video: VideoSampling | None = None,
     thinking_turns: str = "each",
-    progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> Report:
     """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
 
     With a ``processor`` token counts are exact (the model's chat template and pixel budget);
     without one, image tokens use the Qwen3-VL geometry and text tokens are estimated.
+    ``workers`` > 1 checks records in that many processes (the merge keeps the file's order, so the
+    report is the same as with one).
     """
     specs = parse_mixture(data)
     counting = f"exact ({model_name or 'model processor'})" if processor is not None else (
@@ -213,11 +374,13 @@ def check_dataset(
     seen: dict[str, str] = {}
     template_broken = False
     reasoning_warned = False
+    settings = _Settings(allow_outside_root, deep, max_seq_length, video)
     for spec in specs:
         # Each source's own settings (image root, pixel budget) over the run's.
         spec_lo, spec_hi = source_budget(spec, processor, min_pixels, max_pixels)
-        report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(spec.image_root or image_root or spec.path.parent), "min_pixels": spec_lo, "max_pixels": spec_hi})
-        encoder = encoder_for_source(base_encoder, spec) if base_encoder is not None else None
+        root = spec.image_root or (image_root if image_root is not None else spec.path.parent)
+        report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(root), "min_pixels": spec_lo, "max_pixels": spec_hi})
+        source = _Source(str(spec.path), root, encoder_for_source(base_encoder, spec) if base_encoder is not None else None, spec_lo, spec_hi)
         if not spec.path.exists():
             report.problems.append(Problem("error", str(spec.path), None, None, "", "dataset file not found", "check the path", "missing-file"))
             continue
@@ -225,96 +388,38 @@ def check_dataset(
             report.problems.append(Problem("error", str(spec.path), None, None, "", "is a directory, not a dataset file", "point at a .json or .jsonl file", "missing-file"))
             continue
         box_stats = BoxStats()
-        items = list(read_items(spec.path))
-        for n, item in enumerate(items):
+        for n, out in enumerate(_outcomes(read_items(spec.path), source, settings, workers)):
             if progress:
-                progress(n + 1, len(items))
-            if item.problem is not None:
-                if item.problem.index is not None:  # a record that could not be read (not a file-level problem)
-                    report.records += 1
-                report.problems.append(item.problem)
-                continue
-            report.records += 1
-            record, problems = parse_record(item, str(spec.path))
-            report.problems += problems
-            if record is None:
-                continue
-            # Media: every item, every problem.
-            root = spec.image_root or (image_root if image_root is not None else spec.path.parent)
-            infos: list[ImageInfo | VideoInfo] = []
-            media_ok = True
-            for m in record.media:
-                try:
-                    if m.kind == "image":
-                        info = probe_image(resolve(m.source, root, allow_outside_root), deep)
-                        ratio = max(info.width, info.height) / min(info.width, info.height)
-                        if ratio > MAX_ASPECT_RATIO:
-                            raise MediaError(
-                                f"aspect ratio {ratio:.0f}:1 of {m.source} ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1",
-                                "crop or pad the image",
-                                "aspect-ratio",
-                            )
-                        report.image_sizes.append((info.width, info.height))
-                    else:
-                        info = probe_video(m.source, root, allow_outside_root, video, deep)
-                        if info.frames < 1:
-                            raise MediaError(f"video {m.source} has no frames", "re-encode it", "corrupt-video")
-                        report.videos += 1
-                    infos.append(info)
-                except MediaError as e:
-                    media_ok = False
-                    report.problems.append(Problem("error", record.file, record.line, record.index, m.field, e.message, e.fix, e.code))
-            if not media_ok:
-                continue
-            # Grounding coordinates (qvltune.data.boxes): a record with a box Qwen3-VL would misread is not used.
-            box_problems = check_boxes(record, [(i.width, i.height) for i in infos if isinstance(i, ImageInfo)], box_stats)
-            report.problems += box_problems
-            if any(p.severity == "error" for p in box_problems):
-                continue
-            # Tokens.
-            try:
-                if encoder is not None:
-                    # One count per view: a record is several samples under a Thinking template.
-                    counts = [(view, *encoder.count(rec, infos)) for view, rec in encoder.views(record)]
-                else:
-                    length = estimate_tokens(record, infos, spec_lo, spec_hi, video.max_tokens)
-                    counts = [(0, length, sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant"))]
-            except TemplateError as e:
+                progress(n + 1, None)  # the total is not known before the file is read through
+            report.records += out.counted
+            report.problems += out.problems
+            report.image_sizes += out.image_sizes
+            report.videos += out.videos
+            if out.boxes is not None:
+                box_stats.merge(out.boxes)
+            if out.template_error is not None:
                 if not template_broken:
-                    report.problems.append(Problem("error", record.file, record.line, record.index, "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template"))
+                    report.problems.append(out.template_error)
                 template_broken = True
                 continue
+            if out.counts is None:
+                continue
+            if out.reasoning_dropped is not None and not reasoning_warned:
+                reasoning_warned = True
+                report.problems.append(out.reasoning_dropped)
+            counts = out.counts
             if any(v != 0 for v, _, _ in counts):
                 report.views += len(counts)
-            if encoder is not None and not reasoning_warned and any(m.reasoning for m in record.messages):
-                if any(encoder.drops_reasoning(rec) for _, rec in encoder.views(record)):
-                    reasoning_warned = True
-                    report.problems.append(Problem("warning", record.file, record.line, record.index, "", "the model's chat template does not render this record's reasoning_content, so the reasoning would not be trained (first such record)", "use a Thinking model, or put the reasoning in the answer text", "reasoning-dropped"))
-            too_long = False
-            for view, length, trained in counts:
-                if max_seq_length and length > max_seq_length:
-                    too_long = True
-                    what = f" (the view up to answer {sum(m.role == 'assistant' for m in record.messages[:view])})" if view > 0 else ""
-                    fix = "raise max_seq_length, lower max_pixels, or shorten/split the record"
-                    if record.videos:
-                        rec = dict(encoder.views(record)).get(view, record) if encoder is not None else record
-                        count = (lambda i, r=rec: encoder.count(r, i)[0]) if encoder is not None else (lambda i, r=rec: estimate_tokens(r, i, spec_lo, spec_hi, video.max_tokens))
-                        fit = frames_that_fit(infos, count, max_seq_length)
-                        fix = (f"its video(s) would fit with at most {fit} frames: set data.video_max_frames: {fit} (check-data --video-max-frames), lower video_fps or video_max_tokens, or raise max_seq_length"
-                               if fit else "even 2 frames per video do not fit: raise max_seq_length or lower video_max_tokens")
-                    report.problems.append(
-                        Problem("error", record.file, record.line, record.index, "", f"{length} tokens{what} (text + image and video tokens at the budget) exceed max_seq_length {max_seq_length}", fix, "too-long")
-                    )
-            key = _record_key(record)
-            if key in seen:
-                report.problems.append(Problem("warning", record.file, record.line, record.index, "", f"duplicate of {seen[key]}", "remove one copy unless the repetition is intended", "duplicate"))
+            file, line, index = out.where
+            if out.key in seen:
+                report.problems.append(Problem("warning", file, line, index, "", f"duplicate of {seen[out.key]}", "remove one copy unless the repetition is intended", "duplicate"))
             else:
-                seen[key] = record.where()
-            report.valid += not too_long
-            if not too_long:
-                report.usable += [(record.file, record.index, length, trained, view) for view, length, trained in counts]
-            report.shapes[record.shape] += 1
-            report.images_per_record[len(record.images)] += 1
+                seen[out.key] = f"{file}:{line}" if line is not None else f"{file}[{index}]"
+            report.valid += not out.too_long
+            if not out.too_long:
+                report.usable += [(file, index, length, trained, view) for view, length, trained in counts]
+            report.shapes[out.shape] += 1
+            report.images_per_record[out.n_images] += 1
             report.lengths += [length for _, length, _ in counts]
             report.trained_tokens += sum(trained for _, _, trained in counts)
         report.problems += box_stats.problems(str(spec.path))
