@@ -115,6 +115,8 @@ class DataConfig(_Strict):
     # Thinking templates (which drop earlier reasoning): train every answer in the context the
     # template gives it as the last turn (each), or only each record's final answer (last).
     thinking_turns: Literal["each", "last"] = "each"
+    # Cache the checked index (token counts) beside the data, keyed by its content and these settings.
+    index_cache: bool = True
 
     _mixtures = field_validator("train", "eval")(classmethod(lambda cls, v: _check_mixture(v)))
 

@@ -58,6 +58,8 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index = prepare_data(cfg, processor)
+    if index.from_cache:
+        console.note("data index: checks and token counts reused from the cache beside the data (data.index_cache)")
     index.save(run_dir / "data_index.json")
     if index.skipped:
         import json

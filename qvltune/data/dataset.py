@@ -18,6 +18,7 @@ from typing import Any
 from qvltune.data.check import check_dataset
 from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items, sample_indices
 from qvltune.data.tokenize import Encoded, Encoder, view_of
+from qvltune.data.video import configure_video_processor
 from qvltune.errors import UserError
 
 MAX_PROBLEMS_SHOWN = 20
@@ -37,6 +38,7 @@ class DataIndex:
     train: list[Entry]
     eval: list[Entry]
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    from_cache: bool = False  # the training set's checks and counts came from the index cache (not saved)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,23 +52,47 @@ class DataIndex:
         return cls([Entry(**e) for e in doc["train"]], [Entry(**e) for e in doc["eval"]], doc.get("skipped", []))
 
 
-def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[list[Entry], list[Problem]]:
-    """Every usable record of a dataset or mixture with its exact token count, after sampling."""
+def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[list[Entry], list[Problem], bool]:
+    """Every usable record of a dataset or mixture with its exact token count, after sampling; and
+    whether it came from the index cache beside the data (``qvltune.data.index_cache``)."""
+    from dataclasses import asdict as _asdict
+
+    from qvltune.data import index_cache
+
     d = cfg.data
-    report = check_dataset(
-        spec,
-        image_root=Path(d.image_root) if d.image_root else None,
-        processor=processor,
-        max_seq_length=d.max_seq_length,
-        allow_outside_root=d.allow_media_outside_root,
-        video=d.video_sampling(),
-        thinking_turns=d.thinking_turns,
-    )
+    settings = {
+        "image_root": d.image_root,
+        "max_seq_length": d.max_seq_length,
+        "allow_outside_root": d.allow_media_outside_root,
+        "video": _asdict(d.video_sampling()),
+        "thinking_turns": d.thinking_turns,
+    }
+    cached = None
+    # The encoder sets the video sampling on the processor; set it first so the key sees what counting sees.
+    configure_video_processor(processor, d.video_sampling())
+    if d.index_cache:
+        path = index_cache.cache_path(spec, index_cache.cache_key(spec, processor, settings))
+        cached = index_cache.load(path)
+    if cached is not None:
+        usable, problems = cached
+    else:
+        report = check_dataset(
+            spec,
+            image_root=Path(d.image_root) if d.image_root else None,
+            processor=processor,
+            max_seq_length=d.max_seq_length,
+            allow_outside_root=d.allow_media_outside_root,
+            video=d.video_sampling(),
+            thinking_turns=d.thinking_turns,
+        )
+        usable, problems = report.usable, report.problems
+        if d.index_cache:
+            index_cache.save(path, usable, problems)
     entries: list[Entry] = []
     for s in parse_mixture(spec):
-        per_file = [Entry(*u) for u in report.usable if u[0] == str(s.path)]
+        per_file = [Entry(*u) for u in usable if u[0] == str(s.path)]
         entries += [per_file[i] for i in sample_indices(len(per_file), s.percent, seed)]
-    return entries, report.problems
+    return entries, problems, cached is not None
 
 
 def source_encoders(cfg, encoder: Encoder) -> dict[str, Encoder]:
@@ -83,11 +109,11 @@ def source_encoders(cfg, encoder: Encoder) -> dict[str, Encoder]:
 def prepare_data(cfg, processor: Any) -> DataIndex:
     """Validate, count, sample and split the run's data; ``UserError`` on bad records (policy 'error')."""
     seed = cfg.optim.seed
-    train, problems = _checked_entries(cfg.data.train, processor, cfg, seed)
+    train, problems, from_cache = _checked_entries(cfg.data.train, processor, cfg, seed)
     evals: list[Entry] = []
     if cfg.data.eval:
-        evals, eval_problems = _checked_entries(cfg.data.eval, processor, cfg, seed)
-        problems += eval_problems
+        evals, eval_problems, _ = _checked_entries(cfg.data.eval, processor, cfg, seed)
+        problems = problems + eval_problems
     errors = [p for p in problems if p.severity == "error"]
     skipped = []
     if errors:
@@ -109,7 +135,7 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
         held = set(order[:n_eval])
         evals = [e for i, e in enumerate(train) if i in held]
         train = [e for i, e in enumerate(train) if i not in held]
-    return DataIndex(train, evals, skipped)
+    return DataIndex(train, evals, skipped, from_cache)
 
 
 class RecordStore:

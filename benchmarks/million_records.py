@@ -1,0 +1,119 @@
+"""``qvltune check-data`` on 1,000,000 records: wall time and peak memory of the whole process tree.
+
+The synthetic dataset (made once into --workdir, deterministic): JSONL records in the Qwen format,
+questions of 3-40 words and answers of 1-200 words, each with one image from a pool of --images
+distinct PNG files of varied sizes (64..1024 px per side; every file really has its pixels). The
+check reads image headers (no --deep) and estimates text tokens (no --model). Memory is the summed
+proportional set size (PSS: each shared page split among the processes sharing it) of the CLI process
+and its forked worker processes, sampled every 0.2 s.
+
+    python benchmarks/million_records.py [--records 1000000] [--images 10000] [--workers 2] [--workdir /tmp/qvltune-million]
+
+Target (issue 20): under 5 minutes and 4 GB on the 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+WORDS_Q = ["what", "is", "shown", "in", "the", "image", "describe", "colour", "where", "how", "many"]
+WORDS_A = ["a", "red", "car", "on", "the", "road", "with", "trees", "two", "people", "near", "house"]
+
+
+def make_dataset(workdir: Path, n: int, n_images: int) -> Path:
+    data = workdir / f"data-{n}-{n_images}.jsonl"
+    if data.exists():
+        return data
+    from PIL import Image
+
+    rng = random.Random(0)
+    images = workdir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        path = images / f"{i:06d}.png"
+        if not path.exists():
+            Image.new("RGB", (rng.randint(64, 1024), rng.randint(64, 1024)), (i % 256, 80, 160)).save(path)
+    tmp = data.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for i in range(n):
+            question = " ".join(rng.choice(WORDS_Q) for _ in range(rng.randint(3, 40)))
+            answer = " ".join(rng.choice(WORDS_A) for _ in range(rng.randint(1, 200)))
+            image = f"images/{rng.randrange(n_images):06d}.png"
+            f.write(json.dumps({"image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}) + "\n")
+    tmp.replace(data)
+    return data
+
+
+def tree_rss(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants, in bytes (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def run(cmd: list[str]) -> tuple[float, int, str]:
+    peak = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    return time.perf_counter() - t0, peak, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qvltune-million"))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    data = make_dataset(args.workdir, args.records, args.images)
+    print(f"dataset: {data} ({data.stat().st_size / 1e6:.0f} MB), made or found in {time.perf_counter() - t0:.0f} s")
+    cmd = [sys.executable, "-m", "qvltune", "check-data", str(data), "--json", "--workers", str(args.workers)]
+    wall, peak, out = run(cmd)
+    doc = json.loads(out)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average before: {os.getloadavg()[0]:.1f}")
+    print(f"command: qvltune check-data {data.name} --json --workers {args.workers}")
+    print(f"records: {doc['records']:,} (valid {doc['valid_records']:,}), images checked: {doc['image_sizes']['count']:,}, duplicates: {sum(p['code'] == 'duplicate' for p in doc['problems']):,}")
+    print(f"wall time {wall:.1f} s, peak memory (PSS of the process tree) {peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
