@@ -38,7 +38,8 @@ QWEN25_MAX_PIXELS = 28 * 28 * 16384
 ABSOLUTE_MIN_BOXES = 5
 ABSOLUTE_EDGE_FRACTION = 0.8
 
-FIX_CONVERT = "convert them: qvltune convert-boxes FILE --out FIXED.jsonl (--from pixels, or --from qwen25 for Qwen2.5-VL's resized-image pixels)"
+def fix_convert(file: str) -> str:
+    return f"convert them: qvltune convert-boxes {file} --out FIXED.jsonl (--from pixels, or --from qwen25 for Qwen2.5-VL's resized-image pixels)"
 
 
 @dataclass(frozen=True)
@@ -163,13 +164,13 @@ class BoxStats:
         """The dataset-level verdict: looks absolute (values above 1000, or values matching pixel sizes)."""
         out = []
         if self.above_scale:
-            out.append(Problem("warning", file, None, None, "", f"{self.above_scale} of {self.boxes} coordinate set(s) have values above {SCALE} (first: {self.first_above}): the dataset looks like absolute pixels, but Qwen3-VL reads boxes as 0-{SCALE} relative to the image", FIX_CONVERT, "boxes-absolute"))
+            out.append(Problem("warning", file, None, None, "", f"{self.above_scale} of {self.boxes} coordinate set(s) have values above {SCALE} (first: {self.first_above}): the dataset looks like absolute pixels, but Qwen3-VL reads boxes as 0-{SCALE} relative to the image", fix_convert(file), "boxes-absolute"))
         elif (
             self.small_image_boxes >= ABSOLUTE_MIN_BOXES
             and self.fitting_pixels == self.small_image_boxes
             and self.reach_edge >= ABSOLUTE_EDGE_FRACTION
         ):
-            out.append(Problem("warning", file, None, None, "", f"all {self.small_image_boxes} boxes on images smaller than {SCALE} px lie inside the image's pixel size and reach its edge (e.g. {self.example}): the dataset looks like absolute pixels, but Qwen3-VL reads boxes as 0-{SCALE} relative to the image", FIX_CONVERT, "boxes-absolute"))
+            out.append(Problem("warning", file, None, None, "", f"all {self.small_image_boxes} boxes on images smaller than {SCALE} px lie inside the image's pixel size and reach its edge (e.g. {self.example}): the dataset looks like absolute pixels, but Qwen3-VL reads boxes as 0-{SCALE} relative to the image", fix_convert(file), "boxes-absolute"))
         return out
 
 
@@ -207,7 +208,7 @@ def check_record(record: Record, image_sizes: list[tuple[int, int]], stats: BoxS
                 problem("error", where, f"{c.kind} {shown} has a negative coordinate", "coordinates are 0-1000 relative to the image: clamp or fix them", "boxes-range")
             if max(c.values) > SCALE:
                 size = f" (image {image_sizes[0][0]}x{image_sizes[0][1]})" if len(image_sizes) == 1 else ""
-                problem("error", where, f"{c.kind} {shown} has a value above {SCALE}: Qwen3-VL coordinates are 0-{SCALE} relative to the image; this looks like absolute pixels{size}", FIX_CONVERT, "boxes-range")
+                problem("error", where, f"{c.kind} {shown} has a value above {SCALE}: Qwen3-VL coordinates are 0-{SCALE} relative to the image; this looks like absolute pixels{size}", fix_convert(record.file), "boxes-range")
                 if stats is not None:
                     stats.above_scale += 1
                     stats.first_above = stats.first_above or f"{record.where()} {where}"
