@@ -111,20 +111,20 @@ def render_segments(processor: Any, messages: list[dict[str, Any]], only_last: b
     return [s for s in segments if s.text]
 
 
-def record_views(processor: Any, record: Record, thinking_turns: ThinkingTurns = "each") -> list[tuple[int, Record]]:
-    """The (view, record) pairs a record is trained as; view 0 is the whole record, every assistant
+def record_views(processor: Any, record: Record, thinking_turns: ThinkingTurns = "each") -> list[tuple[int, Record, list[Segment] | None]]:
+    """The (view, record, its segments when already rendered) a record is trained as; view 0 is the whole record, every assistant
     turn trained. A template that rewrites earlier turns (``HistoryRewritten``) gives, with ``each``,
     view n = the first n messages training their last answer, for each answer; with ``last``, the
     whole record training only its last answer (view -1)."""
     try:
-        render_segments(processor, record.chat())
-        return [(0, record)]
+        segments = render_segments(processor, record.chat())
+        return [(0, record, segments)]
     except HistoryRewritten:
         pass
     if thinking_turns == "last":
-        return [(-1, view_of(record, -1))]
+        return [(-1, view_of(record, -1), None)]
     ends = [i + 1 for i, m in enumerate(record.messages) if m.role == "assistant"]
-    return [(n, view_of(record, n)) for n in ends]
+    return [(n, view_of(record, n), None) for n in ends]
 
 
 def view_of(record: Record, view: int) -> Record:
@@ -170,6 +170,7 @@ class Encoder:
         self.thinking_turns = thinking_turns
         self.root = root
         self.allow_outside_root = allow_outside_root
+        self._rendered: tuple[Record, list[Segment]] | None = None
         self.video = video or VideoSampling(fps=video_fps)
         self.video_fps = self.video.fps
         # The per-video token budget is set on the processor itself, like the image budget, so the
@@ -183,10 +184,15 @@ class Encoder:
         return self.root if self.root is not None else Path(record.file).parent
 
     def segments(self, record: Record) -> list[Segment]:
+        if self._rendered is not None and self._rendered[0] is record:  # rendered by views() just before
+            return self._rendered[1]
         return render_segments(self.processor, record.chat(), only_last=record.train_last_only)
 
     def views(self, record: Record) -> list[tuple[int, Record]]:
-        return record_views(self.processor, record, self.thinking_turns)
+        views = record_views(self.processor, record, self.thinking_turns)
+        # Rendering is most of the cost of exact counts: keep what deciding the views rendered.
+        self._rendered = next(((rec, segs) for _, rec, segs in views if segs is not None), None)
+        return [(view, rec) for view, rec, _ in views]
 
     def drops_reasoning(self, record: Record) -> bool:
         """Whether the template leaves out reasoning given for a trained answer (``reasoning_content``):
