@@ -76,7 +76,11 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run(cmd: list[str]) -> tuple[float, int, str]:
+def run(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak PSS bytes, stdout, CPU seconds of the whole process tree)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = 0
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -93,7 +97,9 @@ def run(cmd: list[str]) -> tuple[float, int, str]:
     out, _ = proc.communicate()
     done.set()
     sampler.join()
-    return time.perf_counter() - t0, peak, out
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the CLI's own (waited) workers
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - t0, peak, out, cpu
 
 
 def main() -> None:
@@ -107,12 +113,13 @@ def main() -> None:
     data = make_dataset(args.workdir, args.records, args.images)
     print(f"dataset: {data} ({data.stat().st_size / 1e6:.0f} MB), made or found in {time.perf_counter() - t0:.0f} s")
     cmd = [sys.executable, "-m", "qvltune", "check-data", str(data), "--json", "--workers", str(args.workers)]
-    wall, peak, out = run(cmd)
+    load = os.getloadavg()[0]
+    wall, peak, out, cpu = run(cmd)
     doc = json.loads(out)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average before: {os.getloadavg()[0]:.1f}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average before / after: {load:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"command: qvltune check-data {data.name} --json --workers {args.workers}")
     print(f"records: {doc['records']:,} (valid {doc['valid_records']:,}), images checked: {doc['image_sizes']['count']:,}, duplicates: {sum(p['code'] == 'duplicate' for p in doc['problems']):,}")
-    print(f"wall time {wall:.1f} s, peak memory (PSS of the process tree) {peak / 2**30:.2f} GiB")
+    print(f"wall time {wall:.1f} s, CPU time of the process tree {cpu:.1f} s ({cpu / args.records * 1e6:.0f} us per record), peak memory (PSS of the process tree) {peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

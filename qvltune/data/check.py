@@ -146,10 +146,10 @@ def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-def _record_key(record: Record) -> str:
+def _record_key(record: Record) -> bytes:
     """Identity of a record for duplicate detection: its turns and media, not its id or extra fields."""
     canon = [[m.role, [p if isinstance(p, str) else [p.kind, p.source] for p in m.parts]] for m in record.messages]
-    return hashlib.blake2b(json.dumps(canon, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(json.dumps(canon, sort_keys=True).encode(), digest_size=16).digest()
 
 
 def source_budget(spec: DatasetSpec, processor: Any, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -210,7 +210,7 @@ class _Outcome:
     counted: bool = True  # a record (False: a file-level problem)
     problems: list[Problem] = field(default_factory=list)
     where: tuple[str, int | None, int] = ("", None, 0)
-    key: str = ""
+    key: bytes = b""
     shape: str = ""
     n_images: int = 0
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
@@ -371,7 +371,7 @@ def check_dataset(
     report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
     video = video or VideoSampling(fps=video_fps)
     base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video=video, thinking_turns=thinking_turns) if processor is not None else None
-    seen: dict[str, str] = {}
+    seen: dict[bytes, tuple] = {}  # record key -> (file, line, index) of its first copy (compact: a million records)
     template_broken = False
     reasoning_warned = False
     settings = _Settings(allow_outside_root, deep, max_seq_length, video)
@@ -412,9 +412,11 @@ def check_dataset(
                 report.views += len(counts)
             file, line, index = out.where
             if out.key in seen:
-                report.problems.append(Problem("warning", file, line, index, "", f"duplicate of {seen[out.key]}", "remove one copy unless the repetition is intended", "duplicate"))
+                first_file, first_line, first_index = seen[out.key]
+                first = f"{first_file}:{first_line}" if first_line is not None else f"{first_file}[{first_index}]"
+                report.problems.append(Problem("warning", file, line, index, "", f"duplicate of {first}", "remove one copy unless the repetition is intended", "duplicate"))
             else:
-                seen[out.key] = f"{file}:{line}" if line is not None else f"{file}[{index}]"
+                seen[out.key] = out.where
             report.valid += not out.too_long
             if not out.too_long:
                 report.usable += [(file, index, length, trained, view) for view, length, trained in counts]
