@@ -33,6 +33,12 @@ def test_mixture_strings_and_lists_carry_settings():
         DatasetSpec(Path("photos.jsonl"), 100.0, None, 4096, 65536),
     ]
     assert parse_mixture(["a.jsonl%20", {"path": "b.jsonl", "weight": 30, "min_image_tokens": 4}])[1] == DatasetSpec(Path("b.jsonl"), 30.0, None, 4096, None)
+    # a config's list of sources prints back as one command-line argument that parses the same
+    from qvltune.data.formats import mixture_text
+
+    mixed = ["a.jsonl%20", {"path": "b.jsonl", "weight": 30, "max_image_tokens": 16, "image_root": "imgs"}]
+    assert mixture_text(mixed) == "a.jsonl%20,b.jsonl%30[image_root=imgs,max_pixels=16384]"
+    assert parse_mixture(mixture_text(mixed)) == parse_mixture(mixed)
     for bad, message in (
         ("a.jsonl[max_pixel=5]", "unknown setting 'max_pixel'"),
         ("a.jsonl[max_pixels=lots]", "whole number"),

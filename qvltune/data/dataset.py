@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.check import check_dataset
-from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items, sample_indices
+from qvltune.data.formats import Problem, Record, mixture_text, parse_mixture, parse_record, read_items, sample_indices
 from qvltune.data.tokenize import Encoded, Encoder, view_of
 from qvltune.data.video import configure_video_processor
 from qvltune.errors import UserError
@@ -122,11 +122,11 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
             more = f"\n  ... and {len(errors) - MAX_PROBLEMS_SHOWN} more" if len(errors) > MAX_PROBLEMS_SHOWN else ""
             raise UserError(
                 f"{len(errors)} problem(s) in the training data:\n  {shown}{more}",
-                f"fix them (qvltune check-data {cfg.data.train} lists all), or set data.on_bad_sample: skip",
+                f"fix them (qvltune check-data '{mixture_text(cfg.data.train)}' lists all), or set data.on_bad_sample: skip",
             )
         skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.message} for p in errors]
     if not train:
-        raise UserError("no usable training records", f"check the data with qvltune check-data {cfg.data.train}")
+        raise UserError("no usable training records", f"check the data with qvltune check-data '{mixture_text(cfg.data.train)}'")
     if not cfg.data.eval and cfg.data.eval_split:
         rng = random.Random(seed)
         order = list(range(len(train)))

@@ -466,10 +466,16 @@ class DatasetSpec:
     min_pixels: int | None = None
     max_pixels: int | None = None
 
-    def settings(self) -> str:
-        """The source's own settings, as written in a mixture string (empty when it has none)."""
-        parts = [f"{k}={v}" for k, v in (("image_root", self.image_root), ("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None]
-        return ", ".join(parts)
+    def text(self) -> str:
+        """The source in the mixture-string form: ``path%percent[settings]``."""
+        settings = ",".join(f"{k}={v}" for k, v in (("image_root", self.image_root), ("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None)
+        pct = f"%{self.percent:g}" if self.percent != 100 else ""
+        return f"{self.path}{pct}" + (f"[{settings}]" if settings else "")
+
+
+def mixture_text(spec: Any) -> str:
+    """A mixture (string, or a config's list of sources) as one command-line argument."""
+    return ",".join(s.text() for s in parse_mixture(spec))
 
 
 # Per-source settings a mixture entry may carry: "a.jsonl%50[max_image_tokens=256,image_root=imgs]",
