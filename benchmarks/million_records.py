@@ -8,6 +8,10 @@ proportional set size (PSS: each shared page split among the processes sharing i
 and its forked worker processes, sampled every 0.2 s.
 
     python benchmarks/million_records.py [--records 1000000] [--images 10000] [--workers 2] [--workdir /tmp/qvltune-million]
+    python benchmarks/million_records.py --prepare --records 20000   # training's data preparation, first vs cached
+
+``--prepare`` times what ``qvltune train`` does before launching (``prepare_data``: exact counts with
+the tiny model's processor) on a fresh index cache, then again with the cache beside the data.
 
 Target (issue 20): under 5 minutes and 4 GB on the 2-core machine.
 """
@@ -108,7 +112,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qvltune-million"))
+    ap.add_argument("--prepare", action="store_true", help="time training's data preparation (first run, then from the index cache)")
     args = ap.parse_args()
+    if args.prepare:
+        return prepare(args)
     t0 = time.perf_counter()
     data = make_dataset(args.workdir, args.records, args.images)
     print(f"dataset: {data} ({data.stat().st_size / 1e6:.0f} MB), made or found in {time.perf_counter() - t0:.0f} s")
@@ -120,6 +127,24 @@ def main() -> None:
     print(f"command: qvltune check-data {data.name} --json --workers {args.workers}")
     print(f"records: {doc['records']:,} (valid {doc['valid_records']:,}), images checked: {doc['image_sizes']['count']:,}, duplicates: {sum(p['code'] == 'duplicate' for p in doc['problems']):,}")
     print(f"wall time {wall:.1f} s, CPU time of the process tree {cpu:.1f} s ({cpu / args.records * 1e6:.0f} us per record), peak memory (PSS of the process tree) {peak / 2**30:.2f} GiB")
+
+
+def prepare(args) -> None:
+    import shutil
+
+    from qvltune.config import parse_config
+    from qvltune.data.dataset import prepare_data
+    from qvltune.model import load_processor
+
+    data = make_dataset(args.workdir, args.records, args.images)
+    shutil.rmtree(data.parent / ".qvltune-index", ignore_errors=True)
+    cfg = parse_config({"name": "bench", "model": {"path": "builtin:tiny"}, "data": {"train": str(data), "max_seq_length": 4096}, "optim": {"bf16": False, "optimizer": "adamw_torch"}})
+    processor = load_processor("builtin:tiny", *cfg.data.pixel_budget())
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
+    for run in ("first run (checks and counts every record)", "second run (index cache)"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        index = prepare_data(cfg, processor)
+        print(f"{run}: {len(index.train):,} records, wall {time.perf_counter() - t0:.1f} s, CPU {time.process_time() - c0:.1f} s, from cache: {index.from_cache}")
 
 
 if __name__ == "__main__":
