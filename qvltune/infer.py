@@ -70,18 +70,26 @@ def check_device(device: str) -> str:
     return device
 
 
+def default_device() -> str:
+    """The GPU when one is visible (merging or generating with an 8B model on a CPU takes minutes), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_dtype(device: str) -> str:
     """float32 on the CPU (bf16 matmuls are slow there and round every product), bfloat16 on a GPU."""
     return "float32" if device == "cpu" else "bfloat16"
 
 
-def load_for_inference(model: str, base: str | None = None, device: str = "cpu", dtype: str = "float32"):
+def load_for_inference(model: str, base: str | None = None, device: str | None = None, dtype: str | None = None):
     """(model, processor) from a merged/full folder, or from an adapter folder plus its base."""
     import torch
 
     from qvltune.model import load_model, load_processor
 
-    check_device(device)
+    device = check_device(device or default_device())
+    dtype = dtype or default_dtype(device)
     path = Path(resolve_model_dir(model))
     if not is_adapter(path):
         net = load_model(str(path), dtype=dtype)
@@ -265,7 +273,7 @@ def predict(
     images: list[Path] | None = None,
     data: str | None = None,
     base: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     image_root: Path | None = None,
     max_new_tokens: int = 64,
@@ -285,7 +293,7 @@ def predict(
                 raise UserError(f"--image: {image} not found", "check the path")
         records = [prompt_record(prompt, list(images or []))]
         encoder_root, outside = Path.cwd(), True  # command-line paths are the user's own, anywhere
-    net, processor = load_for_inference(model, base, device, dtype or default_dtype(device))
+    net, processor = load_for_inference(model, base, device, dtype)
     with _media_errors_as_user_errors(data or "--image"):
         answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside))
     out = []
@@ -302,7 +310,7 @@ def evaluate_model(
     data: str,
     *,
     base: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     image_root: Path | None = None,
     max_new_tokens: int = 32,
@@ -311,6 +319,6 @@ def evaluate_model(
 ) -> EvalReport:
     """Loss/perplexity on the assistant tokens of ``data`` and exact-match accuracy on its short answers."""
     records = _limit(load_records(data), limit)  # the parser refuses records without an answer
-    net, processor = load_for_inference(model, base, device, dtype or default_dtype(device))
+    net, processor = load_for_inference(model, base, device, dtype)
     with _media_errors_as_user_errors(data):
         return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root)

@@ -80,7 +80,8 @@ def _make_trainer_class():
 
         # -- loss --------------------------------------------------------------------------------
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def summed_loss(self, model, inputs):
+            """(sum of the cross-entropy over every labelled token of the batch, their count, outputs)."""
             stats = inputs.pop("stats", None)
             if stats is not None and model.training:
                 s = self.stats
@@ -94,15 +95,17 @@ def _make_trainer_class():
                     outputs = model(**inputs)
                 finally:
                     self.loss_head.set_targets(None, None)
-                loss_sum, count = outputs.logits, targets.numel()
-            else:
-                outputs = model(**inputs)
-                logits = outputs.logits[:, :-1, :]
-                shifted = labels[:, 1:].to(logits.device)
-                loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-                count = (shifted != IGNORE_INDEX).sum()
-            if num_items_in_batch is None:  # evaluation: the batch's own token mean
-                loss = loss_sum / max(count, 1) if isinstance(count, int) else loss_sum / count.clamp(min=1)
+                return outputs.logits, targets.numel(), outputs
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1, :]
+            shifted = labels[:, 1:].to(logits.device)
+            loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss_sum, int((shifted != IGNORE_INDEX).sum()), outputs
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss_sum, count, outputs = self.summed_loss(model, inputs)
+            if num_items_in_batch is None:  # not reached in training (the Trainer always counts); kept for safety
+                loss = loss_sum / max(count, 1)
             else:
                 # clamp: a batch whose every sample was skipped as bad has no labelled token anywhere
                 loss = loss_sum / (num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1))
@@ -111,6 +114,34 @@ def _make_trainer_class():
                     # over ranks: scale back to a sum.
                     loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
+
+        # -- evaluation: token-weighted, like training's loss and `qvltune eval` -----------------
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+            """The eval loss as the mean over every assistant token of the eval set on all ranks.
+
+            The Trainer's own loop averages one mean per batch (weighted by samples), which weights
+            the tokens of short answers more than those of long ones and so disagrees with the
+            training loss's definition and with ``qvltune eval`` (3% on the demo task). qvltune
+            evaluates only inside ``train()``, where the model is already prepared."""
+            model = self._wrap_model(self.model, training=False)
+            model.eval()
+            device = self.args.device if torch.cuda.is_available() else torch.device("cpu")
+            totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, samples
+            with torch.no_grad():
+                for inputs in dataloader:
+                    stats = inputs.get("stats")
+                    samples = stats.samples if stats is not None else int(inputs["input_ids"].shape[0])
+                    inputs = self._prepare_inputs(inputs)
+                    with self.compute_loss_context_manager():
+                        loss_sum, count, _ = self.summed_loss(model, inputs)
+                    totals += torch.stack([loss_sum.detach().to(device, torch.float64).reshape(()), torch.tensor(float(count), dtype=torch.float64, device=device), torch.tensor(float(samples), dtype=torch.float64, device=device)])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(totals)
+            loss_sum, count, samples = totals.tolist()
+            from transformers.trainer_utils import EvalLoopOutput
+
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss_sum / max(count, 1.0)}, num_samples=int(samples))
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)

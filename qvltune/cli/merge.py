@@ -16,7 +16,7 @@ def command(
     base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model (default: the one recorded in adapter_config.json)."),
     dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype of the merged model (default: the base's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors shard, e.g. 5GB or 500MB."),
-    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where to merge and verify (CPU works without a GPU)."),
+    device: str = typer.Option(None, "--device", metavar="cpu|cuda", help="Where to merge and verify (default: the GPU when there is one, else the CPU)."),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty --out."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
@@ -27,7 +27,7 @@ def command(
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
     if not as_json:
-        console.note(f"merging {adapter} on {device} (loads the base model; the probe and the checks follow) ...")
+        console.note(f"merging {adapter} on {device or 'the default device'} (loads the base model; the probe and the checks follow) ...")
     result = merge(adapter, out, base=base, dtype=DTYPES[dtype] if dtype else None, max_shard_size=max_shard_size, device=device, force=force)
     if as_json:
         console.print_json(result.to_json())
@@ -51,11 +51,13 @@ def render(result) -> None:
         console.note(note)
     out.print("Verification (the saved folder reloaded with AutoModelForImageTextToText + AutoProcessor):")
     lg = result.logits
+    unmerged = f"the unmerged {short} model's {lg.allowance:.2g}" if result.dtype != "float32" else f"fp32 reassociation {lg.allowance:.2g}"
     out.print(
-        f"  {_status(lg.ok)}  logits     max |merged - (base + adapter)| = {lg.max_abs_diff:.2g} {'<=' if lg.ok else '>'} {lg.tolerance:.2g} "
-        f"({short} tolerance: {lg.relative_tolerance:g} x max |logit| {lg.scale:.3g})"
+        f"  {_status(lg.ok)}  logits     RMS |merged - reference| = {lg.merged_rms:.2g} (max {lg.merged_max:.2g}): {lg.ratio:.2f}x {unmerged} "
+        f"({'<=' if lg.ok else '>'} {lg.factor:g}x)"
     )
-    out.print(f"                   probe: 2 images + chats, {lg.positions} positions; training moved the logits by up to {lg.training_effect:.3g}; same top-1 token at {lg.top1_agreement:.1%}")
+    out.print(f"                   reference: base + adapter unmerged in fp32; probe: 2 images + chats, {lg.positions} positions")
+    out.print(f"                   training moved the logits by up to {lg.training_effect:.3g} (max |logit| {lg.scale:.3g}); same top-1 token at {lg.top1_agreement:.1%}")
     w = result.weights
     if w.skipped:
         out.print(f"  [yellow]SKIP[/]  weights    not compared: {console.escape(w.skipped)}")

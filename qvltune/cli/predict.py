@@ -22,7 +22,7 @@ def command(
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records of --data."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together."),
-    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where to run."),
+    device: str = typer.Option(None, "--device", metavar="cpu|cuda", help="Where to run (default: the GPU when there is one, else the CPU)."),
     dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype (default: fp32 on CPU, bf16 on GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
