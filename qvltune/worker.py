@@ -124,6 +124,7 @@ def _make_trainer_class():
             the tokens of short answers more than those of long ones and so disagrees with the
             training loss's definition and with ``qvltune eval`` (3% on the demo task). qvltune
             evaluates only inside ``train()``, where the model is already prepared."""
+            started = time.time()
             model = self._wrap_model(self.model, training=False)
             model.eval()
             device = self.args.device if torch.cuda.is_available() else torch.device("cpu")
@@ -141,6 +142,7 @@ def _make_trainer_class():
             loss_sum, count, samples = totals.tolist()
             from transformers.trainer_utils import EvalLoopOutput
 
+            self.eval_seconds = time.time() - started
             return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss_sum / max(count, 1.0)}, num_samples=int(samples))
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -171,6 +173,7 @@ def _make_trainer_class():
             target = run_dir / f"checkpoint-{self.state.global_step}"
             if self.args.should_save and target.exists() and not is_complete(target):
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
+            started = time.time()
             self.accelerator.wait_for_everyone()
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
@@ -182,6 +185,7 @@ def _make_trainer_class():
                 self._rotate(run_dir)
             self.accelerator.wait_for_everyone()
             self.saving_step = None
+            self.save_seconds = time.time() - started  # the whole save, as training waits for it
 
         def _rotate(self, run_dir: Path):
             """Keep the newest ``save_total_limit`` complete checkpoints (the Trainer's own rotation
@@ -257,7 +261,7 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
             logs = logs or {}
             if "eval_loss" in logs:
                 if writer:
-                    writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)))
+                    writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)), seconds=getattr(self.trainer, "eval_seconds", None))
                 return
             if "loss" not in logs:
                 return
@@ -298,7 +302,7 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
 
         def on_save(self, args, state, control, **kwargs):
             if writer:
-                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"))
+                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"), seconds=getattr(self.trainer, "save_seconds", None))
 
     return QvlCallback()
 
