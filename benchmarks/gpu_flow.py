@@ -125,7 +125,8 @@ def flow(shape: str, work: Path, out: Path, samples: int, steps: int) -> dict:
     doc = yaml.safe_load(config.read_text())
     # A fixed number of steps (the data may end an epoch sooner: the Trainer goes on into the next),
     # with one checkpoint and one evaluation half-way and an evaluation of the last step.
-    doc["data"].update(eval=str(eval_file), eval_split=None)
+    doc["data"]["eval"] = str(eval_file)
+    doc["data"].pop("eval_split", None)
     doc["optim"].pop("epochs", None)
     doc["optim"]["max_steps"] = steps
     doc["schedule"].update(log_steps=1, eval_steps=steps // 2, save_steps=steps // 2)
