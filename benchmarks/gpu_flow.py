@@ -9,11 +9,11 @@ model folder with the tiny model's tokenizer and processors; `tiny` runs the sam
            half-way and an evaluation of the last step (init plans for datasets far larger than this
            one). Phases: start to first step, the first (compiling) step, steady steps,
            evaluations, checkpoint saves, merge, reload + eval, predict.
-  cases    merge verification on the other strategies: lora and mixed with `vision: lora` adapters
-           (made by applying the strategy to the base and moving every trained tensor by a random
-           step the size a short training makes), and a ZeRO-3 checkpoint of a real short run
-           (mixed, vision: lora, 3 steps, uncompiled), merged from the checkpoint folder.
-  faults   the flow's adapter merged with each planted mistake (benchmarks/merge_faults.py): the
+  cases    merge verification on the other strategies (--cases): mixed, lora and mixed with
+           `vision: lora` adapters (made by applying the strategy to the base and moving every trained
+           tensor by a random step the size a short training makes), and a ZeRO-3 checkpoint of a real
+           short run (mixed, vision: lora, 3 steps, uncompiled), merged from the checkpoint folder.
+  faults   the flow's adapter (else a synthetic mixed one) merged with each planted mistake (benchmarks/merge_faults.py): the
            verification must fail on each, and pass without.
 
     python benchmarks/gpu_flow.py --out $OUT [--shapes 2b,8b] [--parts flow,cases,faults] [--samples 600]
@@ -148,7 +148,8 @@ def flow(shape: str, work: Path, out: Path, samples: int, steps: int) -> dict:
     provenance = merged / "qvltune-merge.json"
     if provenance.exists():
         lg = json.loads(provenance.read_text())["logits"]
-        row.update(merge_rms=lg["merged_rms"], merge_unmerged_rms=lg["unmerged_rms"], merge_ratio=lg["ratio"], merge_training_effect=lg["training_effect"])
+        row.update(merge_ok=lg["ok"], merge_fp32_rms=lg["merge_rms"], merge_fp32_ratio=lg["merge_ratio"], merge_saved_rms=lg["saved_rms"], merge_cast_rms=lg["cast_rms"],
+                   merge_saved_ratio=lg["ratio"], merge_unmerged_rms=lg["unmerged_rms"], merge_training_effect=lg["training_effect"])
     code, row["eval_s"], stdout = cli(log, "eval", merged, "--data", eval_file, "--json")
     row["eval_exit"] = code
     if code == 0:
@@ -208,17 +209,19 @@ def zero3_checkpoint(shape: str, base: Path, data: Path, work: Path, log: Path) 
     return checkpoint
 
 
-def cases(shape: str, work: Path, out: Path, samples: int) -> list[dict]:
+def cases(shape: str, work: Path, out: Path, samples: int, which: list[str]) -> list[dict]:
     from qvltune.merge import merge
 
     log = out / f"cases-{shape}.log"
     base = model_folder(work, shape)
     data = flow_data(work, shape, samples)
-    adapters = {
-        "lora": synthetic_adapter(base, work / f"adapter-{shape}-lora", "lora", {}),
-        "mixed, vision lora": synthetic_adapter(base, work / f"adapter-{shape}-vision-lora", "mixed", {"vision": "lora"}),
-        "ZeRO-3 checkpoint (mixed, vision lora)": zero3_checkpoint(shape, base, data, work, log),
+    makers = {
+        "mixed": lambda: synthetic_adapter(base, work / f"adapter-{shape}-mixed", "mixed", {}),
+        "lora": lambda: synthetic_adapter(base, work / f"adapter-{shape}-lora", "lora", {}),
+        "vision-lora": lambda: synthetic_adapter(base, work / f"adapter-{shape}-vision-lora", "mixed", {"vision": "lora"}),
+        "zero3": lambda: zero3_checkpoint(shape, base, data, work, log),
     }
+    adapters = {name: makers[name]() for name in which}
     flow_run = work / f"flow-{shape}" / "runs" / f"flow-{shape}"
     if (flow_run / "final").exists():
         adapters = {"mixed (the flow's run)": flow_run / "final", **adapters}
@@ -229,8 +232,8 @@ def cases(shape: str, work: Path, out: Path, samples: int) -> list[dict]:
             continue
         result = merge(str(adapter), work / f"case-{shape}", dtype="bfloat16", force=True)
         lg = result.logits
-        rows.append({"shape": shape, "case": case, "ok": result.ok, "merged_rms": lg.merged_rms, "unmerged_rms": lg.unmerged_rms, "ratio": lg.ratio,
-                     "merged_max": lg.merged_max, "unmerged_max": lg.unmerged_max, "training_effect": lg.training_effect, "top1": lg.top1_agreement,
+        rows.append({"shape": shape, "case": case, "ok": result.ok, "merge_rms": lg.merge_rms, "merge_ratio": lg.merge_ratio, "saved_rms": lg.saved_rms,
+                     "cast_rms": lg.cast_rms, "ratio": lg.ratio, "unmerged_rms": lg.unmerged_rms, "training_effect": lg.training_effect, "top1": lg.top1_agreement,
                      "weights_changed": result.weights.changed, "weights_ok": result.weights.ok, "seconds": round(result.seconds, 1), "device": result.device})
         shutil.rmtree(result.out, ignore_errors=True)
     return rows
@@ -243,6 +246,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="2b,8b")
     ap.add_argument("--parts", default="flow,cases,faults")
     ap.add_argument("--samples", type=int, default=600)
+    ap.add_argument("--cases", default="lora,vision-lora,zero3", help="adapters for the cases part: mixed, lora, vision-lora (synthetic), zero3 (a short run)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps of the flow's training run (even)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -255,14 +259,16 @@ def main() -> None:
             _append(args.out / "flow.json", [row])
             print(json.dumps(row), flush=True)
         if "cases" in parts:
-            rows = cases(shape, args.work, args.out, args.samples)
+            rows = cases(shape, args.work, args.out, args.samples, args.cases.split(","))
             _append(args.out / "cases.json", rows)
-            _table(rows, ["shape", "case", "ok", "merged_rms", "unmerged_rms", "ratio", "merged_max", "training_effect", "top1", "weights_changed", "seconds"])
+            _table(rows, ["shape", "case", "ok", "merge_rms", "merge_ratio", "saved_rms", "cast_rms", "ratio", "unmerged_rms", "training_effect", "top1", "weights_changed", "seconds"])
         if "faults" in parts:
             final = args.work / f"flow-{shape}" / "runs" / f"flow-{shape}" / "final"
+            if not final.exists():  # no flow run in this work folder: a synthetic mixed adapter
+                final = synthetic_adapter(model_folder(args.work, shape), args.work / f"adapter-{shape}-mixed", "mixed", {})
             rows = [{"shape": shape, **r} for r in merge_faults.run(str(final), args.work / "faults", "bfloat16", list(merge_faults.FAULTS))]
             _append(args.out / "faults.json", rows)
-            _table(rows, ["shape", "fault", "passed_verification", "merged_rms", "unmerged_rms", "ratio", "not_merged", "seconds"])
+            _table(rows, ["shape", "fault", "passed_verification", "merge_rms", "merge_ratio", "saved_rms", "cast_rms", "ratio", "not_merged", "seconds"])
 
 
 def _append(path: Path, rows: list[dict]) -> None:

@@ -102,9 +102,9 @@ def run(adapter: str, work: Path, dtype: str, faults: list[str], device: str | N
             result = merge(adapter, out, dtype=dtype, device=device, force=True)
         lg = result.logits
         rows.append({
-            "fault": fault, "passed_verification": result.ok, "logits_ok": lg.ok, "weights_ok": result.weights.ok,
-            "merged_rms": lg.merged_rms, "unmerged_rms": lg.unmerged_rms, "ratio": lg.ratio, "merged_max": lg.merged_max,
-            "unmerged_max": lg.unmerged_max, "training_effect": lg.training_effect, "top1": lg.top1_agreement,
+            "fault": fault, "passed_verification": result.ok, "merge_ok": lg.merge_ok, "saved_ok": lg.saved_ok, "weights_ok": result.weights.ok,
+            "merge_rms": lg.merge_rms, "merge_limit": lg.merge_limit, "merge_ratio": lg.merge_ratio, "saved_rms": lg.saved_rms, "cast_rms": lg.cast_rms,
+            "ratio": lg.ratio, "unmerged_rms": lg.unmerged_rms, "training_effect": lg.training_effect, "top1": lg.top1_agreement,
             "not_merged": len(result.weights.not_merged), "seconds": round(result.seconds, 1),
         })
         shutil.rmtree(result.out, ignore_errors=True)
@@ -122,10 +122,10 @@ def main() -> int:
     rows = run(args.adapter, args.work, args.dtype, args.faults.split(","))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    print("| fault | verification | logits RMS error | x unmerged | max error | trained modules not merged |")
+    print("| fault | verification | fp32 merge RMS error | x its limit | saved folder x cast-once | trained modules not merged |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['fault']} | {'passed' if r['passed_verification'] else 'FAILED'} | {r['merged_rms']:.3g} | {r['ratio']:.1f}x | {r['merged_max']:.3g} | {r['not_merged']} |")
+        print(f"| {r['fault']} | {'passed' if r['passed_verification'] else 'FAILED'} | {r['merge_rms']:.3g} | {r['merge_ratio']:,.1f}x | {r['ratio']:.2f}x | {r['not_merged']} |")
     wrong = [r["fault"] for r in rows if r["passed_verification"] != (r["fault"] == "none")]
     if wrong:
         print(f"not as expected: {', '.join(wrong)}", file=sys.stderr)

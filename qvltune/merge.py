@@ -96,7 +96,10 @@ class MergeResult:
         out = []
         if not self.logits.ok:
             lg = self.logits
-            out.append(f"logits: RMS error {lg.merged_rms:.3g} against the float32 reference, {lg.ratio:.1f}x the unmerged {self.dtype} model's {lg.allowance:.3g} (at most {lg.factor:g}x)")
+            if not lg.merge_ok:
+                out.append(f"the float32 merge differs from base + adapter: RMS {lg.merge_rms:.3g} of logits (at most {lg.merge_limit:.2g}, float32 reassociation)")
+            if not lg.saved_ok:
+                out.append(f"the saved folder's logits: RMS error {lg.saved_rms:.3g}, {lg.ratio:.1f}x that of the merged weights rounded to {self.dtype} in memory ({lg.allowance:.3g}; at most {lg.factor:g}x)")
         w = self.weights
         for label, names in (("trained but not merged", w.not_merged), ("changed though training left them", w.unexpected), ("missing", w.missing)):
             if names:
@@ -116,7 +119,10 @@ class MergeResult:
             "weights_from": self.weights_from,
             "files": self.files,
             "size_bytes": self.size_bytes,
-            "logits": {**asdict(self.logits), "allowance": self.logits.allowance, "tolerance": self.logits.tolerance, "ratio": self.logits.ratio, "ok": self.logits.ok},
+            "logits": {
+                **asdict(self.logits), "merge_limit": self.logits.merge_limit, "merge_ok": self.logits.merge_ok, "merge_ratio": self.logits.merge_ratio,
+                "allowance": self.logits.allowance, "tolerance": self.logits.tolerance, "ratio": self.logits.ratio, "saved_ok": self.logits.saved_ok, "ok": self.logits.ok,
+            },
             "weights": {**asdict(self.weights), "ok": self.weights.ok},
             "processor_problem": self.processor_problem,
             "problems": self.problems(),
@@ -280,6 +286,8 @@ class Reference:
     batch: dict[str, Any]
     logits: Any  # base + adapter unmerged, float32: the reference
     base_logits: Any  # adapter disabled, float32
+    merged32_logits: Any  # the float32 merge, before rounding
+    cast_logits: Any  # the float32 merge cast once to the output dtype, in memory
     changed: set[str]  # weights that training changed
     unmerged_logits: Any = None  # base + adapter unmerged in the output dtype
 
@@ -351,10 +359,13 @@ def merge_and_save(plan: MergePlan, folder: Path) -> Reference:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as e:  # safe_merge found NaNs
         raise UserError(f"merging {plan.adapter_dir} failed: {str(e).splitlines()[0]}", "the adapter's weights are broken (NaN); merge an earlier checkpoint-N") from None
+    merged.eval()
+    merged32_logits = probe_logits(merged, batch)
     merged.to(getattr(torch, plan.dtype))  # the one rounding: W + BA computed in float32
+    cast_logits = probe_logits(merged, batch)
     merged.save_pretrained(str(folder), max_shard_size=plan.shard_bytes)  # with generation_config.json
     processor.save_pretrained(str(folder))  # tokenizer, chat template, image and video processors
-    return Reference(batch, logits, base_logits, changed)
+    return Reference(batch, logits, base_logits, merged32_logits, cast_logits, changed)
 
 
 def unmerged_logits(plan: MergePlan, reference: Reference):
@@ -382,7 +393,7 @@ def verify(plan: MergePlan, folder: Path, reference: Reference) -> tuple[LogitCh
     del model
     gc.collect()
     mask = reference.batch["attention_mask"].bool()
-    logits = compare_logits(reference.logits, reference.base_logits, reference.unmerged_logits, merged_logits, mask)
+    logits = compare_logits(reference.logits, reference.base_logits, reference.merged32_logits, reference.cast_logits, merged_logits, reference.unmerged_logits, mask)
     weights = compare_weights(base_weight_files(plan.base), folder, reference.changed, tied)
     return logits, weights, processor_problem
 

@@ -51,12 +51,14 @@ def render(result) -> None:
         console.note(note)
     out.print("Verification (the saved folder reloaded with AutoModelForImageTextToText + AutoProcessor):")
     lg = result.logits
-    unmerged = f"the unmerged {short} model's {lg.allowance:.2g}" if result.dtype != "float32" else f"fp32 reassociation {lg.allowance:.2g}"
+    out.print(f"  {_status(lg.merge_ok)}  merge      fp32 merged vs base + adapter unmerged in fp32 (the reference): RMS {lg.merge_rms:.2g} <= {lg.merge_limit:.2g} (fp32 reassociation)" if lg.merge_ok
+              else f"  {_status(False)}  merge      fp32 merged vs base + adapter unmerged in fp32 (the reference): RMS {lg.merge_rms:.2g} > {lg.merge_limit:.2g} ({lg.merge_ratio:,.0f}x fp32 reassociation)")
     out.print(
-        f"  {_status(lg.ok)}  logits     RMS |merged - reference| = {lg.merged_rms:.2g} (max {lg.merged_max:.2g}): {lg.ratio:.2f}x {unmerged} "
-        f"({'<=' if lg.ok else '>'} {lg.factor:g}x)"
+        f"  {_status(lg.saved_ok)}  logits     saved {short} folder vs the reference: RMS {lg.saved_rms:.2g} (max {lg.saved_max:.2g}), {lg.ratio:.2f}x the merged weights rounded to {short} in memory "
+        f"({'<=' if lg.saved_ok else '>'} {lg.factor:g}x)"
     )
-    out.print(f"                   reference: base + adapter unmerged in fp32; probe: 2 images + chats, {lg.positions} positions")
+    if result.dtype != "float32":
+        out.print(f"                   the adapter unmerged in {short}: RMS {lg.unmerged_rms:.2g}; probe: 2 images + chats, {lg.positions} positions")
     out.print(f"                   training moved the logits by up to {lg.training_effect:.3g} (max |logit| {lg.scale:.3g}); same top-1 token at {lg.top1_agreement:.1%}")
     w = result.weights
     if w.skipped:
