@@ -103,12 +103,11 @@ def _hidden_states_require_grad(block, args):
     the gradients of the block's inputs exist, i.e. after the block's backward, but when no input
     requires grad it fires as soon as the gradients of the *outputs* arrive: before the block's
     backward has gathered its parameters or computed their gradients. DeepSpeed then reduces an
-    empty gradient ("0 != N Cannot reduce scatter gradients ..."). That is the first trained block
-    behind frozen inputs: the first vision block with vision LoRA (patch and position embeddings
-    frozen), or the first decoder layer with LLM LoRA and a frozen merger when checkpointing is off
-    (with it on, transformers makes the token embeddings require grad). The input gets a gradient
-    instead, one block's input-gradient matmuls; no parameter's gradient changes. Blocks with no
-    trained parameter get no hook: a frozen vision tower would otherwise run a full backward.
+    empty gradient ("0 != N Cannot reduce scatter gradients ..."), with or without gradient
+    checkpointing. That is any trained block behind frozen inputs: the first vision block with vision
+    LoRA (patch and position embeddings frozen). The input gets a gradient instead, one block's
+    input-gradient matmuls; no parameter's gradient changes. Blocks with no trained parameter get no
+    hook: a frozen vision tower would otherwise run a full backward for nothing.
     """
     import torch  # here, not at the top: the CLI imports this module for the JSON alone
 

@@ -1,7 +1,7 @@
 """Real training through the real launcher path: ``qvltune train`` -> deepspeed -> worker, on CPU (gloo).
 
 Each strategy changes exactly the parameters it should; ZeRO-2 and ZeRO-3 run with 1 and 2
-processes (ZeRO-3 with batches where one rank has no image); Ctrl-C saves a checkpoint and --resume
+processes (ZeRO-3 with vision LoRA and batches where one rank has no image); Ctrl-C saves a checkpoint and --resume
 reproduces the uninterrupted loss curve.
 """
 
