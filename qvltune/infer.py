@@ -22,7 +22,8 @@ from typing import Any
 from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
 from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record, read_items
+from qvltune.data.files import read_items
+from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record
 from qvltune.data.media import MediaError
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
 from qvltune.errors import UserError

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from qvltune.config import parse_config
 from qvltune.data.check import check_dataset
-from qvltune.data.formats import RawItem, parse_record, read_items
+from qvltune.data.files import read_items
+from qvltune.data.formats import RawItem, parse_record
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.errors import UserError
 
