@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
 import re
 import zlib
@@ -22,10 +23,11 @@ from typing import BinaryIO
 from qvltune.data.formats import Problem, RawItem
 
 # One record (a JSONL line, or one element of a JSON list) may be at most this large. SFT records
-# are text plus media paths: even a 100k-token conversation is well under 1 MiB; 64 MiB leaves room
+# are text plus media paths: even a 100k-token conversation is well under 1 MiB; 32 MiB leaves room
 # for anything legitimate while a corrupt multi-GB "line" is refused without being loaded.
-MAX_RECORD_BYTES = 64 * 1024 * 1024
-CHUNK = 1 << 20
+MAX_RECORD_BYTES = 32 * 1024 * 1024
+CHUNK = 1 << 20  # read size of a JSON list
+SKIP_CHUNK = 16 << 20  # read size while skipping an over-long line
 
 _BOMS = [  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
     (codecs.BOM_UTF32_LE, "UTF-32 (little-endian)"),
@@ -126,12 +128,7 @@ def _decode_line(line: bytes, name: str, line_no: int, index: int, limit: int, s
         return RawItem(index, line_no, None, Problem("error", name, line_no, index, "", message, fix, code), progress())
 
     if len(line) > limit and not line.endswith(b"\n"):
-        skipped = len(line)
-        while True:  # skip to the end of this line in bounded chunks: a 2 GB line is never held whole
-            rest = stream.readline(CHUNK)
-            skipped += len(rest)
-            if not rest or rest.endswith(b"\n"):
-                break
+        skipped = len(line) + _skip_line(stream)
         return bad(f"line is {skipped:,} bytes, over the {limit:,}-byte limit for one record", "a record is one conversation on one line: check that the file is not binary or missing its line breaks", "line-too-long")
     nul = line.find(b"\x00")
     if nul >= 0:
@@ -149,6 +146,29 @@ def _decode_line(line: bytes, name: str, line_no: int, index: int, limit: int, s
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         return bad(f"malformed JSON: {e}", "each line of a .jsonl file must be one complete JSON object", "malformed-json")
     return RawItem(index, line_no, value, None, progress())
+
+
+def _skip_line(stream: BinaryIO) -> int:
+    """Discard the rest of the current line in bounded chunks (a 2 GB line is never held whole);
+    the number of bytes skipped, its line break included."""
+    skipped = 0
+    if isinstance(stream, io.BufferedReader):
+        # Plain files: big reads and a search for the line break, then step back to just after it
+        # (readline would copy and scan the same bytes in small pieces, several times slower).
+        while True:
+            chunk = stream.read(SKIP_CHUNK)
+            if not chunk:
+                return skipped
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                stream.seek(nl + 1 - len(chunk), io.SEEK_CUR)
+                return skipped + nl + 1
+            skipped += len(chunk)
+    while True:  # gzip: seeking back would decompress from the start again
+        rest = stream.readline(SKIP_CHUNK)
+        skipped += len(rest)
+        if not rest or rest.endswith(b"\n"):
+            return skipped
 
 
 _WS = re.compile(r"\s*")

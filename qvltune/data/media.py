@@ -81,7 +81,7 @@ def resolve(source: str, root: Path, allow_outside: bool = False) -> Path:
     elif url or text.startswith("data:"):
         scheme = url.group(1) if url else "data"
         raise MediaError(
-            f"a {scheme}: URL; qvltune never downloads media (training must not depend on the network)",
+            f"a URL ({scheme}): qvltune never downloads media, so training cannot depend on the network",
             "download the files first and give their local paths (relative to the image root)",
             "remote-media",
             path=source,
@@ -154,9 +154,9 @@ def _decoding(path: Path, pixel_limit: int):
     except Image.DecompressionBombError as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         count = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than allowed"
-        whose = "Pillow's decompression-bomb limit" if pixel_limit == DEFAULT_IMAGE_PIXEL_LIMIT else "the configured limit"
+        whose = "Pillow's decompression-bomb limit" if pixel_limit == DEFAULT_IMAGE_PIXEL_LIMIT else "the decompression-bomb limit set"
         raise MediaError(
-            f"image of {count} exceeds {whose} of {pixel_limit:,} pixels (a possible decompression bomb)",
+            f"image of {count} is over {whose} of {pixel_limit:,} pixels",
             f"downscale it, or if it is a genuine large scan raise the limit ({LIMIT_KNOBS})",
             "image-too-large",
             path=path,
@@ -180,7 +180,12 @@ _ORIENTATION_TAG = 0x0112
 
 def _orientation(im) -> int:
     """The EXIF orientation (1-8), 1 when absent or unreadable: a broken EXIF block must not refuse
-    an image whose pixels are fine, and probe and load must agree on it."""
+    an image whose pixels are fine, and probe and load must agree on it. Read from what the file's
+    header gives: Pillow's ``getexif`` on a PNG without an eXIf chunk before its pixels decodes the
+    whole image to look behind them, which would make every header read a full decode (such late
+    chunks are rare, and ignored alike when probing and loading)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
     try:
         value = int(im.getexif().get(_ORIENTATION_TAG, 1))
     except Exception:  # noqa: BLE001 - malformed EXIF raises many types inside Pillow
