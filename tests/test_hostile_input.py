@@ -370,7 +370,7 @@ def test_a_bug_on_one_record_is_reported_on_it_and_the_pass_goes_on(tmp_path, ca
     assert (bug["line"], bug["code"]) == (2, "internal-error") and "KeyError" in bug["message"] and "report" in bug["fix"]
 
 
-def test_repeated_problems_are_grouped_for_people_and_kept_in_json(tmp_path, capsys):
+def test_repeated_problems_are_grouped_for_people_and_kept_in_json(tmp_path, capsys, monkeypatch):
     for i in range(300):
         write_image(tmp_path / "data" / "imgs" / f"{i}.png", (40, 40), (i % 250, 0, 0))
     data = write_jsonl(tmp_path / "data" / "train.jsonl", [qa(f"{i}.png") for i in range(300)] + [qa("nope.png")])
@@ -382,10 +382,11 @@ def test_repeated_problems_are_grouped_for_people_and_kept_in_json(tmp_path, cap
     assert "301 failed" in out and "missing-media: 301" in out
     code, doc = check(data, capsys, "--image-root", str(tmp_path / "data" / "wrong"))
     assert len([p for p in doc["problems"] if p["code"] == "missing-media"]) == 301
-    # Fewer than four of a kind stay one line each.
+    # Fewer than four of a kind stay one line each, paths shown relative to the working directory.
     few = write_jsonl(tmp_path / "few.jsonl", [qa("x.png"), qa("y.png")])
-    code, out, _ = run_cli(["check-data", str(few)], capsys)
-    assert f"{few}:1 (record 0) image[0]: image not found: {tmp_path / 'x.png'}" in out and f"{few}:2 (record 1)" in out
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(["check-data", "few.jsonl"], capsys)
+    assert "few.jsonl:1 (record 0) image[0]: image not found: x.png — fix the path" in out and "few.jsonl:2 (record 1)" in out
 
 
 def test_missing_dataset_file_is_one_clear_error(tmp_path, capsys):

@@ -38,7 +38,8 @@ def group_problems(problems: Sequence[Problem], group_from: int = GROUP_FROM) ->
     for p in problems:
         group = groups[_key(p)]
         if len(group) < group_from:
-            out.append(ProblemLine(p.severity, f"{p.where()}: {p.text()}", p.fix, 1))
+            what = f"{p.message}: {_show(p.path)}" if p.path else p.message
+            out.append(ProblemLine(p.severity, f"{p.where()}: {what}", p.fix, 1))
         elif group[0] is p:
             out.append(ProblemLine(p.severity, _group_text(group), p.fix, len(group)))
     return out
@@ -80,6 +81,8 @@ def _where_files(group: list[Problem]) -> str:
 
 def _show(path: str) -> str:
     """A path relative to the working directory when it lies under it (shorter to read)."""
+    if not os.path.isabs(path):
+        return path
     try:
         rel = os.path.relpath(path)
     except ValueError:
