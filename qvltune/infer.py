@@ -250,7 +250,7 @@ def _media_errors_as_user_errors(what: str):
     try:
         yield
     except MediaError as e:
-        raise UserError(f"{what}: {e.message}", e.fix or "fix the path, or pass --image-root") from None
+        raise UserError(f"{what}: {e.describe()}", e.fix or "fix the path, or pass --image-root") from None
     except TemplateError as e:
         raise UserError(f"{what}: {e}", "the model's chat template cannot render this conversation") from None
 
