@@ -245,8 +245,9 @@ def probe_image(path: Path, deep: bool = False, pixel_limit: int = DEFAULT_IMAGE
     with _decoding(path, pixel_limit):
         with Image.open(path) as im:
             width, height = im.size
-            frames = im.n_frames if getattr(im, "is_animated", False) else 1
             orientation = _orientation(im)
+            # PNG (APNG) and WebP state their frame count in the header; GIF and the others must seek.
+            frames = getattr(im, "n_frames", 1) if im.format in ("PNG", "WEBP", "JPEG") else None
             if deep:
                 im.seek(0)
                 im.load()
@@ -257,7 +258,26 @@ def probe_image(path: Path, deep: bool = False, pixel_limit: int = DEFAULT_IMAGE
         raise MediaError(f"image has no pixels ({width}x{height})", "re-export it", "corrupt-image", path=path)
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: the model sees it the other way up
         width, height = height, width
-    return ImageInfo(width, height, frames)
+    return ImageInfo(width, height, frames if frames is not None else _frame_count(path, pixel_limit))
+
+
+def _frame_count(path: Path, pixel_limit: int) -> int:
+    """Frames of an animation (1 for a still image). Only the first frame is used, so broken later
+    frames do not refuse the image: counting them stops where they break (on its own file handle,
+    leaving the first frame's decoder untouched)."""
+    from PIL import Image
+
+    try:
+        with _decoding(path, pixel_limit), Image.open(path) as im:
+            if not getattr(im, "is_animated", False):
+                return 1
+            try:
+                return im.n_frames
+            except Exception:  # noqa: BLE001 - a truncated later frame: at least two frames
+                return 2
+    except MediaError:
+        return 2  # is_animated itself read a broken second frame
+
 
 
 def load_image(path: Path, pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT):
