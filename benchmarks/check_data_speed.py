@@ -61,7 +61,7 @@ def make_hostile(workdir: Path, clean: Path, share: float) -> Path:
 
     bad = workdir / "images" / "hostile"
     bad.mkdir(parents=True, exist_ok=True)
-    outside = workdir / "outside.png"
+    outside = workdir.parent / f"{workdir.name}-outside.png"  # outside the image root (the dataset's folder)
     outside.write_bytes((workdir / "images" / "000000.png").read_bytes())
     every = round(1 / share)
     with open(clean) as src, open(data, "w") as out:
@@ -92,15 +92,21 @@ def make_hostile(workdir: Path, clean: Path, share: float) -> Path:
     return data
 
 
-def timed(cmd: list[str]) -> tuple[list[float], dict]:
-    # Dropping the page cache is not possible unprivileged everywhere; run once to warm, then time 3 runs.
-    subprocess.run(cmd, capture_output=True, check=False)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        times.append(time.perf_counter() - t0)
-    return times, json.loads(proc.stdout)
+def timed(cmds: list[list[str]], rounds: int = 3) -> list[tuple[list[float], dict]]:
+    """Each command run once to warm the page cache, then ``rounds`` times, interleaved (on a shared
+    machine the load drifts: interleaving exposes every command to the same drift)."""
+    # Dropping the page cache is not possible unprivileged everywhere.
+    for cmd in cmds:
+        subprocess.run(cmd, capture_output=True, check=False)
+    times: list[list[float]] = [[] for _ in cmds]
+    docs: list[dict] = [{} for _ in cmds]
+    for _ in range(rounds):
+        for i, cmd in enumerate(cmds):
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            times[i].append(time.perf_counter() - t0)
+            docs[i] = json.loads(proc.stdout)
+    return list(zip(times, docs))
 
 
 def main() -> None:
@@ -113,17 +119,15 @@ def main() -> None:
     data = make_dataset(args.workdir, args.records)
     datasets = [data] + ([make_hostile(args.workdir, data, args.hostile)] if args.hostile else [])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+    cmds = [[sys.executable, "-m", "qvltune", "check-data", str(path), "--json"] + (["--model", args.model] if args.model else []) for path in datasets]
     best = []
-    for path in datasets:
-        cmd = [sys.executable, "-m", "qvltune", "check-data", str(path), "--json"]
-        if args.model:
-            cmd += ["--model", args.model]
-        times, doc = timed(cmd)
+    for cmd, (times, doc) in zip(cmds, timed(cmds)):
         best.append(min(times))
         print(f"command: {' '.join(cmd[2:])}")
         failures = ", ".join(f"{k} {v}" for k, v in doc.get("failures", {}).items())
         print(f"  records: {doc['records']} (valid {doc['valid_records']}, failed {doc.get('failed_records', 0)}{': ' + failures if failures else ''}), images read: {doc['image_sizes']['count']}")
         print(f"  wall time (whole CLI process, 3 runs): {', '.join(f'{t:.2f}s' for t in times)}; best {min(times):.2f}s")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     if len(best) == 2:
         print(f"hostile / clean: {best[1] / best[0]:.2f}x (target < 2x)")
 

@@ -57,8 +57,8 @@ class MediaError(Exception):
 
 
 @functools.lru_cache(maxsize=64)
-def _real(path: str) -> Path:
-    return Path(os.path.realpath(path))
+def _real(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def resolve(source: str, root: Path, allow_outside: bool = False) -> Path:
@@ -72,7 +72,7 @@ def resolve(source: str, root: Path, allow_outside: bool = False) -> Path:
     Windows drive and UNC paths cannot be opened here and are refused.
     """
     text = source
-    url = _URL.match(text)
+    url = _URL.match(text) if "://" in text else None
     if url and url.group(1).lower() == "file":
         parsed = urlparse(text)
         if parsed.netloc not in ("", "localhost"):
@@ -88,23 +88,25 @@ def resolve(source: str, root: Path, allow_outside: bool = False) -> Path:
         )
     if _WINDOWS_ABSOLUTE.match(text):
         raise MediaError("a Windows drive or network path, which cannot be opened here", "give the path relative to the image root, with / separators", "windows-path", path=source)
-    path = Path(os.path.expanduser(text))
-    if "\\" in text and not (root / path).exists():
-        path = Path(text.replace("\\", "/"))
-    if not path.is_absolute():
-        path = root / path
-    real = Path(os.path.realpath(path))
+    # String functions rather than pathlib: this runs once per media item of every record.
+    base = os.fspath(root)
+    if text.startswith("~"):
+        text = os.path.expanduser(text)
+    if "\\" in text and not os.path.exists(os.path.join(base, text)):
+        text = text.replace("\\", "/")
+    joined = os.path.join(base, text)  # an absolute ``text`` replaces ``base``
+    real = os.path.realpath(joined)
     if not allow_outside:
-        real_root = _real(str(root.absolute()))
-        if real != real_root and real_root not in real.parents:
-            linked = Path(os.path.normpath(path.absolute())) != real
+        real_root = _real(os.path.abspath(base))
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            linked = os.path.normpath(os.path.abspath(joined)) != real
             raise MediaError(
                 f"outside the image root {root}" + (" (through a symlink)" if linked else ""),
                 "move the file under the image root, pass --image-root, or allow it (data.allow_media_outside_root)",
                 "outside-root",
                 path=f"{source} -> {real}" if linked else source,
             )
-    return real
+    return Path(real)
 
 
 @dataclass(frozen=True)
