@@ -6,7 +6,6 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
-import os
 import tracemalloc
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hostile_files import write_bomb, write_lying_png, write_zero_pixel_png
 from qvltune.cli import main
 from qvltune.config import parse_config
 from qvltune.data import files
-from qvltune.data.dataset import SFTDataset, prepare_data, Entry
+from qvltune.data.dataset import Entry, SFTDataset, prepare_data
 from qvltune.data.files import read_items
 from qvltune.data.media import MediaError, load_image, resolve
 from qvltune.data.tokenize import Encoder

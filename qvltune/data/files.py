@@ -94,7 +94,7 @@ def _read_stream(stream: BinaryIO, name: str, limit: int, progress, file_problem
         yield file_problem("the file is empty", "add records, one JSON object per line", "empty-file")
         return
     if first.lstrip().startswith(b"["):
-        yield from _read_json_list(stream, name, first, line_no, limit, progress, file_problem)
+        yield from _read_json_list(stream, name, first, line_no, limit, progress)
     else:
         yield from _read_jsonl(stream, name, first, line_no, limit, progress)
 
@@ -174,7 +174,7 @@ def _skip_line(stream: BinaryIO) -> int:
 _WS = re.compile(r"\s*")
 
 
-def _read_json_list(stream: BinaryIO, name: str, first: bytes, first_no: int, limit: int, progress, file_problem) -> Iterator[RawItem]:
+def _read_json_list(stream: BinaryIO, name: str, first: bytes, first_no: int, limit: int, progress) -> Iterator[RawItem]:
     """Decode ``[ {...}, {...} ]`` element by element from a bounded buffer (``raw_decode``), so a
     huge list is never loaded whole and each element gets the line it starts on."""
     decoder = json.JSONDecoder()
