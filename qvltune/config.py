@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
 from qvltune.errors import UserError
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, resolve_pixels
 
@@ -79,6 +80,9 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = Field(2, ge=0)
     video_fps: float = Field(2.0, gt=0)
+    # Largest image (width x height as stored) that is decoded; above it an image is refused as a
+    # possible decompression bomb. The default is Pillow's own limit; raise it for gigapixel scans.
+    image_pixel_limit: int = Field(DEFAULT_IMAGE_PIXEL_LIMIT, ge=1)
 
     def pixel_budget(self) -> tuple[int, int]:
         lo, hi = resolve_pixels(self.min_pixels, self.max_pixels, self.min_image_tokens, self.max_image_tokens)

@@ -22,7 +22,8 @@ from typing import Any
 from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
 from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record, read_items
+from qvltune.data.files import read_items
+from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record
 from qvltune.data.media import MediaError
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
 from qvltune.errors import UserError
@@ -257,7 +258,7 @@ def _media_errors_as_user_errors(what: str):
     try:
         yield
     except MediaError as e:
-        raise UserError(f"{what}: {e.message}", e.fix or "fix the path, or pass --image-root") from None
+        raise UserError(f"{what}: {e.describe()}", e.fix or "fix the path, or pass --image-root") from None
     except TemplateError as e:
         raise UserError(f"{what}: {e}", "the model's chat template cannot render this conversation") from None
 

@@ -439,7 +439,7 @@ def run(run_dir: Path, resume: bool) -> int:
     t = _phase("model loaded and prepared", t)
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps)
+    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps, image_pixel_limit=cfg.data.image_pixel_limit)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     hf_config = _unwrap(model).config
     from qvltune.attention import NAME as VARLEN

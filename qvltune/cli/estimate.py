@@ -89,6 +89,11 @@ def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: 
         report = check_dataset(train, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:
         raise UserError(f"data.train: {e}", "write mixtures as a.jsonl%50,b.jsonl") from None
+    except UserError as e:  # a missing dataset file: memory can still be estimated, tokens and time not
+        if not quiet:
+            console.warn(f"{e.message}: token statistics and time are not estimated")
+        _SUMMARIES[key] = None
+        return None
     summary = summarize_report(report, min_pixels, max_pixels) if report.lengths else None
     if not quiet:
         if summary is None:

@@ -251,8 +251,8 @@ def show_dataset(data: str, image_root: str | None, min_pixels: int, max_pixels:
 
     try:
         report = check_dataset(data, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError as e:
-        console.warn(f"cannot read {data}: {e}")
+    except (ValueError, UserError) as e:  # a malformed mixture, a missing file
+        console.warn(f"cannot read {data}: {getattr(e, 'message', e)}")
         return
     render(report, min_pixels, max_pixels, strict=False)
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items
-from qvltune.data.media import ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
+from qvltune.data.files import read_items
+from qvltune.data.formats import Problem, Record, parse_mixture, parse_record
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, TINY_IMAGE_SIDE, ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
+from qvltune.errors import UserError
 
 # Qwen3-VL's processor refuses images whose long/short side ratio exceeds 200 (smart_resize).
 MAX_ASPECT_RATIO = 200
@@ -47,6 +50,18 @@ class Report:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
+
+    def failures(self) -> Counter:
+        """Failed records per kind of problem (a record with several errors counts under its first)."""
+        first: dict[tuple[str, int], str] = {}
+        for p in self.errors:
+            if p.index is not None:
+                first.setdefault((p.file, p.index), p.code or "error")
+        return Counter(first.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures().values())
 
     def ok(self, strict: bool = False) -> bool:
         return not self.errors and not (strict and self.warnings)
@@ -79,10 +94,12 @@ class Report:
             "files": self.files,
             "records": self.records,
             "valid_records": self.valid,
+            "failed_records": self.failed,
+            "failures": dict(self.failures().most_common()),
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "problems": [
-                {"severity": p.severity, "file": p.file, "line": p.line, "index": p.index, "field": p.field, "code": p.code, "message": p.message, "fix": p.fix}
+                {"severity": p.severity, "file": p.file, "line": p.line, "index": p.index, "field": p.field, "code": p.code, "message": p.message, "path": p.path, "fix": p.fix}
                 for p in self.problems
             ],
             "shapes": dict(self.shapes),
@@ -154,97 +171,135 @@ def check_dataset(
     deep: bool = False,
     allow_outside_root: bool = False,
     video_fps: float = 2.0,
-    progress: Callable[[int, int], None] | None = None,
+    image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT,
+    progress: Callable[[int, float], None] | None = None,
 ) -> Report:
     """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
 
     With a ``processor`` token counts are exact (the model's chat template and pixel budget);
     without one, image tokens use the Qwen3-VL geometry and text tokens are estimated.
+
+    One record never stops the pass: whatever goes wrong while reading, checking, decoding or
+    tokenizing it becomes an error on that record and the next one is checked. Missing dataset
+    files are a ``UserError`` (there is nothing to check).
     """
     specs = parse_mixture(data)
+    missing = [f"{s.path} ({'a directory, not a dataset file' if s.path.is_dir() else 'not found'})" for s in specs if not s.path.is_file()]
+    if missing:
+        raise UserError(f"dataset file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}", "check the path (a .jsonl, .json or .jsonl.gz file)")
     counting = f"exact ({model_name or 'model processor'})" if processor is not None else (
         "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
     )
     report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
-    encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps) if processor is not None else None
-    seen: dict[str, str] = {}
-    template_broken = False
-    for spec in specs:
-        if not spec.path.exists():
-            report.problems.append(Problem("error", str(spec.path), None, None, "", "dataset file not found", "check the path", "missing-file"))
-            continue
-        if spec.path.is_dir():
-            report.problems.append(Problem("error", str(spec.path), None, None, "", "is a directory, not a dataset file", "point at a .json or .jsonl file", "missing-file"))
-            continue
-        items = list(read_items(spec.path))
-        for n, item in enumerate(items):
-            if progress:
-                progress(n + 1, len(items))
+    ctx = _Context(
+        report,
+        encoder=Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video_fps=video_fps, image_pixel_limit=image_pixel_limit) if processor is not None else None,
+        allow_outside_root=allow_outside_root,
+        deep=deep,
+        video_fps=video_fps,
+        pixel_limit=image_pixel_limit,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        max_seq_length=max_seq_length,
+    )
+    for n, spec in enumerate(specs):
+        root = image_root if image_root is not None else spec.path.parent
+        for item in read_items(spec.path):
+            if progress and (report.records % 500 == 0):
+                progress(report.records, (n + item.progress) / len(specs))
             if item.problem is not None:
                 if item.problem.index is not None:  # a record that could not be read (not a file-level problem)
                     report.records += 1
                 report.problems.append(item.problem)
                 continue
             report.records += 1
-            record, problems = parse_record(item, str(spec.path))
-            report.problems += problems
-            if record is None:
-                continue
-            # Media: every item, every problem.
-            root = image_root if image_root is not None else spec.path.parent
-            infos: list[ImageInfo | VideoInfo] = []
-            media_ok = True
-            for m in record.media:
-                try:
-                    if m.kind == "image":
-                        info = probe_image(resolve(m.source, root, allow_outside_root), deep)
-                        ratio = max(info.width, info.height) / min(info.width, info.height)
-                        if ratio > MAX_ASPECT_RATIO:
-                            raise MediaError(
-                                f"aspect ratio {ratio:.0f}:1 of {m.source} ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1",
-                                "crop or pad the image",
-                                "aspect-ratio",
-                            )
-                        report.image_sizes.append((info.width, info.height))
-                    else:
-                        info = probe_video(m.source, root, allow_outside_root, video_fps, deep)
-                        if info.frames < 1:
-                            raise MediaError(f"video {m.source} has no frames", "re-encode it", "corrupt-video")
-                        report.videos += 1
-                    infos.append(info)
-                except MediaError as e:
-                    media_ok = False
-                    report.problems.append(Problem("error", record.file, record.line, record.index, m.field, e.message, e.fix, e.code))
-            if not media_ok:
-                continue
-            # Tokens.
             try:
-                if encoder is not None:
-                    length, trained = encoder.count(record, infos)
-                else:
-                    length = estimate_tokens(record, infos, min_pixels, max_pixels)
-                    trained = sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant")
-            except TemplateError as e:
-                if not template_broken:
-                    report.problems.append(Problem("error", record.file, record.line, record.index, "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template"))
-                template_broken = True
-                continue
-            too_long = bool(max_seq_length and length > max_seq_length)
-            if too_long:
+                _check_record(ctx, item, str(spec.path), root)
+            except Exception as e:  # noqa: BLE001 - a bug of ours on one record must not hide the others
+                if os.environ.get("QVLTUNE_DEBUG"):
+                    raise
                 report.problems.append(
-                    Problem("error", record.file, record.line, record.index, "", f"{length} tokens (text + image tokens at the pixel budget) exceed max_seq_length {max_seq_length}", "raise max_seq_length, lower max_pixels, or shorten/split the record", "too-long")
+                    Problem("error", str(spec.path), item.line, item.index, "", f"qvltune failed on this record ({type(e).__name__}: {e})", "a bug in qvltune: please report it (QVLTUNE_DEBUG=1 shows the traceback); the other records were checked", INTERNAL_ERROR)
                 )
-            key = _record_key(record)
-            if key in seen:
-                report.problems.append(Problem("warning", record.file, record.line, record.index, "", f"duplicate of {seen[key]}", "remove one copy unless the repetition is intended", "duplicate"))
-            else:
-                seen[key] = record.where()
-            report.valid += not too_long
-            if not too_long:
-                report.usable.append((record.file, record.index, length, trained))
-            report.shapes[record.shape] += 1
-            report.images_per_record[len(record.images)] += 1
-            report.lengths.append(length)
-            report.trained_tokens += trained
     report.problems.sort(key=lambda p: (p.file, p.index if p.index is not None else -1, p.severity != "error"))
     return report
+
+
+INTERNAL_ERROR = "internal-error"
+
+
+@dataclass
+class _Context:
+    report: Report
+    encoder: Encoder | None
+    allow_outside_root: bool
+    deep: bool
+    video_fps: float
+    pixel_limit: int
+    min_pixels: int
+    max_pixels: int
+    max_seq_length: int | None
+    seen: dict[str, str] = field(default_factory=dict)
+
+
+def _check_record(ctx: _Context, item, file: str, root: Path) -> None:
+    """Check one readable record: its shape, every media item, its tokens; append its problems."""
+    report = ctx.report
+    record, problems = parse_record(item, file)
+    report.problems += problems
+    if record is None:
+        return
+
+    def problem(severity: str, field: str, message: str, fix: str, code: str, path: str = "") -> None:
+        report.problems.append(Problem(severity, record.file, record.line, record.index, field, message, fix, code, path))
+
+    # Media: every item, every problem.
+    infos: list[ImageInfo | VideoInfo] = []
+    sizes: list[tuple[int, int]] = []
+    for m in record.media:
+        try:
+            if m.kind == "image":
+                path = resolve(m.source, root, ctx.allow_outside_root)
+                info = probe_image(path, ctx.deep, ctx.pixel_limit)
+                ratio = max(info.width, info.height) / min(info.width, info.height)
+                if ratio > MAX_ASPECT_RATIO:
+                    raise MediaError(f"aspect ratio {ratio:.0f}:1 ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1", "crop or pad the image", "aspect-ratio", path=path)
+                if info.frames > 1:
+                    problem("warning", m.field, f"animated image ({info.frames} frames): only the first frame is used", "give it as a video (<video> and a folder of frames) if the motion matters", "animated-image", str(path))
+                if max(info.width, info.height) < TINY_IMAGE_SIDE:
+                    problem("warning", m.field, f"image is only {info.width}x{info.height} pixels (scaled up to the pixel budget): likely a placeholder or tracking pixel", "check the image, or remove the record", "tiny-image", str(path))
+                sizes.append((info.width, info.height))
+            else:
+                info = probe_video(m.source, root, ctx.allow_outside_root, ctx.video_fps, ctx.deep, ctx.pixel_limit)
+            infos.append(info)
+        except MediaError as e:
+            problem("error", m.field, e.message, e.fix, e.code, e.path)
+    if len(infos) < len(record.media):
+        return
+    # Tokens.
+    try:
+        if ctx.encoder is not None:
+            length, trained = ctx.encoder.count(record, infos)
+        else:
+            length = estimate_tokens(record, infos, ctx.min_pixels, ctx.max_pixels)
+            trained = sum(int(len(m.text()) / 3.5 + 1) + 1 for m in record.messages if m.role == "assistant")
+    except TemplateError as e:
+        problem("error", "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template")
+        return
+    report.image_sizes += sizes
+    report.videos += len(record.videos)
+    too_long = bool(ctx.max_seq_length and length > ctx.max_seq_length)
+    if too_long:
+        problem("error", "", f"{length} tokens (text + image tokens at the pixel budget) exceed max_seq_length {ctx.max_seq_length}", "raise max_seq_length, lower max_pixels, or shorten/split the record", "too-long")
+    key = _record_key(record)
+    if key in ctx.seen:
+        problem("warning", "", f"duplicate of {ctx.seen[key]}", "remove one copy unless the repetition is intended", "duplicate")
+    else:
+        ctx.seen[key] = record.where()
+    report.valid += not too_long
+    if not too_long:
+        report.usable.append((record.file, record.index, length, trained))
+    report.shapes[record.shape] += 1
+    report.images_per_record[len(record.images)] += 1
+    report.lengths.append(length)
+    report.trained_tokens += trained

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.check import check_dataset
-from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, read_items, sample_indices
+from qvltune.data.files import read_items
+from qvltune.data.formats import Problem, Record, parse_mixture, parse_record, sample_indices
 from qvltune.data.tokenize import Encoded, Encoder
 from qvltune.errors import UserError
 
@@ -59,6 +60,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         max_seq_length=d.max_seq_length,
         allow_outside_root=d.allow_media_outside_root,
         video_fps=d.video_fps,
+        image_pixel_limit=d.image_pixel_limit,
     )
     entries: list[Entry] = []
     for s in parse_mixture(spec):
@@ -85,7 +87,7 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
                 f"{len(errors)} problem(s) in the training data:\n  {shown}{more}",
                 f"fix them (qvltune check-data {cfg.data.train} lists all), or set data.on_bad_sample: skip",
             )
-        skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.message} for p in errors]
+        skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.text(), "code": p.code} for p in errors]
     if not train:
         raise UserError("no usable training records", f"check the data with qvltune check-data {cfg.data.train}")
     if not cfg.data.eval and cfg.data.eval_split:
@@ -151,16 +153,20 @@ class SFTDataset:
             record = self.store.get(e.file, e.index)
             try:
                 out.append(self.encoder.encode(record))
-            except MediaError as err:
-                where = f"{record.where()} {err.field}".strip()
+            except Exception as err:  # noqa: BLE001 - one record must not end the run: it follows on_bad_sample
+                if isinstance(err, MediaError):
+                    field, problem = err.field, err.describe()
+                else:  # the processor refusing what the check accepted: still this record's failure
+                    field, problem = "", f"cannot encode the record ({type(err).__name__}: {err})"
+                where = f"{record.where()} {field}".strip()
                 if self.on_bad_sample == "error":
-                    raise BadSampleError(f"{where}: {err.message}", "restore the file, or set data.on_bad_sample: skip, then --resume") from None
-                self._log_skip(record, err)
+                    raise BadSampleError(f"{where}: {problem}", "restore the file, or set data.on_bad_sample: skip, then --resume") from None
+                self._log_skip(record, field, problem)
         return out
 
-    def _log_skip(self, record: Record, err) -> None:
+    def _log_skip(self, record: Record, field: str, problem: str) -> None:
         if self.skipped_log is None:
             return
-        line = json.dumps({"file": record.file, "line": record.line, "index": record.index, "field": err.field, "problem": err.message, "during": "training"})
+        line = json.dumps({"file": record.file, "line": record.line, "index": record.index, "field": field, "problem": problem, "during": "training"})
         with open(self.skipped_log, "a") as f:  # one short line per append: safe across loader workers
             f.write(line + "\n")

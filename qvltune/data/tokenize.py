@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.formats import Media, Record
-from qvltune.data.media import ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
 
 IGNORE_INDEX = -100
 
@@ -117,8 +117,9 @@ class Encoded:
 class Encoder:
     """Encodes records for one processor, pixel budget and media root."""
 
-    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0):
+    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0, image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT):
         self.processor = processor
+        self.image_pixel_limit = image_pixel_limit
         self.root = root
         self.allow_outside_root = allow_outside_root
         self.video_fps = video_fps
@@ -191,9 +192,9 @@ class Encoder:
         for m in record.media:
             try:
                 if m.kind == "image":
-                    infos.append(probe_image(resolve(m.source, root, self.allow_outside_root), deep))
+                    infos.append(probe_image(resolve(m.source, root, self.allow_outside_root), deep, self.image_pixel_limit))
                 else:
-                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video_fps, deep))
+                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video_fps, deep, self.image_pixel_limit))
             except MediaError as e:
                 e.field = m.field
                 raise
@@ -249,7 +250,11 @@ class Encoder:
         images, videos, metas = [], [], []
         for m in record.media if media is None else media:
             if m.kind == "image":
-                images.append(load_image(resolve(m.source, root, self.allow_outside_root)))
+                try:
+                    images.append(load_image(resolve(m.source, root, self.allow_outside_root), self.image_pixel_limit))
+                except MediaError as e:
+                    e.field = e.field or m.field
+                    raise
             else:
                 frames, meta = self._load_video(m, root)
                 videos.append(frames)
@@ -259,8 +264,12 @@ class Encoder:
     def _load_video(self, m: Media, root: Path):
         from transformers.video_utils import VideoMetadata
 
-        info = probe_video(m.source, root, self.allow_outside_root, self.video_fps)
-        frames = load_video(info, m.source, root, self.allow_outside_root)
+        try:
+            info = probe_video(m.source, root, self.allow_outside_root, self.video_fps, pixel_limit=self.image_pixel_limit)
+            frames = load_video(info, m.source, root, self.allow_outside_root, self.image_pixel_limit)
+        except MediaError as e:
+            e.field = e.field or m.field
+            raise
         meta = VideoMetadata(total_num_frames=len(frames), fps=info.fps, frames_indices=list(range(len(frames))))
         return frames, meta
 
