@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -39,3 +41,24 @@ def escape(text: str) -> str:
     from rich.markup import escape as _escape
 
     return _escape(str(text))
+
+
+@contextmanager
+def status(message: str, *, total: int | None = None) -> Iterator[Any]:
+    """Say what is happening while it happens: on a terminal a spinner (or a bar, with ``total``)
+    and the elapsed time, gone when done; otherwise one line. Yields ``advance(n)``.
+
+    Anything that can take more than a couple of seconds runs inside one, so no wait is silent."""
+    if not err.is_terminal:
+        note(f"{message} ...")
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if total:
+        columns += [BarColumn(bar_width=20), MofNCompleteColumn(), TimeRemainingColumn()]
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(escape(message), total=total)
+        yield lambda n=1: progress.advance(task, n)

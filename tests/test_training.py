@@ -219,8 +219,16 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
 
 
 def test_existing_run_is_not_clobbered_and_bad_config_is_one_clear_error(tmp_path, demo_data):
-    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1})
-    assert train(config).returncode == 0
+    # A run shorter than log_steps logs no loss of its own: it still ends with its summary, exit 0.
+    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1, "log_steps": 10})
+    first = train(config)
+    assert first.returncode == 0 and "Training completed: 2 steps, loss " in first.stdout, first.stdout + first.stderr
+    assert "launching:" not in first.stderr and "launching:" in (run_dir(config) / "train.log").read_text()  # behind --verbose
+    log_size = (run_dir(config) / "train.log").stat().st_size
+    # --resume on a finished run says so and what to do next, without starting DeepSpeed again.
+    done = train(config, "--resume")
+    assert done.returncode == 0 and "already completed" in done.stdout and "next: qvltune merge" in done.stdout, done.stdout + done.stderr
+    assert (run_dir(config) / "train.log").stat().st_size == log_size and "checkpoint saved" not in done.stdout
     again = train(config)
     assert again.returncode == 1 and "already holds" in again.stderr and "--resume" in again.stderr
     bad = tmp_path / "bad.yaml"
