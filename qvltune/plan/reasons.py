@@ -89,7 +89,7 @@ def precision(bf16: bool) -> Reason:
 
 
 def resolution(lo: int, hi: int, *, given_tokens: int | None, tiny: bool) -> Reason:
-    source = "--max-image-tokens" if given_tokens else "the tiny model's budget" if tiny else None
+    source = "--max-image-tokens" if given_tokens else "tiny model" if tiny else None
     if lo == hi:
         why = (
             f"fixed: every image resized to about {hi:,} pixels = {hi // TOKEN_PIXELS} tokens; predictable memory, easy to debug "
