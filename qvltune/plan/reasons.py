@@ -200,18 +200,19 @@ def compile_layers() -> Reason:
     )
 
 
-def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: bool, packing: bool, per_row: int, target: int, target_why: str) -> Reason:
-    """``target`` is in samples; ``eff`` in rows (packed) or samples."""
+def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: bool, packing: bool, per_row: int, target: int, target_why: str, rows_target: int) -> Reason:
+    """``target`` is in samples; ``eff`` and ``rows_target`` (the target in whole rows) in rows
+    (packed) or samples."""
     devices = _s(world, "process" if cpu else "GPU")
     arithmetic = f"{eff} = {per_device} per device x {accum} accumulation x {devices}"
     if packing:
         samples = eff * per_row
         short = f"~{samples:,} samples per step (target {target:,})"
-        why = f"{_s(eff, 'packed row')} of ~{per_row} samples = ~{samples:,} samples per step, for a target of {target:,} ({target_why}); {arithmetic}"
+        why = f"{_s(eff, 'packed row')} of ~{per_row} samples = ~{samples:,} samples per step, the nearest to a target of {target:,} ({target_why}); {arithmetic}"
     else:
         short = f"{_s(eff, 'sample')} per step (target {target:,})"
         why = f"{_s(eff, 'sample')} per step, for a target of {target:,} ({target_why}); {arithmetic}"
-    if (eff * per_row if packing else eff) > target:
+    if eff > rows_target:
         why += f" (above the target: every {'process' if cpu else 'GPU'} needs at least one {'row' if packing else 'sample'} per step)"
     return Reason(short, why)
 

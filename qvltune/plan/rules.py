@@ -124,7 +124,7 @@ def effective_batch_target(answers: Answers, data: DatasetSummary | None) -> tup
     if answers.effective_batch:
         return answers.effective_batch, "given with --effective-batch"
     if answers.model == BUILTIN_TINY:
-        return TINY_EFFECTIVE_BATCH, f"the tiny model learns with batches of {TINY_EFFECTIVE_BATCH} (measured by `qvltune demo`)"
+        return TINY_EFFECTIVE_BATCH, f"the tiny model learns with batches of {TINY_EFFECTIVE_BATCH}, measured by `qvltune demo`"
     target = DEFAULT_EFFECTIVE_BATCH
     why = "the guide's effective batch: 1 per GPU x 8 accumulation x 8 GPUs = 64"
     if data and data.records and data.records // target < MIN_STEPS_PER_EPOCH:

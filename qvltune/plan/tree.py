@@ -323,7 +323,7 @@ def _plan_for(
     decide(
         "effective batch",
         str(eff),
-        reasons.effective_batch(eff, per_device=o.per_device_batch, accum=o.grad_accum, world=machine.world_size, cpu=machine.is_cpu, packing=packing, per_row=per_row, target=target, target_why=batch_why),
+        reasons.effective_batch(eff, per_device=o.per_device_batch, accum=o.grad_accum, world=machine.world_size, cpu=machine.is_cpu, packing=packing, per_row=per_row, target=target, target_why=batch_why, rows_target=rows_target),
     )
     if answers.nodes > 1:
         decide("nodes", str(answers.nodes), reasons.nodes(answers.nodes))
