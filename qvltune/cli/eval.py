@@ -14,7 +14,7 @@ from qvltune.cli.predict import MODEL_HELP
 def command(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     data: str = typer.Option(..., "--data", metavar="FILE", help="Dataset with answers (any format check-data accepts; a.jsonl%50,b.jsonl mixes)."),
-    base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model for an adapter (default: the one it records)."),
+    base: str = typer.Option(None, "--base", metavar="MODEL", help="Base model for an adapter (default: the one it records)."),
     image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths resolve against (default: the file's folder)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer for exact match, in tokens."),

@@ -13,7 +13,7 @@ from qvltune.errors import UserError
 def command(
     adapter: str = typer.Argument(..., metavar="ADAPTER_OR_RUN", help="A run folder (runs/NAME: its final adapter), its final/ or a checkpoint-N/ folder."),
     out: Path = typer.Option(..., "--out", help="Folder for the merged model (created; must be empty unless --force)."),
-    base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model (default: the one recorded in adapter_config.json)."),
+    base: str = typer.Option(None, "--base", metavar="MODEL", help="Base model (default: the one recorded in adapter_config.json)."),
     dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype of the merged model (default: the base's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="Largest safetensors shard, e.g. 5GB or 500MB."),
     device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where to merge and verify (CPU works without a GPU)."),

@@ -17,7 +17,7 @@ def command(
     image: list[Path] = typer.Option(None, "--image", metavar="IMG", help="An image for --prompt (repeat for several)."),
     prompt: str = typer.Option(None, "--prompt", metavar="TEXT", help="The question to answer."),
     data: str = typer.Option(None, "--data", metavar="FILE", help="Answer the last question of every record of this dataset instead."),
-    base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model for an adapter (default: the one it records)."),
+    base: str = typer.Option(None, "--base", metavar="MODEL", help="Base model for an adapter (default: the one it records)."),
     image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths in --data resolve against (default: the file's folder)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records of --data."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
