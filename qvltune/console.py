@@ -43,22 +43,39 @@ def escape(text: str) -> str:
     return _escape(str(text))
 
 
+class Status:
+    """What ``status`` yields: ``report(phase, done, total)`` moves the spinner (or bar) on; a new
+    phase restarts its elapsed time. Library code takes ``report`` as a plain callback."""
+
+    def __init__(self, progress: Any = None, task: Any = None, phase: str = ""):
+        self.progress, self.task, self.phase = progress, task, phase
+
+    def report(self, phase: str, done: int = 0, total: int | None = None) -> None:
+        if self.progress is None:  # no terminal: one line per phase
+            if phase != self.phase:
+                note(f"{phase} ...")
+            self.phase = phase
+            return
+        if phase != self.phase:
+            self.phase = phase
+            self.progress.reset(self.task, total=total, completed=done, description=escape(phase))
+        else:
+            self.progress.update(self.task, completed=done, total=total)
+
+
 @contextmanager
-def status(message: str, *, total: int | None = None) -> Iterator[Any]:
-    """Say what is happening while it happens: on a terminal a spinner (or a bar, with ``total``)
-    and the elapsed time, gone when done; otherwise one line. Yields ``advance(n)``.
+def status(message: str) -> Iterator[Status]:
+    """Say what is happening while it happens: on a terminal a spinner (a bar once a total is
+    known) with the elapsed time, gone when done; otherwise one line per phase.
 
     Anything that can take more than a couple of seconds runs inside one, so no wait is silent."""
     if not err.is_terminal:
         note(f"{message} ...")
-        yield lambda n=1: None
+        yield Status(phase=message)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
-    if total:
-        columns += [BarColumn(bar_width=20), MofNCompleteColumn(), TimeRemainingColumn()]
-    columns.append(TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(escape(message), total=total)
-        yield lambda n=1: progress.advance(task, n)
+        task = progress.add_task(escape(message), total=None)
+        yield Status(progress, task, message)

@@ -25,10 +25,34 @@ from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoi
 from qvltune.zero import write_deepspeed_config
 
 
+def missing_data_files(cfg: RunConfig) -> list[str]:
+    """``data.train`` / ``data.eval`` files that do not exist (mixtures: every part), as messages."""
+    from qvltune.data.formats import parse_mixture
+
+    problems = []
+    for field in ("train", "eval"):
+        spec = getattr(cfg.data, field)
+        if not spec:
+            continue
+        for part in spec if isinstance(spec, list) else [spec]:
+            try:
+                paths = [s.path for s in parse_mixture(part)]
+            except ValueError:
+                continue  # a malformed mixture is reported where it is parsed, with its rule
+            problems += [f"data.{field}: file not found: {p}" for p in paths if not Path(p).is_file()]
+    return problems
+
+
 def validate(cfg: RunConfig, gpus: list[Any]) -> None:
     """Every conflict that needs the model or the machine, all at once, before anything runs."""
     from qvltune.model import read_model_config
 
+    missing = missing_data_files(cfg)
+    if missing:
+        raise UserError(
+            missing[0] if len(missing) == 1 else f"{len(missing)} data files not found:\n  " + "\n  ".join(missing),
+            "fix the path in the config (relative paths are relative to the config file's folder)",
+        )
     model_type = read_model_config(cfg.model.path, cfg.model.trust_remote_code).get("model_type", "?")
     problems = check_against_model(cfg, model_type) + check_against_hardware(cfg, gpus)
     if problems:

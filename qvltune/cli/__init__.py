@@ -102,8 +102,25 @@ def _register() -> None:
 _register()
 
 
+class _DropAcceleratorGuess:
+    """DeepSpeed's "Setting accelerator to CPU. If you have GPU ..." warning, printed on import
+    without a GPU: doctor reports the GPUs itself, and it is noise in every other command. The
+    worker keeps its logger untouched (its log is train.log)."""
+
+    def filter(self, record) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def _quiet_deepspeed() -> None:
+    import logging
+
+    # The logger DeepSpeed creates on import ("DeepSpeed"); a filter set now stays on it.
+    logging.getLogger("DeepSpeed").addFilter(_DropAcceleratorGuess())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the single place where exceptions become messages and exit codes."""
+    _quiet_deepspeed()
     try:
         result = app(args=argv, standalone_mode=False)
         code = result if isinstance(result, int) else 0

@@ -26,9 +26,12 @@ def command(
 
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
-    if not as_json:
-        console.note(f"merging {adapter} on {device} (loads the base model; the probe and the checks follow) ...")
-    result = merge(adapter, out, base=base, dtype=DTYPES[dtype] if dtype else None, max_shard_size=max_shard_size, device=device, force=force)
+    if not Path(adapter).expanduser().exists():
+        raise UserError(f"adapter or run folder not found: {adapter}", "give a run folder (runs/NAME), its final/ or a checkpoint-N/ folder")
+    # The inputs are checked inside merge() before anything loads; the spinner names each slow phase
+    # only once they passed, so a refusal is never preceded by "merging ...".
+    with console.status(f"checking {adapter}, its base and --out") as status:
+        result = merge(adapter, out, base=base, dtype=DTYPES[dtype] if dtype else None, max_shard_size=max_shard_size, device=device, force=force, progress=status.report)
     if as_json:
         console.print_json(result.to_json())
     else:
@@ -44,8 +47,8 @@ def render(result) -> None:
     out = console.out
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[result.dtype]
     shards = [f for f in result.files if f.endswith(".safetensors")]
-    out.print(f"Merged {console.escape(str(result.adapter))} into {console.escape(result.base)}")
-    out.print(f"  -> [bold]{console.escape(str(result.out))}[/] ({short}, {len(shards)} shard(s), {result.size_bytes / 1e6:,.1f} MB, {result.seconds:.0f} s)")
+    out.print(f"Merged the adapter {console.escape(str(result.adapter))} with its base {console.escape(base_name(result.base))}")
+    out.print(f"  wrote [bold]{console.escape(str(result.out))}[/] ({short}, {len(shards)} shard(s), {result.size_bytes / 1e6:,.1f} MB, {result.seconds:.0f} s)")
     out.print(f"  adapter weights from {console.escape(result.weights_from)}")
     for note in result.notes:
         console.note(note)
@@ -68,6 +71,13 @@ def render(result) -> None:
     out.print(f"  {_status(result.processor_problem is None)}  processor  {console.escape(processor)}")
     if result.ok:
         out.print(f"next: qvltune predict {result.out} --image IMG --prompt TEXT   or   qvltune eval {result.out} --data FILE")
+
+
+def base_name(base: str) -> str:
+    """The base as the user named it: builtin:tiny rather than its cache folder."""
+    from qvltune.tiny import BUILTIN_TINY, tiny_model_path
+
+    return BUILTIN_TINY if base in (BUILTIN_TINY, str(tiny_model_path())) else base
 
 
 def _status(ok: bool) -> str:

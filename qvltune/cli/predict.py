@@ -35,19 +35,21 @@ def command(
         raise typer.BadParameter("--image goes with --prompt; records of --data name their own images", param_hint="--image")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
-    predictions = predict(
-        model,
-        prompt=prompt,
-        images=list(image or []),
-        data=data,
-        base=base,
-        device=device,
-        dtype=DTYPES[dtype] if dtype else None,
-        image_root=image_root,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-    )
+    with console.status(f"loading {model}") as status:
+        predictions = predict(
+            model,
+            prompt=prompt,
+            images=list(image or []),
+            data=data,
+            base=base,
+            device=device,
+            dtype=DTYPES[dtype] if dtype else None,
+            image_root=image_root,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            progress=status.report,
+        )
     if as_json:
         console.print_json([p.to_json() for p in predictions])
     elif prompt is not None:

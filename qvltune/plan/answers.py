@@ -60,6 +60,6 @@ def parse_answers(doc: Any, source: str = "answers") -> Answers:
     try:
         return Answers.model_validate(doc)
     except ValidationError as e:
-        problems = format_validation_error(e)
+        problems = format_validation_error(e, Answers)
         raise UserError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), "fix the answers above (`qvltune init --help` lists them)") from None
 

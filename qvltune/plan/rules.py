@@ -50,7 +50,7 @@ DEFAULT_MAX_SEQ_LENGTH = 4096
 # on a 2-core CPU (DESIGN.md sec. 4): batch 32 at lr 2e-3 learns its colour task in a few epochs.
 TINY_LR = 2e-3
 TINY_EFFECTIVE_BATCH = 32
-# Models this small train on a CPU in minutes (the built-in tiny one has 1.9 M parameters; a test
+# Models this small train on a CPU in minutes (the built-in tiny one has 1.5 M parameters; a test
 # model of a few million is no different). The smallest released size, 2B, would take weeks.
 CPU_PRACTICAL_PARAMS = 50_000_000
 
