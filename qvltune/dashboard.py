@@ -188,10 +188,14 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
     counters = Text(
         f"step {state.step}/{total or '?'}  epoch {_fmt(state.epoch, '.2f')}  elapsed {_fmt_duration(now - state.started)}  ETA {_fmt_duration(state.eta())}"
     )
-    parts: list[Any] = [ProgressBar(total=max(total, 1), completed=done), counters]
+    head = Table.grid(expand=True)  # a bare ProgressBar ends no line: the grid gives it its own
+    head.add_column()
+    head.add_row(ProgressBar(total=max(total, 1), completed=done))
+    head.add_row(counters)
     if state.phase:
         since = _fmt_duration(now - state.phase_since) if state.phase_since is not None else "-"
-        parts.append(Text(f"{state.phase} ... {since}", style="bold cyan"))
+        head.add_row(Text(f"{state.phase} ... {since}", style="bold cyan"))
+    parts: list[Any] = [head]
 
     metrics = Table.grid(padding=(0, 2))
     metrics.add_column(style="bold", no_wrap=True)

@@ -274,10 +274,7 @@ def show_dataset(data: str, image_root: str | None, min_pixels: int, max_pixels:
 
 
 def _data_line(summary) -> str:
-    return (
-        f"data: {summary.records:,} usable records, tokens p50 {summary.p50:,} / p99 {summary.p99:,} / max {summary.longest:,}, "
-        f"{summary.tokens:,} per epoch (estimated)"
-    )
+    return f"data: {summary.records:,} records; tokens p50 {summary.p50:,}, p99 {summary.p99:,}, max {summary.longest:,} (estimated)"
 
 
 def _footer(plan) -> list[str]:
@@ -292,18 +289,24 @@ def _footer(plan) -> list[str]:
     return lines
 
 
+_SHORT_TOPICS = {"gradient checkpointing": "checkpointing"}
+
+
 def render_compact(plan, source: str, summary, out) -> None:
     """The plan in ~20 lines: each value with a one-line reason (fits 80x24 with the prompt)."""
     cfg = plan.config
     out.print(f"[bold]Plan[/] for {console.escape(cfg.model.path)} [dim]({console.escape(source)})[/]")
     if summary:
         out.print(console.escape(_data_line(summary)))
+    machine = plan.decision("machine")
+    out.print(f"machine: {console.escape(plan.machine.label())} [dim]({console.escape(machine.short)})[/]")
     table = Table.grid(padding=(0, 1))
     table.add_column(style="bold", no_wrap=True)
-    table.add_column(no_wrap=True)
+    table.add_column(max_width=14)  # long values (ZeRO-3 + offload ...) wrap rather than push the reasons off
     table.add_column(style="dim", ratio=1)
     for d in plan.decisions:
-        table.add_row(f"  {d.topic}", console.escape(d.choice), console.escape(d.short or d.why))
+        if d.topic != "machine":
+            table.add_row(f"  {_SHORT_TOPICS.get(d.topic, d.topic)}", console.escape(d.choice), console.escape(d.short or d.why))
     out.print(table)
     est = plan.estimate
     out.print(f"parameters: {est.total_params:,}, {est.trainable_params:,} trained")
