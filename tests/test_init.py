@@ -181,7 +181,7 @@ def test_plans_for_another_machine(demo_data, tmp_path, no_gpu):
     train, _ = demo_data
     r = run(["--data", str(train), "--model", H8B, "--gpu", "H200", "--gpu-count", "8", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "GPUs (planned, not detected)" in r.output and "NVIDIA H200" in r.output
+    assert "GPUs: 8 x NVIDIA H200, 140 GiB, compute 9.0, bf16 yes (planned, not detected)" in r.output
     cfg = load_config(tmp_path / "qvltune.yaml")
     assert cfg.strategy == "full" and cfg.optim.bf16 and cfg.model.path == H8B
     assert "--num_gpus 8" in (tmp_path / "launch.sh").read_text()

@@ -243,7 +243,14 @@ def write_files(plan, answers, out_dir: Path, plan_text: str | None = None) -> l
 
 def show_machine(inv, planned: bool) -> None:
     out = console.out
-    if inv.gpus:
+    same = inv.gpus and len({(g.name, g.memory_total, g.compute_capability) for g in inv.gpus}) == 1
+    if same and (planned or len(inv.gpus) > 2):
+        # Identical GPUs: one line (eight table rows would push the plan off an 80x24 screen).
+        g = inv.gpus[0]
+        free = min(x.memory_free for x in inv.gpus) / 2**30
+        where = "planned, not detected" if planned else f"least free {free:.0f} GiB"
+        out.print(f"GPUs: {len(inv.gpus)} x {console.escape(g.name)}, {g.memory_total / 2**30:.0f} GiB, compute {g.compute_capability}, bf16 {'yes' if g.bf16 else 'no'} [dim]({where})[/]")
+    elif inv.gpus:
         title = "GPUs (planned, not detected)" if planned else "GPUs"
         table = Table(title=title, title_justify="left", box=None, padding=(0, 2))
         for col in ("#", "name", "memory", "free", "compute", "bf16"):
@@ -299,7 +306,7 @@ def render_compact(plan, source: str, summary, out) -> None:
     if summary:
         out.print(console.escape(_data_line(summary)))
     machine = plan.decision("machine")
-    out.print(f"machine: {console.escape(plan.machine.label())} [dim]({console.escape(machine.short)})[/]")
+    out.print(f"machine: {console.escape(plan.machine.label())}; [dim]{console.escape(machine.short)}[/]")
     table = Table.grid(padding=(0, 1))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(max_width=14)  # long values (ZeRO-3 + offload ...) wrap rather than push the reasons off

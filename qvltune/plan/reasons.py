@@ -153,14 +153,14 @@ def packing(on: bool, *, given: str | None, row: int, p50: int | None = None, pe
     samples per packed row the batch arithmetic uses; ``considered_row``: the packed row an "off"
     decision weighed (the row actually chosen is then one unpacked sample)."""
     if given:
-        tail = f": ~{per_row} samples per {row:,}-token row" if on and per_row else ""
+        tail = f": ~{_s(per_row, 'sample')} per {row:,}-token row" if on and per_row else ""
         return Reason(f"--packing {given}", f"chosen with --packing {given}{tail}")
     if p50 is None:
         return Reason("no dataset summary", "no dataset summary: cannot tell whether records are short (give --packing on to force it)")
     if on:
         return Reason(
-            f"~{per_row} samples per {row:,}-token row",
-            f"the median record ({p50:,} tokens) is {p50 / row:.0%} of a {row:,}-token row: ~{per_row} samples share each row "
+            f"~{_s(per_row, 'sample')} per {row:,}-token row",
+            f"the median record ({p50:,} tokens) is {p50 / row:.0%} of a {row:,}-token row: ~{_s(per_row, 'sample')} share each row "
             f"instead of one padded row each ({GUIDE_PACKING})",
         )
     return Reason(
@@ -208,7 +208,7 @@ def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: b
     if packing:
         samples = eff * per_row
         short = f"~{samples:,} samples per step (target {target:,})"
-        why = f"{_s(eff, 'packed row')} of ~{per_row} samples = ~{samples:,} samples per step, the nearest to a target of {target:,} ({target_why}); {arithmetic}"
+        why = f"{_s(eff, 'packed row')} of ~{_s(per_row, 'sample')} = ~{samples:,} samples per step, the nearest to a target of {target:,} ({target_why}); {arithmetic}"
     else:
         short = f"{_s(eff, 'sample')} per step (target {target:,})"
         why = f"{_s(eff, 'sample')} per step, for a target of {target:,} ({target_why}); {arithmetic}"
