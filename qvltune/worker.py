@@ -385,7 +385,7 @@ def run(run_dir: Path, resume: bool) -> int:
     cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
-    _begin(writer, "starting the process group")
+    _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
     # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
     # checks the global batch against DeepSpeed's own view of the world size.
     import deepspeed

@@ -277,6 +277,8 @@ def show_dataset(data: str, image_root: str | None, min_pixels: int, max_pixels:
     except ValueError as e:
         console.warn(f"cannot read {data}: {e}")
         return
+    # The plan uses these estimated counts whatever the model; exact ones are check-data's job.
+    report.counting = "estimated (Qwen3-VL geometry for images, ~3.5 characters per text token); `qvltune check-data DATA --model MODEL` counts exactly"
     render(report, min_pixels, max_pixels, strict=False)
 
 
