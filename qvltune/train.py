@@ -170,7 +170,8 @@ def _drain(tailer: MetricsTailer, state: DashboardState, printer) -> None:
     for record in tailer.read_new():
         state.apply(record)
         if printer is not None:
-            line = format_line(record)
+            # A resumed start names the step it resumes at of the total (known from the earlier attempt).
+            line = state.message if record.get("kind") == "start" and record.get("resumed_from") else format_line(record)
             if line:
                 printer.print(line)
 

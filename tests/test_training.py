@@ -210,6 +210,10 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
 
     result = train(config, "--resume")
     assert result.returncode == 0, result.stdout + result.stderr
+    # it says where it resumes, and does not print the earlier attempt's lines again
+    assert f"resuming from checkpoint-{stopped_at} (step {stopped_at} of 10)" in result.stdout, result.stdout
+    assert f"step {stopped_at}/10 " not in result.stdout and "checkpoint saved" not in result.stdout.split("resuming from")[0]
+    assert "Training completed: 10 steps" in result.stdout
     resumed = [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]
     after = {r["step"]: r["loss"] for r in resumed if r["step"] > stopped_at}
     assert sorted(after) == list(range(stopped_at + 1, 11))
