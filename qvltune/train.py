@@ -109,7 +109,7 @@ def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, Metrics
     tailer = MetricsTailer(metrics)
     for record in tailer.read_new():
         state.apply(record)
-    state.status, state.message, state.hint = "starting", None, None
+    state.status, state.message, state.hint, state.phase = "starting", None, None, None
     state.started = time.time()
     return state, tailer
 
