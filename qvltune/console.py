@@ -13,8 +13,10 @@ from typing import Any
 
 from rich.console import Console
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# On a terminal Rich wraps long lines between words at its width (the terminal itself would cut
+# them mid-word); into a file or a pipe a line stays whole, for grep and for logs.
+out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def error(message: str, hint: str | None = None) -> None:
