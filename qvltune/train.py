@@ -110,7 +110,7 @@ def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, Metrics
     for record in tailer.read_new():
         state.apply(record)
     state.status, state.message, state.hint, state.phase = "starting", None, None, None
-    state.started = time.time()
+    state.started, state.first_step_time = time.time(), None  # this attempt's elapsed time and rate
     return state, tailer
 
 
