@@ -75,9 +75,16 @@ def status(message: str) -> Iterator[Status]:
         note(f"{message} ...")
         yield Status(phase=message)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn())
+    class Count(ProgressColumn):
+        """"n/total" once a total is known; nothing before (a "0/?" would only puzzle)."""
+
+        def render(self, task):
+            return Text(f"{task.completed:,.0f}/{task.total:,.0f}" if task.total else "")
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), Count(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(escape(message), total=None)
         yield Status(progress, task, message)
