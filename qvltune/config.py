@@ -225,14 +225,43 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
-def format_validation_error(e: ValidationError) -> list[str]:
+def _keys_at(root: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys allowed where ``loc`` points (its last part is the unknown key), following nested
+    models through their annotations (``X | None``, ``dict[str, X]`` and the like)."""
+    import typing
+
+    model = root
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if isinstance(part, (int, str)) and model is not None:
+                continue  # a list index or dict key inside a container of models
+            return []
+        annotation, model = model.model_fields[part].annotation, None
+        stack = [annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            stack += list(typing.get_args(t))
+    if model is None:
+        return []
+    return list(model.model_fields) + [f.alias for f in model.model_fields.values() if f.alias]
+
+
+def format_validation_error(e: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, ``field.path: message (got X)``; an unknown key gets the nearest known
+    one (``did you mean learning_rate?``) when ``root``, the validated model, is given."""
+    import difflib
+
     lines = []
     for err in e.errors():
         # Literal/union errors name the branch in loc (e.g. 'int', 'literal[...]'): drop those parts.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith(("literal[", "list[", "function-")) or p in ("int", "str", "float", "bool"))))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `qvltune init` writes a complete config)"
+            near = difflib.get_close_matches(str(loc[-1]), _keys_at(root, loc), n=1, cutoff=0.6) if loc else []
+            msg = f"unknown key: did you mean {near[0]}?" if near else "unknown key (check the spelling; `qvltune init` writes a complete config)"
         elif err["type"] == "missing":
             msg = "required"
         got = err.get("input")
@@ -248,7 +277,7 @@ def parse_config(doc: Any, source: str = "config") -> RunConfig:
     try:
         cfg = RunConfig.model_validate(doc)
     except ValidationError as e:
-        problems = format_validation_error(e)
+        problems = format_validation_error(e, RunConfig)
         raise UserError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), "fix the fields above; `qvltune init` writes a valid config") from None
     conflicts = check_conflicts(cfg)
     if conflicts:

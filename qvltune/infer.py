@@ -27,7 +27,7 @@ from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture
 from qvltune.data.media import MediaError
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
 from qvltune.errors import UserError
-from qvltune.tiny import resolve_model_path
+from qvltune.tiny import model_not_found, resolve_model_path
 
 # Answers up to this many words count as short: exact match is meaningful for them.
 SHORT_ANSWER_WORDS = 8
@@ -45,7 +45,7 @@ def resolve_model_dir(model: str) -> str:
         return resolve_model_path(model)
     path = Path(model).expanduser()
     if not path.exists():
-        raise UserError(f"model folder not found: {path}", "give a merged model folder, an adapter folder, a run folder (runs/NAME) or a Hub id")
+        raise model_not_found(str(path), "give a merged model folder, an adapter folder, a run folder (runs/NAME), a Hub id or builtin:tiny")
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a model folder", "give the folder that holds config.json or adapter_config.json")
     if is_adapter(path) or (path / "config.json").exists():
@@ -120,8 +120,9 @@ def load_records(data: str) -> list[Record]:
     return records
 
 
-def generate(model, processor, records: list[Record], *, max_new_tokens: int = 64, batch_size: int = 16, encoder: Encoder | None = None) -> list[str]:
-    """Greedy answers to each record's conversation up to (not including) its last answer."""
+def generate(model, processor, records: list[Record], *, max_new_tokens: int = 64, batch_size: int = 16, encoder: Encoder | None = None, progress=None) -> list[str]:
+    """Greedy answers to each record's conversation up to (not including) its last answer.
+    ``progress(phase, done, total)``, if given, hears of every batch."""
     import torch
 
     encoder = encoder or Encoder(processor)
@@ -131,6 +132,8 @@ def generate(model, processor, records: list[Record], *, max_new_tokens: int = 6
     out: list[str] = []
     try:
         for i in range(0, len(records), batch_size):
+            if progress:
+                progress("generating answers", i, len(records))
             batch = records[i : i + batch_size]
             texts, images, videos, metas = [], [], [], []
             for rec in batch:
@@ -204,8 +207,10 @@ def assistant_loss(model, processor, records: list[Record], encoder: Encoder | N
     return total / max(count, 1)
 
 
-def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 32, batch_size: int = 16, with_loss: bool = True, image_root: Path | None = None) -> EvalReport:
+def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 32, batch_size: int = 16, with_loss: bool = True, image_root: Path | None = None, progress=None) -> EvalReport:
     encoder = Encoder(processor, root=image_root)
+    if progress and with_loss:
+        progress("computing the loss on the answers", 0, None)
     loss = assistant_loss(model, processor, records, encoder) if with_loss else None
     refs = [r.messages[-1].text() if r.messages and r.messages[-1].role == "assistant" else "" for r in records]
     short = [i for i, ref in enumerate(refs) if ref and len(ref.split()) <= SHORT_ANSWER_WORDS]
@@ -213,16 +218,21 @@ def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 3
     by_type: dict[str, dict[str, float]] = {}
     examples = []
     if short:
-        answers = generate(model, processor, [records[i] for i in short], max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=encoder)
+        answers = generate(model, processor, [records[i] for i in short], max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=encoder, progress=progress)
         hits: dict[str, list[int]] = defaultdict(list)
+        mistakes: list[dict[str, str]] = []
         for i, answer in zip(short, answers):
             ok = int(normalise(answer) == normalise(refs[i]))
             hits["all"].append(ok)
             qtype = records[i].raw.get("question_type")
             if isinstance(qtype, str):
                 hits[qtype].append(ok)
+            # Examples: the first mistakes (what is worth reading), else the first answers.
+            if not ok and len(mistakes) < 5:
+                mistakes.append({"expected": refs[i], "got": answer})
             if len(examples) < 5:
                 examples.append({"expected": refs[i], "got": answer})
+        examples = (mistakes + [e for e in examples if normalise(e["got"]) == normalise(e["expected"])])[:5]
         accuracy = sum(hits["all"]) / len(hits["all"])
         by_type = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"}
     return EvalReport(len(records), loss, math.exp(min(loss, 50)) if loss is not None else None, accuracy, by_type, examples, len(short))
@@ -280,6 +290,7 @@ def predict(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     limit: int | None = None,
+    progress=None,
 ) -> list[Prediction]:
     """Greedy answers from MODEL with its chat template: to one prompt (with images), or to the last
     question of every record of ``data``."""
@@ -294,9 +305,11 @@ def predict(
                 raise UserError(f"--image: {image} not found", "check the path")
         records = [prompt_record(prompt, list(images or []))]
         encoder_root, outside = Path.cwd(), True  # command-line paths are the user's own, anywhere
+    if progress:
+        progress(f"loading {model}", 0, None)
     net, processor = load_for_inference(model, base, device, dtype)
     with _media_errors_as_user_errors(data or "--image"):
-        answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside))
+        answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside), progress=progress)
     out = []
     for rec, answer in zip(records, answers):
         asked = [m for m in rec.messages if m.role == "user"]
@@ -317,9 +330,12 @@ def evaluate_model(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     limit: int | None = None,
+    progress=None,
 ) -> EvalReport:
     """Loss/perplexity on the assistant tokens of ``data`` and exact-match accuracy on its short answers."""
     records = _limit(load_records(data), limit)  # the parser refuses records without an answer
+    if progress:
+        progress(f"loading {model}", 0, None)
     net, processor = load_for_inference(model, base, device, dtype)
     with _media_errors_as_user_errors(data):
-        return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root)
+        return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root, progress=progress)

@@ -407,8 +407,11 @@ def merge(
     max_shard_size: str = DEFAULT_SHARD_SIZE,
     device: str | None = None,
     force: bool = False,
+    progress=None,
 ) -> MergeResult:
-    """Merge ADAPTER into its base, save it to ``out`` and verify it (see the module docstring)."""
+    """Merge ADAPTER into its base, save it to ``out`` and verify it (see the module docstring).
+    ``progress(phase, done, total)``, if given, hears when each slow phase begins (after every
+    check of the inputs has passed)."""
     start = time.time()
     device = device or default_device()
     _bind_deepspeed_logs_to_stderr()
@@ -417,12 +420,16 @@ def merge(
         # matters to the user is in the notes and the verification.
         warnings.simplefilter("ignore")
         plan = plan_merge(adapter, out, base=base, dtype=dtype, max_shard_size=max_shard_size, device=device, force=force)
+        if progress:
+            progress(f"merging into the base on {device} (loads the base model)", 0, None)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             reference = merge_and_save(plan, tmp)
             gc.collect()  # the merged model is gone: free it before loading another
+            if progress:
+                progress("verifying: the adapter unmerged in the output dtype, then the saved folder reloaded", 0, None)
             reference.unmerged_logits = unmerged_logits(plan, reference)
             logits, weights, processor_problem = verify(plan, tmp, reference)
         except BaseException:

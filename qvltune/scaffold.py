@@ -5,6 +5,8 @@
 - ``ds_zero.json``: the DeepSpeed config generated from it (``qvltune.zero``), for clusters;
 - ``launch.sh``: the ``deepspeed`` command ``qvltune train`` would run (``qvltune.launch``);
 - ``qvltune-answers.yaml``: the answers, replayable with ``qvltune init --answers``;
+- ``qvltune-plan.txt``: the plan with its full reasoning, parameters and memory (the terminal shows
+  the compact plan; ``qvltune init --explain`` prints this one);
 - ``hostfile`` (multi-node only, never overwritten): one line per node to fill in.
 
 Every file is written to a temporary name first and renamed into place only when all are written,
@@ -31,6 +33,7 @@ CONFIG_NAME = "qvltune.yaml"
 DEEPSPEED_NAME = "ds_zero.json"
 LAUNCH_NAME = "launch.sh"
 ANSWERS_NAME = "qvltune-answers.yaml"
+PLAN_NAME = "qvltune-plan.txt"
 HOSTFILE_NAME = "hostfile"
 
 

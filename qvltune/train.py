@@ -25,10 +25,34 @@ from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoi
 from qvltune.zero import write_deepspeed_config
 
 
+def missing_data_files(cfg: RunConfig) -> list[str]:
+    """``data.train`` / ``data.eval`` files that do not exist (mixtures: every part), as messages."""
+    from qvltune.data.formats import parse_mixture
+
+    problems = []
+    for field in ("train", "eval"):
+        spec = getattr(cfg.data, field)
+        if not spec:
+            continue
+        for part in spec if isinstance(spec, list) else [spec]:
+            try:
+                paths = [s.path for s in parse_mixture(part)]
+            except ValueError:
+                continue  # a malformed mixture is reported where it is parsed, with its rule
+            problems += [f"data.{field}: file not found: {p}" for p in paths if not Path(p).is_file()]
+    return problems
+
+
 def validate(cfg: RunConfig, gpus: list[Any]) -> None:
     """Every conflict that needs the model or the machine, all at once, before anything runs."""
     from qvltune.model import read_model_config
 
+    missing = missing_data_files(cfg)
+    if missing:
+        raise UserError(
+            missing[0] if len(missing) == 1 else f"{len(missing)} data files not found:\n  " + "\n  ".join(missing),
+            "fix the path in the config (relative paths are relative to the config file's folder)",
+        )
     model_type = read_model_config(cfg.model.path, cfg.model.trust_remote_code).get("model_type", "?")
     problems = check_against_model(cfg, model_type) + check_against_hardware(cfg, gpus)
     if problems:
@@ -77,11 +101,26 @@ class Outcome:
     interrupted: bool
 
 
-def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5) -> Outcome:
+def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, MetricsTailer]:
+    """The panel's state and a tailer positioned after what earlier attempts of this run wrote:
+    their curves stay on the panel, their lines are not printed again, and their last status
+    (``interrupted``) gives way to this attempt's."""
+    state = DashboardState(cfg.name)
+    tailer = MetricsTailer(metrics)
+    for record in tailer.read_new():
+        state.apply(record)
+    state.status, state.message, state.hint, state.phase = "starting", None, None, None
+    state.started, state.first_step_time = time.time(), None  # this attempt's elapsed time and rate
+    return state, tailer
+
+
+def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5, state: DashboardState | None = None, tailer: MetricsTailer | None = None) -> Outcome:
     """Tail metrics and NVML while the child runs; render the panel (TTY) or one line per log step."""
     run_dir = cfg.run_dir
-    state = DashboardState(cfg.name)
-    tailer = MetricsTailer(run_dir / "metrics.jsonl")
+    state = state or DashboardState(cfg.name)
+    tailer = tailer or MetricsTailer(run_dir / "metrics.jsonl")
+    if state.phase is None:
+        state.begin("starting DeepSpeed")
     interrupts = 0
 
     def on_sigint(signum, frame):
@@ -102,7 +141,9 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
         if live:
             from rich.live import Live
 
-            with Live(render(state), console=console.err, refresh_per_second=4, transient=False) as view:
+            # The alternate screen: a resized terminal or a panel taller than it cannot leave broken
+            # lines or stray borders behind; the final panel is printed once, below, when it is over.
+            with Live(render(state), console=console.err, refresh_per_second=4, screen=True) as view:
                 while child.poll() is None:
                     _drain(tailer, state, None)
                     child.read_output()
@@ -111,7 +152,7 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
                     view.update(render(state))
                     time.sleep(refresh)
                 _drain(tailer, state, None)
-                view.update(render(state))
+            console.err.print(render(state))
         else:
             while child.poll() is None:
                 _drain(tailer, state, console.out)
@@ -129,7 +170,8 @@ def _drain(tailer: MetricsTailer, state: DashboardState, printer) -> None:
     for record in tailer.read_new():
         state.apply(record)
         if printer is not None:
-            line = format_line(record)
+            # A resumed start names the step it resumes at of the total (known from the earlier attempt).
+            line = state.message if record.get("kind") == "start" and record.get("resumed_from") else format_line(record)
             if line:
                 printer.print(line)
 
@@ -166,24 +208,53 @@ def launch_command(cfg: RunConfig, gpu_count: int, resume: bool, master_port: in
     )
 
 
-def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None) -> Outcome:
+def completed_run(cfg: RunConfig) -> dict[str, Any] | None:
+    """The ``end`` record of this run when it already finished with this same schedule (epochs or
+    max_steps): resuming it would only relaunch DeepSpeed to do nothing. A longer schedule in the
+    config is a reason to resume, so then this is None."""
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "final").is_dir() or not saved.is_file():
+        return None
+    ends = [r for r in read_all(run_dir / "metrics.jsonl") if r.get("kind") in ("end", "start")]
+    if not ends or ends[-1].get("kind") != "end" or ends[-1].get("status") != "completed":
+        return None
+    from qvltune.config import load_config
+
+    try:
+        before = load_config(saved).optim
+    except UserError:
+        return None
+    if (before.epochs, before.max_steps) != (cfg.optim.epochs, cfg.optim.max_steps):
+        return None
+    return ends[-1]
+
+
+def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None, verbose: bool = False) -> Outcome:
     """The whole parent flow: validate, prepare, launch, supervise, plot."""
     from qvltune.hardware import detect_gpus, sample_gpus
 
     if gpus is None:
         gpus = detect_gpus()[0]
-    validate(cfg, gpus)
+    with console.status("checking the config against the model and this machine"):
+        validate(cfg, gpus)
     if resume and latest_complete_checkpoint(cfg.run_dir) is None:
         console.note(f"no complete checkpoint in {cfg.run_dir}: starting from the beginning")
-    counts = prepare_run(cfg, resume=resume, force=force)
+    with console.status("checking every record and media file of the data"):
+        counts = prepare_run(cfg, resume=resume, force=force)
     console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
     argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
-    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + format_command(argv, env) + "\n")
-    console.note(f"launching: {format_command(argv, env)}")
-    console.note(f"log: {cfg.run_dir / 'train.log'}")
+    command = format_command(argv, env)
+    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + command + "\n")
+    with open(cfg.run_dir / "train.log", "a") as log:
+        log.write(f"qvltune: launching: {command}\n")
+    if verbose:
+        console.note(f"launching: {command}")
+    console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
+    state, tailer = resume_state(cfg, cfg.run_dir / "metrics.jsonl")
     child = start(argv, env, cfg.run_dir / "train.log", cfg.run_dir)
     try:
-        outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None)
+        outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None, state=state, tailer=tailer)
     finally:
         remove_shm_buffers(master_port_of(argv))  # also those of ranks that were killed
     plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")

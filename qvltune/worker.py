@@ -226,6 +226,7 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
             self.last_stats = BatchStats(0, 0, 0, 0)
             self.stopped_by_request = False
             self.skipped = 0
+            self.last_step_record = 0.0
 
         def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
             device = args.device if torch.cuda.is_available() else "cpu"
@@ -255,6 +256,17 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
                 self.stopped_by_request = True
                 control.should_save = True
                 control.should_training_stop = True
+            if writer:
+                # A small record per step (at most one a second): the panel's step counter and ETA
+                # move between log steps, and it can say when an evaluation or a save begins.
+                now = time.time()
+                if now - self.last_step_record >= 1.0 or state.global_step <= 2:
+                    writer.write("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+                    self.last_step_record = now
+                if control.should_evaluate and not bad:
+                    writer.write("phase", name="evaluating", step=state.global_step)
+                elif control.should_save and not bad:
+                    writer.write("phase", name=f"saving checkpoint-{state.global_step}", step=state.global_step)
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -375,6 +387,12 @@ def llm_flops_per_token(model) -> float:
     return 6.0 * n
 
 
+def _begin(writer: MetricsWriter | None, name: str, **fields) -> None:
+    """Tell the panel what the run is doing now (it shows the phase with its elapsed time)."""
+    if writer:
+        writer.write("phase", name=name, **fields)
+
+
 def _phase(name: str, since: float) -> float:
     """Print how long a start-up phase took (train.log), return now."""
     now = time.time()
@@ -402,6 +420,7 @@ def run(run_dir: Path, resume: bool) -> int:
     cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
+    _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
     # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
     # checks the global batch against DeepSpeed's own view of the world size.
     import deepspeed
@@ -413,11 +432,13 @@ def run(run_dir: Path, resume: bool) -> int:
     from transformers import set_seed
 
     set_seed(cfg.optim.seed)  # before LoRA adapters are initialised, so a run is reproducible
+    _begin(writer, "loading the processor and the data index")
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index_path = run_dir / "data_index.json"
     index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
     t = _phase("processor and data index", t)
+    _begin(writer, "loading the model")
 
     model = load_model(
         cfg.model.path,
@@ -437,6 +458,7 @@ def run(run_dir: Path, resume: bool) -> int:
     if cfg.optim.compile:
         compile_blocks(model)
     t = _phase("model loaded and prepared", t)
+    _begin(writer, "building the datasets and the trainer")
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
     encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video_fps=cfg.data.video_fps, image_pixel_limit=cfg.data.image_pixel_limit)
@@ -499,8 +521,11 @@ def run(run_dir: Path, resume: bool) -> int:
             device="cpu" if use_cpu else torch.cuda.get_device_name(),
         )
         _print_table(table)
+        # The first step also restores a checkpoint, and compiles the decoder layers when asked.
+        first = "compiling the decoder layers (first step)" if cfg.optim.compile else "first step"
+        _begin(writer, ("restoring the checkpoint, " if resume_from else "") + first)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         t = _phase("training", t)
     except (torch.OutOfMemoryError, OSError, BadSampleError, *_compile_errors(cfg)) as e:
         status, message, hint = explain_failure(e, cfg, trainer, run_dir)
@@ -519,11 +544,17 @@ def run(run_dir: Path, resume: bool) -> int:
         if writer:
             writer.write("end", status="interrupted", step=step, message="stopped on request; checkpoint saved", last_checkpoint=_last(run_dir))
         return EXIT_INTERRUPTED
+    _begin(writer, "saving the final model")
     final = save_final(trainer, processor, cfg, run_dir)
     _phase("final save", t)
     if writer:
         note = f" ({callback.skipped} step(s) skipped for a non-finite loss)" if callback.skipped else ""
-        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note)
+        # train_loss and epoch: a run shorter than log_steps logs no loss of its own, and the last
+        # logged epoch lags the end of training; the summary needs both.
+        writer.write(
+            "end", status="completed", step=step, epoch=trainer.state.epoch, train_loss=result.training_loss,
+            final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note,
+        )
     return 0
 
 

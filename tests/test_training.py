@@ -219,6 +219,10 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
 
     result = train(config, "--resume")
     assert result.returncode == 0, result.stdout + result.stderr
+    # it says where it resumes, and does not print the earlier attempt's lines again
+    assert f"resuming from checkpoint-{stopped_at} (step {stopped_at} of 10)" in result.stdout, result.stdout
+    assert f"step {stopped_at}/10 " not in result.stdout and "checkpoint saved" not in result.stdout.split("resuming from")[0]
+    assert "Training completed: 10 steps" in result.stdout
     resumed = [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]
     after = {r["step"]: r["loss"] for r in resumed if r["step"] > stopped_at}
     assert sorted(after) == list(range(stopped_at + 1, 11))
@@ -228,8 +232,16 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
 
 
 def test_existing_run_is_not_clobbered_and_bad_config_is_one_clear_error(tmp_path, demo_data):
-    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1})
-    assert train(config).returncode == 0
+    # A run shorter than log_steps logs no loss of its own: it still ends with its summary, exit 0.
+    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1, "log_steps": 10})
+    first = train(config)
+    assert first.returncode == 0 and "Training completed: 2 steps, loss " in first.stdout, first.stdout + first.stderr
+    assert "launching:" not in first.stderr and "launching:" in (run_dir(config) / "train.log").read_text()  # behind --verbose
+    log_size = (run_dir(config) / "train.log").stat().st_size
+    # --resume on a finished run says so and what to do next, without starting DeepSpeed again.
+    done = train(config, "--resume")
+    assert done.returncode == 0 and "already completed" in done.stdout and "next: qvltune merge" in done.stdout, done.stdout + done.stderr
+    assert (run_dir(config) / "train.log").stat().st_size == log_size and "checkpoint saved" not in done.stdout
     again = train(config)
     assert again.returncode == 1 and "already holds" in again.stderr and "--resume" in again.stderr
     bad = tmp_path / "bad.yaml"

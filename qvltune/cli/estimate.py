@@ -37,13 +37,13 @@ def command(
         doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits})
         console.print_json(doc)
     else:
+        if inv.note and not planned:
+            console.note(inv.note)  # before the results it qualifies (e.g. no GPU: a CPU estimate)
         console.out.print(f"[bold]{console.escape(cfg.name)}[/]: {console.escape(cfg.model.path)} ({console.escape(source)}), strategy {cfg.strategy}, ZeRO-{cfg.deepspeed.stage}"
                           + (" + offload" if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params else "")
                           + f", gradient checkpointing {'on' if cfg.optim.gradient_checkpointing else 'off'}")
         render_estimate(est, machine, cfg.optim.epochs)
         render_fit(est, machine, inv.gpus if not planned else [])
-        if inv.note and not planned:
-            console.note(inv.note)
     return 0 if fits in (None, True) else 1
 
 
@@ -114,18 +114,24 @@ def render_params(est) -> Table:
     return table
 
 
-def render_memory(est, machine) -> None:
-    """The per-GPU breakdown, one term per line (notes say where each number comes from)."""
+def render_memory(est, machine, console=None) -> None:
+    """The per-GPU breakdown, one term per line (notes say where each number comes from). A table,
+    so a note wraps between words within its column at any width."""
+    from qvltune import console as output
     from qvltune.estimate import format_bytes, overhead_term
 
-    out = console.out
+    out = console or output.out
     where = "process" if machine.is_cpu else "GPU"
     ranks = f"{est.world_size} rank{'s' if est.world_size > 1 else ''}"
-    out.print(f"[bold]Memory per {where}[/] [dim]({console.escape(machine.label())}, {ranks})[/]")
+    out.print(f"[bold]Memory per {where}[/] [dim]({output.escape(machine.label())}, {ranks})[/]")
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(style="dim", ratio=1)
 
     def line(name: str, value: float, note: str, bold: bool = False) -> None:
-        text = f"  {name:<28}{value / 2**30:>9,.2f} GiB  [dim]{console.escape(note)}[/]"
-        out.print(f"[bold]{text}[/]" if bold else text)
+        cells = (f"  {name}", f"{value / 2**30:,.2f} GiB", output.escape(note))
+        table.add_row(*(f"[bold]{c}[/]" for c in cells[:2]), cells[2]) if bold else table.add_row(*cells)
 
     for t in est.gpu_terms:
         line(t.name, t.bytes, t.note)
@@ -134,6 +140,15 @@ def render_memory(est, machine) -> None:
         o = overhead_term(est)
         line(o.name, o.bytes, o.note)
         line("total", est.per_gpu, f"of {format_bytes(machine.gpu_memory)}", bold=True)
+    out.print(table)
+
+
+def format_flops(flops: float) -> str:
+    """FLOPs with a unit that leaves digits to read (the tiny model does ~10 MFLOP per token)."""
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:,.1f} {unit}"
+    return f"{flops:,.0f} FLOP"
 
 
 def render_estimate(est, machine, epochs: float | None = None) -> None:
@@ -149,7 +164,7 @@ def render_estimate(est, machine, epochs: float | None = None) -> None:
             out.print(f"host memory needed: {format_bytes(est.host_total)} of {format_bytes(machine.host_ram)} per node")
     wl = est.workload
     out.print(f"micro-batch: {wl.tokens:,} tokens, {wl.image_tokens:,} of them image tokens [dim]({console.escape(wl.assumption)})[/]")
-    out.print(f"compute: {est.flops_per_token / 1e9:,.1f} GFLOP per token by the 6N rule (MFU), {est.step_flops_per_token / 1e9:,.1f} GFLOP per token per training step")
+    out.print(f"compute: {format_flops(est.flops_per_token)} per token by the 6N rule (MFU), {format_flops(est.step_flops_per_token)} per token per training step")
     if est.seconds_per_epoch is not None:
         total = f", ~{format_duration(est.seconds_per_epoch * epochs)} for {epochs:g} epochs" if epochs and epochs != 1 else ""
         out.print(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch ({wl.tokens_per_epoch:,} tokens){total}")
@@ -167,7 +182,11 @@ def render_fit(est, machine, gpus: list) -> None:
 
     out = console.out
     if machine.is_cpu:
-        out.print("[dim]no GPU: nothing to compare with (estimate another machine with --gpu H200 --gpu-count 8)[/]")
+        # A CPU run's memory is host memory: compare with it, as `init` does.
+        ram = machine.gpu_memory
+        ok = est.per_gpu <= ram * (1 - SAFETY_MARGIN)
+        out.print(f"on this CPU ({machine.world_size} process(es)): {'[green]fits[/]' if ok else '[red]does not fit[/]'} ({format_bytes(est.per_gpu)} of {format_bytes(ram)} of memory per process, {SAFETY_MARGIN:.0%} kept free)")
+        out.print("[dim]for a GPU machine: qvltune estimate CONFIG --gpu H200 --gpu-count 8[/]")
         return
     limit = machine.gpu_memory * (1 - SAFETY_MARGIN)
     verdict = lambda ok: "[green]fits[/]" if ok else "[red]does not fit[/]"  # noqa: E731

@@ -17,11 +17,12 @@ def command(
     no_live: bool = typer.Option(False, "--no-live", help="One plain line per log step instead of the live panel."),
     print_command: bool = typer.Option(False, "--print-command", help="Print the exact launcher command (for clusters) and exit."),
     force: bool = typer.Option(False, "--force", help="Delete an earlier run of the same name instead of refusing."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the launcher command (it is always in launch.sh and train.log)."),
 ) -> int:
     """Train with DeepSpeed (transformers Trainer + peft) and show loss, eval loss, throughput, MFU and GPU memory."""
     from qvltune.hardware import detect_gpus
     from qvltune.launch import format_command
-    from qvltune.train import launch_command, run_training
+    from qvltune.train import completed_run, launch_command, run_training
 
     cfg = load_config(config)
     gpus = detect_gpus()[0]
@@ -30,9 +31,22 @@ def command(
         console.out.print(format_command(argv, env), markup=False)
         console.note(f"(the run folder {cfg.run_dir} must hold config.yaml; `qvltune train` prepares it)")
         return 0
+    if resume and (end := completed_run(cfg)):
+        console.out.print(f"[green]{cfg.name} already completed[/]: {end.get('step')} steps; its model is in {cfg.run_dir / 'final'}")
+        console.out.print(next_steps(cfg))
+        console.note("to train longer, raise optim.epochs (or max_steps) in the config and --resume; to start over, --force")
+        return 0
     live = not no_live and console.err.is_terminal
-    outcome = run_training(cfg, resume=resume, live=live, force=force, gpus=gpus)
+    outcome = run_training(cfg, resume=resume, live=live, force=force, gpus=gpus, verbose=verbose)
     return report(outcome, cfg, config)
+
+
+def next_steps(cfg) -> str:
+    """What to run after a finished run: merge an adapter; a full run's folder is the model already."""
+    final = cfg.run_dir / "final"
+    if cfg.uses_lora():
+        return f"next: qvltune merge {final} --out {cfg.run_dir / 'merged'}"
+    return f"next: qvltune eval {final} --data FILE   or   qvltune predict {final} --image IMG --prompt TEXT"
 
 
 def report(outcome, cfg, config_path: Path) -> int:
@@ -40,10 +54,11 @@ def report(outcome, cfg, config_path: Path) -> int:
     run_dir = cfg.run_dir
     if outcome.exit_code == 0 and state.status == "completed":
         final = run_dir / "final"
-        console.out.print(f"[green]Training completed[/]: {state.step} steps, loss {state.loss:.4f}" + (f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""))
+        loss = f", loss {state.final_loss:.4f}" if state.final_loss is not None else ""
+        evals = f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""
+        console.out.print(f"[green]Training completed[/]: {state.step} steps{loss}{evals}")
         console.out.print(f"model: {final}   curve: {run_dir / 'loss.png'}   metrics: {run_dir / 'metrics.jsonl'}")
-        if cfg.uses_lora():
-            console.out.print(f"next: qvltune merge {final} --out {run_dir / 'merged'}")
+        console.out.print(next_steps(cfg))
         return 0
     if state.status == "interrupted" or (outcome.interrupted and outcome.exit_code in (0, 130)):
         console.warn(f"stopped at step {state.step}; last checkpoint: {state.checkpoint or 'none'}")
