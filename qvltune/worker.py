@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import signal
 import sys
 import time
@@ -142,9 +143,10 @@ def _make_trainer_class():
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
             self.accelerator.wait_for_everyone()
             super()._save_checkpoint(model, trial)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                _fsync_tree(target)  # every node flushes the shards its ranks wrote before the marker
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                _fsync_tree(target)
                 marker = target / COMPLETE_MARKER
                 marker.with_suffix(".tmp").write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
                 marker.with_suffix(".tmp").replace(marker)
@@ -162,6 +164,35 @@ def _make_trainer_class():
                     shutil.rmtree(old, ignore_errors=True)
 
     return QvlTrainer
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Several nodes must see one run folder (checkpoint shards of every rank, node 0's config and
+    markers). Each node's first rank writes a file named by a token from rank 0; rank 0 then checks
+    it sees them all, and every rank stops with the same error when not."""
+    nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher: the node count
+    if nodes <= 1:
+        return
+    import torch.distributed as dist
+
+    token = [f"{time.time():.6f}-{os.getpid()}" if _is_main() else None]
+    dist.broadcast_object_list(token, src=0)
+    probe_dir = run_dir / "nodes"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        (probe_dir / f"seen-{token[0]}-node{os.environ.get('CROSS_RANK', '0')}").write_text(socket.gethostname())
+    dist.barrier()
+    missing = [None]
+    if _is_main():
+        missing[0] = [k for k in range(nodes) if not (probe_dir / f"seen-{token[0]}-node{k}").exists()]
+        for p in probe_dir.glob(f"seen-{token[0]}-node*"):
+            p.unlink(missing_ok=True)
+    dist.broadcast_object_list(missing, src=0)
+    if missing[0]:
+        raise UserError(
+            f"the run folder {run_dir} is not shared between the nodes: node 0 cannot see what node(s) {missing[0]} wrote there",
+            "put output_dir on storage every node mounts at the same path (NFS, Lustre, GPFS)",
+        )
 
 
 def _fsync_tree(path: Path) -> None:
@@ -364,14 +395,17 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> int:
 
 def run(run_dir: Path, resume: bool) -> int:
     t = time.time()
-    cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
     # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
-    # checks the global batch against DeepSpeed's own view of the world size.
+    # checks the global batch against DeepSpeed's own view of the world size. It is also where the
+    # nodes of a multi-node run meet: node 0 starts its ranks only once it has written the run folder,
+    # so every rank reads the config (below) after that.
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+    check_shared_run_dir(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
     t = _phase("process group and arguments", t)
 
@@ -642,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     if "MASTER_PORT" in os.environ and "LOCAL_RANK" in os.environ:
         from qvltune.launch import remove_shm_buffers
 
-        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ["LOCAL_RANK"]))
+        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ.get("RANK", os.environ["LOCAL_RANK"])))  # named by global rank
     return code
 
 
