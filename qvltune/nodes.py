@@ -203,12 +203,14 @@ def status_path(run_dir: Path, node_rank: int) -> Path:
     return run_dir / NODES_DIR / f"node-{node_rank}.json"
 
 
-def write_status(run_dir: Path, node_rank: int, state: str, *, exit_code: int | None = None, gpus: list[Any] = (), stopped_for: str | None = None) -> None:
+def write_status(
+    run_dir: Path, node_rank: int, state: str, *, exit_code: int | None = None, gpus: list[Any] = (), stopped_for: str | None = None, failed_ranks: list[tuple[int, int]] = ()
+) -> None:
     """This node's heartbeat: ``running`` (rewritten every HEARTBEAT_SECONDS) or ``exited`` with its
     launcher's exit code. Written whole (temporary file + rename) so a reader never sees half."""
     path = status_path(run_dir, node_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"node": node_rank, "host": socket.gethostname(), "pid": os.getpid(), "state": state, "exit_code": exit_code, "stopped_for": stopped_for, "time": time.time(), "gpus": [_gpu_doc(g) for g in gpus]}
+    doc = {"node": node_rank, "host": socket.gethostname(), "pid": os.getpid(), "state": state, "exit_code": exit_code, "stopped_for": stopped_for, "failed_ranks": [list(r) for r in failed_ranks], "time": time.time(), "gpus": [_gpu_doc(g) for g in gpus]}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc))
     tmp.replace(path)
@@ -284,8 +286,9 @@ class PeerWatch:
     def _failed(rank: int, doc: dict[str, Any]) -> str:
         from qvltune.launch import describe_exit
 
-        code = doc.get("exit_code")
-        return f"node {rank} ({doc.get('host', '?')}) failed ({describe_exit(code) if isinstance(code, int) else 'exit code unknown'})"
+        code, ranks = doc.get("exit_code"), doc.get("failed_ranks") or []
+        what = ", ".join(f"local rank {r}: {describe_exit(c)}" for r, c in ranks) or (describe_exit(code) if isinstance(code, int) else "exit code unknown")
+        return f"node {rank} ({doc.get('host', '?')}) failed ({what})"
 
     def check(self, now: float | None = None) -> str | None:
         now = time.time() if now is None else now

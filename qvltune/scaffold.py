@@ -5,7 +5,8 @@
 - ``ds_zero.json``: the DeepSpeed config generated from it (``qvltune.zero``), for clusters;
 - ``launch.sh``: the ``deepspeed`` command ``qvltune train`` would run (``qvltune.launch``);
 - ``qvltune-answers.yaml``: the answers, replayable with ``qvltune init --answers``;
-- ``hostfile`` (multi-node only, never overwritten): one line per node to fill in.
+- ``hostfile`` (multi-node only, never overwritten): one line per node to fill in (ssh);
+- ``train.sbatch`` (multi-node only): the Slurm script, one ``qvltune train`` per node (``qvltune.nodes``).
 
 Every file is written to a temporary name first and renamed into place only when all are written,
 so Ctrl-C or an error leaves either the previous files or the complete new set, never half of one.
@@ -32,6 +33,7 @@ DEEPSPEED_NAME = "ds_zero.json"
 LAUNCH_NAME = "launch.sh"
 ANSWERS_NAME = "qvltune-answers.yaml"
 HOSTFILE_NAME = "hostfile"
+SBATCH_NAME = "train.sbatch"
 
 
 def config_text(doc: dict[str, Any], decisions: list[Any], fits: bool) -> str:

@@ -268,7 +268,10 @@ def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpu
         if node.is_first and outcome.exit_code not in (0, 130) and outcome.peer_failure is None and outcome.state.status not in ("oom", "bad_sample", "nan", "save_failed"):
             outcome.peer_failure = watch.failed_peer()
     finally:
-        write_status(run_dir, node.node_rank, "exited", exit_code=child.poll(), stopped_for=outcome.peer_failure if outcome else None)
+        from qvltune.launch import failed_ranks
+
+        ranks = failed_ranks(list(child.tail)) if outcome else []
+        write_status(run_dir, node.node_rank, "exited", exit_code=child.poll(), stopped_for=outcome.peer_failure if outcome else None, failed_ranks=ranks)
         remove_shm_buffers(node.master_port)
     if node.is_first:
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
