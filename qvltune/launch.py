@@ -232,7 +232,12 @@ def guard(run_dir: Path, argv: list[str]) -> int:
     whatever is left of its process group, so no rank keeps running on the GPUs."""
     from qvltune.checkpoints import STOP_FILE
 
-    child = subprocess.Popen(argv)
+    # DeepSpeed builds its ops (the CPU all-reduce, CPU Adam) with whichever `ninja` is first on PATH;
+    # two ninja versions (a venv's and the system's) read each other's build log as "command
+    # changed" and rebuild the op at every start, one process at a time. The venv's tools go first.
+    path = os.environ.get("PATH", "")
+    here = os.path.dirname(sys.executable)
+    child = subprocess.Popen(argv, env={**os.environ, "PATH": path if path.split(os.pathsep)[0] == here else here + os.pathsep + path})
 
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
