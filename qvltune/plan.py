@@ -577,7 +577,7 @@ def _plan_for(
         bwhy += f" (above the target: every {'process' if machine.is_cpu else 'GPU'} needs at least one {'row' if packing else 'sample'} per step)"
     decide("effective batch", str(eff), bwhy)
     if answers.nodes > 1:
-        decide("nodes", str(answers.nodes), "multi-node: list each node in `hostfile` ('host slots=N'); every node needs the same GPUs and the data at the same path")
+        decide("nodes", str(answers.nodes), "multi-node: ssh/pdsh through `hostfile` ('host slots=N'), Slurm through `train.sbatch`, or `qvltune train --node-rank N --master-addr HOST` on each node; every node needs the same GPUs and the data at the same path, the run folder on shared storage")
 
     final_name = default_name(answers, strategy)
     doc = search.doc(chosen)
