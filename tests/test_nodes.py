@@ -162,3 +162,20 @@ def test_print_command_prints_every_nodes_command(tmp_path, demo_data):
     assert all("--master_addr 10.0.0.5" in line for line in lines)
     assert "node2 slots=2" in out.stderr
     assert not (tmp_path / "runs").exists()  # printing launches nothing
+
+
+def test_node_zeros_panel_shows_every_nodes_gpus(tmp_path):
+    from rich.console import Console
+
+    from qvltune.dashboard import DashboardState, render
+
+    write_status(tmp_path, 1, "running", gpus=[GpuInfo(0, "NVIDIA H200", 140 * 2**30, 100 * 2**30, 40 * 2**30, "9.0", 97, 61)])
+    watch = PeerWatch(tmp_path / "other", NodeSpec(2, 0, "m", 1, "test"))
+    watch.run_dir = tmp_path  # the status appeared after node 0 started
+    watch.check()
+    state = DashboardState("run")
+    state.gpus = [GpuInfo(0, "NVIDIA H200", 140 * 2**30, 120 * 2**30, 20 * 2**30, "9.0", 95, 60)] + peer_gpus(watch.live)
+    console = Console(width=120, record=True)
+    console.print(render(state))
+    text = console.export_text()
+    assert "node 1: 0" in text and "40.0/140 GiB" in text and "97%" in text
