@@ -44,6 +44,7 @@ NODE_TIMEOUT_SECONDS = float(os.environ.get("QVLTUNE_NODE_TIMEOUT", "120"))
 # When node 0 ended (completed or stopped on Ctrl-C), the other nodes' ranks end with it; a node
 # still running this long after that is stopped.
 PEER_END_GRACE_SECONDS = 60.0
+SHARED_CHECK_SECONDS = 10.0  # how long rank 0 waits to see the other nodes' probe files
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,42 @@ class PeerWatch:
             elif now - changed > self.timeout:
                 return f"{where} stopped reporting {int(now - changed)} s ago (machine down or network lost?)"
         return None
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Several nodes must see one run folder (checkpoint shards of every rank, node 0's config and
+    markers). Each node's first rank writes a file named by a token from rank 0; rank 0 then checks
+    it sees them all, and every rank stops with the same error when not. (Called by every rank of
+    the worker, right after the process group starts.)"""
+    nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher: the node count
+    if nodes <= 1:
+        return
+    import torch.distributed as dist
+
+    first = os.environ.get("RANK", "0") == "0"
+    token = [f"{time.time():.6f}-{os.getpid()}" if first else None]
+    dist.broadcast_object_list(token, src=0)
+    probe_dir = run_dir / NODES_DIR
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        (probe_dir / f"seen-{token[0]}-node{os.environ.get('CROSS_RANK', '0')}").write_text(socket.gethostname())
+    dist.barrier()
+    missing: list[Any] = [None]
+    if first:
+        deadline = time.time() + SHARED_CHECK_SECONDS  # network file systems may show a new file late
+        while True:
+            missing[0] = [k for k in range(nodes) if not (probe_dir / f"seen-{token[0]}-node{k}").exists()]
+            if not missing[0] or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        for p in probe_dir.glob(f"seen-{token[0]}-node*"):
+            p.unlink(missing_ok=True)
+    dist.broadcast_object_list(missing, src=0)
+    if missing[0]:
+        raise UserError(
+            f"the run folder {run_dir} is not shared between the nodes: node 0 cannot see what node(s) {missing[0]} wrote there",
+            "put output_dir on storage every node mounts at the same path (NFS, Lustre, GPFS)",
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, Rop
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
+from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table, transformer_blocks
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks
 
@@ -164,35 +164,6 @@ def _make_trainer_class():
                     shutil.rmtree(old, ignore_errors=True)
 
     return QvlTrainer
-
-
-def check_shared_run_dir(run_dir: Path) -> None:
-    """Several nodes must see one run folder (checkpoint shards of every rank, node 0's config and
-    markers). Each node's first rank writes a file named by a token from rank 0; rank 0 then checks
-    it sees them all, and every rank stops with the same error when not."""
-    nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher: the node count
-    if nodes <= 1:
-        return
-    import torch.distributed as dist
-
-    token = [f"{time.time():.6f}-{os.getpid()}" if _is_main() else None]
-    dist.broadcast_object_list(token, src=0)
-    probe_dir = run_dir / "nodes"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        probe_dir.mkdir(parents=True, exist_ok=True)
-        (probe_dir / f"seen-{token[0]}-node{os.environ.get('CROSS_RANK', '0')}").write_text(socket.gethostname())
-    dist.barrier()
-    missing = [None]
-    if _is_main():
-        missing[0] = [k for k in range(nodes) if not (probe_dir / f"seen-{token[0]}-node{k}").exists()]
-        for p in probe_dir.glob(f"seen-{token[0]}-node*"):
-            p.unlink(missing_ok=True)
-    dist.broadcast_object_list(missing, src=0)
-    if missing[0]:
-        raise UserError(
-            f"the run folder {run_dir} is not shared between the nodes: node 0 cannot see what node(s) {missing[0]} wrote there",
-            "put output_dir on storage every node mounts at the same path (NFS, Lustre, GPFS)",
-        )
 
 
 def _fsync_tree(path: Path) -> None:
@@ -403,7 +374,7 @@ def run(run_dir: Path, resume: bool) -> int:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
-    check_shared_run_dir(run_dir)
+    check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
     writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load

@@ -97,6 +97,21 @@ def workers_of(run_dir: Path) -> list[tuple[int, dict[str, str]]]:
     return out
 
 
+def slurm_port() -> int:
+    """A free port that a Slurm job id maps to (nodes take 15000 + job id % 20000)."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 35000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
 def assert_same_curve(got: dict[int, float], ref: dict[int, float]) -> None:
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for step in ref:
@@ -137,7 +152,7 @@ def test_two_nodes_train_like_one_and_a_node_that_dies_is_named_then_resumed(tmp
     (bin_dir / "srun").chmod(0o755)
     script = tmp_path / "train.sbatch"
     script.write_text(slurm_script(load_config(config), config_path=config, nodes=2, gpus_per_node=0, python=sys.executable))
-    job_port = free_port()
+    job_port = slurm_port()
     slurm_env = {
         **base_env(),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",

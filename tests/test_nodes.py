@@ -179,3 +179,28 @@ def test_node_zeros_panel_shows_every_nodes_gpus(tmp_path):
     console.print(render(state))
     text = console.export_text()
     assert "node 1: 0" in text and "40.0/140 GiB" in text and "97%" in text
+
+
+def test_a_run_folder_the_other_nodes_cannot_see_is_refused(tmp_path, monkeypatch):
+    """Rank 0 of a 2-node world that does not see node 1's probe file stops with the fix. (One real
+    gloo process stands in for the world: node 1's probe is never written where node 0 looks.)"""
+    import torch.distributed as dist
+
+    from qvltune import nodes
+    from qvltune.launch import free_port
+
+    monkeypatch.setattr(nodes, "SHARED_CHECK_SECONDS", 1.0)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "CROSS_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("CROSS_SIZE", "1")
+        nodes.check_shared_run_dir(tmp_path)  # one node: nothing to check
+        monkeypatch.setenv("CROSS_SIZE", "2")
+        with pytest.raises(UserError, match=r"not shared between the nodes: node 0 cannot see what node\(s\) \[1\]"):
+            nodes.check_shared_run_dir(tmp_path)
+        assert not list((tmp_path / "nodes").glob("seen-*"))  # probes cleaned up
+    finally:
+        dist.destroy_process_group()
