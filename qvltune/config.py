@@ -379,8 +379,6 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
         out.append(f"data.packing: attention '{cfg.model.attn_implementation}' cannot keep packed samples apart (use sdpa or varlen)")
     if cfg.data.eval and cfg.data.eval_split:
         out.append("data.eval_split: give an eval set or a held-out split, not both")
-    if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
-        out.append("launch.hostfile: required when launch.nodes > 1 (one line per node: 'host slots=N')")
     if isinstance(cfg.launch.gpus, list) and cfg.launch.nodes > 1:
         out.append("launch.gpus: a device list applies to one node; with several nodes give a count or 'all'")
     return out

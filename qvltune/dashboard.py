@@ -226,7 +226,7 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
         for g in state.gpus:
             used = g.memory_used / 1024**3
             gpus.add_row(
-                str(g.index),
+                str(g.index) if getattr(g, "node", None) is None else f"node {g.node}: {g.index}",
                 g.name,
                 f"{used:,.1f}/{g.memory_total / 1024**3:,.0f} GiB",
                 f"{g.utilization}%" if g.utilization is not None else "-",

@@ -7,7 +7,8 @@
 - ``qvltune-answers.yaml``: the answers, replayable with ``qvltune init --answers``;
 - ``qvltune-plan.txt``: the plan with its full reasoning, parameters and memory (the terminal shows
   the compact plan; ``qvltune init --explain`` prints this one);
-- ``hostfile`` (multi-node only, never overwritten): one line per node to fill in.
+- ``hostfile`` (multi-node only, never overwritten): one line per node to fill in (ssh);
+- ``train.sbatch`` (multi-node only): the Slurm script, one ``qvltune train`` per node (``qvltune.nodes``).
 
 Every file is written to a temporary name first and renamed into place only when all are written,
 so Ctrl-C or an error leaves either the previous files or the complete new set, never half of one.
@@ -35,6 +36,7 @@ LAUNCH_NAME = "launch.sh"
 ANSWERS_NAME = "qvltune-answers.yaml"
 PLAN_NAME = "qvltune-plan.txt"
 HOSTFILE_NAME = "hostfile"
+SBATCH_NAME = "train.sbatch"
 
 
 def config_text(doc: dict[str, Any], decisions: list[Any], fits: bool) -> str:

@@ -99,6 +99,8 @@ class Outcome:
     state: DashboardState
     log_tail: list[str]
     interrupted: bool
+    peer_failure: str | None = None  # multi-node: another node failed, so this one stopped
+    node: str | None = None  # multi-node: "node 1 of 2", to name this node in messages
 
 
 def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, MetricsTailer]:
@@ -114,14 +116,26 @@ def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, Metrics
     return state, tailer
 
 
-def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5, state: DashboardState | None = None, tailer: MetricsTailer | None = None) -> Outcome:
-    """Tail metrics and NVML while the child runs; render the panel (TTY) or one line per log step."""
+def supervise(
+    child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5, state: DashboardState | None = None, tailer: MetricsTailer | None = None, on_tick=None
+) -> Outcome:
+    """Tail metrics and NVML while the child runs; render the panel (TTY) or one line per log step.
+    ``on_tick(state)`` (multi-node) runs at every refresh; a message it returns names another node's
+    failure: this node's ranks are stopped at once (their peers are gone, no checkpoint can be saved)."""
     run_dir = cfg.run_dir
     state = state or DashboardState(cfg.name)
     tailer = tailer or MetricsTailer(run_dir / "metrics.jsonl")
     if state.phase is None:
         state.begin("starting DeepSpeed")
     interrupts = 0
+    peer_failure = None
+
+    def tick() -> None:
+        nonlocal peer_failure
+        if on_tick is not None and peer_failure is None:
+            peer_failure = on_tick(state)
+            if peer_failure:
+                child.terminate(timeout=10)
 
     def on_sigint(signum, frame):
         nonlocal interrupts
@@ -149,6 +163,7 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
                     child.read_output()
                     if nvml_sampler and time.time() - last_sample > 1.0:
                         state.gpus, last_sample = nvml_sampler(), time.time()
+                    tick()
                     view.update(render(state))
                     time.sleep(refresh)
                 _drain(tailer, state, None)
@@ -157,13 +172,14 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
             while child.poll() is None:
                 _drain(tailer, state, console.out)
                 child.read_output()
+                tick()
                 time.sleep(refresh)
             _drain(tailer, state, console.out)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     child.read_output()
-    return Outcome(child.process.returncode, state, list(child.tail), interrupts > 0)
+    return Outcome(child.process.returncode, state, list(child.tail), interrupts > 0, peer_failure)
 
 
 def _drain(tailer: MetricsTailer, state: DashboardState, printer) -> None:
@@ -203,6 +219,12 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
 
 
 def launch_command(cfg: RunConfig, gpu_count: int, resume: bool, master_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
+        raise UserError(
+            f"launch.nodes is {cfg.launch.nodes} but nothing says how to reach the other nodes",
+            "give launch.hostfile (ssh), or start qvltune train on each node with --node-rank N --master-addr HOST "
+            "(or MASTER_ADDR/NODE_RANK/WORLD_SIZE), or under srun (see README: Several nodes)",
+        )
     return build_launch(
         cfg, run_dir=cfg.run_dir.resolve(), gpu_count=gpu_count, resume=resume, master_port=master_port, visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES")
     )
@@ -230,12 +252,15 @@ def completed_run(cfg: RunConfig) -> dict[str, Any] | None:
     return ends[-1]
 
 
-def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None, verbose: bool = False) -> Outcome:
-    """The whole parent flow: validate, prepare, launch, supervise, plot."""
+def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None, verbose: bool = False, node=None) -> Outcome:
+    """The whole parent flow: validate, prepare, launch, supervise, plot. ``node`` (a
+    ``nodes.NodeSpec``): this machine is one node of a run started node by node (no ssh, Slurm)."""
     from qvltune.hardware import detect_gpus, sample_gpus
 
     if gpus is None:
         gpus = detect_gpus()[0]
+    if node is not None:
+        return run_node(cfg, node, resume=resume, live=live, force=force, gpus=gpus)
     with console.status("checking the config against the model and this machine"):
         validate(cfg, gpus)
     if resume and latest_complete_checkpoint(cfg.run_dir) is None:
@@ -258,4 +283,69 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     finally:
         remove_shm_buffers(master_port_of(argv))  # also those of ranks that were killed
     plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
+    return outcome
+
+
+def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpus: list[Any]) -> Outcome:
+    """One node of a multi-node run started node by node: node 0 prepares the run folder (config,
+    data index, metrics) exactly as on one machine; every node starts its own ranks through
+    DeepSpeed's runner without ssh, keeps its status file current (alive, GPUs, exit code) and
+    watches the others' (``nodes.PeerWatch``): a node that dies is named, and the rest stop."""
+    from qvltune.hardware import sample_gpus
+    from qvltune.nodes import HEARTBEAT_SECONDS, NODES_DIR, PeerWatch, node_launch, peer_gpus, write_status
+
+    validate(cfg, gpus)
+    run_dir = cfg.run_dir
+    label = f"node {node.node_rank} of {node.nodes}"
+    if node.is_first:
+        counts = prepare_run(cfg, resume=resume, force=force)
+        console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        console.note(f"{label}: node 0 prepares {run_dir} (which must be on storage every node sees)")
+    argv, env, hostfile = node_launch(cfg, node, run_dir=run_dir.resolve(), gpu_count=len(gpus), resume=resume)
+    nodes_dir = run_dir / NODES_DIR
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    tmp = nodes_dir / f".hostfile.{node.node_rank}.tmp"
+    tmp.write_text(hostfile)
+    tmp.replace(nodes_dir / "hostfile")  # the same text on every node
+    log = run_dir / "train.log" if node.is_first else nodes_dir / f"node-{node.node_rank}.log"
+    if node.is_first:
+        (run_dir / "launch.sh").write_text(
+            "#!/usr/bin/env bash\n# The command qvltune train ran on node 0; node N runs it with --node_rank N.\n" + format_command(argv, env) + "\n"
+        )
+    console.note(f"{label} ({node.source}), master {node.master_addr}:{node.master_port}; launching: {format_command(argv, env)}")
+    console.note(f"log: {log}")
+    watch = PeerWatch(run_dir, node)  # before this node's first status: earlier files are history
+    local = sample_gpus() if gpus else []
+    write_status(run_dir, node.node_rank, "running", gpus=local)
+    child = start(argv, env, log, run_dir)
+    last = time.time()
+
+    def on_tick(state: DashboardState) -> str | None:
+        nonlocal last, local
+        if time.time() - last >= HEARTBEAT_SECONDS:
+            local = sample_gpus() if gpus else []
+            write_status(run_dir, node.node_rank, "running", gpus=local)
+            last = time.time()
+            if node.is_first:  # node 0's panel: its own GPUs, then every other node's
+                state.gpus = list(local) + peer_gpus(watch.live)
+        return watch.check()
+
+    outcome = None
+    try:
+        outcome = supervise(child, cfg, live=live, on_tick=on_tick)
+        outcome.node = label
+        # Node 0's ranks fail at once when a peer's die (closed sockets): if a peer failed, name it,
+        # not the consequence. (Node 0's own errors -- out of memory, a bad sample, NaN -- come first.)
+        if node.is_first and outcome.exit_code not in (0, 130) and outcome.peer_failure is None and outcome.state.status not in ("oom", "bad_sample", "nan", "save_failed"):
+            outcome.peer_failure = watch.failed_peer()
+    finally:
+        from qvltune.launch import failed_ranks
+
+        ranks = failed_ranks(list(child.tail)) if outcome else []
+        write_status(run_dir, node.node_rank, "exited", exit_code=child.poll(), stopped_for=outcome.peer_failure if outcome else None, failed_ranks=ranks)
+        remove_shm_buffers(node.master_port)
+    if node.is_first:
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return outcome

@@ -32,6 +32,7 @@ from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, Rop
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
+from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table, transformer_blocks
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks
 
@@ -176,9 +177,10 @@ def _make_trainer_class():
             started = time.time()
             self.accelerator.wait_for_everyone()
             super()._save_checkpoint(model, trial)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                _fsync_tree(target)  # every node flushes the shards its ranks wrote before the marker
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                _fsync_tree(target)
                 marker = target / COMPLETE_MARKER
                 marker.with_suffix(".tmp").write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
                 marker.with_suffix(".tmp").replace(marker)
@@ -417,15 +419,18 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> int:
 
 def run(run_dir: Path, resume: bool) -> int:
     t = time.time()
-    cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None  # rank 0 of node 0
     _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
     # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
-    # checks the global batch against DeepSpeed's own view of the world size.
+    # checks the global batch against DeepSpeed's own view of the world size. It is also where the
+    # nodes of a multi-node run meet: node 0 starts its ranks only once it has written the run folder,
+    # so every rank reads the config (below) after that.
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+    check_shared_run_dir(run_dir)  # several nodes: one run folder for all
+    cfg = load_config(run_dir / "config.yaml")
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
     t = _phase("process group and arguments", t)
 
@@ -708,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     if "MASTER_PORT" in os.environ and "LOCAL_RANK" in os.environ:
         from qvltune.launch import remove_shm_buffers
 
-        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ["LOCAL_RANK"]))
+        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ.get("RANK", os.environ["LOCAL_RANK"])))  # named by global rank
     return code
 
 

@@ -205,6 +205,9 @@ def test_multi_node_writes_a_hostfile(demo_data, tmp_path, no_gpu):
     cfg = load_config(tmp_path / "qvltune.yaml")
     assert cfg.launch.nodes == 2 and cfg.launch.hostfile == str(tmp_path / "hostfile")
     assert f"--hostfile {tmp_path / 'hostfile'} --num_nodes 2" in (tmp_path / "launch.sh").read_text()
+    sbatch = (tmp_path / "train.sbatch").read_text()  # the Slurm way (run for real in test_multinode.py)
+    assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch
+    assert f"-m qvltune train {tmp_path.resolve() / 'qvltune.yaml'} --resume" in sbatch
 
 
 def test_launch_script_prepares_the_run_folder(demo_data, tmp_path, no_gpu):

@@ -19,6 +19,10 @@ def command(
     gpu_memory: float = typer.Option(None, "--gpu-memory", min=1, help="Memory per GPU in GB (GiB), for a GPU --gpu does not know or to override it."),
     no_data: bool = typer.Option(False, "--no-data", help="Do not read the dataset (no token statistics, no time estimate)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
+    nodes: int = typer.Option(None, "--nodes", min=1, help="Nodes (default: launch.nodes), for the time per step on GPUs x nodes."),
+    tokens_per_s: float = typer.Option(None, "--tokens-per-s", min=1, help="Real tokens/s one GPU measured for this config (e.g. a 1-GPU run's panel); default: the FLOPs at an assumed MFU."),
+    nvlink_gbs: float = typer.Option(None, "--nvlink-gbs", min=0.1, help="GPU-to-GPU bandwidth within a node, GB/s per direction (default: NVLink of the GPU, else PCIe)."),
+    internode_gbs: float = typer.Option(None, "--internode-gbs", min=0.1, help="Network bandwidth per node across nodes, GB/s (default 400: 8 x 400 Gb/s InfiniBand; 2 x 100 GbE = 25)."),
 ) -> int:
     """Estimate GPU memory (weights, gradients, optimizer states, activations), host memory and time per epoch."""
     from qvltune.config import load_config
@@ -28,13 +32,14 @@ def command(
     stats, source = load_stats(cfg.model.path, cfg.model.trust_remote_code)
     inv, planned = machine_inventory(cfg, gpu, gpu_count, gpu_memory)
     count = gpu_count or _config_gpu_count(cfg)
-    machine = Machine.from_inventory(inv, nodes=cfg.launch.nodes, gpu_count=count if inv.gpus else None, cpu_processes=cfg.launch.cpu_processes)
+    machine = Machine.from_inventory(inv, nodes=nodes or cfg.launch.nodes, gpu_count=count if inv.gpus else None, cpu_processes=cfg.launch.cpu_processes)
     data = None if no_data else dataset_summary(cfg.data.train, cfg.data.image_root, *cfg.data.pixel_budget(), quiet=as_json)
     est = estimate(cfg, stats, machine, workload_for(cfg, data))
     fits = None if machine.is_cpu else est.fits(machine.gpu_memory) and est.host_fits(machine.host_ram)
+    scaling = step_scaling(cfg, est, stats, machine, tokens_per_s, nvlink_gbs, internode_gbs)
     if as_json:
         doc = est.to_json()
-        doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits})
+        doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits, "scaling": scaling})
         console.print_json(doc)
     else:
         if inv.note and not planned:
@@ -43,8 +48,44 @@ def command(
                           + (" + offload" if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params else "")
                           + f", gradient checkpointing {'on' if cfg.optim.gradient_checkpointing else 'off'}")
         render_estimate(est, machine, cfg.optim.epochs)
+        render_scaling(scaling, machine)
         render_fit(est, machine, inv.gpus if not planned else [])
     return 0 if fits in (None, True) else 1
+
+
+def step_scaling(cfg, est, stats, machine, tokens_per_s: float | None, nvlink_gbs: float | None, internode_gbs: float | None) -> dict[str, Any] | None:
+    """Time per optimizer step on this machine's GPUs x nodes (``qvltune.scaling``); None on CPU."""
+    from qvltune.estimate import ASSUMED_MFU
+    from qvltune.scaling import Network, assumed_rate, inputs_for, step_time
+
+    if machine.is_cpu or not (tokens_per_s or machine.peak_tflops):
+        return None
+    rate = tokens_per_s or assumed_rate(est.step_flops_per_token, machine.peak_tflops, ASSUMED_MFU)
+    network = Network.for_gpu(machine.gpu_name, intra_gbs=nvlink_gbs, inter_gbs=internode_gbs)
+    inputs = inputs_for(cfg, est, stats, rate)
+    step = step_time(inputs, machine.gpus_per_node, machine.nodes, network)
+    source = "measured, --tokens-per-s" if tokens_per_s else f"assumed: {ASSUMED_MFU:.0%} MFU of {machine.peak_tflops:g} TFLOP/s; give a measured one with --tokens-per-s"
+    return {**step.to_json(), "rate_1gpu": rate, "rate_source": source, "intra_gbs": network.intra_gbs, "inter_gbs": network.inter_gbs,
+            "intra_default": nvlink_gbs is None, "inter_default": internode_gbs is None, "stage": inputs.stage}  # fmt: skip
+
+
+def render_scaling(s: dict[str, Any] | None, machine) -> None:
+    if s is None:
+        return
+    out = console.out
+    where = f"{s['gpus_per_node']} x {machine.gpu_name}" + (f" x {s['nodes']} nodes" if s["nodes"] > 1 else "")
+    out.print(
+        f"step: {s['total']:.2f} s per optimizer step on {console.escape(where)} -> {s['tokens_per_s']:,.0f} tokens/s, "
+        f"{s['efficiency']:.0%} of one GPU's rate per GPU"
+    )
+    out.print(
+        f"  [dim]compute {s['compute']:.2f} s at {s['rate_1gpu']:,.0f} tokens/s per GPU ({console.escape(s['rate_source'])}); "
+        f"ZeRO-{s['stage']} communication {s['communication']:.2f} s, {s['exposed']:.2f} s of it not hidden by compute; overhead {s['overhead']:.2f} s[/]"
+    )
+    nets = f"{s['intra_gbs']:g} GB/s per GPU within a node" + (" (default, --nvlink-gbs)" if s["intra_default"] else "")
+    if s["nodes"] > 1:
+        nets += f", {s['inter_gbs']:g} GB/s per node across nodes" + (" (default, --internode-gbs)" if s["inter_default"] else "")
+    out.print(f"  [dim]interconnect: {console.escape(nets)}[/]")
 
 
 def _config_gpu_count(cfg) -> int | None:

@@ -234,6 +234,10 @@ def write_files(plan, answers, out_dir: Path, plan_text: str | None = None) -> l
     hostfile = out_dir / scaffold.HOSTFILE_NAME
     if plan.config.launch.nodes > 1 and not hostfile.exists():
         files[hostfile] = scaffold.hostfile_text(plan.config.launch.nodes, plan.machine.gpus_per_node or 1)
+    if plan.config.launch.nodes > 1:
+        from qvltune.nodes import slurm_script
+
+        files[out_dir / scaffold.SBATCH_NAME] = slurm_script(anchored, config_path=config_path.resolve(), nodes=plan.config.launch.nodes, gpus_per_node=gpu_count, python=sys.executable)
     return scaffold.write_all(files, executable={out_dir / scaffold.LAUNCH_NAME})
 
 

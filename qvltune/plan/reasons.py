@@ -218,4 +218,4 @@ def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: b
 
 
 def nodes(n: int) -> Reason:
-    return Reason("list them in hostfile", "multi-node: list each node in `hostfile` ('host slots=N'); every node needs the same GPUs and the data at the same path")
+    return Reason("hostfile, train.sbatch or --node-rank", "multi-node: ssh/pdsh through `hostfile` ('host slots=N'), Slurm through `train.sbatch`, or `qvltune train --node-rank N --master-addr HOST` on each node; every node needs the same GPUs and the data at the same path, the run folder on shared storage")
