@@ -160,7 +160,8 @@ def test_compute_loss_divides_the_summed_loss_by_the_accumulated_token_count(tmp
 
 def test_absolute_media_paths_outside_the_root_are_refused_unless_allowed(tmp_path, tiny_processor):
     from qvltune.data.check import check_dataset
-    from qvltune.data.formats import parse_record, read_items
+    from qvltune.data.files import read_items
+    from qvltune.data.formats import parse_record
     from qvltune.data.media import MediaError
 
     outside = write_image(tmp_path / "elsewhere" / "secret.png")

@@ -398,7 +398,7 @@ def test_a_moved_base_is_found_through_the_run_config_or_asked_for(lora_run, tmp
 
 def _eval_records_of(run: Path, dest: Path) -> Path:
     """The run's held-out records (a seeded sample of the eval file), written out as their own file."""
-    from qvltune.data.formats import read_items
+    from qvltune.data.files import read_items
 
     index = json.loads((run / "data_index.json").read_text())["eval"]
     items = {}
