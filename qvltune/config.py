@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
 from qvltune.errors import UserError
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, resolve_pixels
 
@@ -117,6 +118,9 @@ class DataConfig(_Strict):
     thinking_turns: Literal["each", "last"] = "each"
     # Cache the checked index (token counts) beside the data, keyed by its content and these settings.
     index_cache: bool = True
+    # Largest image (width x height as stored) that is decoded; above it an image is refused as a
+    # possible decompression bomb. The default is Pillow's own limit; raise it for gigapixel scans.
+    image_pixel_limit: int = Field(DEFAULT_IMAGE_PIXEL_LIMIT, ge=1)
 
     _mixtures = field_validator("train", "eval")(classmethod(lambda cls, v: _check_mixture(v)))
 
@@ -266,14 +270,43 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
-def format_validation_error(e: ValidationError) -> list[str]:
+def _keys_at(root: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys allowed where ``loc`` points (its last part is the unknown key), following nested
+    models through their annotations (``X | None``, ``dict[str, X]`` and the like)."""
+    import typing
+
+    model = root
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if isinstance(part, (int, str)) and model is not None:
+                continue  # a list index or dict key inside a container of models
+            return []
+        annotation, model = model.model_fields[part].annotation, None
+        stack = [annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            stack += list(typing.get_args(t))
+    if model is None:
+        return []
+    return list(model.model_fields) + [f.alias for f in model.model_fields.values() if f.alias]
+
+
+def format_validation_error(e: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, ``field.path: message (got X)``; an unknown key gets the nearest known
+    one (``did you mean learning_rate?``) when ``root``, the validated model, is given."""
+    import difflib
+
     lines = []
     for err in e.errors():
         # Literal/union errors name the branch in loc (e.g. 'int', 'literal[...]'): drop those parts.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith(("literal[", "list[", "function-")) or p in ("int", "str", "float", "bool"))))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `qvltune init` writes a complete config)"
+            near = difflib.get_close_matches(str(loc[-1]), _keys_at(root, loc), n=1, cutoff=0.6) if loc else []
+            msg = f"unknown key: did you mean {near[0]}?" if near else "unknown key (check the spelling; `qvltune init` writes a complete config)"
         elif err["type"] == "missing":
             msg = "required"
         got = err.get("input")
@@ -289,7 +322,7 @@ def parse_config(doc: Any, source: str = "config") -> RunConfig:
     try:
         cfg = RunConfig.model_validate(doc)
     except ValidationError as e:
-        problems = format_validation_error(e)
+        problems = format_validation_error(e, RunConfig)
         raise UserError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), "fix the fields above; `qvltune init` writes a valid config") from None
     conflicts = check_conflicts(cfg)
     if conflicts:
@@ -409,8 +442,6 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
         out.append(f"data.packing: attention '{cfg.model.attn_implementation}' cannot keep packed samples apart (use sdpa or varlen)")
     if cfg.data.eval and cfg.data.eval_split:
         out.append("data.eval_split: give an eval set or a held-out split, not both")
-    if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
-        out.append("launch.hostfile: required when launch.nodes > 1 (one line per node: 'host slots=N')")
     if isinstance(cfg.launch.gpus, list) and cfg.launch.nodes > 1:
         out.append("launch.gpus: a device list applies to one node; with several nodes give a count or 'all'")
     return out

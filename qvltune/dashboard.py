@@ -41,8 +41,18 @@ def _fmt(value: Any, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+# The panel's title for each status; anything else (nan, oom, error, ...) is shown as it is, in red.
+_STYLE = {"starting": "blue", "training": "green", "evaluating": "magenta", "completed": "green", "interrupted": "yellow"}
+
+
 @dataclass
 class DashboardState:
+    """What the panel shows, fed one metrics.jsonl record at a time (``apply``).
+
+    ``phase`` is what the run is doing when no step is being counted (starting the processes,
+    loading the model, compiling, evaluating, saving): the panel shows it with its elapsed time, so
+    no wait of more than a moment goes unexplained."""
+
     name: str
     started: float = field(default_factory=time.time)
     step: int = 0
@@ -50,8 +60,10 @@ class DashboardState:
     epoch: float | None = None
     loss: float | None = None
     losses: list[float] = field(default_factory=list)
+    train_loss: float | None = None  # the mean over the whole run (the end record)
     eval_loss: float | None = None
     eval_ppl: float | None = None
+    eval_step: int | None = None
     eval_losses: list[float] = field(default_factory=list)
     lr: float | None = None
     grad_norm: float | None = None
@@ -64,34 +76,64 @@ class DashboardState:
     device: str | None = None
     world_size: int | None = None
     status: str = "starting"
+    phase: str | None = None
+    phase_since: float | None = None
+    resumed_from: str | None = None
     message: str | None = None
     hint: str | None = None
     first_step_time: float | None = None
     first_step: int = 0
+    last_time: float | None = None
     gpus: list[Any] = field(default_factory=list)  # hardware.GpuInfo samples
+
+    def begin(self, phase: str, since: float | None = None) -> None:
+        self.phase, self.phase_since = phase, since if since is not None else time.time()
 
     def apply(self, record: dict[str, Any]) -> None:
         kind = record.get("kind")
-        if kind == "start":
-            self.status = "training"
+        when = record.get("time", time.time())
+        if kind == "phase":
+            self.begin(record.get("name", "working"), when)
+            if record.get("name") == "evaluating":
+                self.status = "evaluating"
+        elif kind == "start":
+            # A new (or resumed) run starts: what an earlier attempt left on screen no longer holds.
+            self.status, self.message, self.hint, self.phase = "training", None, None, None
             self.world_size = record.get("world_size")
             self.device = record.get("device")
             self.padding = record.get("padding")
-        elif kind == "train":
-            if self.first_step_time is None:
-                self.first_step_time, self.first_step = record.get("time", time.time()), record.get("step", 0)
+            self.resumed_from = record.get("resumed_from")
+            self.first_step_time, self.first_step = None, 0
+            if self.resumed_from:
+                self.step = checkpoint_step(self.resumed_from)
+                self.message = resume_line(self.resumed_from, self.max_steps)
+        elif kind in ("train", "step"):
+            step = record.get("step", self.step)
+            if self.first_step_time is None or step < self.first_step:
+                # The ETA counts from the first completed step: the one before it includes compiling.
+                self.first_step_time, self.first_step = when, step
             for key in ("step", "max_steps", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_peak_gb"):
                 if record.get(key) is not None:
                     setattr(self, key, record[key])
-            if record.get("loss") is not None:
+            if kind == "train" and record.get("loss") is not None:
                 self.losses.append(record["loss"])
-            self.last_time = record.get("time")
+            self.last_time = when
+            if self.status == "starting":
+                self.status = "training"
+            if self.phase != "evaluating":  # the log record of an eval step comes before the eval itself
+                self.phase = None
+            if self.message and self.message.startswith("resuming from"):
+                self.message = None  # the title says "(resumed)" from here on
         elif kind == "eval":
-            self.eval_loss, self.eval_ppl = record.get("eval_loss"), record.get("eval_ppl")
+            self.eval_loss, self.eval_ppl, self.eval_step = record.get("eval_loss"), record.get("eval_ppl"), record.get("step")
             if self.eval_loss is not None:
                 self.eval_losses.append(self.eval_loss)
+            if self.status == "evaluating":
+                self.status, self.phase = "training", None
         elif kind == "checkpoint":
             self.checkpoint = record.get("path")
+            if self.phase and self.phase.startswith("saving"):
+                self.phase = None
         elif kind == "skipped":
             self.message = skipped_line(record)
         elif kind == "end":
@@ -99,57 +141,92 @@ class DashboardState:
             self.status = record.get("status", "ended")
             self.message = record.get("message")
             self.hint = record.get("hint")
+            self.phase = None
+            if record.get("epoch") is not None:
+                self.epoch = record["epoch"]
+            if record.get("train_loss") is not None:
+                self.train_loss = record["train_loss"]
             if record.get("last_checkpoint"):
                 self.checkpoint = record["last_checkpoint"]
 
+    @property
+    def final_loss(self) -> float | None:
+        """The loss to report at the end: the last logged one, else the run's mean."""
+        return self.loss if self.loss is not None else self.train_loss
+
     def eta(self, now: float | None = None) -> float | None:
-        """Seconds left, from the step rate since the first logged step."""
+        """Seconds left, from the step rate since the first completed step."""
         if not self.max_steps or self.first_step_time is None or self.step <= self.first_step:
             return None
-        now = now if now is not None else getattr(self, "last_time", time.time())
+        now = now if now is not None else (self.last_time or time.time())
         rate = (self.step - self.first_step) / max(now - self.first_step_time, 1e-9)
         return (self.max_steps - self.step) / rate if rate > 0 else None
 
 
+def checkpoint_step(path: str) -> int:
+    tail = str(path).rstrip("/").rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def resume_line(checkpoint: str, max_steps: int | None) -> str:
+    name = str(checkpoint).rstrip("/").rsplit("/", 1)[-1]
+    return f"resuming from {name} (step {checkpoint_step(checkpoint)} of {max_steps or '?'})"
+
+
+def title(state: DashboardState) -> str:
+    status = state.status
+    if state.resumed_from and status in ("training", "evaluating"):
+        status += " (resumed)"
+    return f"qvltune · {state.name} · {status}"
+
+
 def render(state: DashboardState, now: float | None = None) -> Panel:
+    """The panel; it fits 80 columns and, without GPUs listed, about 16 lines."""
     now = now if now is not None else time.time()
     total = state.max_steps or 0
-    bar = ProgressBar(total=max(total, 1), completed=min(state.step, total) if total else 0, width=40)
-    head = Table.grid(padding=(0, 1))
-    head.add_row(
-        bar,
-        Text(f"step {state.step}/{total or '?'}"),
-        Text(f"epoch {_fmt(state.epoch, '.2f')}"),
-        Text(f"elapsed {_fmt_duration(now - state.started)}"),
-        Text(f"ETA {_fmt_duration(state.eta())}"),
+    done = min(state.step, total) if total else 0
+    counters = Text(
+        f"step {state.step}/{total or '?'}  epoch {_fmt(state.epoch, '.2f')}  elapsed {_fmt_duration(now - state.started)}  ETA {_fmt_duration(state.eta())}"
     )
+    head = Table.grid(expand=True)  # a bare ProgressBar ends no line: the grid gives it its own
+    head.add_column()
+    head.add_row(ProgressBar(total=max(total, 1), completed=done))
+    head.add_row(counters)
+    if state.phase:
+        since = _fmt_duration(now - state.phase_since) if state.phase_since is not None else "-"
+        head.add_row(Text(f"{state.phase} ... {since}", style="bold cyan"))
+    parts: list[Any] = [head]
 
     metrics = Table.grid(padding=(0, 2))
-    metrics.add_column(style="bold")
-    metrics.add_column(justify="right")
-    metrics.add_column()
-    metrics.add_row("loss", _fmt(state.loss, ".4f"), Text(sparkline(state.losses), style="cyan"))
+    metrics.add_column(style="bold", no_wrap=True)
+    metrics.add_column(justify="right", no_wrap=True)
+    metrics.add_column(overflow="ellipsis", no_wrap=True)
+    loss = state.loss if state.loss is not None else state.train_loss
+    metrics.add_row("loss", _fmt(loss, ".4f"), Text(sparkline(state.losses), style="cyan"))
     eval_text = _fmt(state.eval_loss, ".4f") + (f" (ppl {state.eval_ppl:.2f})" if state.eval_ppl is not None else "")
-    metrics.add_row("eval loss", eval_text, Text(sparkline(state.eval_losses), style="magenta"))
+    eval_note = Text(sparkline(state.eval_losses), style="magenta")
+    if state.eval_step is not None:
+        eval_note.append(f" at step {state.eval_step}", style="dim")
+    metrics.add_row("eval loss", eval_text, eval_note)
     metrics.add_row("lr", _fmt(state.lr, ".2e"), "")
     metrics.add_row("grad norm", _fmt(state.grad_norm, ".3f"), "")
     throughput = f"{_fmt(state.tokens_per_s, ',.0f')} tok/s"
     if state.samples_per_s is not None:
         throughput += f"  {state.samples_per_s:,.1f} samples/s"
-    metrics.add_row("throughput", throughput, "real (non-pad) tokens, all ranks")
-    metrics.add_row("MFU", f"{state.mfu * 100:.1f}%" if state.mfu is not None else "- (no GPU peak)", "6 x LLM params per token")
+    metrics.add_row("throughput", throughput, Text("real tokens, all ranks", style="dim"))
+    metrics.add_row("MFU", f"{state.mfu * 100:.1f}%" if state.mfu is not None else "-", Text("6 x LLM params per token" if state.mfu is not None else "no GPU peak to compare with", style="dim"))
     if state.padding is not None:
         metrics.add_row("padding", f"{state.padding * 100:.1f}%", "")
 
-    parts: list[Any] = [head, Text(""), metrics]
+    parts += [Text(""), metrics]
     if state.gpus:
         gpus = Table(box=None, padding=(0, 1), show_edge=False)
         for col in ("GPU", "name", "memory", "util", "temp"):
-            gpus.add_column(col, justify="right" if col in ("memory", "util", "temp") else "left")
+            gpus.add_column(col, justify="right" if col in ("memory", "util", "temp") else "left", no_wrap=True, overflow="ellipsis")
         for g in state.gpus:
             used = g.memory_used / 1024**3
             gpus.add_row(
-                str(g.index),
+                str(g.index) if getattr(g, "node", None) is None else f"node {g.node}: {g.index}",
                 g.name,
                 f"{used:,.1f}/{g.memory_total / 1024**3:,.0f} GiB",
                 f"{g.utilization}%" if g.utilization is not None else "-",
@@ -159,12 +236,13 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
     elif state.mem_peak_gb is not None:
         parts.append(Text(f"GPU memory peak (rank 0): {state.mem_peak_gb:.1f} GiB"))
     else:
-        parts += [Text(""), Text(f"device: {state.device or 'starting...'}" + (f" x{state.world_size}" if state.world_size else ""), style="dim")]
-    parts.append(Text(f"last checkpoint: {state.checkpoint or '-'}", style="dim"))
+        device = f"device: {state.device}" + (f" x{state.world_size}" if state.world_size else "") if state.device else "device: not reported yet"
+        parts += [Text(""), Text(device, style="dim")]
+    parts.append(Text(f"last checkpoint: {state.checkpoint or '-'}", style="dim", overflow="ellipsis", no_wrap=True))
     if state.message:
         parts.append(Text(state.message, style="yellow"))
-    style = {"training": "green", "completed": "green", "starting": "blue"}.get(state.status, "red")
-    return Panel(Group(*parts), title=f"qvltune · {state.name} · {state.status}", border_style=style)
+    style = _STYLE.get(state.status, "red")
+    return Panel(Group(*parts), title=title(state), border_style=style)
 
 
 def skipped_line(record: dict[str, Any]) -> str:
@@ -186,10 +264,14 @@ def format_line(record: dict[str, Any]) -> str | None:
         return f"eval step {record.get('step')}: eval_loss {_fmt(record.get('eval_loss'), '.4f')} ppl {_fmt(record.get('eval_ppl'), '.2f')}"
     if kind == "checkpoint":
         return f"checkpoint saved: {record.get('path')}"
+    if kind == "phase":
+        return f"{record.get('name')} ..."
     if kind == "skipped":
         return skipped_line(record)
     if kind == "start":
         pad = record.get("padding")
+        if record.get("resumed_from"):
+            return resume_line(record["resumed_from"], record.get("max_steps"))
         return f"training started: {record.get('train_samples')} samples in {record.get('train_rows')} rows, {record.get('world_size')} process(es), padding {pad * 100:.1f}%" if pad is not None else "training started"
     if kind == "end":
         return f"training {record.get('status')}: {record.get('message', '')}"

@@ -52,6 +52,7 @@ class GpuInfo:
     compute_capability: str  # "9.0"
     utilization: int | None = None  # percent
     temperature: int | None = None
+    node: int | None = None  # set for another node's GPUs on node 0's panel (multi-node runs)
 
     @property
     def bf16(self) -> bool:

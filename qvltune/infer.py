@@ -24,11 +24,12 @@ from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
 from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from qvltune.data.boxes import first_box, iou
-from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record, read_items
+from qvltune.data.files import read_items
+from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record
 from qvltune.data.media import MediaError
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
 from qvltune.errors import UserError
-from qvltune.tiny import resolve_model_path
+from qvltune.tiny import model_not_found, resolve_model_path
 
 # Answers up to this many words count as short: exact match is meaningful for them.
 SHORT_ANSWER_WORDS = 8
@@ -46,7 +47,7 @@ def resolve_model_dir(model: str) -> str:
         return resolve_model_path(model)
     path = Path(model).expanduser()
     if not path.exists():
-        raise UserError(f"model folder not found: {path}", "give a merged model folder, an adapter folder, a run folder (runs/NAME) or a Hub id")
+        raise model_not_found(str(path), "give a merged model folder, an adapter folder, a run folder (runs/NAME), a Hub id or builtin:tiny")
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a model folder", "give the folder that holds config.json or adapter_config.json")
     if is_adapter(path) or (path / "config.json").exists():
@@ -72,18 +73,26 @@ def check_device(device: str) -> str:
     return device
 
 
+def default_device() -> str:
+    """The GPU when one is visible (merging or generating with an 8B model on a CPU takes minutes), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_dtype(device: str) -> str:
     """float32 on the CPU (bf16 matmuls are slow there and round every product), bfloat16 on a GPU."""
     return "float32" if device == "cpu" else "bfloat16"
 
 
-def load_for_inference(model: str, base: str | None = None, device: str = "cpu", dtype: str = "float32"):
+def load_for_inference(model: str, base: str | None = None, device: str | None = None, dtype: str | None = None):
     """(model, processor) from a merged/full folder, or from an adapter folder plus its base."""
     import torch
 
     from qvltune.model import load_model, load_processor
 
-    check_device(device)
+    device = check_device(device or default_device())
+    dtype = dtype or default_dtype(device)
     path = Path(resolve_model_dir(model))
     if not is_adapter(path):
         net = load_model(str(path), dtype=dtype)
@@ -113,8 +122,9 @@ def load_records(data: str) -> list[Record]:
     return records
 
 
-def generate(model, processor, records: list[Record], *, max_new_tokens: int = 64, batch_size: int = 16, encoder: Encoder | None = None) -> list[str]:
-    """Greedy answers to each record's conversation up to (not including) its last answer."""
+def generate(model, processor, records: list[Record], *, max_new_tokens: int = 64, batch_size: int = 16, encoder: Encoder | None = None, progress=None) -> list[str]:
+    """Greedy answers to each record's conversation up to (not including) its last answer.
+    ``progress(phase, done, total)``, if given, hears of every batch."""
     import torch
 
     encoder = encoder or Encoder(processor)
@@ -124,6 +134,8 @@ def generate(model, processor, records: list[Record], *, max_new_tokens: int = 6
     out: list[str] = []
     try:
         for i in range(0, len(records), batch_size):
+            if progress:
+                progress("generating answers", i, len(records))
             batch = records[i : i + batch_size]
             texts, images, videos, metas = [], [], [], []
             for rec in batch:
@@ -205,8 +217,10 @@ BOX_ANSWER_TOKENS = 48
 IOU_THRESHOLD = 0.5
 
 
-def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 32, batch_size: int = 16, with_loss: bool = True, image_root: Path | None = None) -> EvalReport:
+def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 32, batch_size: int = 16, with_loss: bool = True, image_root: Path | None = None, progress=None) -> EvalReport:
     encoder = Encoder(processor, root=image_root)
+    if progress and with_loss:
+        progress("computing the loss on the answers", 0, None)
     loss = assistant_loss(model, processor, records, encoder) if with_loss else None
     refs = [r.messages[-1].text() if r.messages and r.messages[-1].role == "assistant" else "" for r in records]
     # An answer that is one box is scored by IoU; exact match on coordinates would count a box one
@@ -218,21 +232,26 @@ def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 3
     by_type: dict[str, dict[str, float]] = {}
     examples = []
     if short:
-        answers = generate(model, processor, [records[i] for i in short], max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=encoder)
+        answers = generate(model, processor, [records[i] for i in short], max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=encoder, progress=progress)
         hits: dict[str, list[int]] = defaultdict(list)
+        mistakes: list[dict[str, str]] = []
         for i, answer in zip(short, answers):
             ok = int(normalise(answer) == normalise(refs[i]))
             hits["all"].append(ok)
             qtype = records[i].raw.get("question_type")
             if isinstance(qtype, str):
                 hits[qtype].append(ok)
+            # Examples: the first mistakes (what is worth reading), else the first answers.
+            if not ok and len(mistakes) < 5:
+                mistakes.append({"expected": refs[i], "got": answer})
             if len(examples) < 5:
                 examples.append({"expected": refs[i], "got": answer})
+        examples = (mistakes + [e for e in examples if normalise(e["got"]) == normalise(e["expected"])])[:5]
         accuracy = sum(hits["all"]) / len(hits["all"])
         by_type = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"}
     boxes = None
     if box_items:
-        answers = generate(model, processor, [records[i] for i in box_items], max_new_tokens=max(max_new_tokens, BOX_ANSWER_TOKENS), batch_size=batch_size, encoder=encoder)
+        answers = generate(model, processor, [records[i] for i in box_items], max_new_tokens=max(max_new_tokens, BOX_ANSWER_TOKENS), batch_size=batch_size, encoder=encoder, progress=progress)
         ious: dict[str, list[float]] = defaultdict(list)
         for i, answer in zip(box_items, answers):
             got = first_box(answer)
@@ -282,7 +301,7 @@ def _media_errors_as_user_errors(what: str):
     try:
         yield
     except MediaError as e:
-        raise UserError(f"{what}: {e.message}", e.fix or "fix the path, or pass --image-root") from None
+        raise UserError(f"{what}: {e.describe()}", e.fix or "fix the path, or pass --image-root") from None
     except TemplateError as e:
         raise UserError(f"{what}: {e}", "the model's chat template cannot render this conversation") from None
 
@@ -298,12 +317,13 @@ def predict(
     images: list[Path] | None = None,
     data: str | None = None,
     base: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     image_root: Path | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     limit: int | None = None,
+    progress=None,
 ) -> list[Prediction]:
     """Greedy answers from MODEL with its chat template: to one prompt (with images), or to the last
     question of every record of ``data``."""
@@ -318,9 +338,11 @@ def predict(
                 raise UserError(f"--image: {image} not found", "check the path")
         records = [prompt_record(prompt, list(images or []))]
         encoder_root, outside = Path.cwd(), True  # command-line paths are the user's own, anywhere
-    net, processor = load_for_inference(model, base, device, dtype or default_dtype(device))
+    if progress:
+        progress(f"loading {model}", 0, None)
+    net, processor = load_for_inference(model, base, device, dtype)
     with _media_errors_as_user_errors(data or "--image"):
-        answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside))
+        answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside), progress=progress)
     out = []
     for rec, answer in zip(records, answers):
         asked = [m for m in rec.messages if m.role == "user"]
@@ -335,15 +357,18 @@ def evaluate_model(
     data: str,
     *,
     base: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     image_root: Path | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 16,
     limit: int | None = None,
+    progress=None,
 ) -> EvalReport:
     """Loss/perplexity on the assistant tokens of ``data`` and exact-match accuracy on its short answers."""
     records = _limit(load_records(data), limit)  # the parser refuses records without an answer
-    net, processor = load_for_inference(model, base, device, dtype or default_dtype(device))
+    if progress:
+        progress(f"loading {model}", 0, None)
+    net, processor = load_for_inference(model, base, device, dtype)
     with _media_errors_as_user_errors(data):
-        return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root)
+        return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root, progress=progress)

@@ -52,15 +52,13 @@ def build_launch(
     visible = [v.strip() for v in (visible_devices or "").split(",") if v.strip()]
     if not all(v.isdigit() for v in visible) or launch.hostfile:
         visible = []  # UUIDs, or several nodes: leave the choice to the runner as before
+    processes = processes_per_node(cfg, gpu_count)
     if gpu_count == 0:
-        processes = launch.cpu_processes
         argv += ["--num_gpus", str(processes)]
     elif isinstance(launch.gpus, list):
-        processes = len(launch.gpus)
         ids = [visible[i] if i < len(visible) else str(i) for i in launch.gpus] if visible else [str(i) for i in launch.gpus]
         argv += ["--include", "localhost:" + ",".join(ids)]
     else:
-        processes = gpu_count if launch.gpus == "all" else launch.gpus
         if visible:
             argv += ["--include", "localhost:" + ",".join(visible[:processes])]
         else:
@@ -69,6 +67,21 @@ def build_launch(
     argv += ["--module", "qvltune.worker", "--run-dir", str(run_dir)]
     if resume:
         argv.append("--resume")
+    return argv, launch_env(gpu_count, processes, cpu_count)
+
+
+def processes_per_node(cfg: RunConfig, gpu_count: int) -> int:
+    """Ranks on one node: the CPU process count without GPUs, else the GPUs asked for."""
+    gpus = cfg.launch.gpus
+    if gpu_count == 0:
+        return cfg.launch.cpu_processes
+    if isinstance(gpus, list):
+        return len(gpus)
+    return gpu_count if gpus == "all" else gpus
+
+
+def launch_env(gpu_count: int, processes: int, cpu_count: int | None = None) -> dict[str, str]:
+    """The environment the launcher and ranks need on top of this one."""
     env = {
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -79,8 +92,9 @@ def build_launch(
         del env["TORCH_CUDA_ARCH_LIST"]
     if gpu_count == 0:
         # CPU mode: split the cores between the processes instead of oversubscribing them.
-        env["OMP_NUM_THREADS"] = str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
-    return argv, env
+        # (an OMP_NUM_THREADS already set wins: several simulated nodes may share one machine.)
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
+    return env
 
 
 def format_command(argv: list[str], env: dict[str, str]) -> str:
@@ -218,7 +232,12 @@ def guard(run_dir: Path, argv: list[str]) -> int:
     whatever is left of its process group, so no rank keeps running on the GPUs."""
     from qvltune.checkpoints import STOP_FILE
 
-    child = subprocess.Popen(argv)
+    # DeepSpeed builds its ops (the CPU all-reduce, CPU Adam) with whichever `ninja` is first on PATH;
+    # two ninja versions (a venv's and the system's) read each other's build log as "command
+    # changed" and rebuild the op at every start, one process at a time. The venv's tools go first.
+    path = os.environ.get("PATH", "")
+    here = os.path.dirname(sys.executable)
+    child = subprocess.Popen(argv, env={**os.environ, "PATH": path if path.split(os.pathsep)[0] == here else here + os.pathsep + path})
 
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -7,21 +7,22 @@
 2. Refuse before any weight is loaded: a quantized base, a base of another model type, adapter
    tensors that do not fit the base (checked against a meta-device copy: no memory), an output
    folder that is not empty (unless ``force``) or that would overwrite the adapter or the base, too
-   little free disk.
-3. Load the base in the output dtype, attach the adapter, and keep on a probe batch (two images and
-   their chat) the logits of base + adapter (the reference) and of the base alone (what training
-   changed), and the names of the weights that training changed.
-4. ``merge_and_unload`` (peft: LoRA deltas are added in, ``modules_to_save`` copies replace the
-   originals), then save safetensors shards, the processor (tokenizer, chat template, image and
-   video processors) and the generation config into a temporary folder beside the output.
-5. Verify what is on disk: reload it with ``AutoModelForImageTextToText`` + ``AutoProcessor``; the
-   logits match the reference within the dtype's tolerance, the processor encodes the probe
-   identically, and every weight differs from the base exactly where training changed it.
-6. Move it into place (replacing the old folder under ``force``). A failed verification leaves the
+   little free disk or device memory.
+3. Load the base in float32, attach the adapter, and keep on a probe batch (two images and their
+   chat) the logits of base + adapter unmerged (the float32 reference) and of the base alone (what
+   training changed), and the names of the weights that training changed.
+4. ``merge_and_unload`` in float32 (peft: LoRA deltas are added in, ``modules_to_save`` copies
+   replace the originals), cast once to the output dtype, then save safetensors shards, the processor
+   (tokenizer, chat template, image and video processors) and the generation config into a temporary
+   folder beside the output.
+5. The unmerged model in the output dtype (the base as stored, the adapter beside it) on the probe:
+   the error that dtype costs anyway.
+6. Verify what is on disk (``qvltune.verify``): reload it with ``AutoModelForImageTextToText`` +
+   ``AutoProcessor``; its logits are within a stated factor of the unavoidable error of the
+   reference, the processor encodes the probe identically, and every weight differs from the base
+   exactly where training changed it.
+7. Move it into place (replacing the old folder under ``force``). A failed verification leaves the
    folder at ``OUT.unverified`` for inspection, never at ``OUT``.
-
-The base + adapter reference runs in the output dtype on the same device: that is how the adapter
-was trained and would be served, so the comparison measures the merge alone.
 """
 
 from __future__ import annotations
@@ -51,68 +52,24 @@ from qvltune.adapter import (
     run_dir_of,
 )
 from qvltune.errors import UserError
-from qvltune.infer import check_device, resolve_model_dir
+from qvltune.infer import check_device, default_device, resolve_model_dir
 from qvltune.model import load_model, load_processor, model_class, read_model_config
 from qvltune.tiny import resolve_model_path
+from qvltune.verify import LogitCheck, WeightCheck, base_weight_files, compare_inputs, compare_logits, compare_weights, probe_batch, probe_logits, trained_weights
 
-# Largest |merged - reference| logit allowed, as a fraction of the largest reference logit (at least 1).
-# The reference is base + adapter in the same dtype, so the difference is only where rounding falls
-# when W and the LoRA delta are added before the matmul instead of after. Measured on the tiny model
-# (tests/test_merge.py): float32 2e-7, float16 1e-3, bfloat16 3.9e-3 (half a bf16 ulp of the largest
-# logit). The limits leave room for the longer reductions of real-size models (rounding error grows
-# with width and depth) and stay far below what a missing merge changes (the short test trainings move
-# logits by more than 1.0 of 2.0):
-#   float32  1e-4  ~800 float32 ulps (2^-23): reassociation only
-#   float16  1e-2  ~10 float16 ulps (2^-10)
-#   bfloat16 5e-2  ~6 bfloat16 ulps (2^-7)
-LOGIT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = "5GB"
 # Beside the weights the folder holds the processor, tokenizer and index files (Qwen's tokenizer.json
 # is ~11 MB); keep a margin for them and for the filesystem.
 DISK_MARGIN_BYTES = 256 * 1024**2
+# The float32 model and the probe's activations and logits: ~10% above the weights (the probe is
+# two small images; its float32 logits over a 151,936-token vocabulary are ~0.5 GB).
+MEMORY_MARGIN = 1.1
 PROVENANCE_FILE = "qvltune-merge.json"
-
-_PROBE_TURNS = [
-    ("What colour is the shape?", "The shape is red."),
-    ("Describe the picture in one sentence.", "A blue circle above a green square."),
-]
 
 
 # ----------------------------------------------------------------------------------------------
 # Results
-
-
-@dataclass
-class LogitCheck:
-    """Merged model vs base + adapter on the probe batch (real tokens only, padding excluded)."""
-
-    max_abs_diff: float
-    tolerance: float  # absolute: relative_tolerance x max(1, scale)
-    relative_tolerance: float
-    scale: float  # the largest |reference logit|
-    training_effect: float  # max |(base + adapter) - base|: how far training moved the logits
-    top1_agreement: float  # fraction of positions where the merged model's argmax is the reference's
-    positions: int
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff == self.max_abs_diff and self.max_abs_diff <= self.tolerance  # NaN fails
-
-
-@dataclass
-class WeightCheck:
-    """Each merged tensor against the base's: changed exactly where training changed it."""
-
-    changed: int = 0  # differ from the base, as training changed them
-    unchanged: int = 0  # equal to the base, as training left them
-    not_merged: list[str] = field(default_factory=list)  # trained, but equal to the base
-    unexpected: list[str] = field(default_factory=list)  # untouched by training, but different (or extra)
-    missing: list[str] = field(default_factory=list)  # in the base, absent from the merged folder
-    skipped: str | None = None  # why the check could not run
-
-    @property
-    def ok(self) -> bool:
-        return not (self.not_merged or self.unexpected or self.missing)
 
 
 @dataclass
@@ -138,7 +95,11 @@ class MergeResult:
     def problems(self) -> list[str]:
         out = []
         if not self.logits.ok:
-            out.append(f"logits differ by {self.logits.max_abs_diff:.3g} (tolerance {self.logits.tolerance:.3g})")
+            lg = self.logits
+            if not lg.merge_ok:
+                out.append(f"the float32 merge differs from base + adapter: RMS {lg.merge_rms:.3g} of logits (at most {lg.merge_limit:.2g}, float32 reassociation)")
+            if not lg.saved_ok:
+                out.append(f"the saved folder's logits: RMS error {lg.saved_rms:.3g}, {lg.ratio:.1f}x that of the merged weights rounded to {self.dtype} in memory ({lg.allowance:.3g}; at most {lg.factor:g}x)")
         w = self.weights
         for label, names in (("trained but not merged", w.not_merged), ("changed though training left them", w.unexpected), ("missing", w.missing)):
             if names:
@@ -158,7 +119,10 @@ class MergeResult:
             "weights_from": self.weights_from,
             "files": self.files,
             "size_bytes": self.size_bytes,
-            "logits": {**asdict(self.logits), "ok": self.logits.ok},
+            "logits": {
+                **asdict(self.logits), "merge_limit": self.logits.merge_limit, "merge_ok": self.logits.merge_ok, "merge_ratio": self.logits.merge_ratio,
+                "allowance": self.logits.allowance, "tolerance": self.logits.tolerance, "ratio": self.logits.ratio, "saved_ok": self.logits.saved_ok, "ok": self.logits.ok,
+            },
             "weights": {**asdict(self.weights), "ok": self.weights.ok},
             "processor_problem": self.processor_problem,
             "problems": self.problems(),
@@ -199,7 +163,7 @@ def parse_shard_size(size: str) -> int:
 def _dtype_of(config: dict[str, Any]) -> str | None:
     for doc in (config, config.get("text_config") or {}):
         value = doc.get("dtype") or doc.get("torch_dtype")
-        if value in LOGIT_TOLERANCE:
+        if value in DTYPE_NAMES:
             return value
     return None
 
@@ -282,159 +246,6 @@ def check_disk(out: Path, need: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Probe, reference and checks
-
-
-def probe_images() -> list[Any]:
-    """Two deterministic pictures of different sizes (so the batch has two image grids and padding)."""
-    from PIL import Image, ImageDraw
-
-    images = []
-    for (w, h), (bg, fg) in (((160, 96), ((40, 80, 220), (220, 40, 40))), ((96, 128), ((40, 170, 60), (235, 215, 40)))):
-        image = Image.new("RGB", (w, h), bg)
-        draw = ImageDraw.Draw(image)
-        draw.ellipse((w // 6, h // 6, w // 2, h // 2), fill=fg)
-        draw.rectangle((w // 2, h // 2, w - 8, h - 8), fill=(250, 250, 250))
-        images.append(image)
-    return images
-
-
-def probe_batch(processor) -> dict[str, Any]:
-    """A batch of two image + question + answer chats, encoded with the model's chat template."""
-    texts = []
-    for question, answer in _PROBE_TURNS:
-        chat = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]
-        texts.append(processor.apply_chat_template(chat, tokenize=False))
-    return dict(processor(text=texts, images=probe_images(), padding=True, return_tensors="pt"))
-
-
-def probe_logits(model, batch: dict[str, Any]):
-    import torch
-
-    with torch.no_grad():
-        inputs = {k: v.to(model.device) for k, v in batch.items()}
-        return model(**inputs).logits.float().cpu()
-
-
-def compare_inputs(original: dict[str, Any], reloaded: dict[str, Any]) -> str | None:
-    """Why the saved processor encodes the probe differently from the one merged with (None if it does not)."""
-    import torch
-
-    if set(original) != set(reloaded):
-        return f"the saved processor returns {sorted(reloaded)} instead of {sorted(original)}"
-    for key, value in original.items():
-        other = reloaded[key]
-        same = value.shape == other.shape and (torch.allclose(value.float(), other.float()) if value.is_floating_point() else torch.equal(value, other))
-        if not same:
-            return f"the saved processor encodes the probe differently ({key}): check its pixel budget and chat template"
-    return None
-
-
-def compare_logits(reference, base, merged, mask, dtype: str) -> LogitCheck:
-    ref, got, before = reference[mask], merged[mask], base[mask]
-    scale = float(ref.abs().max())
-    relative = LOGIT_TOLERANCE[dtype]
-    return LogitCheck(
-        max_abs_diff=float((got - ref).abs().max()),
-        tolerance=relative * max(1.0, scale),
-        relative_tolerance=relative,
-        scale=scale,
-        training_effect=float((ref - before).abs().max()),
-        top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
-        positions=int(mask.sum()),
-    )
-
-
-def trained_weights(peft_model) -> set[str]:
-    """Names (in the merged model) of the weights that training changed.
-
-    A LoRA layer changes its weight when both factors are non-zero (B starts at zero and stays there
-    untrained); a module trained beside LoRA changes the parameters whose trained copy differs from
-    the original."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    changed = set()
-    for name, module in peft_model.named_modules():
-        prefix = name.removeprefix("base_model.model.")
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    factors = [module.lora_A[adapter].weight, module.lora_B[adapter].weight]
-                elif adapter in module.lora_embedding_A:
-                    factors = [module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]]
-                else:
-                    continue
-                if all(bool((f != 0).any()) for f in factors):
-                    changed.add(f"{prefix}.weight")
-                    if module.lora_bias.get(adapter):
-                        changed.add(f"{prefix}.bias")
-        elif isinstance(module, ModulesToSaveWrapper):
-            original = dict(module.original_module.named_parameters())
-            for adapter in module.active_adapters:
-                for pname, p in module.modules_to_save[adapter].named_parameters():
-                    if not torch.equal(p, original[pname]):
-                        changed.add(f"{prefix}.{pname}")
-    return changed
-
-
-def base_weight_files(base: str) -> list[Path]:
-    path = Path(resolve_model_path(base))
-    if not path.is_dir():  # a Hub id: the snapshot that loading it just put in the cache
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(base, local_files_only=True, allow_patterns=["*.safetensors"]))
-    return sorted(path.glob("*.safetensors"))
-
-
-def compare_weights(base_files: list[Path], out: Path, changed: set[str], tied: dict[str, str]) -> WeightCheck:
-    """Tensor by tensor from disk (one at a time, so memory stays flat): merged vs base cast to the
-    merged dtype. ``tied`` maps a tied parameter to the one the base stores (lm_head -> embeddings).
-
-    Dense Qwen3-VL has no checkpoint key conversion in transformers 5, so names on disk are the
-    module names that ``changed`` uses."""
-    import torch
-    from safetensors import safe_open
-
-    check = WeightCheck()
-    if not base_files:
-        check.skipped = "the base has no safetensors files to compare with"
-        return check
-    with contextlib.ExitStack() as stack:
-        base_index: dict[str, Any] = {}
-        for file in base_files:
-            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            base_index.update({key: handle for key in handle.keys()})
-        merged_index: dict[str, Any] = {}
-        for file in sorted(out.glob("*.safetensors")):
-            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            merged_index.update({key: handle for key in handle.keys()})
-        check.missing = sorted(k for k in base_index if k not in merged_index)
-        for key in sorted(merged_index):
-            source = key if key in base_index else tied.get(key)
-            if source not in base_index:
-                check.unexpected.append(f"{key} (not in the base)")
-                continue
-            got = merged_index[key].get_tensor(key)
-            before = base_index[source].get_tensor(source).to(got.dtype)
-            same = got.shape == before.shape and torch.equal(got, before)
-            if key in changed:
-                if same:
-                    check.not_merged.append(key)
-                else:
-                    check.changed += 1
-            elif same:
-                check.unchanged += 1
-            else:
-                check.unexpected.append(key)
-    return check
-
-
-# ----------------------------------------------------------------------------------------------
 # The recipe
 
 
@@ -470,12 +281,33 @@ class MergePlan:
 
 @dataclass
 class Reference:
-    """Base + adapter on the probe batch, taken before merging."""
+    """The probe batch and its logits, taken before and beside merging."""
 
     batch: dict[str, Any]
-    logits: Any  # base + adapter
-    base_logits: Any  # adapter disabled
+    logits: Any  # base + adapter unmerged, float32: the reference
+    base_logits: Any  # adapter disabled, float32
+    merged32_logits: Any  # the float32 merge, before rounding
+    cast_logits: Any  # the float32 merge cast once to the output dtype, in memory
     changed: set[str]  # weights that training changed
+    unmerged_logits: Any = None  # base + adapter unmerged in the output dtype
+
+
+def check_memory(meta, device: str) -> None:
+    """Merging holds the base in float32 on ``device``: refuse before loading when it cannot fit."""
+    import torch
+
+    from qvltune.hardware import host_info
+
+    need = sum(p.numel() for p in meta.parameters()) * 4 * MEMORY_MARGIN
+    if device.startswith("cuda"):
+        free, where = torch.cuda.mem_get_info(torch.device(device))[0], f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    else:
+        free, where = host_info().ram_available, "the CPU (host memory)"
+    if free and need > free:
+        raise UserError(
+            f"merging needs about {need / 1024**3:.1f} GiB on {where} (the base in float32, so that the merge is exact before one rounding) and {free / 1024**3:.1f} GiB are free",
+            "merge on a device with more memory (--device cuda on a GPU machine), or free memory",
+        )
 
 
 def plan_merge(adapter: str, out: Path, *, base: str | None, dtype: str | None, max_shard_size: str, device: str, force: bool) -> MergePlan:
@@ -493,7 +325,7 @@ def plan_merge(adapter: str, out: Path, *, base: str | None, dtype: str | None, 
         notes += [note] if note else []
     config = check_base(base, adapter_dir, overridden)
     dtype = dtype or _dtype_of(config) or "bfloat16"
-    if dtype not in LOGIT_TOLERANCE:
+    if dtype not in DTYPE_NAMES:
         raise UserError(f"--dtype: unknown dtype '{dtype}'", "use bf16, fp16 or fp32")
     meta = meta_model(base)
     shapes = parameter_shapes(meta)
@@ -505,14 +337,18 @@ def plan_merge(adapter: str, out: Path, *, base: str | None, dtype: str | None, 
     protected = [p for p in (adapter_dir, run_dir_of(adapter_dir), Path(resolve_model_path(base))) if p is not None and p.exists()]
     check_output(out, force, protected)
     check_disk(out, need[unties])
+    check_memory(meta, device)
     if unties:
         notes.append("lm_head was trained beside LoRA: the merged model keeps it apart from the input embeddings (tie_word_embeddings: false)")
     return MergePlan(adapter_dir, base, out, dtype, device, shard_bytes, weights, weights_from, tied_base, unties, notes)
 
 
 def merge_and_save(plan: MergePlan, folder: Path) -> Reference:
-    """Base + adapter -> the reference on the probe -> ``merge_and_unload`` -> weights and processor in ``folder``."""
-    model = attach_adapter(load_model(plan.base, dtype=plan.dtype).to(plan.device), plan.adapter_dir, plan.base, plan.weights)
+    """Base + adapter in float32 -> the reference on the probe -> ``merge_and_unload`` in float32 ->
+    one cast to the output dtype -> weights and processor in ``folder``."""
+    import torch
+
+    model = attach_adapter(load_model(plan.base, dtype="float32").to(plan.device), plan.adapter_dir, plan.base, plan.weights)
     processor = load_processor(processor_source(plan.adapter_dir, plan.base))
     batch = probe_batch(processor)
     logits = probe_logits(model, batch)
@@ -523,9 +359,26 @@ def merge_and_save(plan: MergePlan, folder: Path) -> Reference:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as e:  # safe_merge found NaNs
         raise UserError(f"merging {plan.adapter_dir} failed: {str(e).splitlines()[0]}", "the adapter's weights are broken (NaN); merge an earlier checkpoint-N") from None
+    merged.eval()
+    merged32_logits = probe_logits(merged, batch)
+    merged.to(getattr(torch, plan.dtype))  # the one rounding: W + BA computed in float32
+    cast_logits = probe_logits(merged, batch)
     merged.save_pretrained(str(folder), max_shard_size=plan.shard_bytes)  # with generation_config.json
     processor.save_pretrained(str(folder))  # tokenizer, chat template, image and video processors
-    return Reference(batch, logits, base_logits, changed)
+    return Reference(batch, logits, base_logits, merged32_logits, cast_logits, changed)
+
+
+def unmerged_logits(plan: MergePlan, reference: Reference):
+    """The probe's logits of base + adapter, unmerged, in the output dtype: the base's weights as
+    stored and the adapter beside them (as inference on the adapter folder runs). In float32 this is
+    the reference's own computation."""
+    if plan.dtype == "float32":
+        return reference.logits
+    model = attach_adapter(load_model(plan.base, dtype=plan.dtype).to(plan.device), plan.adapter_dir, plan.base, plan.weights)
+    logits = probe_logits(model, reference.batch)
+    del model
+    gc.collect()
+    return logits
 
 
 def verify(plan: MergePlan, folder: Path, reference: Reference) -> tuple[LogitCheck, WeightCheck, str | None]:
@@ -539,7 +392,8 @@ def verify(plan: MergePlan, folder: Path, reference: Reference) -> tuple[LogitCh
     tied = dict(getattr(type(model), "_tied_weights_keys", None) or {}) if plan.tied_base else {}
     del model
     gc.collect()
-    logits = compare_logits(reference.logits, reference.base_logits, merged_logits, reference.batch["attention_mask"].bool(), plan.dtype)
+    mask = reference.batch["attention_mask"].bool()
+    logits = compare_logits(reference.logits, reference.base_logits, reference.merged32_logits, reference.cast_logits, merged_logits, reference.unmerged_logits, mask)
     weights = compare_weights(base_weight_files(plan.base), folder, reference.changed, tied)
     return logits, weights, processor_problem
 
@@ -551,23 +405,32 @@ def merge(
     base: str | None = None,
     dtype: str | None = None,
     max_shard_size: str = DEFAULT_SHARD_SIZE,
-    device: str = "cpu",
+    device: str | None = None,
     force: bool = False,
+    progress=None,
 ) -> MergeResult:
-    """Merge ADAPTER into its base, save it to ``out`` and verify it (see the module docstring)."""
+    """Merge ADAPTER into its base, save it to ``out`` and verify it (see the module docstring).
+    ``progress(phase, done, total)``, if given, hears when each slow phase begins (after every
+    check of the inputs has passed)."""
     start = time.time()
+    device = device or default_device()
     _bind_deepspeed_logs_to_stderr()
     with warnings.catch_warnings():
         # peft and transformers warn about tied embeddings and deprecations on every load; what
         # matters to the user is in the notes and the verification.
         warnings.simplefilter("ignore")
         plan = plan_merge(adapter, out, base=base, dtype=dtype, max_shard_size=max_shard_size, device=device, force=force)
+        if progress:
+            progress(f"merging into the base on {device} (loads the base model)", 0, None)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             reference = merge_and_save(plan, tmp)
-            gc.collect()  # the merged model is gone: free it before reloading
+            gc.collect()  # the merged model is gone: free it before loading another
+            if progress:
+                progress("verifying: the adapter unmerged in the output dtype, then the saved folder reloaded", 0, None)
+            reference.unmerged_logits = unmerged_logits(plan, reference)
             logits, weights, processor_problem = verify(plan, tmp, reference)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

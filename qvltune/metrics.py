@@ -9,8 +9,9 @@ Rank 0 of the worker appends one JSON object per line; the parent tails the file
 - ``train`` (one per log step): ``step``, ``epoch``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``
   (real, non-pad tokens), ``samples_per_s``, ``mfu`` (null on CPU), ``mem_gb`` / ``mem_peak_gb``
   (rank 0's allocated / peak GPU memory), ``padding`` (pad fraction of the batches since the last log)
-- ``eval``: ``step``, ``eval_loss``, ``eval_ppl``
-- ``checkpoint``: ``step``, ``path``
+- ``eval``: ``step``, ``eval_loss`` (mean over every assistant token of the eval set), ``eval_ppl``,
+  ``seconds`` (how long the evaluation took)
+- ``checkpoint``: ``step``, ``path``, ``seconds`` (how long training waited for the save)
 - ``end``: ``status`` (``completed`` | ``interrupted`` | ``nan`` | ``error``), ``step``, ``message``,
   ``final`` (path of the saved model/adapter), ``last_checkpoint``
 """

@@ -5,7 +5,10 @@
 - ``ds_zero.json``: the DeepSpeed config generated from it (``qvltune.zero``), for clusters;
 - ``launch.sh``: the ``deepspeed`` command ``qvltune train`` would run (``qvltune.launch``);
 - ``qvltune-answers.yaml``: the answers, replayable with ``qvltune init --answers``;
-- ``hostfile`` (multi-node only, never overwritten): one line per node to fill in.
+- ``qvltune-plan.txt``: the plan with its full reasoning, parameters and memory (the terminal shows
+  the compact plan; ``qvltune init --explain`` prints this one);
+- ``hostfile`` (multi-node only, never overwritten): one line per node to fill in (ssh);
+- ``train.sbatch`` (multi-node only): the Slurm script, one ``qvltune train`` per node (``qvltune.nodes``).
 
 Every file is written to a temporary name first and renamed into place only when all are written,
 so Ctrl-C or an error leaves either the previous files or the complete new set, never half of one.
@@ -31,7 +34,9 @@ CONFIG_NAME = "qvltune.yaml"
 DEEPSPEED_NAME = "ds_zero.json"
 LAUNCH_NAME = "launch.sh"
 ANSWERS_NAME = "qvltune-answers.yaml"
+PLAN_NAME = "qvltune-plan.txt"
 HOSTFILE_NAME = "hostfile"
+SBATCH_NAME = "train.sbatch"
 
 
 def config_text(doc: dict[str, Any], decisions: list[Any], fits: bool) -> str:

@@ -124,10 +124,30 @@ def tiny_model_path() -> Path:
     return dest
 
 
+MODEL_PATH_HINT = "give a local model folder (with config.json), a Hub id such as Qwen/Qwen3-VL-2B-Instruct, or builtin:tiny"
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id ("org/name"): starts with / . ~, or has more than one /."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def model_not_found(path: str, hint: str = MODEL_PATH_HINT):
+    """The one message for a model folder that does not exist (every command raises this one)."""
+    from qvltune.errors import UserError
+
+    return UserError(f"model folder not found: {path}", hint)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map ``builtin:tiny`` to the cached folder; anything else is a Hub id or a folder, unchanged."""
+    """Map ``builtin:tiny`` to the cached folder; a Hub id stays as it is; a local path must exist.
+
+    Every command resolves its model here, so a missing folder reads the same everywhere (and never
+    reaches the Hub client, which would call it a malformed repo id)."""
     if name_or_path == BUILTIN_TINY:
         return str(tiny_model_path())
+    if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise model_not_found(name_or_path)
     return name_or_path
 
 

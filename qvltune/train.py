@@ -25,10 +25,34 @@ from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoi
 from qvltune.zero import write_deepspeed_config
 
 
+def missing_data_files(cfg: RunConfig) -> list[str]:
+    """``data.train`` / ``data.eval`` files that do not exist (mixtures: every part), as messages."""
+    from qvltune.data.formats import parse_mixture
+
+    problems = []
+    for field in ("train", "eval"):
+        spec = getattr(cfg.data, field)
+        if not spec:
+            continue
+        for part in spec if isinstance(spec, list) else [spec]:
+            try:
+                paths = [s.path for s in parse_mixture(part)]
+            except ValueError:
+                continue  # a malformed mixture is reported where it is parsed, with its rule
+            problems += [f"data.{field}: file not found: {p}" for p in paths if not Path(p).is_file()]
+    return problems
+
+
 def validate(cfg: RunConfig, gpus: list[Any]) -> None:
     """Every conflict that needs the model or the machine, all at once, before anything runs."""
     from qvltune.model import read_model_config
 
+    missing = missing_data_files(cfg)
+    if missing:
+        raise UserError(
+            missing[0] if len(missing) == 1 else f"{len(missing)} data files not found:\n  " + "\n  ".join(missing),
+            "fix the path in the config (relative paths are relative to the config file's folder)",
+        )
     model_type = read_model_config(cfg.model.path, cfg.model.trust_remote_code).get("model_type", "?")
     problems = check_against_model(cfg, model_type) + check_against_hardware(cfg, gpus)
     if problems:
@@ -77,14 +101,43 @@ class Outcome:
     state: DashboardState
     log_tail: list[str]
     interrupted: bool
+    peer_failure: str | None = None  # multi-node: another node failed, so this one stopped
+    node: str | None = None  # multi-node: "node 1 of 2", to name this node in messages
 
 
-def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5) -> Outcome:
-    """Tail metrics and NVML while the child runs; render the panel (TTY) or one line per log step."""
-    run_dir = cfg.run_dir
+def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, MetricsTailer]:
+    """The panel's state and a tailer positioned after what earlier attempts of this run wrote:
+    their curves stay on the panel, their lines are not printed again, and their last status
+    (``interrupted``) gives way to this attempt's."""
     state = DashboardState(cfg.name)
-    tailer = MetricsTailer(run_dir / "metrics.jsonl")
+    tailer = MetricsTailer(metrics)
+    for record in tailer.read_new():
+        state.apply(record)
+    state.status, state.message, state.hint, state.phase = "starting", None, None, None
+    state.started, state.first_step_time = time.time(), None  # this attempt's elapsed time and rate
+    return state, tailer
+
+
+def supervise(
+    child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, refresh: float = 0.5, state: DashboardState | None = None, tailer: MetricsTailer | None = None, on_tick=None
+) -> Outcome:
+    """Tail metrics and NVML while the child runs; render the panel (TTY) or one line per log step.
+    ``on_tick(state)`` (multi-node) runs at every refresh; a message it returns names another node's
+    failure: this node's ranks are stopped at once (their peers are gone, no checkpoint can be saved)."""
+    run_dir = cfg.run_dir
+    state = state or DashboardState(cfg.name)
+    tailer = tailer or MetricsTailer(run_dir / "metrics.jsonl")
+    if state.phase is None:
+        state.begin("starting DeepSpeed")
     interrupts = 0
+    peer_failure = None
+
+    def tick() -> None:
+        nonlocal peer_failure
+        if on_tick is not None and peer_failure is None:
+            peer_failure = on_tick(state)
+            if peer_failure:
+                child.terminate(timeout=10)
 
     def on_sigint(signum, frame):
         nonlocal interrupts
@@ -104,34 +157,39 @@ def supervise(child: Child, cfg: RunConfig, *, live: bool, nvml_sampler=None, re
         if live:
             from rich.live import Live
 
-            with Live(render(state), console=console.err, refresh_per_second=4, transient=False) as view:
+            # The alternate screen: a resized terminal or a panel taller than it cannot leave broken
+            # lines or stray borders behind; the final panel is printed once, below, when it is over.
+            with Live(render(state), console=console.err, refresh_per_second=4, screen=True) as view:
                 while child.poll() is None:
                     _drain(tailer, state, None)
                     child.read_output()
                     if nvml_sampler and time.time() - last_sample > 1.0:
                         state.gpus, last_sample = nvml_sampler(), time.time()
+                    tick()
                     view.update(render(state))
                     time.sleep(refresh)
                 _drain(tailer, state, None)
-                view.update(render(state))
+            console.err.print(render(state))
         else:
             while child.poll() is None:
                 _drain(tailer, state, console.out)
                 child.read_output()
+                tick()
                 time.sleep(refresh)
             _drain(tailer, state, console.out)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     child.read_output()
-    return Outcome(child.process.returncode, state, list(child.tail), interrupts > 0)
+    return Outcome(child.process.returncode, state, list(child.tail), interrupts > 0, peer_failure)
 
 
 def _drain(tailer: MetricsTailer, state: DashboardState, printer) -> None:
     for record in tailer.read_new():
         state.apply(record)
         if printer is not None:
-            line = format_line(record)
+            # A resumed start names the step it resumes at of the total (known from the earlier attempt).
+            line = state.message if record.get("kind") == "start" and record.get("resumed_from") else format_line(record)
             if line:
                 printer.print(line)
 
@@ -163,30 +221,133 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
 
 
 def launch_command(cfg: RunConfig, gpu_count: int, resume: bool, master_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
+        raise UserError(
+            f"launch.nodes is {cfg.launch.nodes} but nothing says how to reach the other nodes",
+            "give launch.hostfile (ssh), or start qvltune train on each node with --node-rank N --master-addr HOST "
+            "(or MASTER_ADDR/NODE_RANK/WORLD_SIZE), or under srun (see README: Several nodes)",
+        )
     return build_launch(
         cfg, run_dir=cfg.run_dir.resolve(), gpu_count=gpu_count, resume=resume, master_port=master_port, visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES")
     )
 
 
-def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None) -> Outcome:
-    """The whole parent flow: validate, prepare, launch, supervise, plot."""
+def completed_run(cfg: RunConfig) -> dict[str, Any] | None:
+    """The ``end`` record of this run when it already finished with this same schedule (epochs or
+    max_steps): resuming it would only relaunch DeepSpeed to do nothing. A longer schedule in the
+    config is a reason to resume, so then this is None."""
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "final").is_dir() or not saved.is_file():
+        return None
+    ends = [r for r in read_all(run_dir / "metrics.jsonl") if r.get("kind") in ("end", "start")]
+    if not ends or ends[-1].get("kind") != "end" or ends[-1].get("status") != "completed":
+        return None
+    from qvltune.config import load_config
+
+    try:
+        before = load_config(saved).optim
+    except UserError:
+        return None
+    if (before.epochs, before.max_steps) != (cfg.optim.epochs, cfg.optim.max_steps):
+        return None
+    return ends[-1]
+
+
+def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = False, gpus: list[Any] | None = None, verbose: bool = False, node=None) -> Outcome:
+    """The whole parent flow: validate, prepare, launch, supervise, plot. ``node`` (a
+    ``nodes.NodeSpec``): this machine is one node of a run started node by node (no ssh, Slurm)."""
     from qvltune.hardware import detect_gpus, sample_gpus
 
     if gpus is None:
         gpus = detect_gpus()[0]
-    validate(cfg, gpus)
+    if node is not None:
+        return run_node(cfg, node, resume=resume, live=live, force=force, gpus=gpus)
+    with console.status("checking the config against the model and this machine"):
+        validate(cfg, gpus)
     if resume and latest_complete_checkpoint(cfg.run_dir) is None:
         console.note(f"no complete checkpoint in {cfg.run_dir}: starting from the beginning")
-    counts = prepare_run(cfg, resume=resume, force=force)
+    with console.status("checking every record and media file of the data"):
+        counts = prepare_run(cfg, resume=resume, force=force)
     console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
     argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
-    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + format_command(argv, env) + "\n")
-    console.note(f"launching: {format_command(argv, env)}")
-    console.note(f"log: {cfg.run_dir / 'train.log'}")
+    command = format_command(argv, env)
+    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + command + "\n")
+    with open(cfg.run_dir / "train.log", "a") as log:
+        log.write(f"qvltune: launching: {command}\n")
+    if verbose:
+        console.note(f"launching: {command}")
+    console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
+    state, tailer = resume_state(cfg, cfg.run_dir / "metrics.jsonl")
     child = start(argv, env, cfg.run_dir / "train.log", cfg.run_dir)
     try:
-        outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None)
+        outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None, state=state, tailer=tailer)
     finally:
         remove_shm_buffers(master_port_of(argv))  # also those of ranks that were killed
     plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
+    return outcome
+
+
+def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpus: list[Any]) -> Outcome:
+    """One node of a multi-node run started node by node: node 0 prepares the run folder (config,
+    data index, metrics) exactly as on one machine; every node starts its own ranks through
+    DeepSpeed's runner without ssh, keeps its status file current (alive, GPUs, exit code) and
+    watches the others' (``nodes.PeerWatch``): a node that dies is named, and the rest stop."""
+    from qvltune.hardware import sample_gpus
+    from qvltune.nodes import HEARTBEAT_SECONDS, NODES_DIR, PeerWatch, node_launch, peer_gpus, write_status
+
+    validate(cfg, gpus)
+    run_dir = cfg.run_dir
+    label = f"node {node.node_rank} of {node.nodes}"
+    if node.is_first:
+        counts = prepare_run(cfg, resume=resume, force=force)
+        console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        console.note(f"{label}: node 0 prepares {run_dir} (which must be on storage every node sees)")
+    argv, env, hostfile = node_launch(cfg, node, run_dir=run_dir.resolve(), gpu_count=len(gpus), resume=resume)
+    nodes_dir = run_dir / NODES_DIR
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    tmp = nodes_dir / f".hostfile.{node.node_rank}.tmp"
+    tmp.write_text(hostfile)
+    tmp.replace(nodes_dir / "hostfile")  # the same text on every node
+    log = run_dir / "train.log" if node.is_first else nodes_dir / f"node-{node.node_rank}.log"
+    if node.is_first:
+        (run_dir / "launch.sh").write_text(
+            "#!/usr/bin/env bash\n# The command qvltune train ran on node 0; node N runs it with --node_rank N.\n" + format_command(argv, env) + "\n"
+        )
+    console.note(f"{label} ({node.source}), master {node.master_addr}:{node.master_port}; launching: {format_command(argv, env)}")
+    console.note(f"log: {log}")
+    watch = PeerWatch(run_dir, node)  # before this node's first status: earlier files are history
+    local = sample_gpus() if gpus else []
+    write_status(run_dir, node.node_rank, "running", gpus=local)
+    child = start(argv, env, log, run_dir)
+    last = time.time()
+
+    def on_tick(state: DashboardState) -> str | None:
+        nonlocal last, local
+        if time.time() - last >= HEARTBEAT_SECONDS:
+            local = sample_gpus() if gpus else []
+            write_status(run_dir, node.node_rank, "running", gpus=local)
+            last = time.time()
+            if node.is_first:  # node 0's panel: its own GPUs, then every other node's
+                state.gpus = list(local) + peer_gpus(watch.live)
+        return watch.check()
+
+    outcome = None
+    try:
+        outcome = supervise(child, cfg, live=live, on_tick=on_tick)
+        outcome.node = label
+        # Node 0's ranks fail at once when a peer's die (closed sockets): if a peer failed, name it,
+        # not the consequence. (Node 0's own errors -- out of memory, a bad sample, NaN -- come first.)
+        if node.is_first and outcome.exit_code not in (0, 130) and outcome.peer_failure is None and outcome.state.status not in ("oom", "bad_sample", "nan", "save_failed"):
+            outcome.peer_failure = watch.failed_peer()
+    finally:
+        from qvltune.launch import failed_ranks
+
+        ranks = failed_ranks(list(child.tail)) if outcome else []
+        write_status(run_dir, node.node_rank, "exited", exit_code=child.poll(), stopped_for=outcome.peer_failure if outcome else None, failed_ranks=ranks)
+        remove_shm_buffers(node.master_port)
+    if node.is_first:
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return outcome

@@ -35,7 +35,7 @@ _MODEL_NOTES = {
 def model_choices() -> list[Choice]:
     out = [Choice(f"Qwen3-VL-{m.size} ({SIZE_BILLIONS[m.size]:g} B parameters)", value=m.hub_id, description=_MODEL_NOTES[m.size]) for m in KNOWN_MODELS]
     out.append(Choice("a local model folder", value=FOLDER, description="a downloaded or fine-tuned Qwen3-VL (a folder with config.json)"))
-    out.append(Choice("builtin:tiny (1.9 M parameters)", value=BUILTIN_TINY, description="the embedded tiny Qwen3-VL: checks the whole pipeline on a CPU in minutes"))
+    out.append(Choice("builtin:tiny (1.5 M parameters)", value=BUILTIN_TINY, description="the embedded tiny Qwen3-VL: checks the whole pipeline on a CPU in minutes"))
     return out
 
 
@@ -49,6 +49,18 @@ def data_exists(text: str) -> bool | str:
         if not path.is_file():
             return f"not a file: {path}"
     return True
+
+
+def model_folder(text: str) -> bool | str:
+    """True, or why the folder cannot be a model: missing, a file, or without config.json."""
+    path = Path(text.strip()).expanduser()
+    if not text.strip():
+        return "give the folder that holds the model's config.json"
+    if not path.exists():
+        return f"folder not found: {path}"
+    if not path.is_dir():
+        return f"{path} is a file: give the folder that holds config.json"
+    return True if (path / "config.json").is_file() else f"no config.json in {path}"
 
 
 def _positive_int(text: str) -> bool | str:
@@ -72,7 +84,7 @@ def ask_model(default: str, **prompt: Any) -> str:
         "Model folder",
         default="" if default in values else default,
         instruction="(a Qwen3-VL folder with config.json)",
-        validate=lambda t: True if (Path(t.strip()).expanduser() / "config.json").is_file() else "no config.json in that folder",
+        validate=model_folder,
         **prompt,
     ).unsafe_ask().strip()
 
@@ -95,14 +107,14 @@ def ask(defaults: Answers, *, recommended_model: str, on_dataset: Callable[[str]
     a.domain_shift = questionary.confirm(
         "Are your images very different from ordinary photos (medical, satellite, documents, industrial)?",
         default=a.domain_shift,
-        instruction="(yes trains the vision tower too: better adaptation, more memory and time) ",
+        instruction="(yes trains the vision tower too: better adaptation, more memory and time) " + yes_no(a.domain_shift),
         **prompt,
     ).unsafe_ask()
 
     a.fast = questionary.confirm(
         "Do you need results fast (hours rather than days)?",
         default=a.fast,
-        instruction="(yes: LoRA with a frozen vision tower, 2-3x faster, slightly lower quality) ",
+        instruction="(yes: LoRA with a frozen vision tower, 2-3x faster, slightly lower quality) " + yes_no(a.fast),
         **prompt,
     ).unsafe_ask()
 
@@ -146,6 +158,11 @@ def ask(defaults: Answers, *, recommended_model: str, on_dataset: Callable[[str]
         ).unsafe_ask()
     )
     return a
+
+
+def yes_no(default: bool) -> str:
+    """questionary shows (Y/n) only without an instruction: ours say the trade-off, so add it back."""
+    return "(Y/n) " if default else "(y/N) "
 
 
 def confirm(message: str, default: bool = True, **prompt: Any) -> bool:

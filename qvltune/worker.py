@@ -32,6 +32,7 @@ from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, Rop
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
+from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table, transformer_blocks
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks
 
@@ -80,7 +81,8 @@ def _make_trainer_class():
 
         # -- loss --------------------------------------------------------------------------------
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def summed_loss(self, model, inputs):
+            """(sum of the cross-entropy over every labelled token of the batch, their count, outputs)."""
             stats = inputs.pop("stats", None)
             if stats is not None and model.training:
                 s = self.stats
@@ -94,15 +96,17 @@ def _make_trainer_class():
                     outputs = model(**inputs)
                 finally:
                     self.loss_head.set_targets(None, None)
-                loss_sum, count = outputs.logits, targets.numel()
-            else:
-                outputs = model(**inputs)
-                logits = outputs.logits[:, :-1, :]
-                shifted = labels[:, 1:].to(logits.device)
-                loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-                count = (shifted != IGNORE_INDEX).sum()
-            if num_items_in_batch is None:  # evaluation: the batch's own token mean
-                loss = loss_sum / max(count, 1) if isinstance(count, int) else loss_sum / count.clamp(min=1)
+                return outputs.logits, targets.numel(), outputs
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1, :]
+            shifted = labels[:, 1:].to(logits.device)
+            loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss_sum, int((shifted != IGNORE_INDEX).sum()), outputs
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss_sum, count, outputs = self.summed_loss(model, inputs)
+            if num_items_in_batch is None:  # not reached in training (the Trainer always counts); kept for safety
+                loss = loss_sum / max(count, 1)
             else:
                 # clamp: a batch whose every sample was skipped as bad has no labelled token anywhere
                 loss = loss_sum / (num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1))
@@ -111,6 +115,36 @@ def _make_trainer_class():
                     # over ranks: scale back to a sum.
                     loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
+
+        # -- evaluation: token-weighted, like training's loss and `qvltune eval` -----------------
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+            """The eval loss as the mean over every assistant token of the eval set on all ranks.
+
+            The Trainer's own loop averages one mean per batch (weighted by samples), which weights
+            the tokens of short answers more than those of long ones and so disagrees with the
+            training loss's definition and with ``qvltune eval`` (3% on the demo task). qvltune
+            evaluates only inside ``train()``, where the model is already prepared."""
+            started = time.time()
+            model = self._wrap_model(self.model, training=False)
+            model.eval()
+            device = self.args.device if torch.cuda.is_available() else torch.device("cpu")
+            totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, samples
+            with torch.no_grad():
+                for inputs in dataloader:
+                    stats = inputs.get("stats")
+                    samples = stats.samples if stats is not None else int(inputs["input_ids"].shape[0])
+                    inputs = self._prepare_inputs(inputs)
+                    with self.compute_loss_context_manager():
+                        loss_sum, count, _ = self.summed_loss(model, inputs)
+                    totals += torch.stack([loss_sum.detach().to(device, torch.float64).reshape(()), torch.tensor(float(count), dtype=torch.float64, device=device), torch.tensor(float(samples), dtype=torch.float64, device=device)])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(totals)
+            loss_sum, count, samples = totals.tolist()
+            from transformers.trainer_utils import EvalLoopOutput
+
+            self.eval_seconds = time.time() - started
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss_sum / max(count, 1.0)}, num_samples=int(samples))
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -140,17 +174,20 @@ def _make_trainer_class():
             target = run_dir / f"checkpoint-{self.state.global_step}"
             if self.args.should_save and target.exists() and not is_complete(target):
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
+            started = time.time()
             self.accelerator.wait_for_everyone()
             super()._save_checkpoint(model, trial)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                _fsync_tree(target)  # every node flushes the shards its ranks wrote before the marker
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                _fsync_tree(target)
                 marker = target / COMPLETE_MARKER
                 marker.with_suffix(".tmp").write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
                 marker.with_suffix(".tmp").replace(marker)
                 self._rotate(run_dir)
             self.accelerator.wait_for_everyone()
             self.saving_step = None
+            self.save_seconds = time.time() - started  # the whole save, as training waits for it
 
         def _rotate(self, run_dir: Path):
             """Keep the newest ``save_total_limit`` complete checkpoints (the Trainer's own rotation
@@ -191,6 +228,7 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
             self.last_stats = BatchStats(0, 0, 0, 0)
             self.stopped_by_request = False
             self.skipped = 0
+            self.last_step_record = 0.0
 
         def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
             device = args.device if torch.cuda.is_available() else "cpu"
@@ -220,13 +258,24 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
                 self.stopped_by_request = True
                 control.should_save = True
                 control.should_training_stop = True
+            if writer:
+                # A small record per step (at most one a second): the panel's step counter and ETA
+                # move between log steps, and it can say when an evaluation or a save begins.
+                now = time.time()
+                if now - self.last_step_record >= 1.0 or state.global_step <= 2:
+                    writer.write("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+                    self.last_step_record = now
+                if control.should_evaluate and not bad:
+                    writer.write("phase", name="evaluating", step=state.global_step)
+                elif control.should_save and not bad:
+                    writer.write("phase", name=f"saving checkpoint-{state.global_step}", step=state.global_step)
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "eval_loss" in logs:
                 if writer:
-                    writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)))
+                    writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)), seconds=getattr(self.trainer, "eval_seconds", None))
                 return
             if "loss" not in logs:
                 return
@@ -267,7 +316,7 @@ def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token:
 
         def on_save(self, args, state, control, **kwargs):
             if writer:
-                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"))
+                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"), seconds=getattr(self.trainer, "save_seconds", None))
 
     return QvlCallback()
 
@@ -340,6 +389,12 @@ def llm_flops_per_token(model) -> float:
     return 6.0 * n
 
 
+def _begin(writer: MetricsWriter | None, name: str, **fields) -> None:
+    """Tell the panel what the run is doing now (it shows the phase with its elapsed time)."""
+    if writer:
+        writer.write("phase", name=name, **fields)
+
+
 def _phase(name: str, since: float) -> float:
     """Print how long a start-up phase took (train.log), return now."""
     now = time.time()
@@ -364,25 +419,31 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> int:
 
 def run(run_dir: Path, resume: bool) -> int:
     t = time.time()
-    cfg = load_config(run_dir / "config.yaml")
     use_cpu = not torch.cuda.is_available()
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None  # rank 0 of node 0
+    _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
     # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
-    # checks the global batch against DeepSpeed's own view of the world size.
+    # checks the global batch against DeepSpeed's own view of the world size. It is also where the
+    # nodes of a multi-node run meet: node 0 starts its ranks only once it has written the run folder,
+    # so every rank reads the config (below) after that.
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+    check_shared_run_dir(run_dir)  # several nodes: one run folder for all
+    cfg = load_config(run_dir / "config.yaml")
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
     t = _phase("process group and arguments", t)
 
     from transformers import set_seed
 
     set_seed(cfg.optim.seed)  # before LoRA adapters are initialised, so a run is reproducible
+    _begin(writer, "loading the processor and the data index")
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index_path = run_dir / "data_index.json"
     index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
     t = _phase("processor and data index", t)
+    _begin(writer, "loading the model")
 
     model = load_model(
         cfg.model.path,
@@ -402,9 +463,10 @@ def run(run_dir: Path, resume: bool) -> int:
     if cfg.optim.compile:
         compile_blocks(model)
     t = _phase("model loaded and prepared", t)
+    _begin(writer, "building the datasets and the trainer")
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns)
+    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns, image_pixel_limit=cfg.data.image_pixel_limit)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     hf_config = _unwrap(model).config
     from qvltune.attention import NAME as VARLEN
@@ -465,8 +527,11 @@ def run(run_dir: Path, resume: bool) -> int:
             device="cpu" if use_cpu else torch.cuda.get_device_name(),
         )
         _print_table(table)
+        # The first step also restores a checkpoint, and compiles the decoder layers when asked.
+        first = "compiling the decoder layers (first step)" if cfg.optim.compile else "first step"
+        _begin(writer, ("restoring the checkpoint, " if resume_from else "") + first)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         t = _phase("training", t)
     except (torch.OutOfMemoryError, OSError, BadSampleError, *_compile_errors(cfg)) as e:
         status, message, hint = explain_failure(e, cfg, trainer, run_dir)
@@ -485,11 +550,17 @@ def run(run_dir: Path, resume: bool) -> int:
         if writer:
             writer.write("end", status="interrupted", step=step, message="stopped on request; checkpoint saved", last_checkpoint=_last(run_dir))
         return EXIT_INTERRUPTED
+    _begin(writer, "saving the final model")
     final = save_final(trainer, processor, cfg, run_dir)
     _phase("final save", t)
     if writer:
         note = f" ({callback.skipped} step(s) skipped for a non-finite loss)" if callback.skipped else ""
-        writer.write("end", status="completed", step=step, final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note)
+        # train_loss and epoch: a run shorter than log_steps logs no loss of its own, and the last
+        # logged epoch lags the end of training; the summary needs both.
+        writer.write(
+            "end", status="completed", step=step, epoch=trainer.state.epoch, train_loss=result.training_loss,
+            final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note,
+        )
     return 0
 
 
@@ -643,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     if "MASTER_PORT" in os.environ and "LOCAL_RANK" in os.environ:
         from qvltune.launch import remove_shm_buffers
 
-        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ["LOCAL_RANK"]))
+        remove_shm_buffers(int(os.environ["MASTER_PORT"]), int(os.environ.get("RANK", os.environ["LOCAL_RANK"])))  # named by global rank
     return code
 
 

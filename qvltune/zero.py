@@ -82,13 +82,39 @@ def zero3_leaf_blocks(model) -> int:
     The largest block qvltune knows (a 30B-A3B MoE decoder layer, ~0.6e9 parameters; a 32B layer has
     ~0.5e9) stays below ``stage3_max_live_parameters``, so the gathered memory stays what the
     estimator counts.
+
+    Call it after ``apply_strategy``: a block with trained parameters also gets its input made to
+    require grad (``_hidden_states_require_grad``), which only the trained blocks need.
     """
     from deepspeed.utils import set_z3_leaf_module
 
     blocks = transformer_blocks(model)
     for block in blocks:
         set_z3_leaf_module(block, True)
+        if any(p.requires_grad for p in block.parameters()):
+            block.register_forward_pre_hook(_hidden_states_require_grad)
     return len(blocks)
+
+
+def _hidden_states_require_grad(block, args):
+    """Make a trained leaf block's input require grad, so DeepSpeed reduces its gradients after its backward.
+
+    DeepSpeed reduces a leaf block's gradients in a full backward hook. torch fires that hook once
+    the gradients of the block's inputs exist, i.e. after the block's backward, but when no input
+    requires grad it fires as soon as the gradients of the *outputs* arrive: before the block's
+    backward has gathered its parameters or computed their gradients. DeepSpeed then reduces an
+    empty gradient ("0 != N Cannot reduce scatter gradients ..."), with or without gradient
+    checkpointing. That is any trained block behind frozen inputs: the first vision block with vision
+    LoRA (patch and position embeddings frozen). The input gets a gradient instead, one block's
+    input-gradient matmuls; no parameter's gradient changes. Blocks with no trained parameter get no
+    hook: a frozen vision tower would otherwise run a full backward for nothing.
+    """
+    import torch  # here, not at the top: the CLI imports this module for the JSON alone
+
+    hidden = args[0] if args else None
+    if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and not hidden.requires_grad and torch.is_grad_enabled():
+        return (hidden.detach().requires_grad_(), *args[1:])
+    return None
 
 
 def write_deepspeed_config(cfg: RunConfig, path: Path) -> Path:

@@ -107,7 +107,8 @@ def test_clean_dataset_summary_and_exit_codes(demo_data, capsys, tmp_path):
 
 
 def test_exact_counts_match_training_lengths(demo_data, capsys, tiny_processor):
-    from qvltune.data.formats import parse_record, read_items
+    from qvltune.data.files import read_items
+    from qvltune.data.formats import parse_record
     from qvltune.data.tokenize import Encoder
 
     train, _ = demo_data

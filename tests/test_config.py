@@ -87,7 +87,6 @@ def test_missing_and_unknown_top_level():
         ({"optim": {"per_device_batch": 3, "grad_accum": 4, "effective_batch": 64}}, "optim.effective_batch"),
         ({"deepspeed": {"stage": 0, "offload_optimizer": True}}, "deepspeed.offload_optimizer"),
         ({"deepspeed": {"stage": 2, "offload_params": True}}, "deepspeed.offload_params"),
-        ({"launch": {"nodes": 2}}, "launch.hostfile"),
         ({"data": {"train": "d.jsonl", "eval": "e.jsonl", "eval_split": 0.1}}, "data.eval_split"),
         ({"data": {"train": "d.jsonl", "min_pixels": 4000, "min_image_tokens": 4}}, "pixels or in tokens"),
     ],

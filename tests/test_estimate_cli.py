@@ -74,8 +74,10 @@ def test_detected_gpus_listed_one_by_one(tmp_path, demo_data, capsys, monkeypatc
 
 def test_cpu_tiny(tmp_path, demo_data, capsys, no_gpu):
     path = write(tmp_path, demo_data, model="builtin:tiny", optim={"bf16": False, "optimizer": "adamw_torch"}, data={"max_seq_length": 256})
-    code, out, _ = cli(["estimate", str(path)], capsys)
-    assert code == 0 and "Memory per process" in out and "no GPU: nothing to compare with" in out
+    code, out, err = cli(["estimate", str(path)], capsys)
+    assert code == 0 and "Memory per process" in out and "on this CPU (1 process(es)): fits" in out
+    assert "0.0 GFLOP" not in out and "MFLOP per token" in out  # a unit that leaves digits to read
+    assert "no NVIDIA GPU" in err
 
 
 def test_unknown_gpu_and_bad_model(tmp_path, demo_data, capsys, no_gpu):

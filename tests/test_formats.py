@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qvltune.data.formats import Media, RawItem, parse_mixture, parse_record, read_items, sample_indices
+from qvltune.data.files import read_items
+from qvltune.data.formats import Media, RawItem, parse_mixture, parse_record, sample_indices
 
 
 def parse(value, file="d.jsonl"):

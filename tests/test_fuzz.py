@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from qvltune.config import parse_config
 from qvltune.data.check import check_dataset
-from qvltune.data.formats import RawItem, parse_record, read_items
+from qvltune.data.files import read_items
+from qvltune.data.formats import RawItem, parse_record
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.errors import UserError
 
@@ -116,3 +117,113 @@ def test_tokenization_labels_exactly_the_answers(tiny_processor, turns, system):
     if run:
         runs.append(run)
     assert [tok.decode(r) for r in runs] == [a + "<|im_end|>" for _, a in turns]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile media and records end to end: check-data finishes, reports every failing record on its
+# line, and accounts for every record (valid + failed = total); what it accepts, training can load.
+
+ODD_MODES = ["1", "L", "LA", "P", "P+t", "RGB", "RGBA", "I;16", "CMYK"]
+FORMATS = ["PNG", "GIF", "WEBP", "JPEG", "TIFF", "BMP"]
+
+
+def _odd_image(draw) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    mode, fmt = draw(st.sampled_from(ODD_MODES)), draw(st.sampled_from(FORMATS))
+    seed = draw(st.integers(0, 2**16))
+    rgb = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+    if mode == "I;16":
+        im = Image.fromarray(np.random.default_rng(seed).integers(0, 65535, (h, w), dtype=np.uint16))
+    elif mode == "P+t":
+        im = rgb.convert("P")
+        im.info["transparency"] = 0
+    else:
+        im = rgb.convert(mode)
+    kwargs = {}
+    if draw(st.booleans()) and fmt in ("JPEG", "WEBP", "TIFF", "PNG"):
+        exif = Image.Exif()
+        exif[0x0112] = draw(st.integers(0, 9))
+        kwargs["exif"] = exif
+    if draw(st.booleans()) and fmt in ("GIF", "WEBP"):
+        kwargs.update(save_all=True, append_images=[rgb.transpose(Image.Transpose.ROTATE_180).convert(im.mode)])
+    buf = io.BytesIO()
+    try:
+        im.save(buf, fmt, **kwargs)
+    except (OSError, ValueError, KeyError):  # a mode the format cannot store: PNG stores it as RGB
+        buf = io.BytesIO()
+        (im if im.mode != "CMYK" else im.convert("RGB")).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@st.composite
+def media_bytes(draw) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "truncated", "odd"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    data = _odd_image(draw)
+    if kind == "truncated":
+        return data[: draw(st.integers(0, max(0, len(data) - 1)))]
+    return data
+
+
+@st.composite
+def hostile_dataset(draw):
+    n_media = draw(st.integers(1, 5))
+    media = [draw(media_bytes()) for _ in range(n_media)]
+    names = [f"m{i}.{draw(st.sampled_from(['png', 'jpg', 'gif', 'webp', 'bin']))}" for i in range(n_media)]
+    ref = st.sampled_from(names + ["missing.png", "../outside.png", "http://example.com/a.png"])
+    image_record = ref.map(lambda n: {"image": n, "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "that"}]})
+    video_record = st.lists(ref, min_size=1, max_size=3).map(lambda fs: {"video": [fs], "conversations": [{"from": "human", "value": "<video>What?"}, {"from": "gpt", "value": "this"}]})
+    line = image_record | video_record | json_values | st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=30)
+    lines = draw(st.lists(line, min_size=1, max_size=8))
+    return names, media, lines, draw(st.booleans())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hostile_dataset())
+def test_hostile_media_and_records_never_crash_and_every_record_is_accounted_for(tmp_path_factory, capsys, dataset):
+    import pytest
+
+    from qvltune.cli import main
+    from qvltune.data.media import MediaError, load_image, probe_image
+
+    names, media, lines, as_list = dataset
+    root = tmp_path_factory.mktemp("hostile")
+    for name, data in zip(names, media):
+        (root / name).write_bytes(data)
+    first = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}  # never '[': JSONL stays JSONL
+    if as_list:
+        path = root / "d.json"
+        values = [first] + lines
+        path.write_text(json.dumps(values))
+        total = len(values)
+    else:
+        path = root / "d.jsonl"
+        text = "\n".join(json.dumps(v) if not isinstance(v, str) else v for v in [first] + lines) + "\n"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        total = sum(1 for ln in path.read_bytes().split(b"\n") if ln.strip())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-data", str(path), "--json", "--deep"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (0, 1), err
+    assert "unexpected" not in err and "Traceback" not in err, err
+    doc = json.loads(out)
+    assert not [p for p in doc["problems"] if p["code"] == "internal-error"], doc["problems"]
+    failing = {p["index"] for p in doc["problems"] if p["severity"] == "error" and p["index"] is not None}
+    assert all(p["line"] is not None for p in doc["problems"] if p["index"] is not None)  # every record error has its line
+    assert doc["records"] == total and doc["valid_records"] + doc["failed_records"] == total and doc["failed_records"] == len(failing)
+    # What the deep check accepts, training and inference decode, at the size the check counted.
+    for name in names:
+        try:
+            info = probe_image(root / name, deep=True)
+        except MediaError:
+            with pytest.raises(MediaError):
+                load_image(root / name)
+            continue
+        im = load_image(root / name)
+        assert im.mode == "RGB" and im.size == (info.width, info.height)

@@ -148,7 +148,20 @@ def test_refuses_to_overwrite_without_force(demo_data, tmp_path, no_gpu):
     assert run(args).exit_code == 0
     r = run(args)
     assert r.exit_code == 1 and isinstance(r.exception, UserError) and "--force" in r.exception.hint
+    assert "Plan for" not in r.output  # refused before the plan is made or shown
     assert run([*args, "--force"]).exit_code == 0
+
+
+def test_compact_plan_and_the_full_reasoning_in_the_plan_file(demo_data, tmp_path, no_gpu):
+    train, _ = demo_data
+    r = run(["--data", str(train), "--model", "builtin:tiny", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    plan = r.output[r.output.index("Plan for") : r.output.index("wrote ")]
+    assert len(plan.splitlines()) <= 20  # fits 80x24 with the prompt below it
+    full = (tmp_path / "qvltune-plan.txt").read_text()
+    assert "the guide: 'Start with fixed" in full and "Memory per process" in full and "Parameters" in full
+    explained = run(["--data", str(train), "--model", "builtin:tiny", "--out", str(tmp_path), "--force", "--explain"])
+    assert "the guide: 'Start with fixed" in explained.output
 
 
 def test_missing_dataset_file(tmp_path, no_gpu):
@@ -168,7 +181,7 @@ def test_plans_for_another_machine(demo_data, tmp_path, no_gpu):
     train, _ = demo_data
     r = run(["--data", str(train), "--model", H8B, "--gpu", "H200", "--gpu-count", "8", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "GPUs (planned, not detected)" in r.output and "NVIDIA H200" in r.output
+    assert "GPUs: 8 x NVIDIA H200, 140 GiB, compute 9.0, bf16 yes (planned, not detected)" in r.output
     cfg = load_config(tmp_path / "qvltune.yaml")
     assert cfg.strategy == "full" and cfg.optim.bf16 and cfg.model.path == H8B
     assert "--num_gpus 8" in (tmp_path / "launch.sh").read_text()
@@ -192,6 +205,9 @@ def test_multi_node_writes_a_hostfile(demo_data, tmp_path, no_gpu):
     cfg = load_config(tmp_path / "qvltune.yaml")
     assert cfg.launch.nodes == 2 and cfg.launch.hostfile == str(tmp_path / "hostfile")
     assert f"--hostfile {tmp_path / 'hostfile'} --num_nodes 2" in (tmp_path / "launch.sh").read_text()
+    sbatch = (tmp_path / "train.sbatch").read_text()  # the Slurm way (run for real in test_multinode.py)
+    assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch
+    assert f"-m qvltune train {tmp_path.resolve() / 'qvltune.yaml'} --resume" in sbatch
 
 
 def test_launch_script_prepares_the_run_folder(demo_data, tmp_path, no_gpu):

@@ -193,7 +193,7 @@ def test_packing_counts_rows_not_samples():
     assert p.config.data.packing and p.config.optim.per_device_batch == 1
     per_row = int(p.config.data.max_seq_length // SHORT.mean)
     assert p.effective_batch == round(DEFAULT_EFFECTIVE_BATCH / per_row)
-    assert "samples per packed row" in p.decision("effective batch").why
+    assert f"packed rows of ~{per_row} samples" in p.decision("effective batch").why
 
 
 def test_every_plan_config_validates_and_names_itself():
@@ -212,7 +212,8 @@ def test_every_plan_config_validates_and_names_itself():
         ({"resolution": "fixed", "max_image_tokens": 256}, (262144, 262144)),
         ({"resolution": "variable"}, (50176, 802816)),
         ({"resolution": "variable", "max_image_tokens": 32}, (32768, 32768)),
-        ({"model": "builtin:tiny"}, (4096, 65536)),
+        ({"model": "builtin:tiny"}, (65536, 65536)),  # fixed (the default answer), at the tiny model's size
+        ({"model": "builtin:tiny", "resolution": "variable"}, (4096, 65536)),
     ],
 )
 def test_pixel_budget(answers, expected):

@@ -60,7 +60,8 @@ def two_sources(tmp_path):
 
 
 def test_check_data_uses_each_sources_budget_and_root(two_sources, capsys, tiny_processor):
-    from qvltune.data.formats import parse_record, read_items
+    from qvltune.data.files import read_items
+    from qvltune.data.formats import parse_record
     from qvltune.data.tokenize import Encoder, configure_processor
 
     tmp, docs, photos = two_sources

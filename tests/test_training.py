@@ -1,7 +1,7 @@
 """Real training through the real launcher path: ``qvltune train`` -> deepspeed -> worker, on CPU (gloo).
 
 Each strategy changes exactly the parameters it should; ZeRO-2 and ZeRO-3 run with 1 and 2
-processes (ZeRO-3 with batches where one rank has no image); Ctrl-C saves a checkpoint and --resume
+processes (ZeRO-3 with vision LoRA and batches where one rank has no image); Ctrl-C saves a checkpoint and --resume
 reproduces the uninterrupted loss curve.
 """
 
@@ -156,13 +156,18 @@ def test_full_zero2_two_processes_changes_exactly_the_right_parameters(tmp_path,
 
 
 def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, tiny_model_dir):
-    """ZeRO-3 with a rank whose batch has no image: the dummy vision pass keeps the ranks in step."""
+    """ZeRO-3 with a rank whose batch has no image: the dummy vision pass keeps the ranks in step.
+
+    The vision tower trains with LoRA under gradient checkpointing: its first block is a trained
+    ZeRO-3 leaf behind frozen patch embeddings, whose gradients DeepSpeed reduced before computing
+    them ("Cannot reduce scatter gradients whose size is not same as the params") until
+    zero3_leaf_blocks made that block's input require grad."""
     train_file, _ = demo_data
     text_only = write_jsonl(tmp_path / "text.jsonl", [{"messages": [{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]} for i in range(2, 12)])
     # Ranks alternate records (per-device batch 1): text-only and image records side by side.
     config = write_config(
-        tmp_path, demo_data, "mixed", strategy="mixed", launch={"cpu_processes": 2}, deepspeed={"stage": 3},
-        data={"train": f"{text_only},{train_file}%20"}, optim={"per_device_batch": 1, "max_steps": 6},
+        tmp_path, demo_data, "mixed", strategy="mixed", components={"vision": "lora"}, launch={"cpu_processes": 2}, deepspeed={"stage": 3},
+        data={"train": f"{text_only},{train_file}%20"}, optim={"per_device_batch": 1, "max_steps": 6, "gradient_checkpointing": True},
     )
     result = train(config, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -173,7 +178,11 @@ def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, t
     saved = {}
     for k, v in adapter.items():
         saved.setdefault(component_of(k), {})[k] = v
-    assert set(saved) == {"llm", "merger", "deepstack"}  # vision frozen, lm_head frozen
+    assert set(saved) == {"llm", "merger", "deepstack", "vision"}  # lm_head frozen
+    # Every vision block's LoRA trained, the first one included (B starts at zero).
+    vision_b = {k: v for k, v in saved["vision"].items() if "lora_B" in k}
+    blocks = {k.split("blocks.", 1)[1].split(".", 1)[0] for k in vision_b}
+    assert blocks == {"0", "1"} and all(v.abs().max() > 0 for v in vision_b.values()), {k: float(v.abs().max()) for k, v in vision_b.items()}
     # The fully trained projection is saved whole and changed.
     for name, t in {**base["merger"], **base["deepstack"]}.items():
         key = next(k for k in adapter if k.endswith(name.split("visual.", 1)[1]) and "visual" in k)
@@ -210,6 +219,10 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
 
     result = train(config, "--resume")
     assert result.returncode == 0, result.stdout + result.stderr
+    # it says where it resumes, and does not print the earlier attempt's lines again
+    assert f"resuming from checkpoint-{stopped_at} (step {stopped_at} of 10)" in result.stdout, result.stdout
+    assert f"step {stopped_at}/10 " not in result.stdout and "checkpoint saved" not in result.stdout.split("resuming from")[0]
+    assert "Training completed: 10 steps" in result.stdout
     resumed = [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "train"]
     after = {r["step"]: r["loss"] for r in resumed if r["step"] > stopped_at}
     assert sorted(after) == list(range(stopped_at + 1, 11))
@@ -219,8 +232,16 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
 
 
 def test_existing_run_is_not_clobbered_and_bad_config_is_one_clear_error(tmp_path, demo_data):
-    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1})
-    assert train(config).returncode == 0
+    # A run shorter than log_steps logs no loss of its own: it still ends with its summary, exit 0.
+    config = write_config(tmp_path, demo_data, "twice", optim={"max_steps": 2}, schedule={"save_steps": 1, "log_steps": 10})
+    first = train(config)
+    assert first.returncode == 0 and "Training completed: 2 steps, loss " in first.stdout, first.stdout + first.stderr
+    assert "launching:" not in first.stderr and "launching:" in (run_dir(config) / "train.log").read_text()  # behind --verbose
+    log_size = (run_dir(config) / "train.log").stat().st_size
+    # --resume on a finished run says so and what to do next, without starting DeepSpeed again.
+    done = train(config, "--resume")
+    assert done.returncode == 0 and "already completed" in done.stdout and "next: qvltune merge" in done.stdout, done.stdout + done.stderr
+    assert (run_dir(config) / "train.log").stat().st_size == log_size and "checkpoint saved" not in done.stdout
     again = train(config)
     assert again.returncode == 1 and "already holds" in again.stderr and "--resume" in again.stderr
     bad = tmp_path / "bad.yaml"
@@ -304,3 +325,30 @@ def test_zero3_gathers_each_transformer_block_whole(tiny_model_dir):
     leaves = get_z3_leaf_modules(model)
     assert {type(m).__name__ for m in leaves} == {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"}
     assert model.model.language_model.layers[0] in leaves and model.model.language_model.layers[0].self_attn not in leaves
+
+
+@pytest.mark.parametrize(("components", "vision_input_grad"), [({"vision": "lora"}, True), ({}, False)])
+def test_zero3_trained_blocks_see_inputs_that_require_grad(tmp_path, tiny_model_dir, tiny_processor, components, vision_input_grad):
+    """DeepSpeed reduces a leaf block's gradients in a full backward hook, which fires after the
+    block's backward only when an input requires grad: every trained block gets such an input (the
+    first vision block behind the frozen patch embedding included), a frozen tower does not (it
+    would run a backward for nothing)."""
+    from qvltune.data.packing import PaddedCollator
+    from qvltune.data.tokenize import Encoder
+    from qvltune.model import apply_strategy, load_model, transformer_blocks
+    from qvltune.zero import zero3_leaf_blocks
+    from test_invariants import MODEL_INPUTS, config
+    from test_packing import records
+
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"), config("mixed", components))
+    zero3_leaf_blocks(model)
+    seen: dict[str, bool] = {}
+    for i, block in enumerate(transformer_blocks(model)):  # after zero3_leaf_blocks' hooks: sees what the block sees
+        block.register_forward_pre_hook(lambda m, args, name=f"{type(block).__name__}-{i}": seen.__setitem__(name, args[0].requires_grad))
+    model.train()
+    batch = PaddedCollator(0)([[Encoder(tiny_processor).encode(records(tmp_path)[0])]])
+    model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    assert seen == {
+        "Qwen3VLVisionBlock-0": vision_input_grad, "Qwen3VLVisionBlock-1": vision_input_grad,
+        "Qwen3VLTextDecoderLayer-2": True, "Qwen3VLTextDecoderLayer-3": True,
+    }

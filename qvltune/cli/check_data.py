@@ -9,11 +9,13 @@ from rich.table import Table
 
 from qvltune import console
 from qvltune.data.check import Report, check_dataset
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
+from qvltune.data.problems import group_problems
 from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS, resolve_pixels
 
-MAX_LISTED = 200  # problems printed in full; the rest are counted (all are in --json)
+MAX_LISTED = 200  # problem lines printed (after grouping); the rest are counted (all are in --json)
 
 
 def command(
@@ -33,6 +35,7 @@ def command(
     workers: int = typer.Option(1, "--workers", min=1, help="Check records in this many processes (large datasets; the report is the same)."),
     deep: bool = typer.Option(False, "--deep", help="Decode every image fully (catches truncated files; slower)."),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept media paths outside the image root."),
+    image_pixel_limit: int = typer.Option(DEFAULT_IMAGE_PIXEL_LIMIT, "--image-pixel-limit", min=1, help="Largest image (width x height as stored) to decode; bigger ones are refused as possible decompression bombs (default: Pillow's limit). Config: data.image_pixel_limit."),
     strict: bool = typer.Option(False, "--strict", help="Fail on warnings too."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
@@ -67,6 +70,7 @@ def command(
                 thinking_turns=thinking_turns,
                 workers=workers,
                 video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
+                image_pixel_limit=image_pixel_limit,
                 progress=progress,
             )
     except ValueError as e:  # a malformed mixture spec
@@ -90,16 +94,16 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress("checking", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console.err, transient=True)
+        self.bar = Progress("checking", BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[records]:,} records"), TimeRemainingColumn(), console=console.err, transient=True)
         self.bar.start()
-        self.task = self.bar.add_task("check", total=None)
+        self.task = self.bar.add_task("check", total=1.0, records=0)
         return self.update
 
-    def update(self, done: int, total: int | None) -> None:
-        if done % 500 == 0 or done == total:
-            self.bar.update(self.task, completed=done, total=total)
+    def update(self, records: int, fraction: float) -> None:
+        """Called every few hundred records with the share of the dataset's bytes read so far."""
+        self.bar.update(self.task, completed=fraction, records=records)
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -108,18 +112,25 @@ class _progress:
 
 def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> None:
     out = console.out
-    for p in report.problems[:MAX_LISTED]:
-        style = "red" if p.severity == "error" else "yellow"
-        fix = f" [dim]— {console.escape(p.fix)}[/]" if p.fix else ""
-        out.print(f"[{style}]{p.severity}[/] {console.escape(p.where())}: {console.escape(p.message)}{fix}")
-    if len(report.problems) > MAX_LISTED:
-        out.print(f"... and {len(report.problems) - MAX_LISTED} more problems (--json lists them all)")
+    lines = group_problems(report.problems)
+    for line in lines[:MAX_LISTED]:
+        style = "red" if line.severity == "error" else "yellow"
+        fix = f" [dim]— {console.escape(line.fix)}[/]" if line.fix else ""
+        out.print(f"[{style}]{line.severity}[/] {console.escape(line.text)}{fix}")
+    if len(lines) > MAX_LISTED:
+        out.print(f"... and {sum(line.count for line in lines[MAX_LISTED:])} more problems (--json lists them all)")
     if report.problems:
         out.print()
+    if not report.records and report.errors:  # nothing could be read: the problems above say why, a table of zeros would not
+        out.print(f"[red]{len(report.errors)} error(s)[/]: no record could be read")
+        return
 
     summary = Table(title="Dataset", show_header=False, title_justify="left", box=None, padding=(0, 2))
     summary.add_row("files", ", ".join(report.files))
-    summary.add_row("records", f"{report.records} ({report.valid} valid)")
+    failures = report.failures()
+    summary.add_row("records", f"{report.records} ({report.valid} valid" + (f", {report.failed} failed" if failures else "") + ")")
+    if failures:
+        summary.add_row("failed", ", ".join(f"{code}: {n}" for code, n in failures.most_common()))
     if report.views:
         summary.add_row("samples", f"{len(report.usable)}: the chat template drops earlier reasoning, so each answer is trained as the last turn of its own sample ({report.views} from multi-turn records)")
     summary.add_row("shapes", ", ".join(f"{k}: {v}" for k, v in report.shapes.most_common()) or "-")

@@ -19,6 +19,10 @@ def command(
     gpu_memory: float = typer.Option(None, "--gpu-memory", min=1, help="Memory per GPU in GB (GiB), for a GPU --gpu does not know or to override it."),
     no_data: bool = typer.Option(False, "--no-data", help="Do not read the dataset (no token statistics, no time estimate)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
+    nodes: int = typer.Option(None, "--nodes", min=1, help="Nodes (default: launch.nodes), for the time per step on GPUs x nodes."),
+    tokens_per_s: float = typer.Option(None, "--tokens-per-s", min=1, help="Real tokens/s one GPU measured for this config (e.g. a 1-GPU run's panel); default: the FLOPs at an assumed MFU."),
+    nvlink_gbs: float = typer.Option(None, "--nvlink-gbs", min=0.1, help="GPU-to-GPU bandwidth within a node, GB/s per direction (default: NVLink of the GPU, else PCIe)."),
+    internode_gbs: float = typer.Option(None, "--internode-gbs", min=0.1, help="Network bandwidth per node across nodes, GB/s (default 400: 8 x 400 Gb/s InfiniBand; 2 x 100 GbE = 25)."),
 ) -> int:
     """Estimate GPU memory (weights, gradients, optimizer states, activations), host memory and time per epoch."""
     from qvltune.config import load_config
@@ -28,23 +32,60 @@ def command(
     stats, source = load_stats(cfg.model.path, cfg.model.trust_remote_code)
     inv, planned = machine_inventory(cfg, gpu, gpu_count, gpu_memory)
     count = gpu_count or _config_gpu_count(cfg)
-    machine = Machine.from_inventory(inv, nodes=cfg.launch.nodes, gpu_count=count if inv.gpus else None, cpu_processes=cfg.launch.cpu_processes)
+    machine = Machine.from_inventory(inv, nodes=nodes or cfg.launch.nodes, gpu_count=count if inv.gpus else None, cpu_processes=cfg.launch.cpu_processes)
     data = None if no_data else dataset_summary(cfg.data.train, cfg.data.image_root, *cfg.data.pixel_budget(), quiet=as_json)
     est = estimate(cfg, stats, machine, workload_for(cfg, data))
     fits = None if machine.is_cpu else est.fits(machine.gpu_memory) and est.host_fits(machine.host_ram)
+    scaling = step_scaling(cfg, est, stats, machine, tokens_per_s, nvlink_gbs, internode_gbs)
     if as_json:
         doc = est.to_json()
-        doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits})
+        doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits, "scaling": scaling})
         console.print_json(doc)
     else:
+        if inv.note and not planned:
+            console.note(inv.note)  # before the results it qualifies (e.g. no GPU: a CPU estimate)
         console.out.print(f"[bold]{console.escape(cfg.name)}[/]: {console.escape(cfg.model.path)} ({console.escape(source)}), strategy {cfg.strategy}, ZeRO-{cfg.deepspeed.stage}"
                           + (" + offload" if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params else "")
                           + f", gradient checkpointing {'on' if cfg.optim.gradient_checkpointing else 'off'}")
         render_estimate(est, machine, cfg.optim.epochs)
+        render_scaling(scaling, machine)
         render_fit(est, machine, inv.gpus if not planned else [])
-        if inv.note and not planned:
-            console.note(inv.note)
     return 0 if fits in (None, True) else 1
+
+
+def step_scaling(cfg, est, stats, machine, tokens_per_s: float | None, nvlink_gbs: float | None, internode_gbs: float | None) -> dict[str, Any] | None:
+    """Time per optimizer step on this machine's GPUs x nodes (``qvltune.scaling``); None on CPU."""
+    from qvltune.estimate import ASSUMED_MFU
+    from qvltune.scaling import Network, assumed_rate, inputs_for, step_time
+
+    if machine.is_cpu or not (tokens_per_s or machine.peak_tflops):
+        return None
+    rate = tokens_per_s or assumed_rate(est.step_flops_per_token, machine.peak_tflops, ASSUMED_MFU)
+    network = Network.for_gpu(machine.gpu_name, intra_gbs=nvlink_gbs, inter_gbs=internode_gbs)
+    inputs = inputs_for(cfg, est, stats, rate)
+    step = step_time(inputs, machine.gpus_per_node, machine.nodes, network)
+    source = "measured, --tokens-per-s" if tokens_per_s else f"assumed: {ASSUMED_MFU:.0%} MFU of {machine.peak_tflops:g} TFLOP/s; give a measured one with --tokens-per-s"
+    return {**step.to_json(), "rate_1gpu": rate, "rate_source": source, "intra_gbs": network.intra_gbs, "inter_gbs": network.inter_gbs,
+            "intra_default": nvlink_gbs is None, "inter_default": internode_gbs is None, "stage": inputs.stage}  # fmt: skip
+
+
+def render_scaling(s: dict[str, Any] | None, machine) -> None:
+    if s is None:
+        return
+    out = console.out
+    where = f"{s['gpus_per_node']} x {machine.gpu_name}" + (f" x {s['nodes']} nodes" if s["nodes"] > 1 else "")
+    out.print(
+        f"step: {s['total']:.2f} s per optimizer step on {console.escape(where)} -> {s['tokens_per_s']:,.0f} tokens/s, "
+        f"{s['efficiency']:.0%} of one GPU's rate per GPU"
+    )
+    out.print(
+        f"  [dim]compute {s['compute']:.2f} s at {s['rate_1gpu']:,.0f} tokens/s per GPU ({console.escape(s['rate_source'])}); "
+        f"ZeRO-{s['stage']} communication {s['communication']:.2f} s, {s['exposed']:.2f} s of it not hidden by compute; overhead {s['overhead']:.2f} s[/]"
+    )
+    nets = f"{s['intra_gbs']:g} GB/s per GPU within a node" + (" (default, --nvlink-gbs)" if s["intra_default"] else "")
+    if s["nodes"] > 1:
+        nets += f", {s['inter_gbs']:g} GB/s per node across nodes" + (" (default, --internode-gbs)" if s["inter_default"] else "")
+    out.print(f"  [dim]interconnect: {console.escape(nets)}[/]")
 
 
 def _config_gpu_count(cfg) -> int | None:
@@ -89,6 +130,11 @@ def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: 
         report = check_dataset(train, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:
         raise UserError(f"data.train: {e}", "write mixtures as a.jsonl%50,b.jsonl") from None
+    except UserError as e:  # a missing dataset file: memory can still be estimated, tokens and time not
+        if not quiet:
+            console.warn(f"{e.message}: token statistics and time are not estimated")
+        _SUMMARIES[key] = None
+        return None
     summary = summarize_report(report, min_pixels, max_pixels) if report.lengths else None
     if not quiet:
         if summary is None:
@@ -109,18 +155,24 @@ def render_params(est) -> Table:
     return table
 
 
-def render_memory(est, machine) -> None:
-    """The per-GPU breakdown, one term per line (notes say where each number comes from)."""
+def render_memory(est, machine, console=None) -> None:
+    """The per-GPU breakdown, one term per line (notes say where each number comes from). A table,
+    so a note wraps between words within its column at any width."""
+    from qvltune import console as output
     from qvltune.estimate import format_bytes, overhead_term
 
-    out = console.out
+    out = console or output.out
     where = "process" if machine.is_cpu else "GPU"
     ranks = f"{est.world_size} rank{'s' if est.world_size > 1 else ''}"
-    out.print(f"[bold]Memory per {where}[/] [dim]({console.escape(machine.label())}, {ranks})[/]")
+    out.print(f"[bold]Memory per {where}[/] [dim]({output.escape(machine.label())}, {ranks})[/]")
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(style="dim", ratio=1)
 
     def line(name: str, value: float, note: str, bold: bool = False) -> None:
-        text = f"  {name:<28}{value / 2**30:>9,.2f} GiB  [dim]{console.escape(note)}[/]"
-        out.print(f"[bold]{text}[/]" if bold else text)
+        cells = (f"  {name}", f"{value / 2**30:,.2f} GiB", output.escape(note))
+        table.add_row(*(f"[bold]{c}[/]" for c in cells[:2]), cells[2]) if bold else table.add_row(*cells)
 
     for t in est.gpu_terms:
         line(t.name, t.bytes, t.note)
@@ -129,6 +181,15 @@ def render_memory(est, machine) -> None:
         o = overhead_term(est)
         line(o.name, o.bytes, o.note)
         line("total", est.per_gpu, f"of {format_bytes(machine.gpu_memory)}", bold=True)
+    out.print(table)
+
+
+def format_flops(flops: float) -> str:
+    """FLOPs with a unit that leaves digits to read (the tiny model does ~10 MFLOP per token)."""
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:,.1f} {unit}"
+    return f"{flops:,.0f} FLOP"
 
 
 def render_estimate(est, machine, epochs: float | None = None) -> None:
@@ -144,7 +205,7 @@ def render_estimate(est, machine, epochs: float | None = None) -> None:
             out.print(f"host memory needed: {format_bytes(est.host_total)} of {format_bytes(machine.host_ram)} per node")
     wl = est.workload
     out.print(f"micro-batch: {wl.tokens:,} tokens, {wl.image_tokens:,} of them image tokens [dim]({console.escape(wl.assumption)})[/]")
-    out.print(f"compute: {est.flops_per_token / 1e9:,.1f} GFLOP per token by the 6N rule (MFU), {est.step_flops_per_token / 1e9:,.1f} GFLOP per token per training step")
+    out.print(f"compute: {format_flops(est.flops_per_token)} per token by the 6N rule (MFU), {format_flops(est.step_flops_per_token)} per token per training step")
     if est.seconds_per_epoch is not None:
         total = f", ~{format_duration(est.seconds_per_epoch * epochs)} for {epochs:g} epochs" if epochs and epochs != 1 else ""
         out.print(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch ({wl.tokens_per_epoch:,} tokens){total}")
@@ -162,7 +223,11 @@ def render_fit(est, machine, gpus: list) -> None:
 
     out = console.out
     if machine.is_cpu:
-        out.print("[dim]no GPU: nothing to compare with (estimate another machine with --gpu H200 --gpu-count 8)[/]")
+        # A CPU run's memory is host memory: compare with it, as `init` does.
+        ram = machine.gpu_memory
+        ok = est.per_gpu <= ram * (1 - SAFETY_MARGIN)
+        out.print(f"on this CPU ({machine.world_size} process(es)): {'[green]fits[/]' if ok else '[red]does not fit[/]'} ({format_bytes(est.per_gpu)} of {format_bytes(ram)} of memory per process, {SAFETY_MARGIN:.0%} kept free)")
+        out.print("[dim]for a GPU machine: qvltune estimate CONFIG --gpu H200 --gpu-count 8[/]")
         return
     limit = machine.gpu_memory * (1 - SAFETY_MARGIN)
     verdict = lambda ok: "[green]fits[/]" if ok else "[red]does not fit[/]"  # noqa: E731

@@ -14,12 +14,12 @@ from qvltune.cli.predict import MODEL_HELP
 def command(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     data: str = typer.Option(..., "--data", metavar="FILE", help="Dataset with answers (any format check-data accepts; a.jsonl%50,b.jsonl mixes)."),
-    base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model for an adapter (default: the one it records)."),
+    base: str = typer.Option(None, "--base", metavar="MODEL", help="Base model for an adapter (default: the one it records)."),
     image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths resolve against (default: the file's folder)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer for exact match, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records generated together."),
-    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where to run."),
+    device: str = typer.Option(None, "--device", metavar="cpu|cuda", help="Where to run (default: the GPU when there is one, else the CPU)."),
     dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype (default: fp32 on CPU, bf16 on GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
@@ -28,17 +28,19 @@ def command(
 
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
-    report = evaluate_model(
-        model,
-        data,
-        base=base,
-        device=device,
-        dtype=DTYPES[dtype] if dtype else None,
-        image_root=image_root,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-    )
+    with console.status(f"evaluating {model}") as status:
+        report = evaluate_model(
+            model,
+            data,
+            base=base,
+            device=device,
+            dtype=DTYPES[dtype] if dtype else None,
+            image_root=image_root,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            progress=status.report,
+        )
     if as_json:
         console.print_json({"model": model, "data": data, **report.to_json()})
     else:
@@ -73,5 +75,17 @@ def render(report, model: str, data: str) -> None:
                 score = f"{stats['accuracy_iou50']:.1%} at IoU >= 0.5 (mean IoU {stats['mean_iou']:.3f})"
             by_type.add_row(console.escape(qtype), str(int(stats["n"])), score)
         out.print(by_type)
-    for ex in report.examples[:3]:
-        out.print(f"  expected {console.escape(repr(ex['expected']))}, got {console.escape(repr(ex['got']))}")
+    render_examples(report.examples, out)
+
+
+def render_examples(examples, out) -> None:
+    """A few answers under a heading that says what they are: mistakes first, marked."""
+    from qvltune.infer import normalise
+
+    if not examples:
+        return
+    wrong = sum(normalise(e["got"]) != normalise(e["expected"]) for e in examples[:3])
+    out.print("Examples" + (" (mistakes first)" if wrong else " (all correct)") + ":")
+    for ex in examples[:3]:
+        mark = "[green]right[/]" if normalise(ex["got"]) == normalise(ex["expected"]) else "[red]wrong[/]"
+        out.print(f"  {mark}  expected {console.escape(repr(ex['expected']))}, got {console.escape(repr(ex['got']))}")

@@ -62,6 +62,7 @@ def command(
     gpu_memory: float = typer.Option(None, "--gpu-memory", min=1, help="Memory per GPU in GB, for a GPU --gpu does not know or to override it."),
     answers_file: Path = typer.Option(None, "--answers", help="Replay an answers file (qvltune-answers.yaml); flags override it."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Ask nothing: take flags, the answers file and recommended defaults."),
+    explain: bool = typer.Option(False, "--explain", help="Print the full reasoning of every decision, the parameters and the memory table (always written to qvltune-plan.txt)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing qvltune.yaml / ds_zero.json / launch.sh / answers in --out."),
 ) -> int:
     """Plan a fine-tuning run for your GPUs and data; write qvltune.yaml, ds_zero.json, launch.sh and the answers."""
@@ -121,32 +122,38 @@ def _init(o: SimpleNamespace) -> int:
     valid = wizard.data_exists(answers.data)
     if valid is not True:
         raise UserError(f"--data: {valid}", "give a JSON/JSONL dataset file (`qvltune check-data FILE` checks it)")
-    machine = machine_of(answers)
-
-    from qvltune.cli.estimate import dataset_summary, load_stats, render_memory, render_params
-
-    stats, source = load_stats(answers.model)
-    lo, hi, _ = pixel_budget(answers)
-    summary = dataset_summary(answers.data, answers.image_root, lo, hi)
-    plan = make_plan(answers, machine, stats, summary)
-    render_plan(plan, source, summary, render_params, render_memory)
-
     from qvltune import scaffold
 
     out_dir = Path(answers.out)
-    targets = [out_dir / n for n in (scaffold.CONFIG_NAME, scaffold.DEEPSPEED_NAME, scaffold.LAUNCH_NAME, scaffold.ANSWERS_NAME)]
-    existing = [p for p in targets if p.exists()]
+    existing = existing_files(out_dir)
+    if existing and not o.force and not interactive:  # refused before any slow work or output
+        raise UserError(f"{out_dir} already holds {', '.join(p.name for p in existing)}", "pass --force to overwrite, or choose another --out")
+    machine = machine_of(answers)
+
+    from qvltune.cli.estimate import dataset_summary, load_stats
+
+    with console.status(f"reading the model's config and the dataset's token counts"):
+        stats, source = load_stats(answers.model)
+        lo, hi, _ = pixel_budget(answers)
+        summary = dataset_summary(answers.data, answers.image_root, lo, hi)
+    with console.status("planning: estimating memory for each candidate"):
+        plan = make_plan(answers, machine, stats, summary)
+    full = plan_text(plan, source, summary)
+    if o.explain:
+        console.out.print(full, markup=False, highlight=False, end="")
+    else:
+        render_compact(plan, source, summary, console.out)
+        console.out.print(f"[dim]full reasoning, parameters and memory: {out_dir / scaffold.PLAN_NAME} (or --explain)[/]")
+
     if existing and not o.force:
         listed = ", ".join(p.name for p in existing)
-        if not interactive:
-            raise UserError(f"{out_dir} already holds {listed}", "pass --force to overwrite, or choose another --out")
         if not wizard.confirm(f"Overwrite {listed} in {out_dir}?", default=False):
             console.out.print("nothing written")
             return 0
     elif interactive and not wizard.confirm(f"Write qvltune.yaml, ds_zero.json, launch.sh and the answers to {out_dir}?", default=True):
         console.out.print("nothing written")
         return 0
-    written = write_files(plan, answers, out_dir)
+    written = write_files(plan, answers, out_dir, full)
     console.out.print("wrote " + ", ".join(str(p) for p in written))
     config_path = out_dir / scaffold.CONFIG_NAME
     console.out.print(f"next: qvltune estimate {config_path}   then: qvltune train {config_path}")
@@ -201,7 +208,14 @@ def absolutize(answers):
     return a
 
 
-def write_files(plan, answers, out_dir: Path) -> list[Path]:
+def existing_files(out_dir: Path) -> list[Path]:
+    from qvltune import scaffold
+
+    names = (scaffold.CONFIG_NAME, scaffold.DEEPSPEED_NAME, scaffold.LAUNCH_NAME, scaffold.ANSWERS_NAME, scaffold.PLAN_NAME)
+    return [out_dir / n for n in names if (out_dir / n).exists()]
+
+
+def write_files(plan, answers, out_dir: Path, plan_text: str | None = None) -> list[Path]:
     from qvltune import scaffold
     from qvltune.config import _anchor_paths, parse_config
 
@@ -215,9 +229,15 @@ def write_files(plan, answers, out_dir: Path) -> list[Path]:
         out_dir / scaffold.LAUNCH_NAME: scaffold.launch_text(anchored, config_path=config_path, gpu_count=gpu_count),
         out_dir / scaffold.ANSWERS_NAME: scaffold.answers_text(answers.model_dump(mode="json")),
     }
+    if plan_text is not None:
+        files[out_dir / scaffold.PLAN_NAME] = plan_text
     hostfile = out_dir / scaffold.HOSTFILE_NAME
     if plan.config.launch.nodes > 1 and not hostfile.exists():
         files[hostfile] = scaffold.hostfile_text(plan.config.launch.nodes, plan.machine.gpus_per_node or 1)
+    if plan.config.launch.nodes > 1:
+        from qvltune.nodes import slurm_script
+
+        files[out_dir / scaffold.SBATCH_NAME] = slurm_script(anchored, config_path=config_path.resolve(), nodes=plan.config.launch.nodes, gpus_per_node=gpu_count, python=sys.executable)
     return scaffold.write_all(files, executable={out_dir / scaffold.LAUNCH_NAME})
 
 
@@ -227,7 +247,14 @@ def write_files(plan, answers, out_dir: Path) -> list[Path]:
 
 def show_machine(inv, planned: bool) -> None:
     out = console.out
-    if inv.gpus:
+    same = inv.gpus and len({(g.name, g.memory_total, g.compute_capability) for g in inv.gpus}) == 1
+    if same and (planned or len(inv.gpus) > 2):
+        # Identical GPUs: one line (eight table rows would push the plan off an 80x24 screen).
+        g = inv.gpus[0]
+        free = min(x.memory_free for x in inv.gpus) / 2**30
+        where = "planned, not detected" if planned else f"least free {free:.0f} GiB"
+        out.print(f"GPUs: {len(inv.gpus)} x {console.escape(g.name)}, {g.memory_total / 2**30:.0f} GiB, compute {g.compute_capability}, bf16 {'yes' if g.bf16 else 'no'} [dim]({where})[/]")
+    elif inv.gpus:
         title = "GPUs (planned, not detected)" if planned else "GPUs"
         table = Table(title=title, title_justify="left", box=None, padding=(0, 2))
         for col in ("#", "name", "memory", "free", "compute", "bf16"):
@@ -251,36 +278,85 @@ def show_dataset(data: str, image_root: str | None, min_pixels: int, max_pixels:
 
     try:
         report = check_dataset(data, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError as e:
-        console.warn(f"cannot read {data}: {e}")
+    except (ValueError, UserError) as e:  # a malformed mixture, a missing file
+        console.warn(f"cannot read {data}: {getattr(e, 'message', e)}")
         return
+    # The plan uses these estimated counts whatever the model; exact ones are check-data's job.
+    report.counting = "estimated (Qwen3-VL geometry for images, ~3.5 characters per text token); `qvltune check-data DATA --model MODEL` counts exactly"
     render(report, min_pixels, max_pixels, strict=False)
 
 
-def render_plan(plan, source: str, summary, render_params, render_memory) -> None:
+def _data_line(summary) -> str:
+    return f"data: {summary.records:,} records; tokens p50 {summary.p50:,}, p99 {summary.p99:,}, max {summary.longest:,} (estimated)"
+
+
+def _footer(plan) -> list[str]:
+    """Memory verdict, batch and time: the lines both the compact and the full plan end with."""
     from qvltune.estimate import format_bytes, format_duration
 
-    out = console.out
+    est, cfg = plan.estimate, plan.config
+    where = "process" if plan.machine.is_cpu else "GPU"
+    lines = [f"memory per {where}: {format_bytes(est.per_gpu)} of {format_bytes(plan.machine.gpu_memory)} — {'fits' if plan.fits else 'does not fit'}" + (f"; host memory {format_bytes(est.host_total)}" if est.host_total else "")]
+    if est.seconds_per_epoch is not None:
+        lines.append(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch, ~{format_duration(est.seconds_per_epoch * cfg.optim.epochs)} for {cfg.optim.epochs:g} epochs (at an assumed MFU)")
+    return lines
+
+
+_SHORT_TOPICS = {"gradient checkpointing": "checkpointing"}
+
+
+def render_compact(plan, source: str, summary, out) -> None:
+    """The plan in ~20 lines: each value with a one-line reason (fits 80x24 with the prompt)."""
     cfg = plan.config
-    out.print()
     out.print(f"[bold]Plan[/] for {console.escape(cfg.model.path)} [dim]({console.escape(source)})[/]")
     if summary:
-        out.print(
-            f"data: {summary.records:,} usable records, tokens p50 {summary.p50:,} / p99 {summary.p99:,} / max {summary.longest:,}, "
-            f"{summary.tokens:,} per epoch [dim](estimated counts)[/]"
-        )
+        out.print(console.escape(_data_line(summary)))
+    machine = plan.decision("machine")
+    out.print(f"machine: {console.escape(plan.machine.label())}; [dim]{console.escape(machine.short)}[/]")
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(max_width=14)  # long values (ZeRO-3 + offload ...) wrap rather than push the reasons off
+    table.add_column(style="dim", ratio=1)
     for d in plan.decisions:
-        out.print(f"  [bold]{d.topic:<24}[/]{console.escape(d.choice):<13} [dim]{console.escape(d.why)}[/]")
-    out.print(render_params(plan.estimate))
-    render_memory(plan.estimate, plan.machine)
+        if d.topic != "machine":
+            table.add_row(f"  {_SHORT_TOPICS.get(d.topic, d.topic)}", console.escape(d.choice), console.escape(d.short or d.why))
+    out.print(table)
     est = plan.estimate
-    where = "process" if plan.machine.is_cpu else "GPU"
-    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    out.print(f"memory per {where}: {format_bytes(est.per_gpu)} of {format_bytes(plan.machine.gpu_memory)} — {verdict}" + (f"; host memory {format_bytes(est.host_total)}" if est.host_total else ""))
-    out.print(f"effective batch: {plan.effective_batch} = {cfg.optim.per_device_batch} x {cfg.optim.grad_accum} x {plan.machine.world_size}")
-    if est.seconds_per_epoch is not None:
-        out.print(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch, ~{format_duration(est.seconds_per_epoch * cfg.optim.epochs)} for {cfg.optim.epochs:g} epochs [dim](at an assumed MFU; `qvltune estimate` shows the assumptions)[/]")
+    out.print(f"parameters: {est.total_params:,}, {est.trainable_params:,} trained")
+    for i, line in enumerate(_footer(plan)):
+        out.print(("[green]" if plan.fits else "[red]") + console.escape(line) + "[/]" if i == 0 else console.escape(line))
     for s in plan.suggestions:
         out.print(f"[yellow]option:[/] {console.escape(s)}")
     for w in plan.warnings:
         console.warn(w)
+
+
+def plan_text(plan, source: str, summary, width: int = 100) -> str:
+    """The full plan as plain text: every decision with its whole reasoning, the parameters and the
+    memory table (qvltune-plan.txt, ``--explain``)."""
+    import io
+
+    from rich.console import Console
+
+    from qvltune.cli.estimate import render_memory, render_params
+
+    buffer = Console(file=io.StringIO(), width=width, color_system=None, highlight=False, record=True)
+    buffer.print(f"Plan for {console.escape(plan.config.model.path)} ({console.escape(source)})")
+    if summary:
+        buffer.print(console.escape(_data_line(summary)))
+    table = Table(box=None, padding=(0, 1), show_header=True)
+    table.add_column("decision", no_wrap=True)
+    table.add_column("value", no_wrap=True)
+    table.add_column("why", ratio=1)
+    for d in plan.decisions:
+        table.add_row(d.topic, console.escape(d.choice), console.escape(d.why))
+    buffer.print(table)
+    buffer.print(render_params(plan.estimate))
+    render_memory(plan.estimate, plan.machine, console=buffer)
+    for line in _footer(plan):
+        buffer.print(console.escape(line))
+    for s in plan.suggestions:
+        buffer.print(f"option: {console.escape(s)}")
+    for w in plan.warnings:
+        buffer.print(f"warning: {console.escape(w)}")
+    return "\n".join(line.rstrip() for line in buffer.export_text().splitlines()) + "\n"

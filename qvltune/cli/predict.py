@@ -17,12 +17,12 @@ def command(
     image: list[Path] = typer.Option(None, "--image", metavar="IMG", help="An image for --prompt (repeat for several)."),
     prompt: str = typer.Option(None, "--prompt", metavar="TEXT", help="The question to answer."),
     data: str = typer.Option(None, "--data", metavar="FILE", help="Answer the last question of every record of this dataset instead."),
-    base: str = typer.Option(None, "--base", metavar="ID_OR_PATH", help="Base model for an adapter (default: the one it records)."),
+    base: str = typer.Option(None, "--base", metavar="MODEL", help="Base model for an adapter (default: the one it records)."),
     image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths in --data resolve against (default: the file's folder)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records of --data."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together."),
-    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where to run."),
+    device: str = typer.Option(None, "--device", metavar="cpu|cuda", help="Where to run (default: the GPU when there is one, else the CPU)."),
     dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype (default: fp32 on CPU, bf16 on GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
@@ -35,19 +35,21 @@ def command(
         raise typer.BadParameter("--image goes with --prompt; records of --data name their own images", param_hint="--image")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
-    predictions = predict(
-        model,
-        prompt=prompt,
-        images=list(image or []),
-        data=data,
-        base=base,
-        device=device,
-        dtype=DTYPES[dtype] if dtype else None,
-        image_root=image_root,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        limit=limit,
-    )
+    with console.status(f"loading {model}") as status:
+        predictions = predict(
+            model,
+            prompt=prompt,
+            images=list(image or []),
+            data=data,
+            base=base,
+            device=device,
+            dtype=DTYPES[dtype] if dtype else None,
+            image_root=image_root,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            progress=status.report,
+        )
     if as_json:
         console.print_json([p.to_json() for p in predictions])
     elif prompt is not None:

@@ -324,7 +324,8 @@ def convert_dataset(
     Writes ``output_path`` (same format as the input: JSONL, or a JSON list) and never touches the
     input. Nothing is written when any record cannot be converted (unreadable, several images, no
     image, or a coordinate outside its image): every such record is reported instead."""
-    from qvltune.data.formats import parse_record, read_items
+    from qvltune.data.files import read_items
+    from qvltune.data.formats import parse_record
     from qvltune.data.media import MediaError, probe_image, resolve
     from qvltune.errors import UserError
 

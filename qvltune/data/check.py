@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.boxes import BoxStats, check_record as check_boxes
-from qvltune.data.formats import DatasetSpec, Problem, Record, parse_mixture, parse_record, read_items
-from qvltune.data.media import ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
+from qvltune.data.files import read_items
+from qvltune.data.formats import DatasetSpec, Problem, Record, parse_mixture, parse_record
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, TINY_IMAGE_SIDE, ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
 from qvltune.data.video import VideoSampling, frames_that_fit
+from qvltune.errors import UserError
 
 # Qwen3-VL's processor refuses images whose long/short side ratio exceeds 200 (smart_resize).
 MAX_ASPECT_RATIO = 200
@@ -54,6 +57,18 @@ class Report:
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
 
+    def failures(self) -> Counter:
+        """Failed records per kind of problem (a record with several errors counts under its first)."""
+        first: dict[tuple[str, int], str] = {}
+        for p in self.errors:
+            if p.index is not None:
+                first.setdefault((p.file, p.index), p.code or "error")
+        return Counter(first.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures().values())
+
     def ok(self, strict: bool = False) -> bool:
         return not self.errors and not (strict and self.warnings)
 
@@ -86,10 +101,12 @@ class Report:
             "sources": self.sources,
             "records": self.records,
             "valid_records": self.valid,
+            "failed_records": self.failed,
+            "failures": dict(self.failures().most_common()),
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "problems": [
-                {"severity": p.severity, "file": p.file, "line": p.line, "index": p.index, "field": p.field, "code": p.code, "message": p.message, "fix": p.fix}
+                {"severity": p.severity, "file": p.file, "line": p.line, "index": p.index, "field": p.field, "code": p.code, "message": p.message, "path": p.path, "fix": p.fix}
                 for p in self.problems
             ],
             "shapes": dict(self.shapes),
@@ -179,7 +196,7 @@ def encoder_for_source(encoder: Encoder, spec: DatasetSpec) -> Encoder:
     if spec.min_pixels is not None or spec.max_pixels is not None:
         lo, hi = source_budget(spec, processor, 0, 0)
         processor = configure_processor(copy.deepcopy(processor), lo, hi)
-    return Encoder(processor, root=spec.image_root or encoder.root, allow_outside_root=encoder.allow_outside_root, video=encoder.video, thinking_turns=encoder.thinking_turns)
+    return Encoder(processor, root=spec.image_root or encoder.root, allow_outside_root=encoder.allow_outside_root, video=encoder.video, thinking_turns=encoder.thinking_turns, image_pixel_limit=encoder.image_pixel_limit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +218,7 @@ class _Settings:
     deep: bool
     max_seq_length: int | None
     video: VideoSampling
+    pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT
 
 
 @dataclass
@@ -220,9 +238,28 @@ class _Outcome:
     too_long: bool = False
     template_error: Problem | None = None
     reasoning_dropped: Problem | None = None
+    progress: float = 0.0  # the share of the file read up to this item
+
+
+INTERNAL_ERROR = "internal-error"
 
 
 def _check_item(item, source: _Source, s: _Settings) -> _Outcome:
+    """One item's outcome; whatever goes wrong on it (a bug of ours included) is this record's error,
+    never the end of the pass."""
+    try:
+        out = _check_one(item, source, s)
+    except Exception as e:  # noqa: BLE001 - a bug of ours on one record must not hide the others
+        if os.environ.get("QVLTUNE_DEBUG"):
+            raise
+        out = _Outcome(problems=[
+            Problem("error", source.file, item.line, item.index, "", f"qvltune failed on this record ({type(e).__name__}: {e})", "a bug in qvltune: please report it (QVLTUNE_DEBUG=1 shows the traceback); the other records were checked", INTERNAL_ERROR)
+        ])
+    out.progress = getattr(item, "progress", 0.0)
+    return out
+
+
+def _check_one(item, source: _Source, s: _Settings) -> _Outcome:
     out = _Outcome()
     if item.problem is not None:
         out.counted = item.problem.index is not None  # a record that could not be read (not a file-level problem)
@@ -233,31 +270,32 @@ def _check_item(item, source: _Source, s: _Settings) -> _Outcome:
     if record is None:
         return out
     out.where = (record.file, record.line, record.index)
+
+    def problem(severity: str, field: str, message: str, fix: str, code: str, path: str = "") -> None:
+        out.problems.append(Problem(severity, record.file, record.line, record.index, field, message, fix, code, path))
+
     # Media: every item, every problem.
     infos: list[ImageInfo | VideoInfo] = []
-    media_ok = True
+    sizes: list[tuple[int, int]] = []
     for m in record.media:
         try:
             if m.kind == "image":
-                info = probe_image(resolve(m.source, source.root, s.allow_outside_root), s.deep)
+                path = resolve(m.source, source.root, s.allow_outside_root)
+                info = probe_image(path, s.deep, s.pixel_limit)
                 ratio = max(info.width, info.height) / min(info.width, info.height)
                 if ratio > MAX_ASPECT_RATIO:
-                    raise MediaError(
-                        f"aspect ratio {ratio:.0f}:1 of {m.source} ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1",
-                        "crop or pad the image",
-                        "aspect-ratio",
-                    )
-                out.image_sizes.append((info.width, info.height))
+                    raise MediaError(f"aspect ratio {ratio:.0f}:1 ({info.width}x{info.height}) exceeds the processor's limit of {MAX_ASPECT_RATIO}:1", "crop or pad the image", "aspect-ratio", path=path)
+                if info.frames > 1:
+                    problem("warning", m.field, f"animated image ({info.frames} frames): only the first frame is used", "give it as a video (<video> and a folder of frames) if the motion matters", "animated-image", str(path))
+                if max(info.width, info.height) < TINY_IMAGE_SIDE:
+                    problem("warning", m.field, f"image is only {info.width}x{info.height} pixels (scaled up to the pixel budget): likely a placeholder or tracking pixel", "check the image, or remove the record", "tiny-image", str(path))
+                sizes.append((info.width, info.height))
             else:
-                info = probe_video(m.source, source.root, s.allow_outside_root, s.video, s.deep)
-                if info.frames < 1:
-                    raise MediaError(f"video {m.source} has no frames", "re-encode it", "corrupt-video")
-                out.videos += 1
+                info = probe_video(m.source, source.root, s.allow_outside_root, s.video, s.deep, s.pixel_limit)
             infos.append(info)
         except MediaError as e:
-            media_ok = False
-            out.problems.append(Problem("error", record.file, record.line, record.index, m.field, e.message, e.fix, e.code))
-    if not media_ok:
+            problem("error", m.field, e.message, e.fix, e.code, e.path)
+    if len(infos) < len(record.media):
         return out
     # Grounding coordinates (qvltune.data.boxes): a record with a box Qwen3-VL would misread is not used.
     out.boxes = BoxStats()
@@ -279,6 +317,9 @@ def _check_item(item, source: _Source, s: _Settings) -> _Outcome:
     except TemplateError as e:
         out.template_error = Problem("error", record.file, record.line, record.index, "", f"{e}", "use a model whose chat template renders turn by turn (the Qwen3-VL templates do)", "template")
         return out
+    # Sizes and videos are counted for records whose media and tokens could be read (as without workers).
+    out.image_sizes = sizes
+    out.videos = len(record.videos)
     if encoder is not None and any(m.reasoning for m in record.messages) and any(encoder.drops_reasoning(rec) for _, rec in views):
         out.reasoning_dropped = Problem("warning", record.file, record.line, record.index, "", "the model's chat template does not render this record's reasoning_content, so the reasoning would not be trained (first such record)", "use a Thinking model, or put the reasoning in the answer text", "reasoning-dropped")
     for (view, length, trained), (_, rec) in zip(counts, views):
@@ -355,7 +396,8 @@ def check_dataset(
     video: VideoSampling | None = None,
     thinking_turns: str = "each",
     workers: int = 1,
-    progress: Callable[[int, int | None], None] | None = None,
+    image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT,
+    progress: Callable[[int, float], None] | None = None,
 ) -> Report:
     """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
 
@@ -363,34 +405,35 @@ def check_dataset(
     without one, image tokens use the Qwen3-VL geometry and text tokens are estimated.
     ``workers`` > 1 checks records in that many processes (the merge keeps the file's order, so the
     report is the same as with one).
+
+    One record never stops the pass: whatever goes wrong while reading, checking, decoding or
+    tokenizing it becomes an error on that record and the next one is checked. Missing dataset
+    files are a ``UserError`` (there is nothing to check).
     """
     specs = parse_mixture(data)
+    missing = [f"{s.path} ({'a directory, not a dataset file' if s.path.is_dir() else 'not found'})" for s in specs if not s.path.is_file()]
+    if missing:
+        raise UserError(f"dataset file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}", "check the path (a .jsonl, .json or .jsonl.gz file)")
     counting = f"exact ({model_name or 'model processor'})" if processor is not None else (
         "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
     )
     report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
     video = video or VideoSampling(fps=video_fps)
-    base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video=video, thinking_turns=thinking_turns) if processor is not None else None
+    base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video=video, thinking_turns=thinking_turns, image_pixel_limit=image_pixel_limit) if processor is not None else None
     seen: dict[bytes, tuple] = {}  # record key -> (file, line, index) of its first copy (compact: a million records)
     template_broken = False
     reasoning_warned = False
-    settings = _Settings(allow_outside_root, deep, max_seq_length, video)
-    for spec in specs:
+    settings = _Settings(allow_outside_root, deep, max_seq_length, video, image_pixel_limit)
+    for n, spec in enumerate(specs):
         # Each source's own settings (image root, pixel budget) over the run's.
         spec_lo, spec_hi = source_budget(spec, processor, min_pixels, max_pixels)
         root = spec.image_root or (image_root if image_root is not None else spec.path.parent)
         report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(root), "min_pixels": spec_lo, "max_pixels": spec_hi})
         source = _Source(str(spec.path), root, encoder_for_source(base_encoder, spec) if base_encoder is not None else None, spec_lo, spec_hi)
-        if not spec.path.exists():
-            report.problems.append(Problem("error", str(spec.path), None, None, "", "dataset file not found", "check the path", "missing-file"))
-            continue
-        if spec.path.is_dir():
-            report.problems.append(Problem("error", str(spec.path), None, None, "", "is a directory, not a dataset file", "point at a .json or .jsonl file", "missing-file"))
-            continue
         box_stats = BoxStats()
-        for n, out in enumerate(_outcomes(read_items(spec.path), source, settings, workers)):
-            if progress:
-                progress(n + 1, None)  # the total is not known before the file is read through
+        for out in _outcomes(read_items(spec.path), source, settings, workers):
+            if progress and (report.records % 500 == 0):
+                progress(report.records, (n + out.progress) / len(specs))
             report.records += out.counted
             report.problems += out.problems
             report.image_sizes += out.image_sizes

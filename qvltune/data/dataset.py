@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.check import check_dataset
-from qvltune.data.formats import Problem, Record, mixture_text, parse_mixture, parse_record, read_items, sample_indices
+from qvltune.data.files import read_items
+from qvltune.data.formats import Problem, Record, mixture_text, parse_mixture, parse_record, sample_indices
 from qvltune.data.tokenize import Encoded, Encoder, view_of
 from qvltune.data.video import configure_video_processor
 from qvltune.errors import UserError
@@ -66,6 +67,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         "allow_outside_root": d.allow_media_outside_root,
         "video": _asdict(d.video_sampling()),
         "thinking_turns": d.thinking_turns,
+        "image_pixel_limit": d.image_pixel_limit,
     }
     cached = None
     # The encoder sets the video sampling on the processor; set it first so the key sees what counting sees.
@@ -84,6 +86,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
             allow_outside_root=d.allow_media_outside_root,
             video=d.video_sampling(),
             thinking_turns=d.thinking_turns,
+            image_pixel_limit=d.image_pixel_limit,
         )
         usable, problems = report.usable, report.problems
         if d.index_cache:
@@ -124,7 +127,7 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
                 f"{len(errors)} problem(s) in the training data:\n  {shown}{more}",
                 f"fix them (qvltune check-data '{mixture_text(cfg.data.train)}' lists all), or set data.on_bad_sample: skip",
             )
-        skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.message} for p in errors]
+        skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.text(), "code": p.code} for p in errors]
     if not train:
         raise UserError("no usable training records", f"check the data with qvltune check-data '{mixture_text(cfg.data.train)}'")
     if not cfg.data.eval and cfg.data.eval_split:
@@ -191,16 +194,20 @@ class SFTDataset:
             record = view_of(self.store.get(e.file, e.index), e.view)
             try:
                 out.append(self.encoders.get(e.file, self.encoder).encode(record))
-            except MediaError as err:
-                where = f"{record.where()} {err.field}".strip()
+            except Exception as err:  # noqa: BLE001 - one record must not end the run: it follows on_bad_sample
+                if isinstance(err, MediaError):
+                    field, problem = err.field, err.describe()
+                else:  # the processor refusing what the check accepted: still this record's failure
+                    field, problem = "", f"cannot encode the record ({type(err).__name__}: {err})"
+                where = f"{record.where()} {field}".strip()
                 if self.on_bad_sample == "error":
-                    raise BadSampleError(f"{where}: {err.message}", "restore the file, or set data.on_bad_sample: skip, then --resume") from None
-                self._log_skip(record, err)
+                    raise BadSampleError(f"{where}: {problem}", "restore the file, or set data.on_bad_sample: skip, then --resume") from None
+                self._log_skip(record, field, problem)
         return out
 
-    def _log_skip(self, record: Record, err) -> None:
+    def _log_skip(self, record: Record, field: str, problem: str) -> None:
         if self.skipped_log is None:
             return
-        line = json.dumps({"file": record.file, "line": record.line, "index": record.index, "field": err.field, "problem": err.message, "during": "training"})
+        line = json.dumps({"file": record.file, "line": record.line, "index": record.index, "field": field, "problem": problem, "during": "training"})
         with open(self.skipped_log, "a") as f:  # one short line per append: safe across loader workers
             f.write(line + "\n")

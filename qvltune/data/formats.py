@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +51,11 @@ class Problem:
     message: str
     fix: str = ""
     code: str = ""  # a stable machine-readable kind, e.g. "missing-media"
+    path: str = ""  # the media file concerned, kept out of ``message`` so that one problem shared by many records reads as one
+
+    def text(self) -> str:
+        """What is wrong, with the file it concerns."""
+        return f"{self.message}: {self.path}" if self.path else self.message
 
     def where(self) -> str:
         loc = self.file
@@ -64,7 +68,7 @@ class Problem:
         return loc
 
     def __str__(self) -> str:
-        text = f"{self.where()}: {self.message}"
+        text = f"{self.where()}: {self.text()}"
         return f"{text} — {self.fix}" if self.fix else text
 
 
@@ -134,7 +138,7 @@ class Record:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading files
+# Raw items: what qvltune.data.files.read_items yields (JSONL, JSON lists, gzip, encodings)
 
 
 @dataclass
@@ -143,78 +147,7 @@ class RawItem:
     line: int | None
     value: Any
     problem: Problem | None = None  # set when the item could not be read at all
-
-
-def read_items(path: Path) -> Iterator[RawItem]:
-    """Yield the raw JSON values of a ``.json`` list or a ``.jsonl`` file with their line numbers.
-
-    JSON list elements are decoded one by one with ``raw_decode`` so each gets the line it starts on.
-    """
-    name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        yield RawItem(0, None, None, Problem("error", name, None, None, "", f"not UTF-8 text ({e.reason} at byte {e.start})", "save the file as UTF-8", "encoding"))
-        return
-    stripped = text.lstrip()
-    if not stripped:
-        yield RawItem(0, None, None, Problem("error", name, None, None, "", "the file is empty", "add records, one JSON object per line", "empty-file"))
-        return
-    if stripped.startswith("["):
-        yield from _read_json_list(name, text)
-    else:
-        yield from _read_jsonl(name, text)
-
-
-def _read_jsonl(name: str, text: str) -> Iterator[RawItem]:
-    index = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            fix = "each line of a .jsonl file must be one complete JSON object"
-            yield RawItem(index, lineno, None, Problem("error", name, lineno, index, "", f"malformed JSON: {e.msg} at column {e.colno}", fix, "malformed-json"))
-        else:
-            yield RawItem(index, lineno, value)
-        index += 1
-
-
-_WS = re.compile(r"\s*")
-
-
-def _read_json_list(name: str, text: str) -> Iterator[RawItem]:
-    decoder = json.JSONDecoder()
-    pos = _WS.match(text, text.index("[") + 1).end()
-    index = 0
-    line = text.count("\n", 0, pos) + 1
-    last = pos
-    if text.startswith("]", pos):
-        return
-    while True:
-        line += text.count("\n", last, pos)
-        last = pos
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield RawItem(index, e.lineno, None, Problem("error", name, e.lineno, index, "", f"malformed JSON: {e.msg} at column {e.colno}; the rest of the file cannot be read", "fix the JSON syntax (a validator such as `python -m json.tool FILE` shows it)", "malformed-json"))
-            return
-        yield RawItem(index, line, value)
-        index += 1
-        pos = _WS.match(text, end).end()
-        if text.startswith(",", pos):
-            pos = _WS.match(text, pos + 1).end()
-            continue
-        if text.startswith("]", pos):
-            rest = text[pos + 1 :].strip()
-            if rest:
-                bad = text.count("\n", 0, pos) + 1
-                yield RawItem(index, bad, None, Problem("error", name, bad, None, "", "unexpected text after the closing ]", "a .json dataset must be a single list", "malformed-json"))
-            return
-        bad = text.count("\n", 0, pos) + 1
-        yield RawItem(index, bad, None, Problem("error", name, bad, index, "", "expected ',' or ']' between records; the rest of the file cannot be read", "fix the JSON syntax", "malformed-json"))
-        return
+    progress: float = 0.0  # fraction of the file (as stored) read so far
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +371,7 @@ def _check_turns(messages: list[Message], shape: str, c: _Collector) -> None:
         if msg.role == "system":
             continue
         if msg.role != expected:
-            c.error(f"{turns_key}[{i + offset}]", f"expected a {expected} turn here, got {msg.role} (turns must alternate user, assistant, starting with user)", "reorder or merge the turns", "turn-order")
+            c.error(f"{turns_key}[{i + offset}]", f"expected {'an' if expected == 'assistant' else 'a'} {expected} turn here, got {msg.role} (turns must alternate user, assistant, starting with user)", "reorder or merge the turns", "turn-order")
             break
         expected = "assistant" if expected == "user" else "user"
     if not any(m.role == "assistant" for m in messages):

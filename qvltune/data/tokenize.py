@@ -29,7 +29,7 @@ from typing import Any, Literal
 from qvltune.data.formats import Media, Record
 from qvltune.data.video import VideoSampling, configure_video_processor
 from qvltune.data.video import metadata as video_metadata
-from qvltune.data.media import ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
 
 IGNORE_INDEX = -100
 
@@ -165,9 +165,10 @@ class Encoded:
 class Encoder:
     """Encodes records for one processor, pixel budget and media root."""
 
-    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0, thinking_turns: ThinkingTurns = "each", video: VideoSampling | None = None):
+    def __init__(self, processor: Any, *, root: Path | None = None, allow_outside_root: bool = False, video_fps: float = 2.0, thinking_turns: ThinkingTurns = "each", video: VideoSampling | None = None, image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT):
         self.processor = processor
         self.thinking_turns = thinking_turns
+        self.image_pixel_limit = image_pixel_limit
         self.root = root
         self.allow_outside_root = allow_outside_root
         self._rendered: tuple[Record, list[Segment]] | None = None
@@ -262,9 +263,9 @@ class Encoder:
         for m in record.media:
             try:
                 if m.kind == "image":
-                    infos.append(probe_image(resolve(m.source, root, self.allow_outside_root), deep))
+                    infos.append(probe_image(resolve(m.source, root, self.allow_outside_root), deep, self.image_pixel_limit))
                 else:
-                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video, deep))
+                    infos.append(probe_video(m.source, root, self.allow_outside_root, self.video, deep, self.image_pixel_limit))
             except MediaError as e:
                 e.field = m.field
                 raise
@@ -320,7 +321,11 @@ class Encoder:
         images, videos, metas = [], [], []
         for m in record.media if media is None else media:
             if m.kind == "image":
-                images.append(load_image(resolve(m.source, root, self.allow_outside_root)))
+                try:
+                    images.append(load_image(resolve(m.source, root, self.allow_outside_root), self.image_pixel_limit))
+                except MediaError as e:
+                    e.field = e.field or m.field
+                    raise
             else:
                 frames, meta = self._load_video(m, root)
                 videos.append(frames)
@@ -328,8 +333,12 @@ class Encoder:
         return images, videos, metas
 
     def _load_video(self, m: Media, root: Path):
-        info = probe_video(m.source, root, self.allow_outside_root, self.video)
-        frames = load_video(info, m.source, root, self.allow_outside_root)
+        try:
+            info = probe_video(m.source, root, self.allow_outside_root, self.video, pixel_limit=self.image_pixel_limit)
+            frames = load_video(info, m.source, root, self.allow_outside_root, self.image_pixel_limit)
+        except MediaError as e:
+            e.field = e.field or m.field
+            raise
         return frames, video_metadata(info)
 
 
