@@ -130,6 +130,14 @@ def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementatio
             )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {name_or_path}: {_first_line(e)}", "check the path or Hub id, and that the weights are complete") from None
+    # transformers 5 keeps, after a ZeRO-3 (zero.Init) load, every weight conversion of the model
+    # type, used or not (integrations/deepspeed.py), and reverses them all in save_pretrained: a full
+    # model trained under ZeRO-3 was saved as model.language_model.model.layers.N..., names that
+    # from_pretrained then silently re-initialises. Keep only the conversions the load used, as its
+    # ordinary load path does (core_model_loading.py).
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
     if attn_implementation == "varlen":
         from qvltune.attention import use_varlen_attention
 

@@ -4,16 +4,13 @@ A linear recipe: config -> TrainingArguments (first, so ZeRO-3 partitions the mo
 processor and model -> freeze / LoRA -> datasets and collator -> ``QvlTrainer`` -> save.
 
 ``transformers.Trainer`` supplies checkpointing, resume, accumulation, schedules, eval and
-``report_to``. ``QvlTrainer`` changes only what measurements and correctness required, each said
-where it is done: a token-weighted loss over the whole accumulated batch, per-component learning
-rates, and atomic checkpoints (a marker file written last; rotation only among complete ones).
+``report_to``; what qvltune changes in it (``QvlTrainer``) and the callback that reports the run
+live in ``qvltune.trainer``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shutil
 import signal
@@ -24,301 +21,20 @@ from pathlib import Path
 
 import torch
 
-from qvltune.checkpoints import COMPLETE_MARKER, STOP_FILE, checkpoints, is_complete, latest_complete_checkpoint
+from qvltune.checkpoints import is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data, source_encoders
 from qvltune.errors import UserError
-from qvltune.data.packing import BatchStats, PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
-from qvltune.data.tokenize import IGNORE_INDEX, Encoder
-from qvltune.loss import install_loss_head
+from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
+from qvltune.data.tokenize import Encoder
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
-from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, parameter_groups, trainable_table, transformer_blocks
+from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, trainable_table, transformer_blocks
+from qvltune.trainer import fsync_tree, is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks
 
 EXIT_INTERRUPTED = 130
 EXIT_NAN = 3
-
-
-# ----------------------------------------------------------------------------------------------
-# Trainer
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _unwrap(model):
-    """The HF model under DeepSpeed and peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class QvlTrainer(Trainer):
-        # compute_loss normalises by the token count of the whole accumulated batch itself.
-        loss_is_scaled_for_ga = True
-
-        def __init__(self, *args, run_cfg: RunConfig, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.run_cfg = run_cfg
-            # Ask the Trainer to count label tokens over the accumulated batch (num_items_in_batch);
-            # Qwen3-VL declares accepts_loss_kwargs=False, which would average per micro-batch and
-            # weight short answers like long ones.
-            self.model_accepts_loss_kwargs = True
-            self.stats = BatchStats(0, 0, 0, 0)
-            self.nonfinite: torch.Tensor | None = None
-            self.loss_head = install_loss_head(_unwrap(self.model)) if run_cfg.optim.fused_loss else None
-
-        # -- loss --------------------------------------------------------------------------------
-
-        def summed_loss(self, model, inputs):
-            """(sum of the cross-entropy over every labelled token of the batch, their count, outputs)."""
-            stats = inputs.pop("stats", None)
-            if stats is not None and model.training:
-                s = self.stats
-                self.stats = BatchStats(s.real_tokens + stats.real_tokens, s.padded_tokens + stats.padded_tokens, s.samples + stats.samples, s.trained_tokens + stats.trained_tokens)
-            labels = inputs.pop("labels")
-            index, targets = inputs.pop("loss_index"), inputs.pop("loss_targets")
-            if self.loss_head is not None:
-                # lm_head computes the summed loss of the labelled positions itself (qvltune.loss).
-                self.loss_head.set_targets(index, targets)
-                try:
-                    outputs = model(**inputs)
-                finally:
-                    self.loss_head.set_targets(None, None)
-                return outputs.logits, targets.numel(), outputs
-            outputs = model(**inputs)
-            logits = outputs.logits[:, :-1, :]
-            shifted = labels[:, 1:].to(logits.device)
-            loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-            return loss_sum, int((shifted != IGNORE_INDEX).sum()), outputs
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss_sum, count, outputs = self.summed_loss(model, inputs)
-            if num_items_in_batch is None:  # not reached in training (the Trainer always counts); kept for safety
-                loss = loss_sum / max(count, 1)
-            else:
-                # clamp: a batch whose every sample was skipped as bad has no labelled token anywhere
-                loss = loss_sum / (num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1))
-                if self.args.average_tokens_across_devices:
-                    # num_items_in_batch counts every rank's tokens and DeepSpeed averages gradients
-                    # over ranks: scale back to a sum.
-                    loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
-
-        # -- evaluation: token-weighted, like training's loss and `qvltune eval` -----------------
-
-        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
-            """The eval loss as the mean over every assistant token of the eval set on all ranks.
-
-            The Trainer's own loop averages one mean per batch (weighted by samples), which weights
-            the tokens of short answers more than those of long ones and so disagrees with the
-            training loss's definition and with ``qvltune eval`` (3% on the demo task). qvltune
-            evaluates only inside ``train()``, where the model is already prepared."""
-            started = time.time()
-            model = self._wrap_model(self.model, training=False)
-            model.eval()
-            device = self.args.device if torch.cuda.is_available() else torch.device("cpu")
-            totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, samples
-            with torch.no_grad():
-                for inputs in dataloader:
-                    stats = inputs.get("stats")
-                    samples = stats.samples if stats is not None else int(inputs["input_ids"].shape[0])
-                    inputs = self._prepare_inputs(inputs)
-                    with self.compute_loss_context_manager():
-                        loss_sum, count, _ = self.summed_loss(model, inputs)
-                    totals += torch.stack([loss_sum.detach().to(device, torch.float64).reshape(()), torch.tensor(float(count), dtype=torch.float64, device=device), torch.tensor(float(samples), dtype=torch.float64, device=device)])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(totals)
-            loss_sum, count, samples = totals.tolist()
-            from transformers.trainer_utils import EvalLoopOutput
-
-            self.eval_seconds = time.time() - started
-            return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss_sum / max(count, 1.0)}, num_samples=int(samples))
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # NaN guard: remember on the device (no sync) whether any micro-batch of this step went bad.
-            bad = ~torch.isfinite(loss)
-            self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
-            return loss
-
-        # -- optimizer: per-component learning rates ---------------------------------------------
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                groups = parameter_groups(self.model, self.run_cfg)
-                kwargs = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon}
-                # Always torch's AdamW: under ZeRO-Offload accelerate swaps the optimizer for
-                # DeepSpeed's CPU Adam and keeps decoupled weight decay only when handed torch.optim.AdamW
-                # (handed anything else, DeepSpeedCPUAdam included, it builds L2-regularised Adam).
-                fused = self.run_cfg.optim.optimizer == "adamw_torch_fused" and torch.cuda.is_available() and not self.run_cfg.deepspeed.offload_optimizer
-                self.optimizer = torch.optim.AdamW(groups, fused=fused or None, **kwargs)
-            return self.optimizer
-
-        # -- atomic checkpoints ------------------------------------------------------------------
-
-        def _save_checkpoint(self, model, trial):
-            run_dir = Path(self.args.output_dir)
-            self.saving_step = self.state.global_step  # read by explain_failure if the save fails
-            target = run_dir / f"checkpoint-{self.state.global_step}"
-            if self.args.should_save and target.exists() and not is_complete(target):
-                shutil.rmtree(target)  # leftovers of an interrupted save at this step
-            started = time.time()
-            self.accelerator.wait_for_everyone()
-            super()._save_checkpoint(model, trial)
-            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                _fsync_tree(target)  # every node flushes the shards its ranks wrote before the marker
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                marker = target / COMPLETE_MARKER
-                marker.with_suffix(".tmp").write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
-                marker.with_suffix(".tmp").replace(marker)
-                self._rotate(run_dir)
-            self.accelerator.wait_for_everyone()
-            self.saving_step = None
-            self.save_seconds = time.time() - started  # the whole save, as training waits for it
-
-        def _rotate(self, run_dir: Path):
-            """Keep the newest ``save_total_limit`` complete checkpoints (the Trainer's own rotation
-            is off: it could delete the previous checkpoint before the new one is marked complete)."""
-            limit = self.run_cfg.schedule.save_total_limit
-            done = [p for p in checkpoints(run_dir) if is_complete(p)]
-            if limit:
-                for old in done[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    return QvlTrainer
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            except OSError:
-                pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics, stop requests and NaN guard (one callback)
-
-
-def _make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: float | None, peak_flops: float | None, policy):
-    from transformers import TrainerCallback
-
-    class QvlCallback(TrainerCallback):
-        def __init__(self):
-            self.trainer = None
-            self.stop_requested = False
-            self.nonfinite_step: int | None = None
-            self.last_time = time.time()
-            self.last_stats = BatchStats(0, 0, 0, 0)
-            self.stopped_by_request = False
-            self.skipped = 0
-            self.last_step_record = 0.0
-
-        def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
-            device = args.device if torch.cuda.is_available() else "cpu"
-            t = torch.stack([bad.to(device, torch.float64).reshape(()), torch.tensor(stop, dtype=torch.float64, device=device)])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            return t.tolist()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            # One tiny all-reduce per optimizer step (the guard's only host sync) so every rank
-            # agrees to stop at the same step: on a NaN/inf loss anywhere, or on a stop request.
-            flag, self.trainer.nonfinite = self.trainer.nonfinite, None
-            bad = torch.zeros((), dtype=torch.float64) if flag is None else flag.double()
-            stop = 1.0 if (self.stop_requested or (run_dir / STOP_FILE).exists()) else 0.0
-            bad, stop = self._all_reduce_max(bad, stop, args)
-            if bad and policy.nan_policy == "skip_step" and self.skipped < policy.max_skipped_steps:
-                # DeepSpeed found the gradients non-finite and did not apply this step's update.
-                self.skipped += 1
-                if writer:
-                    writer.write("skipped", step=state.global_step, count=self.skipped, limit=policy.max_skipped_steps)
-                bad = 0.0
-            if bad:
-                self.nonfinite_step = state.global_step
-                control.should_save = False
-                control.should_training_stop = True
-            elif stop:
-                self.stopped_by_request = True
-                control.should_save = True
-                control.should_training_stop = True
-            if writer:
-                # A small record per step (at most one a second): the panel's step counter and ETA
-                # move between log steps, and it can say when an evaluation or a save begins.
-                now = time.time()
-                if now - self.last_step_record >= 1.0 or state.global_step <= 2:
-                    writer.write("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
-                    self.last_step_record = now
-                if control.should_evaluate and not bad:
-                    writer.write("phase", name="evaluating", step=state.global_step)
-                elif control.should_save and not bad:
-                    writer.write("phase", name=f"saving checkpoint-{state.global_step}", step=state.global_step)
-            return control
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "eval_loss" in logs:
-                if writer:
-                    writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)), seconds=getattr(self.trainer, "eval_seconds", None))
-                return
-            if "loss" not in logs:
-                return
-            s, prev = self.trainer.stats, self.last_stats
-            delta = [s.real_tokens - prev.real_tokens, s.padded_tokens - prev.padded_tokens, s.samples - prev.samples]
-            t = torch.tensor(delta, dtype=torch.float64, device=args.device if torch.cuda.is_available() else "cpu")
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(t)
-            tokens, padded, samples = t.tolist()
-            now = time.time()
-            elapsed = max(now - self.last_time, 1e-9)
-            self.last_time, self.last_stats = now, s
-            if not writer:
-                return
-            tps = tokens / elapsed
-            mfu = None
-            if flops_per_token and peak_flops:
-                mfu = flops_per_token * tps / (peak_flops * _world_size())
-            mem = peak = None
-            if torch.cuda.is_available():
-                mem = torch.cuda.memory_allocated() / 1024**3
-                peak = torch.cuda.max_memory_allocated() / 1024**3
-            writer.write(
-                "train",
-                step=state.global_step,
-                max_steps=state.max_steps,
-                epoch=logs.get("epoch", state.epoch),
-                loss=logs["loss"],
-                lr=logs.get("learning_rate"),
-                grad_norm=logs.get("grad_norm"),
-                tokens_per_s=tps,
-                samples_per_s=samples / elapsed,
-                mfu=mfu,
-                mem_gb=mem,
-                mem_peak_gb=peak,
-                padding=(1 - tokens / padded) if padded else None,
-            )
-
-        def on_save(self, args, state, control, **kwargs):
-            if writer:
-                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"), seconds=getattr(self.trainer, "save_seconds", None))
-
-    return QvlCallback()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +89,7 @@ def llm_flops_per_token(model) -> float:
     """Training FLOPs per token, counted as 6 x the language model's non-embedding parameters that
     a token passes through (forward 2N + backward 4N; the counting rule MFU figures use). In an MoE
     layer a token passes through num_experts_per_tok of the num_experts experts."""
-    model = _unwrap(model)
+    model = unwrap(model)
     text = getattr(model.config, "text_config", model.config)
     experts = getattr(text, "num_experts", 0)
     routed = text.num_experts_per_tok / experts if experts else 1.0  # the share of each expert tensor a token uses
@@ -398,7 +114,7 @@ def _begin(writer: MetricsWriter | None, name: str, **fields) -> None:
 def _phase(name: str, since: float) -> float:
     """Print how long a start-up phase took (train.log), return now."""
     now = time.time()
-    if _is_main():
+    if is_main():
         print(f"qvltune: {name} in {now - since:.1f} s", flush=True)
     return now
 
@@ -420,7 +136,7 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> int:
 def run(run_dir: Path, resume: bool) -> int:
     t = time.time()
     use_cpu = not torch.cuda.is_available()
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if _is_main() else None  # rank 0 of node 0
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if is_main() else None  # rank 0 of node 0
     _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
     # Start the process group through DeepSpeed first: ZeRO-3 partitions the model while it loads and
     # checks the global batch against DeepSpeed's own view of the world size. It is also where the
@@ -458,7 +174,7 @@ def run(run_dir: Path, resume: bool) -> int:
     table = trainable_table(model, cfg)
     if cfg.deepspeed.stage == 3:
         blocks = zero3_leaf_blocks(model)
-        if _is_main():
+        if is_main():
             print(f"qvltune: ZeRO-3 gathers {blocks} transformer blocks whole", flush=True)
     if cfg.optim.compile:
         compile_blocks(model)
@@ -468,13 +184,13 @@ def run(run_dir: Path, resume: bool) -> int:
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
     encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns, image_pixel_limit=cfg.data.image_pixel_limit)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    hf_config = _unwrap(model).config
+    hf_config = unwrap(model).config
     from qvltune.attention import NAME as VARLEN
 
     varlen = hf_config.get_text_config()._attn_implementation == VARLEN
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
     # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
-    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if _world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
+    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
     if cfg.data.packing:
         train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
         eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
@@ -494,11 +210,11 @@ def run(run_dir: Path, resume: bool) -> int:
 
         tflops = peak_tflops(torch.cuda.get_device_name())
         peak = tflops * 1e12 if tflops else None
-    callback = _make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
+    callback = make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
     callbacks = [callback]
     if cfg.schedule.profile_steps:
-        callbacks.append(_profiler_callback(run_dir, *cfg.schedule.profile_steps))
-    trainer = _make_trainer_class()(
+        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps))
+    trainer = make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
     )
     callback.trainer = trainer
@@ -513,7 +229,7 @@ def run(run_dir: Path, resume: bool) -> int:
         unpacked = [[e.tokens for e in index.train[i : i + b]] for i in range(0, len(index.train), b)]
         writer.write(
             "start",
-            world_size=_world_size(),
+            world_size=world_size(),
             epochs=cfg.optim.epochs,
             components=[s.__dict__ for s in table],
             train_samples=len(index.train),
@@ -562,41 +278,6 @@ def run(run_dir: Path, resume: bool) -> int:
             final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note,
         )
     return 0
-
-
-def _profiler_callback(run_dir: Path, start: int, count: int):
-    """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (ops by
-    device time) and profile-trace.json (open in chrome://tracing or Perfetto)."""
-    from transformers import TrainerCallback
-
-    class Profile(TrainerCallback):
-        def __init__(self):
-            self.prof = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == start and self.prof is None:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=activities, record_shapes=False)
-                self.prof.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None and state.global_step == start + count:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.prof.stop()
-                if _is_main():
-                    averages = self.prof.key_averages()
-                    text = f"optimizer steps {start}..{start + count - 1}\n"
-                    if torch.cuda.is_available():
-                        text += "\n== by device time ==\n" + averages.table(sort_by="self_device_time_total", row_limit=40)
-                    text += "\n== by host time ==\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40)
-                    (run_dir / "profile.txt").write_text(text + "\n")
-                    self.prof.export_chrome_trace(str(run_dir / "profile-trace.json"))
-                self.prof = None
-
-    return Profile()
 
 
 def oom_advice(cfg: RunConfig) -> str:
@@ -683,7 +364,7 @@ def save_final(trainer, processor, cfg: RunConfig, run_dir: Path) -> Path:
     if trainer.args.should_save:
         processor.save_pretrained(str(tmp))
         dump_config(cfg, tmp / "qvltune.yaml")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)

@@ -41,6 +41,21 @@ def demo_data(tmp_path_factory) -> tuple[Path, Path]:
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=64, n_eval=16, seed=1)
 
 
+@pytest.fixture(scope="session")
+def uneven_data(demo_data) -> Path:
+    """The demo's held-out records with answers from one word to ~40 words (image paths stay relative
+    to the demo folder): batches of them hold very unequal numbers of labelled tokens, so a mean of
+    per-batch means differs from the token mean."""
+    evals = demo_data[1]
+    out = evals.with_name("uneven.jsonl")
+    records = [json.loads(line) for line in evals.read_text().splitlines()]
+    for i, r in enumerate(records):
+        colour = r["conversations"][-1]["value"]
+        if i % 4:
+            r["conversations"][-1]["value"] = " ".join([f"The colour is {colour}."] * (i % 4) * 3)
+    return write_jsonl(out, records)
+
+
 def write_image(path: Path, size=(64, 48), colour=(200, 30, 30), fmt=None) -> Path:
     from PIL import Image
 

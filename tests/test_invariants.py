@@ -135,13 +135,13 @@ def test_compute_loss_divides_the_summed_loss_by_the_accumulated_token_count(tmp
     up to the token mean of the batch, not to a mean of per-micro-batch means."""
     from transformers import TrainingArguments
 
-    from qvltune.worker import _make_trainer_class
+    from qvltune.trainer import make_trainer_class
 
     cfg = config("full")
     cfg.optim.fused_loss = True
     model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa").eval()
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=1)
-    trainer = _make_trainer_class()(model=model, args=args, run_cfg=cfg)
+    trainer = make_trainer_class()(model=model, args=args, run_cfg=cfg)
     samples = [Encoder(tiny_processor).encode(r) for r in records(tmp_path)]
     micro = [PaddedCollator(0)([[s] for s in samples[:1]]), PaddedCollator(0)([[s] for s in samples[1:]])]  # 1 short + 3 samples
     counts = [int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro]

@@ -48,15 +48,17 @@ def _train(tmp_path_factory, demo_data, name: str, **sections) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, demo_data, tiny_model_dir) -> Path:
-    return _train(tmp_path_factory, demo_data, "lora")  # 4 steps, checkpoint-2 and checkpoint-4
+def lora_run(tmp_path_factory, demo_data, uneven_data, tiny_model_dir) -> Path:
+    # 4 steps, checkpoint-2 and checkpoint-4; held out: answers of unequal lengths (eval batches of
+    # unequal token counts, where only a token-weighted eval loss equals `qvltune eval`'s)
+    return _train(tmp_path_factory, demo_data, "lora", data={"eval": str(uneven_data)})
 
 
 @pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory, demo_data, tiny_model_dir) -> Path:
+def mixed_run(tmp_path_factory, demo_data, uneven_data, tiny_model_dir) -> Path:
     """Mixed (merger + DeepStack trained fully beside LoRA) plus lm_head, under ZeRO-3 on 2 processes."""
     return _train(
-        tmp_path_factory, demo_data, "mixed", strategy="mixed", components={"lm_head": "full"},
+        tmp_path_factory, demo_data, "mixed", strategy="mixed", components={"lm_head": "full"}, data={"eval": str(uneven_data)},
         deepspeed={"stage": 3}, launch={"cpu_processes": 2}, optim={"per_device_batch": 2},
     )
 

@@ -124,9 +124,9 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     assert adapter and all(component_of(k) == "llm" and "lora_" in k for k in adapter)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero: it trained
     records = read_all(rd / "metrics.jsonl")
-    kinds = [r["kind"] for r in records]
+    kinds = [r["kind"] for r in records if r["kind"] not in ("phase", "step")]  # progress records come and go
     assert kinds[0] == "start" and kinds[-1] == "end" and "eval" in kinds and "checkpoint" in kinds
-    start = records[0]
+    start = next(r for r in records if r["kind"] == "start")
     assert {c["component"]: c["mode"] for c in start["components"]}["llm"] == "lora"
     train_recs = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
@@ -138,21 +138,6 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     assert (rd / "loss.png").exists() and (rd / "ds_config.json").exists() and (rd / "launch.sh").exists()
     assert (rd / "checkpoint-4" / "qvltune-complete").exists()
     assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
-
-
-def test_full_zero2_two_processes_changes_exactly_the_right_parameters(tmp_path, demo_data, tiny_model_dir):
-    config = write_config(tmp_path, demo_data, "full", strategy="full", launch={"cpu_processes": 2}, optim={"per_device_batch": 2})
-    result = train(config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    base = tensors_by_component(tiny_model_dir / "model.safetensors")
-    trained = tensors_by_component(run_dir(config) / "final" / "model.safetensors")
-    for component in ("merger", "deepstack", "llm", "lm_head"):
-        for name, t in base[component].items():
-            assert not trained[component][name].equal(t), f"{name} did not change"
-    for name, t in base["vision"].items():
-        assert trained["vision"][name].equal(t), f"frozen {name} changed"
-    start = read_all(run_dir(config) / "metrics.jsonl")[0]
-    assert start["world_size"] == 2
 
 
 def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, tiny_model_dir):
@@ -190,12 +175,14 @@ def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, t
 
 
 def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
-    sections = {"optim": {"max_steps": 10, "per_device_batch": 2}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}, "data": {"packing": True, "max_seq_length": 256}}
+    # LoRA dropout on, and a tolerance far below what a different dropout mask changes (~1e-3 here):
+    # the resumed run must restore the RNG state along with weights, optimizer and data order.
+    sections = {"optim": {"max_steps": 10, "per_device_batch": 2}, "lora": {"dropout": 0.1}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}, "data": {"packing": True, "max_seq_length": 256}}
     reference = write_config(tmp_path, demo_data, "ref", **sections)
     result = train(reference)
     assert result.returncode == 0, result.stdout + result.stderr
     ref = {r["step"]: r["loss"] for r in read_all(run_dir(reference) / "metrics.jsonl") if r["kind"] == "train"}
-    start = read_all(run_dir(reference) / "metrics.jsonl")[0]
+    start = next(r for r in read_all(run_dir(reference) / "metrics.jsonl") if r["kind"] == "start")
     assert start["packing"] and 0 <= start["padding"] < 0.1 and 0 <= start["padding_unpacked"] < 1  # both reported
 
     config = write_config(tmp_path, demo_data, "interrupted", **sections)
@@ -227,7 +214,7 @@ def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
     after = {r["step"]: r["loss"] for r in resumed if r["step"] > stopped_at}
     assert sorted(after) == list(range(stopped_at + 1, 11))
     for step, loss in after.items():
-        assert loss == pytest.approx(ref[step], rel=1e-4), (step, loss, ref[step])
+        assert loss == pytest.approx(ref[step], rel=1e-6), (step, loss, ref[step])
     assert (rd / "final" / "adapter_model.safetensors").exists()
 
 
@@ -254,19 +241,43 @@ def test_existing_run_is_not_clobbered_and_bad_config_is_one_clear_error(tmp_pat
     assert json.loads((run_dir(config) / "data_index.json").read_text())["train"]
 
 
+def grad_norms(config: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_all(run_dir(config) / "metrics.jsonl") if r["kind"] == "train"}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_match_one_at_the_same_effective_batch(tmp_path, demo_data, stage):
-    """Data parallelism changes nothing but speed: 2 ranks x batch 2 == 1 rank x batch 2 x 2 accumulation."""
-    common = {"strategy": "full", "deepspeed": {"stage": stage}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
-    one = write_config(tmp_path, demo_data, f"one-z{stage}", launch={"cpu_processes": 1}, optim={"per_device_batch": 2, "grad_accum": 2, "max_steps": 4}, **common)
-    two = write_config(tmp_path, demo_data, f"two-z{stage}", launch={"cpu_processes": 2}, optim={"per_device_batch": 2, "grad_accum": 1, "max_steps": 4}, **common)
-    for config in (one, two):
+def test_batch_split_changes_nothing_and_frozen_weights_stay_bitwise(tmp_path, demo_data, uneven_data, tiny_model_dir, stage):
+    """The loss is the mean over every labelled token of the accumulated batch, however the batch of
+    4 is split: 2 ranks x 2 == 1 rank x 2 x 2 accumulation (ZeRO-2 and ZeRO-3), and on one rank
+    4 x 1 == 2 x 2 == 1 x 4 (ZeRO-2), in loss and gradient norm, on answers of 1 to ~40 words (a mean
+    of per-micro-batch means would differ). After the real run every frozen tensor (the vision tower)
+    is bitwise the base's and every trained one changed (ZeRO-3 gathers the whole model to save it)."""
+    common = {"strategy": "full", "deepspeed": {"stage": stage}, "data": {"train": str(uneven_data), "eval": None}, "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 100}}
+    splits = {"2x1-2ranks": (2, 1, 2), "2x2": (2, 2, 1)}
+    if stage == 2:
+        splits.update({"4x1": (4, 1, 1), "1x4": (1, 4, 1)})
+    configs = {
+        name: write_config(tmp_path, demo_data, f"{name}-z{stage}", launch={"cpu_processes": ranks}, optim={"per_device_batch": batch, "grad_accum": accum, "max_steps": 3}, **common)
+        for name, (batch, accum, ranks) in splits.items()
+    }
+    for config in configs.values():
         result = train(config)
         assert result.returncode == 0, result.stdout + result.stderr
-    single, double = losses(one), losses(two)
-    assert sorted(single) == sorted(double) == [1, 2, 3, 4]
-    for step in range(1, 5):
-        assert double[step] == pytest.approx(single[step], rel=1e-4), (step, single, double)  # equal to 5 digits here
+    reference = configs["2x2"]
+    for name, config in configs.items():
+        assert sorted(losses(config)) == [1, 2, 3]
+        for step in (1, 2, 3):
+            assert losses(config)[step] == pytest.approx(losses(reference)[step], rel=1e-4), (name, step)
+            assert grad_norms(config)[step] == pytest.approx(grad_norms(reference)[step], rel=1e-4), (name, step)
+
+    base = tensors_by_component(tiny_model_dir / "model.safetensors")
+    trained = tensors_by_component(run_dir(configs["2x1-2ranks"]) / "final" / "model.safetensors")
+    for component in ("merger", "deepstack", "llm", "lm_head"):
+        for name, t in base[component].items():
+            assert not trained[component][name].equal(t), f"{name} did not change"
+    for name, t in base["vision"].items():
+        assert trained["vision"][name].equal(t), f"frozen {name} changed"
+    assert next(r for r in read_all(run_dir(configs["2x1-2ranks"]) / "metrics.jsonl") if r["kind"] == "start")["world_size"] == 2
 
 
 def test_optimizer_offload_changes_where_adam_runs_not_what_it_computes(tmp_path, demo_data):

@@ -30,13 +30,15 @@ def _patch(worker):
 
     kind, _, arg = FAULT.partition(":")
     if kind == "slow_save":
-        original = worker._fsync_tree
+        import qvltune.trainer as trainer
+
+        original = trainer.fsync_tree
 
         def slow(path):
             original(path)
             time.sleep(float(arg))
 
-        worker._fsync_tree = slow
+        trainer.fsync_tree = slow  # checkpoints' sync (QvlTrainer._save_checkpoint)
     elif kind == "enospc":
         original_save = torch.save
 
@@ -53,7 +55,7 @@ def _patch(worker):
 
         worker.compile_blocks = functools.partial(worker.compile_blocks, backend=broken_backend)
     elif kind in ("oom", "nan", "die"):
-        make = worker._make_trainer_class
+        make = worker.make_trainer_class
         target = int(arg)
 
         def make_faulty():
@@ -77,7 +79,7 @@ def _patch(worker):
 
             return Faulty
 
-        worker._make_trainer_class = make_faulty
+        worker.make_trainer_class = make_faulty
 
 
 class _Hook(importlib.abc.MetaPathFinder):
