@@ -57,10 +57,16 @@ def _metavar(param) -> str:
     long = max(param.opts, key=len)
     if long in _METAVARS:
         return _METAVARS[long]
-    desc = param.type_descriptor
-    if desc.is_choice:
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None:  # Typer before its vendored click (e.g. 0.2x): read click's own ParamType
+        choices = getattr(param.type, "choices", None)
+        if choices:
+            return "|".join(str(getattr(c, "value", c)) for c in choices)
+        kind = {"integer": "int", "float": "float", "path": "Path"}.get(param.type.name, "str")
+    elif desc.is_choice:
         return "|".join(str(getattr(c, "value", c)) for c in desc.choices or ())
-    kind = param.bare_type()
+    else:
+        kind = param.bare_type()
     if kind in ("int", "float"):
         return "N"
     if kind in ("Path", "PosixPath"):
