@@ -192,7 +192,7 @@ def zero3_checkpoint(shape: str, base: Path, data: Path, work: Path, log: Path) 
         "model": {"path": str(base)},
         "data": {"train": str(data), "max_seq_length": 8192, "packing": True, "num_workers": 4},
         "strategy": "mixed", "components": {"vision": "lora"},
-        "optim": {"learning_rate": 1e-3, "per_device_batch": 1, "grad_accum": 1, "max_steps": 3, "warmup_ratio": 0.0, "bf16": shape != "tiny", "compile": False, "gradient_checkpointing": False},
+        "optim": {"learning_rate": 1e-3, "per_device_batch": 1, "grad_accum": 1, "max_steps": 3, "warmup_ratio": 0.0, "bf16": shape != "tiny", "compile": False, "gradient_checkpointing": shape != "tiny"},
         "schedule": {"log_steps": 1, "eval_steps": 10**6, "save_steps": 3},
         "deepspeed": {"stage": 3},
         "launch": {"gpus": 1} if shape != "tiny" else {"cpu_processes": 1},
