@@ -227,6 +227,23 @@ def test_half_precision_merge_is_exact_in_fp32_and_rounded_once(lora_run, tmp_pa
     assert logit_errors(ref, probe_logits(unmerged, batch), mask)[0] == pytest.approx(lg.unmerged_rms, rel=1e-3)
 
 
+@pytest.mark.parametrize(("dtype", "saved", "unmerged", "warned"), [
+    ("bfloat16", 0.074, 0.029, True),  # the H200's 8B flow: 2.5x, held-out loss 9.05 -> 9.39
+    ("bfloat16", 0.026, 0.0256, False),  # 2B: the merge costs what the dtype costs anyway
+    ("float16", 0.05, 0.02, True),
+    ("float32", 0.074, 0.029, False),  # an fp32 merge rounds nothing away
+])
+def test_a_merge_that_rounds_away_training_is_named_with_the_fix(dtype, saved, unmerged, warned):
+    from qvltune.verify import LogitCheck
+
+    lg = LogitCheck(merge_rms=1e-6, merge_max=1e-5, saved_rms=saved, saved_max=saved * 5, cast_rms=saved, cast_max=saved * 5, unmerged_rms=unmerged,
+                    unmerged_max=unmerged * 5, reference_rms=3.0, scale=10.0, training_effect=10.0, top1_agreement=0.9, positions=100)
+    note = lg.rounding_note(dtype)
+    assert (note is not None) == warned
+    if warned:
+        assert f"{saved / unmerged:.1f}x" in note and "--dtype fp32" in note
+
+
 def test_intermediate_checkpoint_is_merged_not_the_final_adapter(lora_run, merged_lora, tmp_path):
     from qvltune.merge import merge
 

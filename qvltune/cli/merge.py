@@ -60,6 +60,8 @@ def render(result) -> None:
     out.print(f"  {_status(lg.saved_ok)}  logits     saved {short} vs the reference: RMS {lg.saved_rms:.2g}, {lg.ratio:.2f}x {short} rounding ({'<=' if lg.saved_ok else '>'} {lg.factor:g}x)")
     if result.dtype != "float32":
         out.print(f"                   (the adapter unmerged in {short}: RMS {lg.unmerged_rms:.2g})")
+        if note := lg.rounding_note(result.dtype):
+            console.warn(note)
     out.print(f"                   probe: 2 images + chats, {lg.positions} positions; training moved the logits by up to {lg.training_effect:.3g}; same top-1 token at {lg.top1_agreement:.1%}")
     w = result.weights
     if w.skipped:
