@@ -25,6 +25,7 @@ from qvltune.config import load_config
 from qvltune.launch import free_port
 from qvltune.metrics import read_all
 from qvltune.nodes import slurm_script
+from test_training import write_config as training_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +49,9 @@ exit $code
 
 
 def write_config(tmp_path: Path, demo_data, name: str, stage: int, processes: int) -> Path:
-    train, evals = demo_data
-    doc = {
-        "name": name,
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"path": "builtin:tiny"},
-        "data": {"train": str(train), "eval": f"{evals}%50", "max_seq_length": 256, "num_workers": 0},
-        "strategy": "mixed",
-        "optim": {"learning_rate": 2e-3, "bf16": False, "optimizer": "adamw_torch", "per_device_batch": 2, "grad_accum": 1, "max_steps": 6, "warmup_ratio": 0.0},
-        "schedule": {"log_steps": 1, "eval_steps": 100, "save_steps": 3},
-        "deepspeed": {"stage": stage},
-        "launch": {"cpu_processes": processes},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """The training tests' tiny run, as the mixed strategy for 6 steps with a checkpoint every 3."""
+    return training_config(tmp_path, demo_data, name, strategy="mixed", optim={"per_device_batch": 2, "max_steps": 6},
+                           schedule={"eval_steps": 100, "save_steps": 3}, deepspeed={"stage": stage}, launch={"cpu_processes": processes})
 
 
 def losses(run_dir: Path) -> dict[int, float]:
