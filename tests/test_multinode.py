@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from qvltune.config import load_config
 from qvltune.launch import free_port
