@@ -31,7 +31,7 @@ from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, trainable_table, transformer_blocks
 from qvltune.trainer import fsync_tree, is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
-from qvltune.zero import deepspeed_config, zero3_leaf_blocks
+from qvltune.zero import deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
 EXIT_NAN = 3
@@ -72,7 +72,7 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
         seed=o.seed,
         data_seed=o.seed,
         report_to=[] if s.report_to == "none" else [s.report_to],
-        deepspeed=deepspeed_config(cfg),
+        deepspeed=deepspeed_config(cfg, zero3_stats(cfg)),  # ZeRO-3: settings from the model's sizes
         use_cpu=use_cpu,
         dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=not use_cpu,
@@ -213,7 +213,7 @@ def run(run_dir: Path, resume: bool) -> int:
     callback = make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
     callbacks = [callback]
     if cfg.schedule.profile_steps:
-        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps))
+        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps, python=cfg.schedule.profile_python))
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
     )

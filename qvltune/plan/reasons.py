@@ -185,6 +185,16 @@ def zero(label: str, *, fits: bool, per_gpu: str, memory: str, unit: str, margin
     return Reason(f"cheapest that fits: {per_gpu} of {memory}", why)
 
 
+def zero3_settings(values: dict, why: dict[str, str]) -> Reason:
+    """``values``/``why``: ``qvltune.zero.zero3_tuning``'s settings and the reason for each."""
+
+    def count(n: int) -> str:
+        return f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+    short = f"prefetch {count(values['prefetch_bucket_size'])}, persist {count(values['param_persistence_threshold'])}, bucket {count(values['reduce_bucket_size'])}"
+    return Reason(short, "; ".join(f"{key} {values[key]}: {why[key]}" for key in values))
+
+
 def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, unit: str = "GPU") -> Reason:
     if not fits:
         return Reason("the most memory-saving setting", "the most memory-saving setting")

@@ -75,10 +75,15 @@ class Rung:
 DENSE_LADDER = (Rung(2), Rung(3), Rung(3, True), Rung(3, True, True))
 MOE_LADDER = (Rung(2), Rung(2, True))
 CPU_LADDER = (Rung(2),)
+# One GPU: ZeRO-3 partitions each tensor into one piece, so without parameter offload it holds all
+# that ZeRO-2 holds, plus its gathered working set, and still pays its gathers and hooks every step
+# (benchmarks/zero3_overhead.py measures what they cost). ZeRO-2 with the optimizer offloaded saves
+# the same memory as ZeRO-3 with it; ZeRO-3 is left for offloading the parameters too.
+ONE_GPU_LADDER = (Rung(2), Rung(2, True), Rung(3, True, True))
 
 
 def ladder(stats: ModelStats, machine: Machine, offload: bool = True) -> tuple[Rung, ...]:
-    rungs = CPU_LADDER if machine.is_cpu else MOE_LADDER if stats.is_moe else DENSE_LADDER
+    rungs = CPU_LADDER if machine.is_cpu else MOE_LADDER if stats.is_moe else ONE_GPU_LADDER if machine.world_size == 1 else DENSE_LADDER
     return tuple(r for r in rungs if offload or not r.offload_optimizer)
 
 
