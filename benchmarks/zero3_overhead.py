@@ -14,13 +14,14 @@ gpu_throughput.py, the run config `qvltune init` writes for one H200 with the st
 - tiny-mixed: the built-in tiny model on CPU (DeepSpeed's CPU accelerator, gloo): the script's own
   check, not a measurement.
 
-Variants (the stage and ZeRO-3 settings forced on the planner's config; nothing else changes):
+Variants (the stage, ZeRO-3 settings and compile forced on the planner's config; nothing else):
 - z2:          ZeRO-2 as planned (decoder layers compiled on GPUs, as the planner does).
 - z2-eager:    ZeRO-2 with compile off: the same kernels as the eager ZeRO-3 variants.
-- z3:          ZeRO-3 with qvltune's settings (`qvltune.zero.zero3_tuning`, from the model's sizes).
+- z3:          ZeRO-3 as the planner now writes it: qvltune's settings (`qvltune.zero.zero3_tuning`,
+               from the model's sizes) and compiled decoder layers (their forward only).
+- z3-eager:    z3 with compile off: ZeRO-3's machinery against z2-eager.
 - z3-defaults: ZeRO-3 with the Trainer's "auto" values written out (prefetch 0.9 x hidden^2,
-               persistence 10 x hidden, reduce bucket hidden^2): qvltune's ZeRO-3 before this tuning.
-- z3-compile:  z3 with compiled decoder layers.
+               persistence 10 x hidden, reduce bucket hidden^2), eager: qvltune's ZeRO-3 before.
 
 Each run: `--steps` optimizer steps, logged every 2; real tokens/s and step time averaged over the
 steps after the warm-up (--warmup, which also leaves out the compilation). Peak memory is rank 0's
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gpu_throughput as gt  # noqa: E402
 
 SHAPES = {"2b-mixed": ("2b", "mixed"), "8b-mixed": ("8b", "mixed"), "8b-full": ("8b", "full"), "tiny-mixed": ("tiny", "mixed")}
-VARIANTS = ("z2", "z2-eager", "z3", "z3-defaults", "z3-compile")
+VARIANTS = ("z2", "z2-eager", "z3", "z3-eager", "z3-defaults")
 H200 = dict(gpu_name="NVIDIA H200", gpu_memory_gib=139.8, host_ram_gib=128)
 
 
@@ -103,11 +104,13 @@ def model_for(shape: str, work: Path, data: Path, effective_batch: int) -> tuple
     if plan_fits_zero2(folder, data, strategy, effective_batch):
         return folder, f"{size.upper()} {strategy}"
     total = json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"]
-    for layers in range(total - 1, 0, -1):  # each check builds a meta model: a second or so
-        cut = cut_layers(folder, layers)
-        if plan_fits_zero2(cut, data, strategy, effective_batch):
-            return cut, f"{size.upper()} {strategy}, {layers} of {total} layers"
-    raise SystemExit(f"{shape}: no layer count fits ZeRO-2 on one H200")
+    lo, hi = 0, total  # fits with lo layers (0: none found yet), not with hi; memory grows with layers
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan_fits_zero2(cut_layers(folder, mid), data, strategy, effective_batch) else (lo, mid)
+    if not lo:
+        raise SystemExit(f"{shape}: no layer count fits ZeRO-2 on one H200")
+    return cut_layers(folder, lo), f"{size.upper()} {strategy}, {lo} of {total} layers"
 
 
 def trainer_defaults(hidden: int) -> dict[str, Any]:
@@ -134,8 +137,8 @@ def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, st
         doc["data"]["num_workers"] = 0
         doc["launch"] = {"cpu_processes": 1}
         doc["model"]["random_init"] = False
-    if variant != "z2" or cpu:  # z2 keeps the planner's choice on GPUs (compiled)
-        doc["optim"]["compile"] = variant == "z3-compile"
+    if variant.endswith(("-eager", "-defaults")) or cpu:  # z2 and z3 keep the planner's choice on GPUs (compiled)
+        doc["optim"]["compile"] = False
     doc["deepspeed"] = {"stage": stage, "offload_optimizer": False, "offload_params": False}
     if stage == 3:
         stats = model_stats(resolve_model_config(str(model))[0])
@@ -239,7 +242,7 @@ def profile_groups(events: list[dict]) -> list[dict]:
         name, cat, ts, dur = e.get("name", ""), e.get("cat", ""), float(e["ts"]), float(e["dur"])
         span = [min(span[0], ts), max(span[1], ts + dur)]
         on_device = cat in ("kernel", "gpu_memcpy", "gpu_memset")
-        group = next((g for g, pattern, need in PROFILE_GROUPS if (need is None or need == cat) and re.search(pattern, name)), None)
+        group = next((g for g, pattern, need in PROFILE_GROUPS if (need is None or need == cat) and re.search(pattern, name, re.IGNORECASE)), None)
         if group is None and on_device:
             group = "compute kernels"
         if group is None:
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qvltune-zero3"))
     ap.add_argument("--shapes", default="2b-mixed", help=f"any of {','.join(SHAPES)}")
-    ap.add_argument("--variants", default="z2,z3,z3-defaults", help=f"any of {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default="z2,z3,z3-eager,z2-eager,z3-defaults", help=f"any of {','.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4, help="logged steps left out of the averages (compilation, first gathers)")
     ap.add_argument("--samples", type=int, default=400)

@@ -119,17 +119,27 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
-def compile_blocks(model, backend: str | Callable = "inductor") -> int:
+def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = False) -> int:
     """torch.compile every language-model decoder layer in place; returns how many were compiled.
 
     One graph serves all layers (same code, parameters are graph inputs) and ``dynamic=True`` makes
     it cover every packed-row length from the first step, so there is one compilation, not one per
     length. Vision blocks stay eager: with sdpa their attention loops over the images of the batch in
     Python (``lengths.tolist()``), so every new image count would be a graph break and a recompile.
+
+    ``zero3``: compile each layer's ``forward`` only. ``Module.compile`` compiles the whole call,
+    module hooks included, and ZeRO-3's gather/release hooks then run through dynamo as graph breaks
+    (DeepSpeed's fetch is ``compiler.disable``d, its release and backward hook are not traceable);
+    with the forward alone compiled the hooks run eagerly around the compiled graph.
     """
+    import torch
+
     layers = transformer_blocks(model, (DECODER_LAYER,))
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend)
+        if zero3:
+            layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+        else:
+            layer.compile(dynamic=True, backend=backend)
     return len(layers)
 
 
@@ -177,7 +187,7 @@ def run(run_dir: Path, resume: bool) -> int:
         if is_main():
             print(f"qvltune: ZeRO-3 gathers {blocks} transformer blocks whole", flush=True)
     if cfg.optim.compile:
-        compile_blocks(model)
+        compile_blocks(model, zero3=cfg.deepspeed.stage == 3)
     t = _phase("model loaded and prepared", t)
     _begin(writer, "building the datasets and the trainer")
 

@@ -203,11 +203,11 @@ def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, un
     return Reason("memory allows it off (faster)", "memory allows it: no recomputed forward pass (about a third more compute saved)")
 
 
-def compile_layers() -> Reason:
-    return Reason(
-        "fused kernels; ~1 min at step 1",
-        "torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step)",
-    )
+def compile_layers(zero3: bool = False) -> Reason:
+    why = "torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step)"
+    if zero3:
+        why += "; under ZeRO-3 each layer's forward is compiled and DeepSpeed's gather/release hooks run eagerly around it"
+    return Reason("fused kernels; ~1 min at step 1", why)
 
 
 def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: bool, packing: bool, per_row: int, target: int, target_why: str, rows_target: int) -> Reason:

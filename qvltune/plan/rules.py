@@ -194,11 +194,12 @@ def choose_max_seq_length(answers: Answers, data: DatasetSummary | None) -> tupl
     return seq, how == "p99", reasons.max_seq_length(seq, how=how, longest=longest, p99=p99).why
 
 
-def compiles(machine: Machine, rung: Rung) -> bool:
-    """torch.compile the decoder layers on bf16-capable GPUs under ZeRO-0..2: it fuses the element-wise
-    kernels that leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the compile would
-    outlast a small run) nor under ZeRO-3, whose gather hooks would run inside each compiled call."""
-    return not machine.is_cpu and machine.bf16 and rung.stage < 3
+def compiles(machine: Machine) -> bool:
+    """torch.compile the decoder layers on bf16-capable GPUs: it fuses the element-wise kernels that
+    leave the step launch-bound (benchmarks/RESULTS.md). Under ZeRO-3 too: there only each layer's
+    forward is compiled and DeepSpeed's gather/release hooks run eagerly around it
+    (``worker.compile_blocks``). Not on CPU (the compile would outlast a small run)."""
+    return not machine.is_cpu and machine.bf16
 
 
 def unit_of(machine: Machine) -> str:
