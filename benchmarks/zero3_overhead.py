@@ -48,7 +48,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_throughput as gt  # noqa: E402

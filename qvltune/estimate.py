@@ -30,7 +30,7 @@ from typing import Any
 from qvltune.config import COMPONENTS, RunConfig
 from qvltune.model_stats import Linear, ModelStats, _adapted_inputs, lora_params, meta_model, model_stats, resolve_model_config  # noqa: F401 (re-exported: the estimator's inputs)
 from qvltune.pixels import TOKEN_PIXELS
-from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE
+from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
 
 GiB = 1024**3
 
@@ -51,8 +51,9 @@ FOREACH_STEP_TEMP_BYTES = 4
 # ZeRO-1/2 gradient buckets: with contiguous_gradients and overlap_comm (qvltune.zero writes both)
 # DeepSpeed allocates two reduce buffers of reduce_bucket_size elements in the gradient dtype
 # (stage_1_and_2.py setup_buckets: buf_0 and buf_1) of qvltune.zero's reduce_bucket_size.
-# ZeRO-3: the Trainer fills reduce_bucket_size = hidden^2 and the prefetch bucket = 0.9 hidden^2
-# (transformers/integrations/deepspeed.py). Gathered parameters are kept while they will be reused
+# ZeRO-3: one reduce buffer of reduce_bucket_size elements per gradient dtype (stage3.py, with
+# contiguous_gradients), the size qvltune.zero derives from the model (zero3_tuning: a decoder
+# layer's trained parameters, at least hidden^2). Gathered parameters are kept while they will be reused
 # soon (stage3_max_reuse_distance) up to stage3_max_live_parameters (both set by qvltune.zero):
 # the largest single tensor (embeddings / lm_head) plus up to that many elements.
 
@@ -417,7 +418,8 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
         if stage in (1, 2):
             gpu.append(Term("gradient buckets", 2 * ZERO12_BUCKET_SIZE * wbytes, "DeepSpeed's two reduce buffers of reduce_bucket_size (5e8) elements"))
         elif stage == 3:
-            gpu.append(Term("gradient buckets", 2 * s.hidden**2 * wbytes, "DeepSpeed's reduce buffers of hidden^2 elements (ZeRO-3)"))
+            bucket = zero3_values(cfg, s)["reduce_bucket_size"]  # the config's, else qvltune.zero's from the model's sizes
+            gpu.append(Term("gradient buckets", bucket * wbytes, f"DeepSpeed's reduce buffer of reduce_bucket_size ({bucket:,}) elements (ZeRO-3, stage3.py: one per gradient dtype)"))
 
     # -- activations of one micro-batch --------------------------------------------------------
     t, img = wl.tokens, wl.image_tokens

@@ -18,7 +18,7 @@ from qvltune.config import RunConfig
 from qvltune.model import transformer_blocks
 
 if TYPE_CHECKING:
-    from qvltune.estimate import ModelStats
+    from qvltune.model_stats import ModelStats
 
 
 # DeepSpeed buffer sizes qvltune sets (elements); qvltune.estimate counts the memory they hold.
@@ -240,7 +240,7 @@ def zero3_stats(cfg: RunConfig) -> ModelStats | None:
     """The model's sizes (its config.json on the meta device: no weights) when ZeRO-3 needs them."""
     if cfg.deepspeed.stage != 3:
         return None
-    from qvltune.estimate import model_stats, resolve_model_config
+    from qvltune.model_stats import model_stats, resolve_model_config
 
     return model_stats(resolve_model_config(cfg.model.path, cfg.model.trust_remote_code)[0])
 

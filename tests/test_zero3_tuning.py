@@ -115,3 +115,18 @@ def test_the_planner_writes_the_settings_it_explains():
     one = make_plan(Answers(model="Qwen/Qwen3-VL-8B-Instruct", strategy="full"), Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, 1024 * GiB, 989.0, True), model_stats(builtin_config("8B")))
     assert (one.config.deepspeed.stage, one.config.deepspeed.offload_optimizer) == (2, True)
     assert all(d.topic != "zero-3 settings" for d in one.decisions)
+
+
+def test_the_estimator_counts_the_reduce_bucket_zero3_allocates():
+    """ZeRO-3 allocates one reduce buffer of reduce_bucket_size elements (stage3.py): the estimate
+    counts the size the JSON carries (one 8B full decoder layer's parameters, or the config's)."""
+    from qvltune.estimate import GiB, Machine, estimate
+
+    stats = model_stats(builtin_config("8B"))
+    two = Machine("NVIDIA H200", int(139.8 * GiB), 2, 1, 256 * GiB, 989.0, True)
+    doc = {"name": "x", "model": {"path": "Qwen/Qwen3-VL-8B-Instruct"}, "data": {"train": "t.jsonl"}, "strategy": "full", "deepspeed": {"stage": 3}}
+    for zero3 in ({}, {"reduce_bucket_size": 1000}):
+        cfg = parse_config({**doc, "deepspeed": {"stage": 3, "zero3": zero3}})
+        bucket = deepspeed_config(cfg, stats)["zero_optimization"]["reduce_bucket_size"]
+        terms = {t.name: t.bytes for t in estimate(cfg, stats, two).gpu_terms}
+        assert terms["gradient buckets"] == 2 * bucket and bucket == (zero3 or {"reduce_bucket_size": stats.layer_params})["reduce_bucket_size"]
