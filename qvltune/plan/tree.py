@@ -348,7 +348,7 @@ def _decide_zero3(decide: Callable[[str, str, reasons.Reason], None], chosen: _C
     """ZeRO-3's gather and reduce settings, from the model's sizes (written to deepspeed.zero3)."""
     if chosen.rung.stage == 3:
         tuning = zero3_tuning(Zero3Sizes.of(stats, cfg))
-        decide("zero-3 settings", "from the model's sizes", reasons.zero3_settings(tuning.values(), tuning.why))
+        decide("zero-3 settings", "tuned", reasons.zero3_settings(tuning.values(), tuning.why))
 
 
 def _suggestions(search: _Search, chosen: _Choice, stats: ModelStats, machine: Machine, stats_for: Callable[[str], ModelStats], data: DatasetSummary | None) -> list[str]:
