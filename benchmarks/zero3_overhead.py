@@ -129,6 +129,7 @@ def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, st
 
     stage = 2 if variant.startswith("z2") else 3
     doc = gt.run_config(name, model, data, work, strategy, "qvltune", steps, False, stage, effective_batch)
+    # The profiled step is the second last (global step index steps - 2); summarise stops before it.
     doc["schedule"].update(log_steps=2, profile_steps=[steps - 2, 1] if profile and stage == 3 else None, profile_python=profile and stage == 3)
     cpu = "tiny" in str(model)
     if cpu:  # the CPU path: fp32, unfused Adam, one process, no data workers
@@ -150,10 +151,11 @@ def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, st
 # Results
 
 
-def summarise(run_dir: Path, warmup: int) -> dict[str, Any]:
-    """Real tokens/s, seconds per optimizer step, peak memory and the logged losses of one run."""
+def summarise(run_dir: Path, warmup: int, last: int | None = None) -> dict[str, Any]:
+    """Real tokens/s, seconds per optimizer step, peak memory and the logged losses of one run, over
+    the logged steps after ``warmup`` up to ``last`` (the profiled step and after are left out)."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
-    train = [r for r in recs if r["kind"] == "train"]
+    train = [r for r in recs if r["kind"] == "train" and (last is None or r["step"] <= last)]
     end = next((r for r in recs if r["kind"] == "end"), {})
     steady = [r for r in train if r["step"] > warmup]
     if not steady:
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                 "name": name, "shape": shape, "variant": variant, "label": label, "exit": run["exit"], "wall_s": run["wall_s"],
                 "rows": f"{doc['data']['max_seq_length']:,} x {o['per_device_batch']} x {o['grad_accum']}",
                 "ckpt": "on" if o["gradient_checkpointing"] else "off", "compile": "yes" if o.get("compile") else "no",
-                "zero3": doc["deepspeed"].get("zero3"), **summarise(args.work / "runs" / name, args.warmup),
+                "zero3": doc["deepspeed"].get("zero3"), **summarise(args.work / "runs" / name, args.warmup, doc["schedule"]["profile_steps"][0] if doc["schedule"]["profile_steps"] else None),
             }
             trace = args.work / "runs" / name / "profile-trace.json"
             if trace.exists():
