@@ -5,6 +5,10 @@ equal to the ``TrainingArguments`` the worker builds, so the Trainer's consisten
 the JSON is complete on its own (for ``launch.sh`` or a cluster). ``gradient_clipping`` is always
 present — the official recipe's JSON leaves it out, which silently disables clipping. Only the
 global batch stays ``auto``: it depends on how many processes are launched.
+
+ZeRO-3 also gets: every transformer block gathered whole (``zero3_leaf_blocks``), and its prefetch,
+persistence, live-parameter and reduce-bucket sizes from the model's own sizes (``zero3_tuning``),
+unless the config's ``deepspeed.zero3`` gives them.
 """
 
 from __future__ import annotations
