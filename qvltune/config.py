@@ -186,12 +186,30 @@ class ScheduleConfig(_Strict):
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     # Profile optimizer steps [start, start + count) with torch.profiler: <run>/profile.txt (+ trace).
     profile_steps: tuple[int, int] | None = None
+    # Record Python frames too (torch.profiler with_stack): shows host time spent in Python, e.g.
+    # DeepSpeed's ZeRO-3 hooks, in the trace; slows the profiled steps.
+    profile_python: bool = False
+
+
+class Zero3Config(_Strict):
+    """ZeRO-3's gather and reduce settings (DeepSpeed's names, without the ``stage3_`` prefix).
+
+    Unset: derived from the model's own sizes at launch (``qvltune.zero.zero3_tuning``); `qvltune
+    init` writes them out with the reason for each."""
+
+    prefetch_bucket_size: int | None = Field(None, ge=0)
+    param_persistence_threshold: int | None = Field(None, ge=0)
+    max_live_parameters: int | None = Field(None, ge=1)
+    max_reuse_distance: int | None = Field(None, ge=0)
+    reduce_bucket_size: int | None = Field(None, ge=1)
+    overlap_comm: bool | None = None
 
 
 class DeepSpeedConfig(_Strict):
     stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    zero3: Zero3Config = Field(default_factory=Zero3Config)
 
 
 class LaunchConfig(_Strict):
@@ -438,6 +456,8 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
         out.append("deepspeed.offload_optimizer: needs ZeRO stage 1, 2 or 3 (got stage 0)")
     if ds.offload_params and ds.stage != 3:
         out.append(f"deepspeed.offload_params: needs ZeRO stage 3 (got stage {ds.stage})")
+    if ds.stage != 3 and any(v is not None for v in ds.zero3.model_dump().values()):
+        out.append(f"deepspeed.zero3: ZeRO-3 settings with stage {ds.stage} would be ignored (remove the section, or use stage: 3)")
     if cfg.data.packing and cfg.model.attn_implementation not in PACKING_SAFE_ATTENTION:
         out.append(f"data.packing: attention '{cfg.model.attn_implementation}' cannot keep packed samples apart (use sdpa or varlen)")
     if cfg.data.eval and cfg.data.eval_split:

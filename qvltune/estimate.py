@@ -1,8 +1,8 @@
 """Memory per GPU, host memory, FLOPs and time of a training run, from the model's config.json alone.
 
-No weights are read: the model is built on PyTorch's ``meta`` device (shapes only, instantly) to
-count parameters per component and find every linear layer LoRA would adapt. Everything else is
-arithmetic on those counts, the run config and the machine, so the estimate is a pure function
+No weights are read: ``qvltune.model_stats`` counts parameters per component and finds every linear
+layer LoRA would adapt on a model built on the meta device. Everything else is arithmetic on those
+counts, the run config and the machine, so the estimate is a pure function
 (``estimate``) tested by tables of cases and used by the planner to search ZeRO stages.
 
 Per GPU, the peak of ``torch.cuda.max_memory_allocated`` is modelled as
@@ -24,15 +24,13 @@ for the MoE model, its routed experts only).
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from qvltune.config import COMPONENTS, RunConfig
+from qvltune.model_stats import Linear, ModelStats, _adapted_inputs, lora_params, meta_model, model_stats, resolve_model_config  # noqa: F401 (re-exported: the estimator's inputs)
 from qvltune.pixels import TOKEN_PIXELS
-from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE
+from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
 
 GiB = 1024**3
 
@@ -53,8 +51,9 @@ FOREACH_STEP_TEMP_BYTES = 4
 # ZeRO-1/2 gradient buckets: with contiguous_gradients and overlap_comm (qvltune.zero writes both)
 # DeepSpeed allocates two reduce buffers of reduce_bucket_size elements in the gradient dtype
 # (stage_1_and_2.py setup_buckets: buf_0 and buf_1) of qvltune.zero's reduce_bucket_size.
-# ZeRO-3: the Trainer fills reduce_bucket_size = hidden^2 and the prefetch bucket = 0.9 hidden^2
-# (transformers/integrations/deepspeed.py). Gathered parameters are kept while they will be reused
+# ZeRO-3: one reduce buffer of reduce_bucket_size elements per gradient dtype (stage3.py, with
+# contiguous_gradients), the size qvltune.zero derives from the model (zero3_tuning: a decoder
+# layer's trained parameters, at least hidden^2). Gathered parameters are kept while they will be reused
 # soon (stage3_max_reuse_distance) up to stage3_max_live_parameters (both set by qvltune.zero):
 # the largest single tensor (embeddings / lm_head) plus up to that many elements.
 
@@ -125,166 +124,6 @@ OFFLOAD_OPTIMIZER_SPEED = 0.7
 OFFLOAD_PARAMS_SPEED = 0.5
 # Packed rows without a dataset to measure: text tokens assumed beside each image.
 TEXT_TOKENS_PER_IMAGE_SAMPLE = 64
-
-
-# ----------------------------------------------------------------------------------------------
-# The model, from config.json
-
-
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    component: str
-    in_features: int
-    out_features: int
-
-
-@dataclass(frozen=True)
-class ModelStats:
-    """Shapes and parameter counts of a Qwen3-VL model (from its config, no weights)."""
-
-    model_type: str
-    params: dict[str, int]  # per component (tied embeddings counted once, in lm_head)
-    linears: tuple[Linear, ...]  # every nn.Linear, for LoRA counts
-    largest_tensor: int  # elements of the largest parameter (ZeRO-3 gathers it whole)
-    layer_params: int  # parameters of one decoder layer
-    # text
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    experts: int
-    experts_per_token: int
-    moe_intermediate: int
-    # vision
-    vision_depth: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_out: int
-    deepstack: int
-    spatial_merge: int
-    vision_block_params: int
-
-    @property
-    def total(self) -> int:
-        return sum(self.params.values())
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts > 0
-
-    def llm_active_params(self) -> int:
-        """LLM parameters a token passes through (all of them for dense models; for MoE only the
-        routed experts' share)."""
-        if not self.is_moe:
-            return self.params["llm"]
-        expert_params = self.layers * self.experts * 3 * self.hidden * self.moe_intermediate
-        return self.params["llm"] - expert_params + expert_params * self.experts_per_token // self.experts
-
-
-def _config_object(config: dict[str, Any]):
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
-        raise ValueError(f"model_type '{model_type}' is not Qwen3-VL (qwen3_vl or qwen3_vl_moe)")
-    doc = {k: v for k, v in config.items() if k != "model_type"}
-    return CONFIG_MAPPING[model_type].from_dict(doc)
-
-
-def meta_model(config: dict[str, Any]):
-    """The model a config.json describes, built on the meta device: shapes only, no memory, instant."""
-    import torch
-
-    from qvltune.model import model_class
-
-    with torch.device("meta"):
-        return model_class(config["model_type"])._from_config(_config_object(config), dtype=torch.bfloat16)
-
-
-@lru_cache(maxsize=32)
-def _stats_cached(config_json: str) -> ModelStats:
-    from torch import nn
-
-    from qvltune.model import component_of
-
-    config = json.loads(config_json)
-    model = meta_model(config)
-    cfg = model.config
-    params = dict.fromkeys(COMPONENTS, 0)
-    largest = 0
-    layer0 = 0
-    for name, p in model.named_parameters():  # tied weights appear once
-        params[component_of(name)] += p.numel()
-        largest = max(largest, p.numel())
-        if ".language_model.layers.0." in name:
-            layer0 += p.numel()
-    linears = tuple(
-        Linear(name, component_of(name + ".weight"), m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
-    )
-    vblock = sum(p.numel() for n, p in model.named_parameters() if ".visual.blocks.0." in n)
-    t, v = cfg.text_config, cfg.vision_config
-    return ModelStats(
-        model_type=config["model_type"],
-        params=params,
-        linears=linears,
-        largest_tensor=largest,
-        layer_params=layer0,
-        hidden=t.hidden_size,
-        layers=t.num_hidden_layers,
-        heads=t.num_attention_heads,
-        kv_heads=t.num_key_value_heads,
-        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
-        intermediate=t.intermediate_size,
-        vocab=t.vocab_size,
-        tied=bool(getattr(t, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False)),
-        experts=getattr(t, "num_experts", 0) or 0,
-        experts_per_token=getattr(t, "num_experts_per_tok", 0) or 0,
-        moe_intermediate=getattr(t, "moe_intermediate_size", 0) or 0,
-        vision_depth=v.depth,
-        vision_hidden=v.hidden_size,
-        vision_intermediate=v.intermediate_size,
-        vision_out=v.out_hidden_size,
-        deepstack=len(v.deepstack_visual_indexes),
-        spatial_merge=v.spatial_merge_size,
-        vision_block_params=vblock,
-    )
-
-
-def model_stats(config: dict[str, Any]) -> ModelStats:
-    """Parameter counts and shapes of the model a config.json describes (built on the meta device)."""
-    return _stats_cached(json.dumps(config, sort_keys=True, default=str))
-
-
-def lora_params(stats: ModelStats, cfg: RunConfig) -> dict[str, int]:
-    """LoRA adapter parameters per component: rank x (in + out) for each linear the run's
-    target regex selects (the same regex peft gets, matched the way peft does: re.fullmatch)."""
-    from qvltune.model import lora_target_regex
-
-    regex = lora_target_regex(cfg)
-    out = dict.fromkeys(COMPONENTS, 0)
-    if not regex:
-        return out
-    pattern = re.compile(regex)
-    for lin in stats.linears:
-        if pattern.fullmatch(lin.name):
-            out[lin.component] += cfg.lora.rank * (lin.in_features + lin.out_features)
-    return out
-
-
-def _adapted_inputs(stats: ModelStats, cfg: RunConfig, prefix: str) -> dict[str, int]:
-    """Input width of each adapted linear of one layer (e.g. {'q_proj': 2048, ...})."""
-    from qvltune.model import lora_target_regex
-
-    regex = lora_target_regex(cfg)
-    if not regex:
-        return {}
-    pattern = re.compile(regex)
-    return {lin.name.rsplit(".", 1)[-1]: lin.in_features for lin in stats.linears if lin.name.startswith(prefix) and pattern.fullmatch(lin.name)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,7 +418,8 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
         if stage in (1, 2):
             gpu.append(Term("gradient buckets", 2 * ZERO12_BUCKET_SIZE * wbytes, "DeepSpeed's two reduce buffers of reduce_bucket_size (5e8) elements"))
         elif stage == 3:
-            gpu.append(Term("gradient buckets", 2 * s.hidden**2 * wbytes, "DeepSpeed's reduce buffers of hidden^2 elements (ZeRO-3)"))
+            bucket = zero3_values(cfg, s)["reduce_bucket_size"]  # the config's, else qvltune.zero's from the model's sizes
+            gpu.append(Term("gradient buckets", bucket * wbytes, f"DeepSpeed's reduce buffer of reduce_bucket_size ({bucket:,}) elements (ZeRO-3, stage3.py: one per gradient dtype)"))
 
     # -- activations of one micro-batch --------------------------------------------------------
     t, img = wl.tokens, wl.image_tokens
@@ -690,26 +530,6 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
 
 def overhead_term(est: Estimate) -> Term:
     return Term("framework overhead", est.overhead, f"CUDA context + NCCL ({CUDA_CONTEXT_BYTES / GiB:.1f} GiB) + {FRAGMENTATION:.0%} allocator fragmentation")
-
-
-# ----------------------------------------------------------------------------------------------
-# Where the model config comes from (the only I/O here)
-
-
-def resolve_model_config(path: str, trust_remote_code: bool = False) -> tuple[dict[str, Any], str]:
-    """(config.json as a dict, where it came from). Known Qwen3-VL Hub ids use the built-in table
-    (no network); folders and ``builtin:tiny`` their own config.json; anything else the Hub cache."""
-    from pathlib import Path
-
-    from qvltune.catalog import builtin_config, size_of
-
-    if not path.startswith("builtin:") and not Path(path).exists():
-        known = builtin_config(path)
-        if known is not None:
-            return known, f"built-in config of Qwen3-VL-{size_of(path)}"
-    from qvltune.model import read_model_config
-
-    return read_model_config(path, trust_remote_code), f"{path}/config.json" if not path.startswith("builtin:") else f"{path} config.json"
 
 
 def format_count(n: float) -> str:

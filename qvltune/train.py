@@ -22,7 +22,7 @@ from qvltune.errors import UserError
 from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, read_all
 from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
-from qvltune.zero import write_deepspeed_config
+from qvltune.zero import write_deepspeed_config, zero3_stats
 
 
 def missing_data_files(cfg: RunConfig) -> list[str]:
@@ -78,7 +78,7 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    write_deepspeed_config(cfg, run_dir / "ds_config.json")
+    write_deepspeed_config(cfg, run_dir / "ds_config.json", zero3_stats(cfg))
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index = prepare_data(cfg, processor)

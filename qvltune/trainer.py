@@ -309,9 +309,10 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
     return QvlCallback()
 
 
-def profiler_callback(run_dir: Path, start: int, count: int):
+def profiler_callback(run_dir: Path, start: int, count: int, python: bool = False):
     """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (ops by
-    device time) and profile-trace.json (open in chrome://tracing or Perfetto)."""
+    device time) and profile-trace.json (open in chrome://tracing or Perfetto); ``python`` adds the
+    Python frames (schedule.profile_python)."""
     from transformers import TrainerCallback
 
     class Profile(TrainerCallback):
@@ -323,7 +324,7 @@ def profiler_callback(run_dir: Path, start: int, count: int):
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=activities, record_shapes=False)
+                self.prof = torch.profiler.profile(activities=activities, record_shapes=False, with_stack=python)
                 self.prof.start()
 
         def on_step_end(self, args, state, control, **kwargs):

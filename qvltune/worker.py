@@ -31,7 +31,7 @@ from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, trainable_table, transformer_blocks
 from qvltune.trainer import fsync_tree, is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
-from qvltune.zero import deepspeed_config, zero3_leaf_blocks
+from qvltune.zero import deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
 EXIT_NAN = 3
@@ -72,7 +72,7 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
         seed=o.seed,
         data_seed=o.seed,
         report_to=[] if s.report_to == "none" else [s.report_to],
-        deepspeed=deepspeed_config(cfg),
+        deepspeed=deepspeed_config(cfg, zero3_stats(cfg)),  # ZeRO-3: settings from the model's sizes
         use_cpu=use_cpu,
         dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=not use_cpu,
@@ -119,17 +119,27 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
-def compile_blocks(model, backend: str | Callable = "inductor") -> int:
+def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = False) -> int:
     """torch.compile every language-model decoder layer in place; returns how many were compiled.
 
     One graph serves all layers (same code, parameters are graph inputs) and ``dynamic=True`` makes
     it cover every packed-row length from the first step, so there is one compilation, not one per
     length. Vision blocks stay eager: with sdpa their attention loops over the images of the batch in
     Python (``lengths.tolist()``), so every new image count would be a graph break and a recompile.
+
+    ``zero3``: compile each layer's ``forward`` only. ``Module.compile`` compiles the whole call,
+    module hooks included, and ZeRO-3's gather/release hooks then run through dynamo as graph breaks
+    (DeepSpeed's fetch is ``compiler.disable``d, its release and backward hook are not traceable);
+    with the forward alone compiled the hooks run eagerly around the compiled graph.
     """
+    import torch
+
     layers = transformer_blocks(model, (DECODER_LAYER,))
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend)
+        if zero3:
+            layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+        else:
+            layer.compile(dynamic=True, backend=backend)
     return len(layers)
 
 
@@ -177,7 +187,7 @@ def run(run_dir: Path, resume: bool) -> int:
         if is_main():
             print(f"qvltune: ZeRO-3 gathers {blocks} transformer blocks whole", flush=True)
     if cfg.optim.compile:
-        compile_blocks(model)
+        compile_blocks(model, zero3=cfg.deepspeed.stage == 3)
     t = _phase("model loaded and prepared", t)
     _begin(writer, "building the datasets and the trainer")
 
@@ -213,7 +223,7 @@ def run(run_dir: Path, resume: bool) -> int:
     callback = make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
     callbacks = [callback]
     if cfg.schedule.profile_steps:
-        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps))
+        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps, python=cfg.schedule.profile_python))
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
     )

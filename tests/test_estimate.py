@@ -15,7 +15,6 @@ from qvltune.estimate import (
     OPTIMIZER_STATE_BYTES,
     GiB,
     Machine,
-    _config_object,
     estimate,
     lora_params,
     model_stats,
@@ -23,6 +22,7 @@ from qvltune.estimate import (
     summarize_report,
     workload_for,
 )
+from qvltune.model_stats import _config_object
 
 H200 = Machine("NVIDIA H200", 143771 * 1024**2, 1, 1, 128 * GiB, 989.0)
 A100x8 = Machine("NVIDIA A100-SXM4-80GB", 80 * GiB, 8, 1, 1024 * GiB, 312.0)

@@ -137,3 +137,38 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tmp_path, tin
         assert grads_e.keys() == grads_c.keys() and any("lora_A" in n for n in grads_e)
         for n in grads_e:
             assert torch.allclose(grads_c[n], grads_e[n], rtol=1e-3, atol=1e-6), n
+
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_zero3_compiles_the_layer_forward_and_leaves_module_hooks_outside(tiny_model_dir, zero3):
+    """Under ZeRO-3 (``compile_blocks(zero3=True)``) only each decoder layer's ``forward`` is compiled:
+    a module hook that dynamo cannot trace, as DeepSpeed's release hook is, runs eagerly around the
+    graph instead of breaking it. ``Module.compile`` (the ZeRO-0..2 path) traces the hooks with the
+    call. Real ZeRO-3 runs with compiled layers: README, "ZeRO-3"."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from qvltune.model import DECODER_LAYER, load_model, transformer_blocks
+    from qvltune.worker import compile_blocks
+
+    calls = []
+
+    def release(module, args, output):  # DeepSpeed's release hook: code dynamo cannot put in a graph
+        torch._dynamo.graph_break()
+        calls.append(module)
+
+    model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa").eval()
+    layers = transformer_blocks(model, (DECODER_LAYER,))
+    for layer in layers:
+        layer.register_forward_hook(release)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model, backend="eager", zero3=zero3) == len(layers)
+    with torch.no_grad():
+        compiled = model(input_ids=ids).logits
+    assert torch.allclose(compiled, eager, atol=1e-5) and len(calls) == 2 * len(layers)
+    hook_breaks = [reason for reason in counters["graph_break"] if "graph_break" in reason]
+    assert bool(hook_breaks) != zero3, hook_breaks

@@ -1,5 +1,6 @@
-"""The CPU side of the GPU benchmarks (gpu_throughput.py, multi_gpu.py): the configs they run are
-the planner's, and every multi-GPU variant sees the same rows per optimizer step."""
+"""The CPU side of the GPU benchmarks (gpu_throughput.py, multi_gpu.py, zero3_overhead.py): the
+configs they run are the planner's, every multi-GPU variant sees the same rows per optimizer step,
+and the ZeRO-3 variants differ from ZeRO-2 only in what they compare."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import gpu_throughput as gt  # noqa: E402
 import multi_gpu as mg  # noqa: E402
+import zero3_overhead as z3  # noqa: E402
 
 from qvltune.config import parse_config  # noqa: E402
 
@@ -45,7 +47,7 @@ def test_multi_gpu_variants_keep_the_rows_per_step(bench_inputs):
         cfg = parse_config(mg.variant_doc(name, base, work, 10, 5))
         rows[name] = cfg.optim.per_device_batch * cfg.optim.grad_accum * gpus
         assert cfg.deepspeed.stage == stage and cfg.deepspeed.offload_optimizer == offload and cfg.launch.gpus == gpus
-        assert cfg.optim.compile == (stage < 3)  # as the planner decides: compiled under ZeRO-0..2 only
+        assert cfg.optim.compile  # as the planner decides: compiled under every stage on GPUs
         assert not cfg.model.random_init  # every variant loads the same saved weights
         assert 0 < mg.predicted_gib(mg.variant_doc(name, base, work, 10, None), model, gpus) < 140
     assert set(rows.values()) == {4}
@@ -115,3 +117,66 @@ def test_llamafactory_step_counts_real_tokens_and_samples(tmp_path, bench_inputs
     summary = gt.summarise_steps(steps, warmup=4, weights=model)
     assert summary["tokens_per_s"] == 4000 and summary["samples_per_s"] == 5 and abs(summary["padding"] - 192 / 8192) < 1e-9
     assert 0 < summary["mfu"] < 1 and summary["status"] == "completed"
+
+
+def test_zero3_variants_change_only_the_stage_settings_and_compile(bench_inputs):
+    from qvltune.catalog import builtin_config
+    from qvltune.estimate import model_stats
+    from qvltune.zero import Zero3Sizes, zero3_tuning
+
+    model, data, work = bench_inputs
+    docs = {v: z3.variant_doc(f"2b-mixed-{v}", v, model, data, work, "mixed", 10, True, 64) for v in z3.VARIANTS}
+    cfgs = {v: parse_config(d) for v, d in docs.items()}
+    rows = {(c.data.max_seq_length, c.data.packing, c.optim.per_device_batch, c.optim.grad_accum, c.optim.gradient_checkpointing) for c in cfgs.values()}
+    assert len(rows) == 1  # every variant runs the planner's rows
+    assert {v: (c.deepspeed.stage, c.optim.compile) for v, c in cfgs.items()} == {"z2": (2, True), "z2-eager": (2, False), "z3": (3, True), "z3-eager": (3, False), "z3-defaults": (3, False)}
+    stats = model_stats(builtin_config("2B"))
+    assert cfgs["z3"].deepspeed.zero3.model_dump() == cfgs["z3-eager"].deepspeed.zero3.model_dump() == zero3_tuning(Zero3Sizes.of(stats, cfgs["z3"])).values()
+    assert cfgs["z3-defaults"].deepspeed.zero3.model_dump() == {"prefetch_bucket_size": int(0.9 * 2048**2), "param_persistence_threshold": 20480, "max_live_parameters": 10**9, "max_reuse_distance": 10**9, "reduce_bucket_size": 2048**2, "overlap_comm": True}
+    assert cfgs["z3"].schedule.profile_python and cfgs["z3"].schedule.profile_steps == (8, 1)
+    assert cfgs["z2"].schedule.profile_steps is None  # only ZeRO-3 steps are profiled
+
+
+def test_zero3_8b_full_is_cut_to_the_layers_zero2_fits(bench_inputs):
+    """8B full fits one H200 under no stage: its row keeps 8B's layers, as many as ZeRO-2 fits."""
+    import json
+
+    _, data, work = bench_inputs
+    folder, label = z3.model_for("8b-full", work, data, 64)
+    layers = json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert label == f"8B full, {layers} of 36 layers" and 0 < layers < 36
+    assert z3.plan_fits_zero2(folder, data, "full", 64) and not z3.plan_fits_zero2(z3.cut_layers(folder.with_name("model-8b"), layers + 1), data, "full", 64)
+
+
+def test_zero3_summary_table_and_grouped_profile(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"kind": "start", "time": 100.0}] + [{"kind": "train", "time": 100.0 + 10 * s, "step": s, "loss": 10.0 - s, "tokens_per_s": 1000.0 * s, "mem_peak_gb": 50.0 + s} for s in (2, 4, 6, 8)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + [{"kind": "end", "time": 190.0, "status": "completed"}]))
+    s = z3.summarise(run, warmup=4)
+    assert s["tokens_per_s"] == 7000 and s["step_s"] == 10.0 and s["mem_peak_gb"] == 58.0 and s["losses"][2] == 8.0
+    cut = z3.summarise(run, warmup=4, last=7)  # a step profiled in the window logged at 8: left out
+    assert cut["tokens_per_s"] == 6000 and cut["step_s"] == 10.0 and 8 not in cut["losses"]
+    rows = [{"shape": "a", "variant": "z2", "label": "A", "rows": "1 x 1 x 1", "ckpt": "off", "compile": "yes", **s},
+            {"shape": "a", "variant": "z3", "label": "A", "rows": "1 x 1 x 1", "ckpt": "off", "compile": "no", **s, "tokens_per_s": 3500.0}]
+    text = z3.table(rows)
+    assert "| A | z3 | 1 x 1 x 1 | off | no | 3,500 | 10.00 | 58.0 | 0.50 | - | 8.0000 |" in text
+
+    fetch = "deepspeed/runtime/zero/partitioned_param_coordinator.py(310): fetch_sub_module"
+    impl = "deepspeed/runtime/zero/partitioned_param_coordinator.py(352): _fetch_sub_module_impl"
+    events = [
+        {"ph": "X", "cat": "python_function", "name": fetch, "ts": 0, "dur": 100, "tid": 1},
+        {"ph": "X", "cat": "python_function", "name": impl, "ts": 10, "dur": 80, "tid": 1},  # nested: counted once
+        {"ph": "X", "cat": "python_function", "name": fetch, "ts": 200, "dur": 50, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 300, "dur": 20, "tid": 1},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllGather_RING_LL", "ts": 20, "dur": 30, "tid": 7},
+        {"ph": "X", "cat": "kernel", "name": "ampere_bf16_gemm", "ts": 400, "dur": 600, "tid": 7},
+        {"ph": "i", "name": "marker", "ts": 5},
+    ]
+    groups = {g["group"]: g for g in z3.profile_groups(events)}
+    assert groups["ZeRO-3 gather (fetch + prefetch)"]["host_ms"] == 0.15 and groups["ZeRO-3 gather (fetch + prefetch)"]["calls"] == 3
+    assert groups["all-gather (communication)"]["device_ms"] == 0.03 and groups["host syncs"]["host_ms"] == 0.02
+    assert groups["compute kernels"]["device_ms"] == 0.6 and groups["profiled span"]["host_ms"] == 1.0
+    assert "| host syncs | 0.0 | 0.0 | 1 |" in z3.profile_table(z3.profile_groups(events))

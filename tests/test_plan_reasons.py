@@ -119,6 +119,13 @@ def disagreements(answers: Answers, plan, data: DatasetSummary | None) -> list[s
         problems.append("a CPU plan speaks of GPUs")
     if choice["gradient checkpointing"] != ("on" if o.gradient_checkpointing else "off"):
         problems.append("gradient checkpointing disagrees with the config")
+    # ZeRO-3's settings: the reason gives each value the config carries, and only under ZeRO-3
+    z3 = {k: v for k, v in cfg.deepspeed.zero3.model_dump().items() if v is not None}
+    if (cfg.deepspeed.stage == 3) != ("zero-3 settings" in why) or (cfg.deepspeed.stage == 3 and len(z3) != 6):
+        problems.append(f"zero-3 settings: stage {cfg.deepspeed.stage} with settings {z3} and reason {why.get('zero-3 settings')!r}")
+    for key, value in z3.items():
+        if f"{key} {value}:" not in why.get("zero-3 settings", ""):
+            problems.append(f"zero-3 settings do not give {key} {value}: {why.get('zero-3 settings')}")
     # the compact plan: value and one line at 80 columns
     for d in plan.decisions:
         if not d.short or len(d.short) > 44:

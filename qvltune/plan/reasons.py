@@ -185,6 +185,16 @@ def zero(label: str, *, fits: bool, per_gpu: str, memory: str, unit: str, margin
     return Reason(f"cheapest that fits: {per_gpu} of {memory}", why)
 
 
+def zero3_settings(values: dict, why: dict[str, str]) -> Reason:
+    """``values``/``why``: ``qvltune.zero.zero3_tuning``'s settings and the reason for each."""
+
+    def count(n: int) -> str:
+        return f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+    short = f"prefetch {count(values['prefetch_bucket_size'])}, persist {count(values['param_persistence_threshold'])}, bucket {count(values['reduce_bucket_size'])}"
+    return Reason(short, "; ".join(f"{key} {values[key]}: {why[key]}" for key in values))
+
+
 def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, unit: str = "GPU") -> Reason:
     if not fits:
         return Reason("the most memory-saving setting", "the most memory-saving setting")
@@ -193,11 +203,11 @@ def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, un
     return Reason("memory allows it off (faster)", "memory allows it: no recomputed forward pass (about a third more compute saved)")
 
 
-def compile_layers() -> Reason:
-    return Reason(
-        "fused kernels; ~1 min at step 1",
-        "torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step)",
-    )
+def compile_layers(zero3: bool = False) -> Reason:
+    why = "torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step)"
+    if zero3:
+        why += "; under ZeRO-3 each layer's forward is compiled and DeepSpeed's gather/release hooks run eagerly around it"
+    return Reason("fused kernels; ~1 min at step 1", why)
 
 
 def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: bool, packing: bool, per_row: int, target: int, target_why: str, rows_target: int) -> Reason:

@@ -75,10 +75,15 @@ class Rung:
 DENSE_LADDER = (Rung(2), Rung(3), Rung(3, True), Rung(3, True, True))
 MOE_LADDER = (Rung(2), Rung(2, True))
 CPU_LADDER = (Rung(2),)
+# One GPU: ZeRO-3 partitions each tensor into one piece, so without parameter offload it holds all
+# that ZeRO-2 holds, plus its gathered working set, and still pays its gathers and hooks every step
+# (benchmarks/zero3_overhead.py measures what they cost). ZeRO-2 with the optimizer offloaded saves
+# the same memory as ZeRO-3 with it; ZeRO-3 is left for offloading the parameters too.
+ONE_GPU_LADDER = (Rung(2), Rung(2, True), Rung(3, True, True))
 
 
 def ladder(stats: ModelStats, machine: Machine, offload: bool = True) -> tuple[Rung, ...]:
-    rungs = CPU_LADDER if machine.is_cpu else MOE_LADDER if stats.is_moe else DENSE_LADDER
+    rungs = CPU_LADDER if machine.is_cpu else MOE_LADDER if stats.is_moe else ONE_GPU_LADDER if machine.world_size == 1 else DENSE_LADDER
     return tuple(r for r in rungs if offload or not r.offload_optimizer)
 
 
@@ -189,11 +194,12 @@ def choose_max_seq_length(answers: Answers, data: DatasetSummary | None) -> tupl
     return seq, how == "p99", reasons.max_seq_length(seq, how=how, longest=longest, p99=p99).why
 
 
-def compiles(machine: Machine, rung: Rung) -> bool:
-    """torch.compile the decoder layers on bf16-capable GPUs under ZeRO-0..2: it fuses the element-wise
-    kernels that leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the compile would
-    outlast a small run) nor under ZeRO-3, whose gather hooks would run inside each compiled call."""
-    return not machine.is_cpu and machine.bf16 and rung.stage < 3
+def compiles(machine: Machine) -> bool:
+    """torch.compile the decoder layers on bf16-capable GPUs: it fuses the element-wise kernels that
+    leave the step launch-bound (benchmarks/RESULTS.md). Under ZeRO-3 too: there only each layer's
+    forward is compiled and DeepSpeed's gather/release hooks run eagerly around it
+    (``worker.compile_blocks``). Not on CPU (the compile would outlast a small run)."""
+    return not machine.is_cpu and machine.bf16
 
 
 def unit_of(machine: Machine) -> str:

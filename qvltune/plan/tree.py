@@ -21,6 +21,7 @@ from qvltune.plan.answers import Answers
 from qvltune.plan.rules import *  # noqa: F403 (the constants and small decisions the tree walks)
 from qvltune.plan.rules import builtin_param_count, compiles, ladder, unit_of
 from qvltune.tiny import BUILTIN_TINY
+from qvltune.zero import Zero3Sizes, zero3_tuning
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
         "effective_batch": c.per_device_batch * grad_accum * W,
         "bf16": machine.bf16 and not machine.is_cpu,
         "gradient_checkpointing": c.checkpointing,
-        "compile": compiles(machine, c.rung),
+        "compile": compiles(machine),
     }
     doc["schedule"] = {"log_steps": min(10, every), "eval_steps": every, "save_steps": every, "save_total_limit": 3}
     doc["deepspeed"] = {"stage": c.rung.stage, "offload_optimizer": c.rung.offload_optimizer, "offload_params": c.rung.offload_params}
@@ -301,19 +302,21 @@ def _plan_for(
                 chosen, cfg, est = cand, c2, e2
         fits = True
         decide("zero", chosen.rung.label(), reasons.zero(chosen.rung.label(), fits=True, per_gpu=format_bytes(est.per_gpu), memory=format_bytes(machine.gpu_memory), unit=unit, margin=SAFETY_MARGIN, moe=stats.is_moe))
+        _decide_zero3(decide, chosen, stats, cfg)
         if chosen.checkpointing:
             _, off = search.estimate(replace(chosen, checkpointing=False))
             decide("gradient checkpointing", "on", reasons.checkpointing(True, without=format_bytes(off.per_gpu), unit=unit))
         else:
             decide("gradient checkpointing", "off", reasons.checkpointing(False))
-        if compiles(machine, chosen.rung):
-            decide("compile", "on", reasons.compile_layers())
+        if compiles(machine):
+            decide("compile", "on", reasons.compile_layers(zero3=chosen.rung.stage == 3))
     else:
         chosen = replace(chosen, rung=ladder(stats, machine)[-1], checkpointing=True)
         cfg, est = search.estimate(chosen)
         fits = False
         host = format_bytes(est.host_total) if est.host_total else None
         decide("zero", chosen.rung.label(), reasons.zero(chosen.rung.label(), fits=False, per_gpu=format_bytes(est.per_gpu), memory=format_bytes(machine.gpu_memory), unit=unit, margin=SAFETY_MARGIN, moe=stats.is_moe, host=host))
+        _decide_zero3(decide, chosen, stats, cfg)
         decide("gradient checkpointing", "on", reasons.checkpointing(True, fits=False))
         suggestions = _suggestions(search, chosen, stats, machine, stats_for, data)
 
@@ -331,12 +334,21 @@ def _plan_for(
     final_name = default_name(answers, strategy)
     doc = search.doc(chosen)
     doc["name"] = final_name
+    if chosen.rung.stage == 3:
+        doc["deepspeed"]["zero3"] = zero3_tuning(Zero3Sizes.of(stats, cfg)).values()
     cfg = _config(doc)
     if est.host_total and machine.host_ram and not est.host_fits(machine.host_ram):
         warnings.append(f"CPU offload needs {format_bytes(est.host_total)} of host memory; this node has {format_bytes(machine.host_ram)}")
     elif est.host_total and machine.host_ram is None:
         warnings.append(f"CPU offload needs {format_bytes(est.host_total)} of host memory per node (not checked: the machine's memory is unknown here)")
     return Plan(cfg, doc, decisions, est, machine, fits and not (machine.is_cpu and not cpu_practical), suggestions, warnings)
+
+
+def _decide_zero3(decide: Callable[[str, str, reasons.Reason], None], chosen: _Choice, stats: ModelStats, cfg: RunConfig) -> None:
+    """ZeRO-3's gather and reduce settings, from the model's sizes (written to deepspeed.zero3)."""
+    if chosen.rung.stage == 3:
+        tuning = zero3_tuning(Zero3Sizes.of(stats, cfg))
+        decide("zero-3 settings", "tuned", reasons.zero3_settings(tuning.values(), tuning.why))
 
 
 def _suggestions(search: _Search, chosen: _Choice, stats: ModelStats, machine: Machine, stats_for: Callable[[str], ModelStats], data: DatasetSummary | None) -> list[str]:
