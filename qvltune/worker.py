@@ -135,12 +135,29 @@ def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = Fa
     import torch
 
     layers = transformer_blocks(model, (DECODER_LAYER,))
+    allow_checkpointed_side_effects()
     for layer in layers:
         if zero3:
             layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
         else:
             layer.compile(dynamic=True, backend=backend)
     return len(layers)
+
+
+def allow_checkpointed_side_effects() -> None:
+    """Let dynamo trace a gradient-checkpointed decoder layer whose forward mutates Python state.
+
+    With activation checkpointing on (the default), a compiled layer's forward runs inside the
+    checkpoint operator, where dynamo refuses Python side effects it could not replay in the backward
+    recompute: it breaks the graph and the whole layer runs eagerly, so ``optim.compile`` silently
+    compiled nothing in training. transformers 5.25 made the ``kernels`` package a dependency, and
+    with it installed Qwen3-VL's text attention (``@use_kernelized_func``) sets and resets a
+    context variable around every call: a side effect with no net change, so not replaying it is
+    exact. This is dynamo's own switch for accepting that."""
+    import torch._dynamo.config as dynamo_config
+
+    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # older torch has no such switch
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def run(run_dir: Path, resume: bool) -> int:

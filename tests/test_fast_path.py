@@ -172,3 +172,40 @@ def test_zero3_compiles_the_layer_forward_and_leaves_module_hooks_outside(tiny_m
     assert torch.allclose(compiled, eager, atol=1e-5) and len(calls) == 2 * len(layers)
     hook_breaks = [reason for reason in counters["graph_break"] if "graph_break" in reason]
     assert bool(hook_breaks) != zero3, hook_breaks
+
+
+def test_compiled_decoder_layers_are_compiled_under_activation_checkpointing(tmp_path, tiny_model_dir, tiny_processor):
+    """optim.compile with gradient checkpointing (the default): the training forward runs the compiled
+    graph. A Python side effect inside a checkpointed layer (Qwen3-VL's attention under transformers
+    5.25 with ``kernels`` installed) made dynamo break the graph there and run the layer eagerly:
+    compile silently did nothing in training, and only eval (no checkpointing) was compiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from qvltune.config import RunConfig
+    from qvltune.model import apply_strategy, load_model
+    from qvltune.worker import compile_blocks
+
+    cfg = RunConfig.model_validate({"name": "c", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": "lora"})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32"), cfg)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the worker's Trainer does
+    model.train()
+    batch = PaddedCollator(tiny_processor.tokenizer.pad_token_id)([[Encoder(tiny_processor).encode(records(tmp_path)[0])]])
+    graphs = []
+
+    def backend(gm, example_inputs):  # no code generation: only whether dynamo hands over a graph
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):  # restored after
+        try:
+            compile_blocks(model, backend=backend)
+            out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+            out.logits.float().mean().backward()
+        finally:
+            torch._dynamo.reset()
+    assert graphs, "the checkpointed decoder layers ran eagerly in training"
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -238,23 +238,35 @@ class Encoder:
         return total, trained
 
     def _expand(self, text: str, infos) -> str:
-        out = []
-        i = 0
+        """The segment's text with each media placeholder expanded as the processor expands it.
+
+        The replacement strings are the processor's own (``replace_video_token`` writes the frame
+        groups and their timestamps), and so is the substitution: ``get_text_with_replacements`` is
+        the step ``processor(...)`` runs before tokenizing, and processors may rewrite the text around
+        a placeholder there (transformers 5.25's Qwen3-VL collapses the template's
+        ``<|vision_start|><|video_pad|><|vision_end|>`` to the bare frame groups, 2 tokens fewer than
+        5.24 writes). Going through it keeps the count equal to encoding under either behaviour."""
+        images, videos = [], []
+        for kind in self._placeholders(text):
+            info = next(infos)
+            if kind == "image":
+                images.append(self.image_token * self.image_tokens(info))
+            else:
+                videos.append(self._video_placeholder(info))
+        (expanded,), _ = self.processor.get_text_with_replacements([text], images_replacements=images, videos_replacements=videos)
+        return expanded
+
+    def _placeholders(self, text: str) -> list[str]:
+        """'image' / 'video' for each media placeholder of ``text``, in order (which media item each takes)."""
+        kinds, i = [], 0
         while True:
             ji = text.find(self.image_token, i)
             jv = text.find(self.video_token, i)
             if ji < 0 and jv < 0:
-                out.append(text[i:])
-                return "".join(out)
+                return kinds
             j = min(x for x in (ji, jv) if x >= 0)
-            out.append(text[i:j])
-            info = next(infos)
-            if j == ji:
-                out.append(self.image_token * self.image_tokens(info))
-                i = j + len(self.image_token)
-            else:
-                out.append(self._video_placeholder(info))
-                i = j + len(self.video_token)
+            kinds.append("image" if j == ji else "video")
+            i = j + len(self.image_token if j == ji else self.video_token)
 
     def probe(self, record: Record, deep: bool = False) -> list[ImageInfo | VideoInfo]:
         """Header-read every media item of a record (raises ``MediaError`` naming the item)."""
