@@ -65,8 +65,9 @@ def make_dataset(workdir: Path, n: int, n_images: int) -> Path:
     return data
 
 
-def tree_rss(pid: int) -> int:
-    """Proportional set size of ``pid`` and its descendants, in bytes (from /proc)."""
+def tree_rss(pid: int, field: str = "Pss:") -> int:
+    """Proportional set size (``field`` "Rss:": resident set size) of ``pid`` and its descendants,
+    summed, in bytes (from /proc). Summed RSS counts pages shared by forked workers once per process."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -82,27 +83,28 @@ def tree_rss(pid: int) -> int:
         todo += children.get(p, [])
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
         except (OSError, StopIteration):
             pass
     return total
 
 
-def run(cmd: list[str]) -> tuple[float, int, str, float]:
-    """(wall seconds, peak PSS bytes, stdout, CPU seconds of the whole process tree)."""
+def run(cmd: list[str]) -> tuple[float, int, str, float, int]:
+    """(wall seconds, peak PSS bytes, stdout, CPU seconds of the whole process tree, peak summed RSS bytes)."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    peak = 0
+    peak = peak_rss = 0
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     done = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_rss
         while not done.is_set():
             peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.2)
+            peak_rss = max(peak_rss, tree_rss(proc.pid, "Rss:"))
+            time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -111,7 +113,7 @@ def run(cmd: list[str]) -> tuple[float, int, str, float]:
     sampler.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the CLI's own (waited) workers
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return time.perf_counter() - t0, peak, out, cpu
+    return time.perf_counter() - t0, peak, out, cpu, peak_rss
 
 
 def main() -> None:
@@ -133,12 +135,12 @@ def main() -> None:
     print(f"dataset: {data} ({data.stat().st_size / 1e6:.0f} MB), made or found in {time.perf_counter() - t0:.0f} s")
     cmd = [sys.executable, "-m", "qvltune", "check-data", str(data), "--json", "--workers", str(args.workers)]
     load = os.getloadavg()[0]
-    wall, peak, out, cpu = run(cmd)
+    wall, peak, out, cpu, peak_rss = run(cmd)
     doc = json.loads(out)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average before / after: {load:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"command: qvltune check-data {data.name} --json --workers {args.workers}")
     print(f"records: {doc['records']:,} (valid {doc['valid_records']:,}), images checked: {doc['image_sizes']['count']:,}, duplicates: {sum(p['code'] == 'duplicate' for p in doc['problems']):,}")
-    print(f"wall time {wall:.1f} s, CPU time of the process tree {cpu:.1f} s ({cpu / args.records * 1e6:.0f} us per record), peak memory (PSS of the process tree) {peak / 2**30:.2f} GiB")
+    print(f"wall time {wall:.1f} s, CPU time of the process tree {cpu:.1f} s ({cpu / args.records * 1e6:.0f} us per record), peak memory of the process tree: PSS {peak / 2**30:.2f} GiB, summed RSS {peak_rss / 2**30:.2f} GiB")
 
 
 def prepare(args) -> None:
@@ -185,27 +187,28 @@ def train_start(args) -> None:
         load = os.getloadavg()[0]
         first_step, peak, wall, code = first_step_time([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", "--force"], metrics)
         phases = [line.split("qvltune: ", 1)[1].strip() for line in (runs / "million" / "train.log").read_text().splitlines() if " in " in line and line.startswith("qvltune: ") and line.rstrip().endswith(" s")]
-        print(f"{name}: exit {code}; first step after {first_step:.1f} s (whole command {wall:.1f} s); peak memory (PSS of the process tree) {peak / 2**30:.2f} GiB; load average before {load:.1f}")
+        print(f"{name}: exit {code}; first step after {first_step:.1f} s (whole command {wall:.1f} s); peak memory of the process tree: PSS {peak[0] / 2**30:.2f} GiB, summed RSS {peak[1] / 2**30:.2f} GiB; load average before {load:.1f}, after {os.getloadavg()[0]:.1f}")
         print("    worker phases: " + "; ".join(phases))
 
 
-def first_step_time(cmd: list[str], metrics: Path) -> tuple[float, int, float, int]:
-    """(seconds to the first train record in ``metrics``, peak PSS bytes, wall seconds, exit code)."""
+def first_step_time(cmd: list[str], metrics: Path) -> tuple[float, tuple[int, int], float, int]:
+    """(seconds to the first train record in ``metrics``, peak PSS and summed RSS bytes, wall seconds, exit code)."""
     metrics.unlink(missing_ok=True)
     t0 = time.perf_counter()
     # DeepSpeed builds its CPU communication op on first use into TORCH_EXTENSIONS_DIR; a folder of the
     # benchmark's own, so the second run finds it built (as a user's would) whatever else runs here.
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(metrics.parents[2] / "torch_extensions")}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    peak, first = 0, float("nan")
+    peak, peak_rss, first = 0, 0, float("nan")
     while proc.poll() is None:
         peak = max(peak, tree_rss(proc.pid))
+        peak_rss = max(peak_rss, tree_rss(proc.pid, "Rss:"))
         if first != first and metrics.exists() and '"kind": "train"' in metrics.read_text().replace('"kind":"train"', '"kind": "train"'):
             first = time.perf_counter() - t0
-        time.sleep(0.2)
+        time.sleep(1.0)  # the /proc walk costs CPU of its own: sampled each second
     if first != first and metrics.exists() and '"kind": "train"' in metrics.read_text().replace('"kind":"train"', '"kind": "train"'):
         first = time.perf_counter() - t0
-    return first, peak, time.perf_counter() - t0, proc.returncode
+    return first, (peak, peak_rss), time.perf_counter() - t0, proc.returncode
 
 
 if __name__ == "__main__":
