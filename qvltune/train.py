@@ -83,7 +83,8 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index = prepare_data(cfg, processor)
     if index.from_cache:
-        console.note("data index: checks and token counts reused from the cache beside the data (data.index_cache)")
+        recounted = f"; {index.recounted} record(s) checked again, their media changed" if index.recounted else ""
+        console.note(f"data index: checks and token counts reused from the cache beside the data (data.index_cache){recounted}")
     index.save(run_dir / "data_index.json")
     if index.skipped:
         import json

@@ -219,8 +219,8 @@ def run(run_dir: Path, resume: bool) -> int:
     # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
     dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
     if cfg.data.packing:
-        train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
-        eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
+        train_groups = pack_bins(index.train.tokens, cfg.data.max_seq_length, cfg.optim.seed)
+        eval_groups = pack_bins(index.eval.tokens, cfg.data.max_seq_length, cfg.optim.seed) if len(index.eval) else []
         collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
     else:
         train_groups = [[i] for i in range(len(index.train))]
@@ -229,7 +229,7 @@ def run(run_dir: Path, resume: bool) -> int:
     policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
     encoders = source_encoders(cfg, encoder)
     train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
-    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if index.eval else None
+    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if len(index.eval) else None
 
     peak = None
     if torch.cuda.is_available():
@@ -251,9 +251,10 @@ def run(run_dir: Path, resume: bool) -> int:
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
     if writer:
         b = cfg.optim.per_device_batch
-        batches = lambda groups: [[index.train[j].tokens for j in g] for g in groups]  # noqa: E731
-        padded_rows = [[sum(r) for r in batches(train_groups)[i : i + b]] for i in range(0, len(train_groups), b)]
-        unpacked = [[e.tokens for e in index.train[i : i + b]] for i in range(0, len(index.train), b)]
+        tokens = index.train.tokens  # a list of ints: a million samples are summed in a second
+        rows = [sum(tokens[j] for j in g) for g in train_groups]
+        padded_rows = [rows[i : i + b] for i in range(0, len(rows), b)]
+        unpacked = [tokens[i : i + b] for i in range(0, len(tokens), b)]
         writer.write(
             "start",
             world_size=world_size(),

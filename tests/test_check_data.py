@@ -162,6 +162,7 @@ def test_workers_give_the_same_report(broken_dataset, tmp_path, monkeypatch):
     write_image(tmp_path / "a.png", (640, 480))
     boxes = write_jsonl(tmp_path / "boxes.jsonl", [qa("a.png", answer=f'{{"bbox_2d": [10, 10, {900 + i}, 300]}}') for i in range(7)] + [qa("a.png", answer='{"bbox_2d": [10, 10, 1900, 300]}')])
     monkeypatch.setattr(check, "CHUNK", 3)  # several chunks per worker, duplicates across chunks
+    monkeypatch.setattr(check, "PART_BYTES", 300)  # JSONL files: several byte ranges, each read by a worker
     spec = f"{broken_dataset},{boxes}"
     one = check.check_dataset(spec).to_json()
     two = check.check_dataset(spec, workers=2).to_json()

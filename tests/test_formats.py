@@ -148,3 +148,35 @@ def test_mixture_parsing_and_seeded_sampling():
     assert len(set(half)) == 50
     more = sample_indices(10, 250, seed=0)
     assert len(more) == 25 and all(more.count(i) >= 2 for i in range(10))
+
+
+def test_parts_of_a_jsonl_file_number_items_as_one_pass(tmp_path):
+    """check-data's workers read byte ranges of a JSONL file on their own: together the ranges give
+    exactly the items of one pass (indices, lines, values, problems, byte offsets), whatever the cut."""
+    import codecs
+
+    from qvltune.data.files import count_part, jsonl_parts, read_items, read_part
+
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(
+        codecs.BOM_UTF8 + b"\n   \n" + b'{"a": 1}\r\n' + b"{bad\n" + b"\n" + b'{"b": "\xc3\xa9"}\n' + b'{"c": "\xff"}\n'
+        + b'{"d": "\x00"}\n' + b" \t \n" + b"[1,2]\n" + b'{"e": 5}'  # the last line has no line break
+    )
+
+    def items(source):
+        return [(i.index, i.line, i.value, i.problem and (i.problem.line, i.problem.index, i.problem.code), i.offset) for i in source]
+
+    one = items(read_items(path))
+    assert len(one) == 7 and one[-1][:3] == (6, 11, {"e": 5})
+    data = path.read_bytes()
+    assert all(json.loads(data[offset:].split(b"\n")[0]) == value for _, _, value, problem, offset in one if problem is None)
+    for parts in (1, 2, 3, 5, 50):
+        ranges = jsonl_parts(path, parts)
+        line, index, got = 1, 0, []
+        for a, b in ranges:
+            got += items(read_part(path, a, b, line, index))
+            breaks, records = count_part(path, a, b)
+            line, index = line + breaks, index + records
+        assert got == one, parts
+    (tmp_path / "list.json").write_text('[{"a": 1}]')
+    assert jsonl_parts(tmp_path / "list.json", 4) is None  # a JSON list is read in one pass

@@ -52,3 +52,88 @@ def test_cached_problems_still_stop_the_run(tmp_path, tiny_processor):
             prepare_data(config(data), tiny_processor)
     cached = json.loads(next((tmp_path / ".qvltune-index").glob("index-*.json")).read_text())
     assert cached["problems"][0]["code"] == "missing-media"
+
+
+def _qa(image: str, i: int) -> dict:
+    return {"image": image, "conversations": [{"from": "human", "value": f"<image>\nQuestion {i}?"}, {"from": "gpt", "value": "answer " * (i + 1)}]}
+
+
+def test_a_replaced_image_recounts_the_records_that_use_it(tmp_path, tiny_processor, monkeypatch):
+    """Media are stamped (size, mtime) in the cache: an image replaced by one of another size is
+    noticed on reuse, and only the records using it are checked and counted again."""
+    import os
+
+    import qvltune.data.dataset as dataset
+
+    write_image(tmp_path / "a.png", (64, 64))
+    write_image(tmp_path / "b.png", (64, 64))
+    data = write_jsonl(tmp_path / "train.jsonl", [_qa("a.png" if i % 2 else "b.png", i) for i in range(6)])
+    first = dataset.prepare_data(config(data), tiny_processor)
+
+    write_image(tmp_path / "a.png", (320, 256))  # another size: more image tokens
+    os.utime(tmp_path / "a.png", ns=(1, 1))  # even with an old mtime: the size differs
+    asked = []
+    real = dataset.check_dataset
+    monkeypatch.setattr(dataset, "check_dataset", lambda *a, **k: asked.append(k.get("only")) or real(*a, **k))
+    again = dataset.prepare_data(config(data), tiny_processor)
+    assert again.from_cache and again.recounted == 3
+    assert [sorted(i for i, _, _ in v) for v in asked[0].values()] == [[1, 3, 5]]  # only a.png's records
+    fresh = dataset.prepare_data(config(data, index_cache=False), tiny_processor)
+    assert [e.tokens for e in again.train] == [e.tokens for e in fresh.train]
+    grew = [b.tokens - a.tokens for a, b in zip(first.train, again.train)]
+    assert all(g > 0 for g in grew[1::2]) and not any(grew[0::2])
+
+    asked.clear()
+    third = dataset.prepare_data(config(data), tiny_processor)  # the recount was saved: nothing to redo
+    assert third.from_cache and third.recounted == 0 and not asked and third.train == again.train
+
+    (tmp_path / "b.png").unlink()  # a deleted image: its records now fail, from the cache too
+    import pytest
+
+    from qvltune.errors import UserError
+
+    with pytest.raises(UserError, match="b.png"):
+        dataset.prepare_data(config(data), tiny_processor)
+    write_image(tmp_path / "b.png", (64, 64))  # restored: usable again
+    assert len(dataset.prepare_data(config(data), tiny_processor).train) == 6
+
+
+def test_training_reads_each_record_alone_at_its_offset(tmp_path, tiny_processor, monkeypatch):
+    """The index holds each record's byte offset: the data loader reads just the records it encodes
+    (never the whole file), and a file changed since the run was prepared is refused, named."""
+    import pytest
+
+    import qvltune.data.dataset as dataset
+    from qvltune.data.tokenize import Encoder
+    from qvltune.errors import UserError
+
+    write_image(tmp_path / "a.png", (96, 64))
+    (tmp_path / "train.jsonl").write_text("\n" + "\n".join(json.dumps(_qa("a.png", i)) for i in range(1, 5)) + "\n\n" + json.dumps(_qa("a.png", 9)) + "\n")
+    data = tmp_path / "train.jsonl"
+    index = dataset.prepare_data(config(data), tiny_processor)
+    assert [e.offset >= 0 for e in index.train] == [True] * 5
+    index.save(tmp_path / "run" / "data_index.json")
+    loaded = dataset.DataIndex.load(tmp_path / "run" / "data_index.json")
+    assert loaded.train == index.train and loaded.train.stamps == json.loads(json.dumps(index.train.stamps))
+
+    monkeypatch.setattr(dataset, "read_items", lambda *a, **k: pytest.fail("the whole file was read"))
+    encoder = Encoder(tiny_processor, root=tmp_path)
+    ds = dataset.SFTDataset(loaded.train, encoder, [[i] for i in range(len(loaded.train))])
+    for i, entry in enumerate(loaded.train):
+        record = ds.store.get(entry.file, entry.index, entry.offset, entry.line)
+        assert record.messages[-1].text() == ("answer " * [2, 3, 4, 5, 10][i]) and record.line == entry.line
+        assert len(ds[i][0]) == entry.tokens  # encoded as counted
+
+    with open(data, "a") as f:
+        f.write(json.dumps(_qa("a.png", 7)) + "\n")  # edited after the run was prepared
+    with pytest.raises(UserError, match="changed since the run was prepared"):
+        dataset.SFTDataset(loaded.train, encoder, [[0]])[0]
+
+
+def test_an_index_of_one_object_per_entry_still_loads(tmp_path):
+    """A run folder prepared before the index had columns resumes."""
+    from qvltune.data.dataset import DataIndex, Entry
+
+    (tmp_path / "data_index.json").write_text(json.dumps({"train": [{"file": "t.jsonl", "index": 3, "tokens": 40, "trained": 5, "view": 0}], "eval": [], "skipped": []}))
+    index = DataIndex.load(tmp_path / "data_index.json")
+    assert list(index.train) == [Entry("t.jsonl", 3, 40, 5, 0)] and len(index.eval) == 0

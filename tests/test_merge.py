@@ -419,14 +419,15 @@ def test_a_moved_base_is_found_through_the_run_config_or_asked_for(lora_run, tmp
 
 def _eval_records_of(run: Path, dest: Path) -> Path:
     """The run's held-out records (a seeded sample of the eval file), written out as their own file."""
+    from qvltune.data.dataset import DataIndex
     from qvltune.data.files import read_items
 
-    index = json.loads((run / "data_index.json").read_text())["eval"]
+    index = DataIndex.load(run / "data_index.json").eval
     items = {}
     for entry in index:
-        if entry["file"] not in items:
-            items[entry["file"]] = {item.index: item.value for item in read_items(Path(entry["file"]))}
-    return write_jsonl(dest, [items[e["file"]][e["index"]] for e in index])
+        if entry.file not in items:
+            items[entry.file] = {item.index: item.value for item in read_items(Path(entry.file))}
+    return write_jsonl(dest, [items[e.file][e.index] for e in index])
 
 
 @pytest.mark.parametrize("run_name", ["lora_run", "mixed_run"])

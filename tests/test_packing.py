@@ -115,3 +115,32 @@ def test_padding_fraction():
     assert padding_fraction([[10, 10]]) == 0.0
     assert padding_fraction([[10, 5]]) == pytest.approx(0.25)
     assert padding_fraction([[4], [8, 8]]) == 0.0
+
+
+def test_pack_bins_is_plain_first_fit_decreasing():
+    """The max-tree finds the same rows as scanning the open rows for the first with room."""
+    import random
+
+    def first_fit(lengths, capacity, seed):
+        order = list(range(len(lengths)))
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        order.sort(key=lambda i: -lengths[i])
+        bins, free = [], []
+        for i in order:
+            for b, room in enumerate(free):
+                if room >= lengths[i]:
+                    bins[b].append(i)
+                    free[b] -= lengths[i]
+                    break
+            else:
+                bins.append([i])
+                free.append(capacity - lengths[i])
+        rng.shuffle(bins)
+        return bins
+
+    rng = random.Random(1)
+    for seed in range(200):
+        capacity = rng.choice([8, 50, 256, 4096])
+        lengths = [rng.randint(1, capacity if rng.random() < 0.5 else max(1, capacity // 5)) for _ in range(rng.randint(0, 300))]
+        assert pack_bins(lengths, capacity, seed) == first_fit(lengths, capacity, seed), seed

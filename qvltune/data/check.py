@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.boxes import BoxStats, check_record as check_boxes
-from qvltune.data.files import read_items
+from qvltune.data.files import count_part, jsonl_parts, read_items, read_part, records_at
+from qvltune.data.index_cache import MediaTable, media_files, stamp
 from qvltune.data.formats import DatasetSpec, Problem, Record, parse_mixture, parse_record
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, TINY_IMAGE_SIDE, ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
@@ -41,13 +42,14 @@ class Report:
     videos: int = 0
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # tokens per valid (or only too long) record
-    usable: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens, view)
+    usable: list[tuple[str, int, int, int, int, int, int]] = field(default_factory=list)  # (file, index, tokens, trained tokens, view, byte offset, line)
     sources: list[dict[str, Any]] = field(default_factory=list)  # each source's file, share and settings
     views: int = 0  # samples made from records a Thinking template trains turn by turn (see tokenize.record_views)
     trained_tokens: int = 0
     max_seq_length: int | None = None
     boxes: int = 0  # boxes and points found in the records' text (grounding data)
     box_records: int = 0
+    media: MediaTable | None = None  # each record's media files and their stamps (track_media: the index cache)
 
     @property
     def errors(self) -> list[Problem]:
@@ -219,6 +221,7 @@ class _Settings:
     max_seq_length: int | None
     video: VideoSampling
     pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT
+    track_media: bool = False
 
 
 @dataclass
@@ -239,6 +242,8 @@ class _Outcome:
     template_error: Problem | None = None
     reasoning_dropped: Problem | None = None
     progress: float = 0.0  # the share of the file read up to this item
+    offset: int = -1  # the record's byte offset (plain JSONL)
+    media: list[tuple[str, tuple[int, int] | None]] = field(default_factory=list)  # (media path, stamp) as checked
 
 
 INTERNAL_ERROR = "internal-error"
@@ -256,6 +261,7 @@ def _check_item(item, source: _Source, s: _Settings) -> _Outcome:
             Problem("error", source.file, item.line, item.index, "", f"qvltune failed on this record ({type(e).__name__}: {e})", "a bug in qvltune: please report it (QVLTUNE_DEBUG=1 shows the traceback); the other records were checked", INTERNAL_ERROR)
         ])
     out.progress = getattr(item, "progress", 0.0)
+    out.offset = getattr(item, "offset", -1)
     return out
 
 
@@ -277,6 +283,8 @@ def _check_one(item, source: _Source, s: _Settings) -> _Outcome:
     # Media: every item, every problem.
     infos: list[ImageInfo | VideoInfo] = []
     sizes: list[tuple[int, int]] = []
+    if s.track_media:  # stamped before they are read: a file replaced meanwhile is seen as changed
+        out.media = [(p, stamp(p)) for m in record.media for p in media_files(m.source, source.root)]
     for m in record.media:
         try:
             if m.kind == "image":
@@ -301,6 +309,8 @@ def _check_one(item, source: _Source, s: _Settings) -> _Outcome:
     out.boxes = BoxStats()
     box_problems = check_boxes(record, [(i.width, i.height) for i in infos if isinstance(i, ImageInfo)], out.boxes)
     out.problems += box_problems
+    if not out.boxes.records:
+        out.boxes = None  # nothing to merge (most records): less to send back from a worker
     if any(p.severity == "error" for p in box_problems):
         return out
     # Tokens.
@@ -342,14 +352,83 @@ def _check_one(item, source: _Source, s: _Settings) -> _Outcome:
     return out
 
 
+@dataclass
+class _Part:
+    """What a run of consecutive items adds to the report, folded in file order where they were
+    checked (a worker sends one of these per task, not an object per record: the parent's share of
+    the work stays small). Duplicates are found by the parent, over every part, from ``keys``."""
+
+    records: int = 0
+    valid: int = 0
+    videos: int = 0
+    views: int = 0
+    trained_tokens: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    shapes: Counter = field(default_factory=Counter)
+    images_per_record: Counter = field(default_factory=Counter)
+    usable: list[tuple] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    keys: list[tuple[bytes, tuple]] = field(default_factory=list)  # (record key, where) of each counted record
+    media: list[tuple] = field(default_factory=list)  # MediaTable.add's arguments, per record
+    boxes: BoxStats = field(default_factory=BoxStats)
+    template_error: Problem | None = None  # the first in this part
+    reasoning_dropped: Problem | None = None  # the first in this part
+    progress: float = 0.0
+
+
+def _fold(outcomes) -> _Part:
+    part = _Part()
+    for out in outcomes:
+        part.progress = out.progress
+        part.records += out.counted
+        part.problems += out.problems
+        part.image_sizes += out.image_sizes
+        part.videos += out.videos
+        if out.media:  # records with media problems too: a fixed file is noticed
+            part.media.append((out.where[0], out.where[2], out.offset, out.where[1], out.media))
+        if out.boxes is not None:
+            part.boxes.merge(out.boxes)
+        if out.template_error is not None:
+            part.template_error = part.template_error or out.template_error
+            continue
+        if out.counts is None:
+            continue
+        if out.reasoning_dropped is not None:
+            part.reasoning_dropped = part.reasoning_dropped or out.reasoning_dropped
+        counts = out.counts
+        if any(v != 0 for v, _, _ in counts):
+            part.views += len(counts)
+        file, line, index = out.where
+        part.keys.append((out.key, out.where))
+        part.valid += not out.too_long
+        if not out.too_long:
+            part.usable += [(file, index, length, trained, view, out.offset, line if line is not None else -1) for view, length, trained in counts]
+        part.shapes[out.shape] += 1
+        part.images_per_record[out.n_images] += 1
+        part.lengths += [length for _, length, _ in counts]
+        part.trained_tokens += sum(trained for _, _, trained in counts)
+    return part
+
+
 # Worker processes inherit the source and settings by fork (the processor is not re-loaded per chunk).
 _WORKER_STATE: tuple[_Source, _Settings] | None = None
-CHUNK = 2000  # records per task handed to a worker
+CHUNK = 2000  # records per part (a gzip'd file or a JSON list: read by the parent, checked by a worker)
+PART_BYTES = 2 << 20  # bytes of a plain JSONL file per task: a worker reads and parses them itself
 
 
-def _check_chunk(items: list) -> list[_Outcome]:
+def _check_chunk(items: list) -> _Part:
     source, settings = _WORKER_STATE
-    return [_check_item(item, source, settings) for item in items]
+    return _fold(_check_item(item, source, settings) for item in items)
+
+
+def _check_part(task: tuple[Path, int, int, int, int]) -> _Part:
+    source, settings = _WORKER_STATE
+    return _fold(_check_item(item, source, settings) for item in read_part(*task))
+
+
+def _count_part(task: tuple[Path, int, int]) -> tuple[int, int]:
+    return count_part(*task)
 
 
 def _chunks(items, size: int):
@@ -363,22 +442,39 @@ def _chunks(items, size: int):
         yield chunk
 
 
-def _outcomes(items, source: _Source, settings: _Settings, workers: int):
-    """Each item's outcome, in file order; ``workers`` > 1 spreads chunks over forked processes."""
+def _parts(path: Path, source: _Source, settings: _Settings, workers: int):
+    """The file's items checked and folded into parts, in file order; ``workers`` > 1 spreads the
+    work over forked processes.
+
+    A plain JSONL file is split into byte ranges that the workers read, decode and check themselves
+    (reading and decoding a million lines in the parent would make it the bottleneck); first each
+    range's lines and records are counted, so every item is numbered as one pass numbers it. Other
+    files (gzip, JSON lists) are read by the parent and handed out in chunks."""
     if workers <= 1:
-        for item in items:
-            yield _check_item(item, source, settings)
+        for chunk in _chunks(read_items(path), CHUNK):
+            yield _fold(_check_item(item, source, settings) for item in chunk)
         return
     import multiprocessing
 
     global _WORKER_STATE
     _WORKER_STATE = (source, settings)
-    # fork: the workers share the parent's imports and processor (spawn would re-import torch and
-    # transformers in each, seconds apiece); they run no threads of their own.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for chunk in pool.imap(_check_chunk, _chunks(items, CHUNK), chunksize=1):
-            yield from chunk
-    _WORKER_STATE = None
+    size = path.stat().st_size
+    ranges = jsonl_parts(path, max(4 * workers, size // PART_BYTES))
+    try:
+        # fork: the workers share the parent's imports and processor (spawn would re-import torch and
+        # transformers in each, seconds apiece); they run no threads of their own.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            if ranges is None:
+                yield from pool.imap(_check_chunk, _chunks(read_items(path), CHUNK), chunksize=1)
+                return
+            counts = pool.map(_count_part, [(path, a, b) for a, b in ranges], chunksize=1)
+            tasks, line, index = [], 1, 0
+            for (a, b), (breaks, records) in zip(ranges, counts):
+                tasks.append((path, a, b, line, index))
+                line, index = line + breaks, index + records
+            yield from pool.imap(_check_part, tasks, chunksize=1)
+    finally:
+        _WORKER_STATE = None
 
 
 def check_dataset(
@@ -398,6 +494,8 @@ def check_dataset(
     workers: int = 1,
     image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT,
     progress: Callable[[int, float], None] | None = None,
+    track_media: bool = False,
+    only: dict[str, list[tuple[int, int, int]]] | None = None,
 ) -> Report:
     """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
 
@@ -409,6 +507,11 @@ def check_dataset(
     One record never stops the pass: whatever goes wrong while reading, checking, decoding or
     tokenizing it becomes an error on that record and the next one is checked. Missing dataset
     files are a ``UserError`` (there is nothing to check).
+
+    ``track_media`` records each record's media files with their size and mtime (``report.media``,
+    for the index cache); ``only`` (file -> (index, line, byte offset) of records) checks just those
+    records of each file, reading them by offset where there is one (the index cache's recount of
+    records whose media changed): duplicates and box verdicts are then among those records only.
     """
     specs = parse_mixture(data)
     missing = [f"{s.path} ({'a directory, not a dataset file' if s.path.is_dir() else 'not found'})" for s in specs if not s.path.is_file()]
@@ -423,7 +526,9 @@ def check_dataset(
     seen: dict[bytes, tuple] = {}  # record key -> (file, line, index) of its first copy (compact: a million records)
     template_broken = False
     reasoning_warned = False
-    settings = _Settings(allow_outside_root, deep, max_seq_length, video, image_pixel_limit)
+    settings = _Settings(allow_outside_root, deep, max_seq_length, video, image_pixel_limit, track_media)
+    if track_media:
+        report.media = MediaTable()
     for n, spec in enumerate(specs):
         # Each source's own settings (image root, pixel budget) over the run's.
         spec_lo, spec_hi = source_budget(spec, processor, min_pixels, max_pixels)
@@ -431,42 +536,41 @@ def check_dataset(
         report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(root), "min_pixels": spec_lo, "max_pixels": spec_hi})
         source = _Source(str(spec.path), root, encoder_for_source(base_encoder, spec) if base_encoder is not None else None, spec_lo, spec_hi)
         box_stats = BoxStats()
-        for out in _outcomes(read_items(spec.path), source, settings, workers):
-            if progress and (report.records % 500 == 0):
-                progress(report.records, (n + out.progress) / len(specs))
-            report.records += out.counted
-            report.problems += out.problems
-            report.image_sizes += out.image_sizes
-            report.videos += out.videos
-            if out.boxes is not None:
-                box_stats.merge(out.boxes)
-            if out.template_error is not None:
+        parts = _parts(spec.path, source, settings, workers) if only is None else iter([_fold(_check_item(item, source, settings) for item in records_at(spec.path, only.get(str(spec.path), [])))])
+        for part in parts:
+            if progress:
+                progress(report.records, (n + part.progress) / len(specs))
+            report.records += part.records
+            report.valid += part.valid
+            report.problems += part.problems
+            report.image_sizes += part.image_sizes
+            report.videos += part.videos
+            report.views += part.views
+            report.shapes.update(part.shapes)
+            report.images_per_record.update(part.images_per_record)
+            report.usable += part.usable
+            report.lengths += part.lengths
+            report.trained_tokens += part.trained_tokens
+            if report.media is not None:
+                for row in part.media:
+                    report.media.add(*row)
+            box_stats.merge(part.boxes)
+            if part.template_error is not None:
                 if not template_broken:
-                    report.problems.append(out.template_error)
+                    report.problems.append(part.template_error)
                 template_broken = True
-                continue
-            if out.counts is None:
-                continue
-            if out.reasoning_dropped is not None and not reasoning_warned:
+            if part.reasoning_dropped is not None and not reasoning_warned:
                 reasoning_warned = True
-                report.problems.append(out.reasoning_dropped)
-            counts = out.counts
-            if any(v != 0 for v, _, _ in counts):
-                report.views += len(counts)
-            file, line, index = out.where
-            if out.key in seen:
-                first_file, first_line, first_index = seen[out.key]
-                first = f"{first_file}:{first_line}" if first_line is not None else f"{first_file}[{first_index}]"
-                report.problems.append(Problem("warning", file, line, index, "", f"duplicate of {first}", "remove one copy unless the repetition is intended", "duplicate"))
-            else:
-                seen[out.key] = out.where
-            report.valid += not out.too_long
-            if not out.too_long:
-                report.usable += [(file, index, length, trained, view) for view, length, trained in counts]
-            report.shapes[out.shape] += 1
-            report.images_per_record[out.n_images] += 1
-            report.lengths += [length for _, length, _ in counts]
-            report.trained_tokens += sum(trained for _, _, trained in counts)
+                report.problems.append(part.reasoning_dropped)
+            # Duplicates across the whole dataset, in file order: the first copy is the one named.
+            for key, where in part.keys:
+                if key in seen:
+                    first_file, first_line, first_index = seen[key]
+                    first = f"{first_file}:{first_line}" if first_line is not None else f"{first_file}[{first_index}]"
+                    file, line, index = where
+                    report.problems.append(Problem("warning", file, line, index, "", f"duplicate of {first}", "remove one copy unless the repetition is intended", "duplicate"))
+                else:
+                    seen[key] = where
         report.problems += box_stats.problems(str(spec.path))
         report.boxes += box_stats.boxes
         report.box_records += box_stats.records

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +32,101 @@ class Entry:
     tokens: int
     trained: int
     view: int = 0  # which view of the record (tokenize.record_views): 0 = the whole record
+    offset: int = -1  # the record's byte offset in a plain JSONL file: read alone (-1: parse the file)
+    line: int = -1
+
+
+class Entries:
+    """A sequence of ``Entry``, stored as columns (numpy arrays): a million samples cost a few tens of
+    MB and load in a second, where a million ``Entry`` objects (and their JSON) cost seconds and GB in
+    every process that holds them (the parent, each rank, each data loader worker)."""
+
+    COLUMNS = ("index", "tokens", "trained", "view", "offset", "line")
+
+    def __init__(self, files: list[str], cols: dict[str, Any]):
+        import numpy as np
+
+        self.files = list(files)
+        self.cols = {name: np.asarray(cols[name], dtype=np.int64) for name in ("file", *self.COLUMNS)}
+        self.stamps: dict[str, Any] = {}  # file -> [size, mtime_ns] when the data was checked (RecordStore)
+
+    @classmethod
+    def of(cls, entries: list[Entry]) -> Entries:
+        files: dict[str, int] = {}
+        cols: dict[str, list[int]] = {name: [] for name in ("file", *cls.COLUMNS)}
+        for e in entries:
+            cols["file"].append(files.setdefault(e.file, len(files)))
+            for name in cls.COLUMNS:
+                cols[name].append(getattr(e, name))
+        return cls(list(files), cols)
+
+    def __len__(self) -> int:
+        return len(self.cols["file"])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        c = self.cols
+        return Entry(self.files[c["file"][i]], *(int(c[name][i]) for name in self.COLUMNS))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def take(self, positions) -> Entries:
+        import numpy as np
+
+        pos = np.asarray(list(positions) if not hasattr(positions, "__len__") else positions, dtype=np.int64)
+        out = Entries(self.files, {n: c[pos] for n, c in self.cols.items()})
+        out.stamps = self.stamps
+        return out
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.cols["tokens"].tolist()
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"files": self.files, "stamps": self.stamps, **{n: c.tolist() for n, c in self.cols.items()}}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Entries:
+        out = cls(doc["files"], doc)
+        out.stamps = doc.get("stamps", {})
+        return out
 
 
 @dataclass
 class DataIndex:
-    train: list[Entry]
-    eval: list[Entry]
+    train: Entries
+    eval: Entries
     skipped: list[dict[str, Any]] = field(default_factory=list)
     from_cache: bool = False  # the training set's checks and counts came from the index cache (not saved)
+    recounted: int = 0  # records counted again because their media changed since the cache was made
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"train": [asdict(e) for e in self.train], "eval": [asdict(e) for e in self.eval], "skipped": self.skipped}))
+        tmp.write_text(json.dumps({"format": 2, "train": self.train.to_doc(), "eval": self.eval.to_doc(), "skipped": self.skipped}, separators=(",", ":")))
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> DataIndex:
         doc = json.loads(path.read_text())
-        return cls([Entry(**e) for e in doc["train"]], [Entry(**e) for e in doc["eval"]], doc.get("skipped", []))
+        if isinstance(doc["train"], list):  # a run prepared before the index had columns: one object per entry
+            return cls(Entries.of([Entry(**e) for e in doc["train"]]), Entries.of([Entry(**e) for e in doc["eval"]]), doc.get("skipped", []))
+        return cls(Entries.from_doc(doc["train"]), Entries.from_doc(doc["eval"]), doc.get("skipped", []))
 
 
-def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[list[Entry], list[Problem], bool]:
-    """Every usable record of a dataset or mixture with its exact token count, after sampling; and
-    whether it came from the index cache beside the data (``qvltune.data.index_cache``)."""
+def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[Entries, list[Problem], bool, int]:
+    """Every usable record of a dataset or mixture with its exact token count, after sampling;
+    whether it came from the index cache beside the data (``qvltune.data.index_cache``); how many
+    records of the cache were counted again because their media files changed."""
+    import os
     from dataclasses import asdict as _asdict
+
+    import numpy as np
 
     from qvltune.data import index_cache
 
@@ -69,33 +139,51 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         "thinking_turns": d.thinking_turns,
         "image_pixel_limit": d.image_pixel_limit,
     }
+    check = dict(
+        image_root=Path(d.image_root) if d.image_root else None,
+        processor=processor,
+        max_seq_length=d.max_seq_length,
+        allow_outside_root=d.allow_media_outside_root,
+        video=d.video_sampling(),
+        thinking_turns=d.thinking_turns,
+        image_pixel_limit=d.image_pixel_limit,
+        track_media=True,
+    )
     cached = None
+    recounted = 0
     # The encoder sets the video sampling on the processor; set it first so the key sees what counting sees.
     configure_video_processor(processor, d.video_sampling())
+    # Stamped before the content is hashed: a file edited after this is refused by the data loader.
+    stamps = {str(s.path): index_cache.stamp(str(s.path)) for s in parse_mixture(spec)}
     if d.index_cache:
         path = index_cache.cache_path(spec, index_cache.cache_key(spec, processor, settings))
         cached = index_cache.load(path)
     if cached is not None:
-        usable, problems = cached
+        stale = cached.media.stale()
+        if stale:  # media replaced, deleted or restored since: only those records are checked again
+            cached.recount(stale, check_dataset(spec, only=stale, **check))
+            recounted = sum(len(v) for v in stale.values())
+            index_cache.save(path, cached)
+        built = cached
     else:
-        report = check_dataset(
-            spec,
-            image_root=Path(d.image_root) if d.image_root else None,
-            processor=processor,
-            max_seq_length=d.max_seq_length,
-            allow_outside_root=d.allow_media_outside_root,
-            video=d.video_sampling(),
-            thinking_turns=d.thinking_turns,
-            image_pixel_limit=d.image_pixel_limit,
-        )
-        usable, problems = report.usable, report.problems
+        # Before training nothing else runs: the check uses every core (a million records: minutes, not tens of minutes).
+        workers = min(8, os.cpu_count() or 1) if sum(s.path.stat().st_size for s in parse_mixture(spec)) > WORKERS_FROM_BYTES else 1
+        built = index_cache.CachedIndex.from_report(check_dataset(spec, workers=workers, **check))
         if d.index_cache:
-            index_cache.save(path, usable, problems)
-    entries: list[Entry] = []
+            index_cache.save(path, built)
+    problems = built.problems
+    usable = Entries(built.files, built.usable)
+    ids = {f: i for i, f in enumerate(built.files)}
+    picked = []
     for s in parse_mixture(spec):
-        per_file = [Entry(*u) for u in usable if u[0] == str(s.path)]
-        entries += [per_file[i] for i in sample_indices(len(per_file), s.percent, seed)]
-    return entries, problems, cached is not None
+        per_file = np.flatnonzero(usable.cols["file"] == ids.get(str(s.path), -1))
+        picked.append(per_file[np.asarray(sample_indices(len(per_file), s.percent, seed), dtype=np.int64)] if len(per_file) else per_file)
+    entries = usable.take(np.concatenate(picked) if picked else [])
+    entries.stamps = stamps
+    return entries, problems, cached is not None, recounted
+
+
+WORKERS_FROM_BYTES = 16 << 20  # smaller data is checked in one process (forking costs more than it saves)
 
 
 def source_encoders(cfg, encoder: Encoder) -> dict[str, Encoder]:
@@ -111,12 +199,15 @@ def source_encoders(cfg, encoder: Encoder) -> dict[str, Encoder]:
 
 def prepare_data(cfg, processor: Any) -> DataIndex:
     """Validate, count, sample and split the run's data; ``UserError`` on bad records (policy 'error')."""
+    import numpy as np
+
     seed = cfg.optim.seed
-    train, problems, from_cache = _checked_entries(cfg.data.train, processor, cfg, seed)
-    evals: list[Entry] = []
+    train, problems, from_cache, recounted = _checked_entries(cfg.data.train, processor, cfg, seed)
+    evals = Entries([], {n: [] for n in ("file", *Entries.COLUMNS)})
     if cfg.data.eval:
-        evals, eval_problems, _ = _checked_entries(cfg.data.eval, processor, cfg, seed)
+        evals, eval_problems, _, more = _checked_entries(cfg.data.eval, processor, cfg, seed)
         problems = problems + eval_problems
+        recounted += more
     errors = [p for p in problems if p.severity == "error"]
     skipped = []
     if errors:
@@ -128,26 +219,35 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
                 f"fix them (qvltune check-data '{mixture_text(cfg.data.train)}' lists all), or set data.on_bad_sample: skip",
             )
         skipped = [{"file": p.file, "line": p.line, "index": p.index, "field": p.field, "problem": p.text(), "code": p.code} for p in errors]
-    if not train:
+    if not len(train):
         raise UserError("no usable training records", f"check the data with qvltune check-data '{mixture_text(cfg.data.train)}'")
     if not cfg.data.eval and cfg.data.eval_split:
         rng = random.Random(seed)
         order = list(range(len(train)))
         rng.shuffle(order)
         n_eval = max(1, round(len(train) * cfg.data.eval_split))
-        held = set(order[:n_eval])
-        evals = [e for i, e in enumerate(train) if i in held]
-        train = [e for i, e in enumerate(train) if i not in held]
-    return DataIndex(train, evals, skipped, from_cache)
+        held = np.zeros(len(train), dtype=bool)
+        held[order[:n_eval]] = True
+        evals, train = train.take(np.flatnonzero(held)), train.take(np.flatnonzero(~held))
+    return DataIndex(train, evals, skipped, from_cache, recounted)
 
 
 class RecordStore:
-    """Reads records by (file, index), parsing each file once."""
+    """Reads records by (file, index): alone at its byte offset when the index has one (a plain JSONL
+    file: each data loader worker reads just the records it encodes), else parsing the file once.
 
-    def __init__(self):
+    ``stamps`` (file -> size and mtime when the run was prepared) guard the offsets: a file changed
+    since is an error naming it, never a silently different record."""
+
+    def __init__(self, stamps: dict[str, Any] | None = None):
         self._files: dict[str, dict[int, Record]] = {}
+        self._checked: set[str] = set()  # files whose stamp this process compared
+        self._pid = None
+        self.stamps = stamps or {}
 
-    def get(self, file: str, index: int) -> Record:
+    def get(self, file: str, index: int, offset: int = -1, line: int = -1) -> Record:
+        if offset >= 0:
+            return self._read_at(file, index, offset, line)
         if file not in self._files:
             records = {}
             for item in read_items(Path(file)):
@@ -159,7 +259,30 @@ class RecordStore:
         try:
             return self._files[file][index]
         except KeyError:
-            raise UserError(f"{file}: record {index} changed since the run was prepared", "prepare the run again (qvltune train re-checks the data)") from None
+            raise _changed(file, f"record {index}") from None
+
+    def _read_at(self, file: str, index: int, offset: int, line: int) -> Record:
+        import os
+
+        from qvltune.data.files import MAX_RECORD_BYTES, records_at
+
+        if self._pid != os.getpid():  # a forked data loader worker opens its own handles
+            self._checked, self._pid = set(), os.getpid()
+        if file not in self._checked:
+            st = os.stat(file)
+            expected = self.stamps.get(file)
+            if expected is not None and [st.st_size, st.st_mtime_ns] != list(expected):
+                raise _changed(file, "the file")
+            self._checked.add(file)
+        item = next(records_at(Path(file), [(index, line if line >= 0 else None, offset)], MAX_RECORD_BYTES), None)
+        rec = parse_record(item, file)[0] if item is not None and item.problem is None else None
+        if rec is None:
+            raise _changed(file, f"record {index}")
+        return rec
+
+
+def _changed(file: str, what: str) -> UserError:
+    return UserError(f"{file}: {what} changed since the run was prepared", "prepare the run again (qvltune train re-checks the data)")
 
 
 class BadSampleError(UserError):
@@ -180,7 +303,7 @@ class SFTDataset:
         self.groups = groups
         self.on_bad_sample = on_bad_sample
         self.skipped_log = skipped_log
-        self.store = RecordStore()
+        self.store = RecordStore(getattr(entries, "stamps", None))
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -191,7 +314,7 @@ class SFTDataset:
         out = []
         for j in self.groups[i]:
             e = self.entries[j]
-            record = view_of(self.store.get(e.file, e.index), e.view)
+            record = view_of(self.store.get(e.file, e.index, e.offset, e.line), e.view)
             try:
                 out.append(self.encoders.get(e.file, self.encoder).encode(record))
             except Exception as err:  # noqa: BLE001 - one record must not end the run: it follows on_bad_sample

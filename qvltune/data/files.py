@@ -73,9 +73,12 @@ def read_items(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator
 
 def _read_stream(stream: BinaryIO, name: str, limit: int, progress, file_problem) -> Iterator[RawItem]:
     # Leading blank lines are skipped to find the first character: '[' starts a JSON list.
+    plain = isinstance(stream, io.BufferedReader)  # byte offsets are kept for plain files (not gzip)
     line_no = 0
     first = b""
+    offset = -1
     while True:
+        offset = stream.tell() if plain else -1
         first = stream.readline(limit + 1)
         line_no += 1
         if line_no == 1:
@@ -85,6 +88,7 @@ def _read_stream(stream: BinaryIO, name: str, limit: int, progress, file_problem
                     return
             if first.startswith(codecs.BOM_UTF8):
                 first = first[len(codecs.BOM_UTF8) :]  # what Windows tools and spreadsheet exports write: harmless
+                offset += len(codecs.BOM_UTF8) if plain else 0
             elif order := _utf16_without_bom(first):
                 yield file_problem(f"the file looks like UTF-16 ({order}) text, not UTF-8", _UTF8_FIX.replace("WINDOWS-1252", "UTF-16"), "encoding")
                 return
@@ -96,7 +100,7 @@ def _read_stream(stream: BinaryIO, name: str, limit: int, progress, file_problem
     if first.lstrip().startswith(b"["):
         yield from _read_json_list(stream, name, first, line_no, limit, progress)
     else:
-        yield from _read_jsonl(stream, name, first, line_no, limit, progress)
+        yield from _read_jsonl(stream, name, first, line_no, limit, progress, offset)
 
 
 def _utf16_without_bom(head: bytes) -> str | None:
@@ -111,14 +115,21 @@ def _utf16_without_bom(head: bytes) -> str | None:
     return None
 
 
-def _read_jsonl(stream: BinaryIO, name: str, first: bytes, first_no: int, limit: int, progress) -> Iterator[RawItem]:
-    index = 0
+def _read_jsonl(stream: BinaryIO, name: str, first: bytes, first_no: int, limit: int, progress, offset: int = -1, index: int = 0, end: int | None = None) -> Iterator[RawItem]:
+    """The records of JSONL lines from ``first`` on; ``offset`` >= 0 (a plain file): each item gets
+    its line's byte offset, and reading stops at byte ``end`` (a part of the file, see ``read_part``)."""
     line_no = first_no
     line = first
     while line:
         if line.strip():
-            yield _decode_line(line, name, line_no, index, limit, stream, progress)
+            item = _decode_line(line, name, line_no, index, limit, stream, progress)
+            item.offset = offset
+            yield item
             index += 1
+        if offset >= 0:
+            offset = stream.tell()
+            if end is not None and offset >= end:
+                return
         line = stream.readline(limit + 1)
         line_no += 1
 
@@ -258,3 +269,104 @@ def _read_json_list(stream: BinaryIO, name: str, first: bytes, first_no: int, li
                 return
     except UnicodeDecodeError as e:
         yield problem(len(buf), None, f"not UTF-8 text ({e.reason}); the rest of the file cannot be read", _UTF8_FIX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parts of a plain JSONL file, read in parallel (check-data --workers, training's first index build)
+
+
+def jsonl_parts(path: Path, parts: int, max_record_bytes: int = MAX_RECORD_BYTES) -> list[tuple[int, int]] | None:
+    """About ``parts`` byte ranges of a plain JSONL file, each starting at a line start, for workers
+    to read on their own (``count_part``, then ``read_part``); None when the file must be read in one
+    pass by ``read_items`` (gzip, a JSON list, UTF-16/32 text, an empty or unreadable file), which
+    then also reports what is wrong with it."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None
+    with f:
+        size = path.stat().st_size
+        if f.peek(2)[:2] == b"\x1f\x8b" or path.suffix == ".gz":
+            return None
+        first = f.readline(max_record_bytes + 1)
+        if any(first.startswith(bom) for bom, _ in _BOMS) or _utf16_without_bom(first.removeprefix(codecs.BOM_UTF8)):
+            return None
+        head = first.removeprefix(codecs.BOM_UTF8)
+        while not head.strip() and f.tell() < size:  # leading blank lines: the first text decides
+            head = f.readline(max_record_bytes + 1)
+        if not head.strip() or head.lstrip().startswith(b"["):
+            return None
+        bounds = [0]
+        for k in range(1, max(1, parts)):
+            target = max(size * k // parts, bounds[-1])
+            f.seek(target)
+            if target > 0:
+                _skip_line(f)  # to the start of the next line
+            pos = f.tell()
+            if bounds[-1] < pos < size:
+                bounds.append(pos)
+        bounds.append(size)
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _part_lines(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+    """The lines of bytes [start, end) in bounded pieces (a line longer than SKIP_CHUNK comes as several)."""
+    f.seek(start)
+    if start == 0 and f.peek(3)[:3] == codecs.BOM_UTF8:
+        f.seek(3)
+    while f.tell() < end:
+        piece = f.readline(min(SKIP_CHUNK, end - f.tell()))
+        if not piece:
+            return
+        yield piece
+
+
+def count_part(path: Path, start: int, end: int) -> tuple[int, int]:
+    """(line breaks, records) in a part from ``jsonl_parts``: the numbering the next part starts from."""
+    breaks = records = 0
+    text = False  # the current line has something other than whitespace (as read_items' line.strip())
+    with open(path, "rb") as f:
+        for piece in _part_lines(f, start, end):
+            text = text or bool(piece.strip())
+            if piece.endswith(b"\n"):
+                breaks += 1
+                records += text
+                text = False
+        records += text  # a last line without a line break
+    return breaks, records
+
+
+def read_part(path: Path, start: int, end: int, first_line: int, first_index: int, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawItem]:
+    """The items of one part of a plain JSONL file, numbered as ``read_items`` numbers them (the
+    line and record numbers the part starts at come from ``count_part`` over the parts before)."""
+    name = str(path)
+    size = max(1, path.stat().st_size)
+    with open(path, "rb") as f:
+        f.seek(start)
+        if start == 0 and f.peek(3)[:3] == codecs.BOM_UTF8:
+            f.seek(3)
+        offset = f.tell()
+        first = f.readline(max_record_bytes + 1)
+        if offset >= end or not first:
+            return
+        yield from _read_jsonl(f, name, first, first_line, max_record_bytes, lambda: min(1.0, f.tell() / size), offset, first_index, end)
+
+
+def records_at(path: Path, wanted: list[tuple[int, int, int]], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawItem]:
+    """The items of some records of a file, each given as (index, line, byte offset): read alone at
+    their offsets in a plain JSONL file, else picked from one pass over the file (gzip, JSON list)."""
+    if not wanted:
+        return
+    if all(offset >= 0 for _, _, offset in wanted):
+        name = str(path)
+        with open(path, "rb") as f:
+            for index, line, offset in sorted(wanted, key=lambda w: w[2]):
+                f.seek(offset)
+                item = _decode_line(f.readline(max_record_bytes + 1), name, line, index, max_record_bytes, f, lambda: 0.0)
+                item.offset = offset
+                yield item
+        return
+    indices = {index for index, _, _ in wanted}
+    for item in read_items(path, max_record_bytes):
+        if item.problem is None and item.index in indices:
+            yield item

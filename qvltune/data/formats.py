@@ -148,6 +148,7 @@ class RawItem:
     value: Any
     problem: Problem | None = None  # set when the item could not be read at all
     progress: float = 0.0  # fraction of the file (as stored) read so far
+    offset: int = -1  # byte offset of its line in a plain JSONL file (-1: gzip or JSON list), to read it back alone
 
 
 # ----------------------------------------------------------------------------------------------

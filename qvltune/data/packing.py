@@ -24,27 +24,43 @@ def pack_bins(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
     """First-fit-decreasing bin packing of sample indices into rows of at most ``capacity`` tokens.
 
     Deterministic for a seed: ties are broken by a seeded shuffle, and the bins are shuffled so rows
-    do not come sorted by length."""
+    do not come sorted by length. First fit is found in a max-tree of the rows' free room (leaves not
+    yet opened hold a whole row), so a million samples pack in seconds: the plain scan over open rows
+    is O(samples x rows), hours at that size."""
     order = list(range(len(lengths)))
     rng = random.Random(seed)
     rng.shuffle(order)
     order.sort(key=lambda i: -lengths[i])
+    if not order:
+        return []
+    if lengths[order[0]] > capacity:
+        i = order[0]
+        raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
+    # First fit leaves at most one row half empty or less, so it opens at most 2 * total / capacity + 1 rows.
+    most = min(len(order), 2 * sum(lengths) // max(1, capacity) + 2)
+    size = 1
+    while size < most:
+        size *= 2
+    room = [capacity] * (2 * size)  # room[node]: the most free room of a row under it; leaves at size..2*size
     bins: list[list[int]] = []
-    free: list[int] = []
     for i in order:
         n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"sample {i} has {n} tokens, more than the row capacity {capacity}")
-        # First fit: the first open bin with room (rows stay full; O(n * bins) is fine at these sizes,
-        # and a sorted structure would not change the result).
-        for b, room in enumerate(free):
-            if room >= n:
-                bins[b].append(i)
-                free[b] -= n
-                break
-        else:
+        node = 1
+        while node < size:  # the leftmost row with room: first fit
+            node = 2 * node if room[2 * node] >= n else 2 * node + 1
+        b = node - size
+        if b == len(bins):
             bins.append([i])
-            free.append(capacity - n)
+        else:
+            bins[b].append(i)
+        room[node] -= n
+        node //= 2
+        while node:
+            top = max(room[2 * node], room[2 * node + 1])
+            if room[node] == top:
+                break
+            room[node] = top
+            node //= 2
     rng.shuffle(bins)
     return bins
 

@@ -138,10 +138,15 @@ def view_of(record: Record, view: int) -> Record:
 
 def _end_of_turn(processor: Any) -> str:
     tok = processor.tokenizer
-    for candidate in ("<|im_end|>", tok.eos_token):
-        if candidate and candidate in tok.get_vocab():
-            return candidate
-    return ""
+    # Remembered on the tokenizer (per vocabulary size): get_vocab builds a dict of the whole
+    # vocabulary, a tenth of the time of counting a record when asked for every one.
+    known = getattr(tok, "_qvltune_end_of_turn", None)
+    if known is not None and known[0] == len(tok):
+        return known[1]
+    vocab = tok.get_vocab()
+    end = next((c for c in ("<|im_end|>", tok.eos_token) if c and c in vocab), "")
+    tok._qvltune_end_of_turn = (len(tok), end)
+    return end
 
 
 @dataclass
