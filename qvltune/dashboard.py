@@ -85,6 +85,7 @@ class DashboardState:
     first_step: int = 0
     last_time: float | None = None
     gpus: list[Any] = field(default_factory=list)  # hardware.GpuInfo samples
+    phases: dict[str, Any] | None = None  # the start-up's ``phases`` record (qvltune.phases)
 
     def begin(self, phase: str, since: float | None = None) -> None:
         self.phase, self.phase_since = phase, since if since is not None else time.time()
@@ -136,6 +137,8 @@ class DashboardState:
                 self.phase = None
         elif kind == "skipped":
             self.message = skipped_line(record)
+        elif kind == "phases":
+            self.phases = record
         elif kind == "end":
             self.step = record.get("step", self.step)
             self.status = record.get("status", "ended")
@@ -268,6 +271,10 @@ def format_line(record: dict[str, Any]) -> str | None:
         return f"{record.get('name')} ..."
     if kind == "skipped":
         return skipped_line(record)
+    if kind == "phases":
+        from qvltune.phases import format_phases
+
+        return format_phases(record)
     if kind == "start":
         pad = record.get("padding")
         if record.get("resumed_from"):

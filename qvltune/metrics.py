@@ -11,6 +11,9 @@ Rank 0 of the worker appends one JSON object per line; the parent tails the file
   (rank 0's allocated / peak GPU memory), ``padding`` (pad fraction of the batches since the last log)
 - ``eval``: ``step``, ``eval_loss`` (mean over every assistant token of the eval set), ``eval_ppl``,
   ``seconds`` (how long the evaluation took)
+- ``phases`` (once, at the first step's end): ``phases`` (``name``, ``seconds`` of each start-up
+  phase, from ``qvltune train``'s start to the first step's end; see qvltune.phases),
+  ``to_first_step`` (their sum, seconds)
 - ``checkpoint``: ``step``, ``path``, ``seconds`` (how long training waited for the save)
 - ``end``: ``status`` (``completed`` | ``interrupted`` | ``nan`` | ``error``), ``step``, ``message``,
   ``final`` (path of the saved model/adapter), ``last_checkpoint``

@@ -28,6 +28,7 @@ from qvltune.data.tokenize import IGNORE_INDEX
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import parameter_groups
+from qvltune.phases import format_phases
 
 
 def is_main() -> bool:
@@ -217,6 +218,21 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             self.stopped_by_request = False
             self.skipped = 0
             self.last_step_record = 0.0
+            self.clock = None  # qvltune.phases.PhaseClock of the start-up, closed at the first step's end
+            self.compiles = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.clock is not None:  # the Trainer built DeepSpeed's engine (and restored a checkpoint)
+                self.clock.mark("DeepSpeed engine" + (" and checkpoint restore" if state.global_step else ""))
+
+        def _first_step_done(self) -> None:
+            clock, self.clock = self.clock, None
+            clock.mark("first step (compiling)" if self.compiles else "first step")
+            record = clock.record()
+            if writer:
+                writer.write("phases", **record)
+            if is_main():
+                print(f"qvltune: {format_phases(record)}", flush=True)
 
         def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
             device = args.device if torch.cuda.is_available() else "cpu"
@@ -231,7 +247,9 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             flag, self.trainer.nonfinite = self.trainer.nonfinite, None
             bad = torch.zeros((), dtype=torch.float64) if flag is None else flag.double()
             stop = 1.0 if (self.stop_requested or (run_dir / STOP_FILE).exists()) else 0.0
-            bad, stop = self._all_reduce_max(bad, stop, args)
+            bad, stop = self._all_reduce_max(bad, stop, args)  # a host sync: the step has ended on the device
+            if self.clock is not None:
+                self._first_step_done()
             if bad and policy.nan_policy == "skip_step" and self.skipped < policy.max_skipped_steps:
                 # DeepSpeed found the gradients non-finite and did not apply this step's update.
                 self.skipped += 1

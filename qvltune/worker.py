@@ -10,16 +10,19 @@ live in ``qvltune.trainer``.
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import signal
-import sys
 import time
+
+_LOADED = time.time()  # this module's first line: the launcher's phase ends, the imports' begins
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+import torch  # noqa: E402
 
 from qvltune.checkpoints import is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
@@ -29,6 +32,7 @@ from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dumm
 from qvltune.data.tokenize import Encoder
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
+from qvltune.phases import PhaseClock, worker_clock
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, trainable_table, transformer_blocks
 from qvltune.trainer import fsync_tree, is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks
@@ -119,6 +123,13 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
+def _mark(clock: PhaseClock, name: str) -> float:
+    """Close a start-up phase on the run's clock (the ``phases`` record) and print it (train.log)."""
+    since = clock.since
+    clock.mark(name)
+    return _phase(name, since)
+
+
 def compile_blocks(model, backend: str | Callable = "inductor") -> int:
     """torch.compile every language-model decoder layer in place; returns how many were compiled.
 
@@ -134,7 +145,7 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> int:
 
 
 def run(run_dir: Path, resume: bool) -> int:
-    t = time.time()
+    clock = worker_clock(_LOADED)  # continues qvltune train's clock: its checks, the launcher, the imports
     use_cpu = not torch.cuda.is_available()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if is_main() else None  # rank 0 of node 0
     _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
@@ -147,8 +158,14 @@ def run(run_dir: Path, resume: bool) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.optim.compile:
+        from qvltune.compile_cache import cache_size, use_persistent_compile_cache
+
+        cache = use_persistent_compile_cache()  # before anything compiles: reused by later runs and resumes
+        if is_main():
+            print(f"qvltune: compile cache {cache} ({cache_size(cache) / 2**20:,.0f} MiB already)", flush=True)
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
-    t = _phase("process group and arguments", t)
+    _mark(clock, "process group and arguments")
 
     from transformers import set_seed
 
@@ -158,7 +175,7 @@ def run(run_dir: Path, resume: bool) -> int:
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index_path = run_dir / "data_index.json"
     index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
-    t = _phase("processor and data index", t)
+    _mark(clock, "processor and data index")
     _begin(writer, "loading the model")
 
     model = load_model(
@@ -168,6 +185,7 @@ def run(run_dir: Path, resume: bool) -> int:
         trust_remote_code=cfg.model.trust_remote_code,
         random_init=cfg.model.random_init,
     )
+    _mark(clock, "model load")
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False  # no KV cache in training (and packed rows need none)
     model = apply_strategy(model, cfg)
@@ -178,7 +196,7 @@ def run(run_dir: Path, resume: bool) -> int:
             print(f"qvltune: ZeRO-3 gathers {blocks} transformer blocks whole", flush=True)
     if cfg.optim.compile:
         compile_blocks(model)
-    t = _phase("model loaded and prepared", t)
+    _mark(clock, "model prepared (strategy, adapters)")
     _begin(writer, "building the datasets and the trainer")
 
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
@@ -218,7 +236,8 @@ def run(run_dir: Path, resume: bool) -> int:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
     )
     callback.trainer = trainer
-    t = _phase("trainer built", t)
+    callback.clock, callback.compiles = clock, cfg.optim.compile  # it writes the phases record at the first step's end
+    t = _mark(clock, "datasets and trainer")
     _install_stop_handlers(callback)
 
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
