@@ -14,7 +14,12 @@ Rank 0 of the worker appends one JSON object per line; the parent tails the file
 - ``phases`` (once, at the first step's end): ``phases`` (``name``, ``seconds`` of each start-up
   phase, from ``qvltune train``'s start to the first step's end; see qvltune.phases),
   ``to_first_step`` (their sum, seconds)
-- ``checkpoint``: ``step``, ``path``, ``seconds`` (how long training waited for the save)
+- ``save`` (a checkpoint's blocking part ended, training goes on): ``step``, ``path``, ``seconds``
+- ``checkpoint`` (that checkpoint is complete: every file synced, the marker written): ``step``,
+  ``path``, ``seconds`` (how long training waited for the save), ``background_seconds`` (the write
+  and sync beside training)
+- ``stall`` (a step slower than 2x the median, eval and save excluded; qvltune.stalls): ``step``,
+  ``seconds``, ``median_s``, ``ratio``, ``gc_seconds`` (the garbage collector's part), ``count``
 - ``end``: ``status`` (``completed`` | ``interrupted`` | ``nan`` | ``error``), ``step``, ``message``,
   ``final`` (path of the saved model/adapter), ``last_checkpoint``
 """
