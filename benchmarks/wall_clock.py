@@ -17,6 +17,7 @@ median/mean real tok/s, the slowest step against the median (and stall records),
 blocking and background time, eval time, and the whole command against its steady steps.
 
     python benchmarks/wall_clock.py --out $OUT [--shapes 2b,8b] [--mixes bench,issue] [--runs cold,warm] [--samples 2400]
+    python benchmarks/wall_clock.py --out $OUT --shapes tiny --samples 160 --max-steps 16 --compile on   # CPU
 
 Each (shape, mix, run) is one unit: finished units are recorded in --work/units.json and skipped,
 so the whole matrix can be spread over several calls (each well under 600 s: pick one shape, mix
@@ -125,7 +126,7 @@ def summarize(records: list[dict], wall_s: float, started: float) -> dict:
     }
 
 
-def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int, max_steps: int | None) -> dict:
+def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int, max_steps: int | None, compile_: str = "planned") -> dict:
     log = out / f"wall-{shape}-{mix}-{run}.log"
     model = gpu_flow.model_folder(work, shape)
     data, init_args = mix_data(work, shape, mix, samples)
@@ -144,6 +145,8 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
         doc["schedule"]["log_steps"] = 1  # every step timed
         if max_steps:
             doc["optim"]["max_steps"] = max_steps
+        if compile_ != "planned":  # e.g. the compile cache through a whole run on a CPU, where init plans no compile
+            doc["optim"]["compile"] = compile_ == "on"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
     doc = yaml.safe_load(config.read_text())
     run_dir = Path(doc["output_dir"]) / doc["name"]
@@ -166,6 +169,7 @@ def main() -> None:
     ap.add_argument("--runs", default="cold,warm")
     ap.add_argument("--samples", type=int, default=2400)
     ap.add_argument("--max-steps", type=int, default=None, help="cap the epoch (CPU smoke runs)")
+    ap.add_argument("--compile", choices=["planned", "on", "off"], default="planned", help="optim.compile: as init plans it (GPU: on), or forced")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -181,7 +185,7 @@ def main() -> None:
                 if key in done:
                     rows.append(done[key])
                     continue
-                row = run_unit(shape, mix, run, args.work, args.out, args.samples, args.max_steps)
+                row = run_unit(shape, mix, run, args.work, args.out, args.samples, args.max_steps, args.compile)
                 done[key] = row
                 units_file.write_text(json.dumps(done, indent=2))
                 gpu_flow._append(args.out / "wall_clock.json", [row])

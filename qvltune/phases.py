@@ -42,6 +42,7 @@ class PhaseClock:
     since: float = field(default_factory=time.time)
     phases: list[tuple[str, float]] = field(default_factory=list)
     started: float | None = None  # when the first phase began (the command)
+    parallel: set[str] = field(default_factory=set)  # phases that ran beside the others (``add``)
 
     def __post_init__(self) -> None:
         if self.started is None:
@@ -56,10 +57,11 @@ class PhaseClock:
     def add(self, name: str, seconds: float) -> None:
         """A phase that ran beside the others (in a thread): listed, not added to the total."""
         self.phases.append((name, seconds))
+        self.parallel.add(name)
 
-    def record(self, parallel: tuple[str, ...] = ()) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """The ``phases`` record's fields."""
-        rows = [{"name": n, "seconds": round(s, 3), **({"parallel": True} if n in parallel else {})} for n, s in self.phases]
+        rows = [{"name": n, "seconds": round(s, 3), **({"parallel": True} if n in self.parallel else {})} for n, s in self.phases]
         return {"phases": rows, "to_first_step": round(self.since - self.started, 3)}
 
 
