@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class Pending:
 class CheckpointWriter:
     """This rank's background checkpoint writing (see the module docstring).
 
-    ``capture(engine)`` routes a DeepSpeed engine's checkpoint files through host-memory snapshots;
+    ``capturing(engine)`` routes a DeepSpeed engine's checkpoint files through host-memory snapshots;
     ``start(...)`` writes them in a thread; ``wait()`` joins the save in flight and raises its error.
     ``on_complete(step, target, blocking_s, background_s)`` runs on rank 0 once the marker is written."""
 
@@ -93,18 +94,26 @@ class CheckpointWriter:
 
     # -- DeepSpeed side ------------------------------------------------------------------------
 
-    def capture(self, engine) -> None:
-        """Give a DeepSpeed engine the snapshotting checkpoint engine (once; only the plain torch one
-        is replaced: a checkpoint engine set up in the DeepSpeed config is left alone)."""
-        if not self.enabled or getattr(engine, "checkpoint_engine", None) is None:
-            return
-        current = engine.checkpoint_engine
-        if isinstance(current, _snapshot_engine_class()):
+    @contextmanager
+    def capturing(self, engine):
+        """While a checkpoint is saved: route the DeepSpeed engine's files through host-memory
+        snapshots (only the plain torch checkpoint engine is replaced: one set up in the DeepSpeed
+        config is left alone); the engine's own afterwards, so nothing saved outside a checkpoint
+        (the final model) waits for a thread."""
+        current = getattr(engine, "checkpoint_engine", None)
+        if not self.enabled or current is None:
+            yield
             return
         from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-        if type(current) is TorchCheckpointEngine:
-            engine.checkpoint_engine = _snapshot_engine_class()(self, current)
+        if type(current) is not TorchCheckpointEngine:
+            yield
+            return
+        engine.checkpoint_engine = _snapshot_engine_class()(self, current)
+        try:
+            yield
+        finally:
+            engine.checkpoint_engine = current
 
     # -- one save --------------------------------------------------------------------------------
 

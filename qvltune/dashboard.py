@@ -269,6 +269,10 @@ def skipped_line(record: dict[str, Any]) -> str:
 def stall_line(record: dict[str, Any]) -> str:
     count = record.get("count", 1)
     gc = f"; GC {record['gc_seconds']:.1f} s of it" if record.get("gc_seconds") else ""
+    if record.get("data_wait_s"):
+        gc += f"; waited {record['data_wait_s']:.1f} s for data"
+    if record.get("new_graphs"):
+        gc += f"; {record['new_graphs']} recompilation(s)"
     return (
         f"stall{'s' if count > 1 else ''}: {count}, the last at step {record.get('step')}: {record.get('seconds', 0):.1f} s, "
         f"{record.get('ratio', 0):.1f}x the median step ({record.get('median_s', 0):.2f} s){gc}"

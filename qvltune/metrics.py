@@ -19,7 +19,8 @@ Rank 0 of the worker appends one JSON object per line; the parent tails the file
   ``path``, ``seconds`` (how long training waited for the save), ``background_seconds`` (the write
   and sync beside training)
 - ``stall`` (a step slower than 2x the median, eval and save excluded; qvltune.stalls): ``step``,
-  ``seconds``, ``median_s``, ``ratio``, ``gc_seconds`` (the garbage collector's part), ``count``
+  ``seconds``, ``median_s``, ``ratio``, ``gc_seconds`` (the garbage collector's part), ``data_wait_s``
+  (waiting for batches), ``new_graphs`` (torch.compile recompilations in that step), ``count``
 - ``end``: ``status`` (``completed`` | ``interrupted`` | ``nan`` | ``error``), ``step``, ``message``,
   ``final`` (path of the saved model/adapter), ``last_checkpoint``
 """

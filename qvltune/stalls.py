@@ -2,8 +2,9 @@
 
 A stall is an optimizer step that took more than ``STALL_FACTOR`` times the median of the steps
 before it, its evaluation, save and logging excluded (they are reported on their own). The worker
-writes a ``stall`` record for each (the panel shows the last one), with the time the garbage
-collector ran during that step, so a stall can be told apart from a GC pause.
+writes a ``stall`` record for each (the panel shows the last one) with what can explain it: the time
+the garbage collector ran during that step, the time it waited for its batches (data loader), and
+how many new graphs torch.compile made in it (a recompilation).
 
 The GC: Python's cyclic collector is triggered by allocation counts, at any moment of a step, and a
 full (generation 2) collection traverses every live object: after a VLM, its tokenizer, DeepSpeed
@@ -74,6 +75,14 @@ class GcTimer:
     def close(self) -> None:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process (Dynamo's counter; 0 before any compile)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")  # never imports Dynamo for an uncompiled run
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
 
 
 def quiet_gc() -> None:

@@ -30,7 +30,7 @@ from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import parameter_groups
 from qvltune.phases import format_phases
-from qvltune.stalls import GC_EVERY_STEPS, GcTimer, StallDetector, collect
+from qvltune.stalls import GC_EVERY_STEPS, GcTimer, StallDetector, collect, compiled_graphs
 
 
 def is_main() -> bool:
@@ -70,6 +70,7 @@ def make_trainer_class():
             self.nonfinite: torch.Tensor | None = None
             self.loss_head = install_loss_head(unwrap(self.model)) if run_cfg.optim.fused_loss else None
             self.saving_step: int | None = None
+            self.data_wait = 0.0  # seconds spent fetching batches since the last step's end
             self.checkpointer = CheckpointWriter(
                 self.args.process_index, self.args.world_size, enabled=run_cfg.schedule.async_save, rotate=lambda: self._rotate(Path(self.args.output_dir))
             )
@@ -141,6 +142,14 @@ def make_trainer_class():
             self.eval_seconds = time.time() - started
             return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss_sum / max(count, 1.0)}, num_samples=int(samples))
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            # The time the step waited for its batches (data loader workers, collation): a stall's
+            # record says how much of it was the data (qvltune.stalls).
+            started = time.time()
+            out = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self.data_wait += time.time() - started
+            return out
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             # NaN guard: remember on the device (no sync) whether any micro-batch of this step went bad.
@@ -174,9 +183,9 @@ def make_trainer_class():
             if self.args.should_save and target.exists() and not is_complete(target):
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
             self.accelerator.wait_for_everyone()
-            self.checkpointer.capture(self.model_wrapped)  # DeepSpeed's files: snapshots, written by a thread
             try:
-                super()._save_checkpoint(model, trial)
+                with self.checkpointer.capturing(self.model_wrapped):  # DeepSpeed's files: snapshots, written by a thread
+                    super()._save_checkpoint(model, trial)
             except BaseException:
                 self.checkpointer.discard()
                 raise
@@ -229,6 +238,7 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             self.stall_detector, self.gc_timer = StallDetector(), GcTimer()
             self.last_step_end: float | None = None
             self.between_steps = 0.0  # seconds of eval / save / collection since the last step's end
+            self.graphs = 0  # torch.compile graphs so far: a stall with new ones was a recompilation
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.clock is not None:  # the Trainer built DeepSpeed's engine (and restored a checkpoint)
@@ -295,10 +305,13 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
         def _time_step(self, args, state) -> None:
             now = time.time()
             gc_seconds = self.gc_timer.take()
+            data_wait, self.trainer.data_wait = self.trainer.data_wait, 0.0
+            graphs = compiled_graphs()
             if self.last_step_end is not None:
                 stall = self.stall_detector.observe(state.global_step, now - self.last_step_end - self.between_steps, gc_seconds)
                 if stall and writer:
-                    writer.write("stall", **stall)
+                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.graphs)
+            self.graphs = graphs
             self.between_steps = 0.0
             if state.global_step % min(args.logging_steps, GC_EVERY_STEPS) == 0:
                 self.between_steps += collect()  # the training loop's garbage, at a step boundary (qvltune.stalls)

@@ -96,3 +96,19 @@ def test_synchronous_mode_writes_before_returning(tmp_path):
     _snapshot(writer, target, "optim.pt", torch.ones(1))
     writer.start(1, target, blocking_seconds=0.0)
     assert is_complete(target)
+
+
+def test_snapshots_only_while_a_checkpoint_is_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine()
+    engine = SimpleNamespace(checkpoint_engine=original)
+    writer = CheckpointWriter(0, 1)
+    with writer.capturing(engine):
+        engine.checkpoint_engine.save({"t": torch.ones(2)}, str(tmp_path / "x.pt"))
+        assert engine.checkpoint_engine is not original and not (tmp_path / "x.pt").exists()
+    assert engine.checkpoint_engine is original and len(writer.snapshots) == 1  # the final model is saved by DeepSpeed's own engine
+    with CheckpointWriter(0, 1, enabled=False).capturing(engine):
+        assert engine.checkpoint_engine is original

@@ -45,3 +45,8 @@ def test_quiet_gc_freezes_the_setup_and_collects_only_when_asked():
         if enabled:
             gc.enable()
         timer.close()
+
+
+def test_the_stall_line_names_what_explains_it():
+    line = format_line({"kind": "stall", "step": 40, "seconds": 18.0, "median_s": 6.0, "ratio": 3.0, "gc_seconds": 0.0, "data_wait_s": 11.5, "new_graphs": 2, "count": 3})
+    assert line == "stalls: 3, the last at step 40: 18.0 s, 3.0x the median step (6.00 s); waited 11.5 s for data; 2 recompilation(s)"
