@@ -9,10 +9,11 @@ how many new graphs torch.compile made in it (a recompilation).
 The GC: Python's cyclic collector is triggered by allocation counts, at any moment of a step, and a
 full (generation 2) collection traverses every live object: after a VLM, its tokenizer, DeepSpeed
 and the data index are loaded, that is millions of objects and can take seconds, at random steps.
-``quiet_gc`` freezes everything alive after the setup (``gc.freeze``: never traversed again) and
-turns automatic collection off for the training loop; ``collect`` then runs at chosen steps (the
-worker: every log step, at most every ``GC_EVERY_STEPS``), outside the timed part of a step. Cycles
-of garbage made by training (few: tensors are freed by reference counting) wait until then.
+``quiet_gc`` freezes everything alive after the setup (``gc.freeze``: never traversed again, and
+shared copy-on-write with the data loader's forked workers), so the collections that still happen
+only walk what training made since; ``collect`` also runs one at chosen steps (the worker: every log
+step, at most every ``GC_EVERY_STEPS``), outside the timed part of a step, so the young generations
+stay small. Automatic collection stays on: data loader workers (forked later) need it.
 """
 
 from __future__ import annotations
@@ -86,11 +87,10 @@ def compiled_graphs() -> int:
 
 
 def quiet_gc() -> None:
-    """After the setup, before the first step: collect once, freeze the survivors, stop automatic
-    collection (see the module docstring); ``collect`` takes over."""
+    """After the setup, before the first step: collect once and freeze the survivors (see the
+    module docstring)."""
     gc.collect()
     gc.freeze()
-    gc.disable()
 
 
 def collect() -> float:
