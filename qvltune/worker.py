@@ -10,15 +10,18 @@ live in ``qvltune.trainer``.
 
 from __future__ import annotations
 
+import sys
 import time
 
-_LOADED = time.time()  # this module's first line: the launcher's phase ends, the imports' begins
+# This module's first line: the launcher's phase ends, the imports' begin. ``python -m
+# qvltune.worker`` runs it as __main__, which imports it again as qvltune.worker (see the end): that
+# second copy keeps the first one's moment.
+_LOADED = getattr(sys.modules.get("__main__"), "_LOADED", None) or time.time()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
