@@ -54,10 +54,10 @@ def cache_environment(environ: os._Environ | dict[str, str] | None = None, versi
 
 
 def use_persistent_compile_cache(environ: os._Environ | dict[str, str] | None = None) -> Path:
-    """Point torch's compile caches at the persistent folder (before anything compiles); returns it.
-
-    Inductor and Triton read these variables when they first look up their cache (at the first
-    compiled call), so setting them in the process before that is enough."""
+    """Point torch's compile caches at the persistent folder; returns it. Call it before torch is
+    imported: inductor reads ``TORCHINDUCTOR_CACHE_DIR`` on first use and, when it is unset, writes
+    its ``/tmp`` default into the environment (importing DeepSpeed is enough), which this function
+    would then take for the user's own choice."""
     environ = os.environ if environ is None else environ
     for key, value in cache_environment(environ).items():
         environ[key] = value

@@ -18,6 +18,12 @@ import time
 # second copy keeps the first one's moment.
 _LOADED = getattr(sys.modules.get("__main__"), "_LOADED", None) or time.time()
 
+from qvltune.compile_cache import use_persistent_compile_cache  # noqa: E402 - torch-free
+
+# Before torch is imported: inductor writes its /tmp default into the environment on first use (an
+# import of DeepSpeed is enough), after which a setting made later would look like the user's own.
+COMPILE_CACHE = use_persistent_compile_cache()
+
 import argparse  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -214,12 +220,10 @@ def run(run_dir: Path, resume: bool) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
-    if cfg.optim.compile:
-        from qvltune.compile_cache import cache_size, use_persistent_compile_cache
+    if cfg.optim.compile and is_main():  # reused by later runs and resumes (qvltune.compile_cache)
+        from qvltune.compile_cache import cache_size
 
-        cache = use_persistent_compile_cache()  # before anything compiles: reused by later runs and resumes
-        if is_main():
-            print(f"qvltune: compile cache {cache} ({cache_size(cache) / 2**20:,.0f} MiB already)", flush=True)
+        print(f"qvltune: compile cache {COMPILE_CACHE} ({cache_size(COMPILE_CACHE) / 2**20:,.0f} MiB already)", flush=True)
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
     _mark(clock, "process group and arguments")
 

@@ -47,3 +47,14 @@ def test_a_second_process_reuses_the_first_ones_compiled_graph(tmp_path):
     assert root.name.startswith("torch-") and cache_size(root) > 0  # the persistent folder, not /tmp
     assert runs[0]["miss"] >= 1 and runs[0]["hit"] == 0, runs
     assert runs[1]["hit"] >= 1 and runs[1]["miss"] == 0, runs
+
+
+def test_the_worker_points_inductor_at_the_persistent_folder_before_torch_can_pick_tmp(tmp_path):
+    """Inductor writes its /tmp default into the environment on first use (importing
+    transformers.Trainer is enough): the worker must set the folder before that, or every run of a
+    real `qvltune train` compiles into /tmp after all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
+    env["QVLTUNE_CACHE"] = str(tmp_path)
+    code = "import qvltune.worker, deepspeed\nfrom transformers import Trainer\nfrom torch._inductor.runtime.cache_dir_utils import cache_dir\nprint(cache_dir())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=300).stdout.splitlines()[-1]
+    assert Path(out) == tmp_path / "compile" / compile_cache_dir().name
