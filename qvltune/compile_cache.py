@@ -18,7 +18,10 @@ old one's). Variables a user already set win: they are torch's documented switch
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -40,17 +43,33 @@ def compile_cache_dir(version: str | None = None) -> Path:
     return cache_dir() / "compile" / f"torch-{tag}"
 
 
+def torch_default_dir() -> str:
+    """Inductor's own default folder (``/tmp/torchinductor_<user>``), as torch computes it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
 def cache_environment(environ: os._Environ | dict[str, str] | None = None, version: str | None = None) -> dict[str, str]:
-    """The variables to set (those not set already) so that inductor and Triton cache on disk."""
+    """The variables to set (those not set already) so that inductor and Triton cache on disk.
+
+    A ``TORCHINDUCTOR_CACHE_DIR`` equal to torch's own /tmp default counts as unset: inductor writes
+    it into the environment on first use (``from transformers import Trainer`` is enough), so a
+    parent process that imported transformers hands it down to the ranks as if a user had chosen it."""
     environ = os.environ if environ is None else environ
-    root = Path(environ["TORCHINDUCTOR_CACHE_DIR"]) if environ.get("TORCHINDUCTOR_CACHE_DIR") else compile_cache_dir(version)
+    chosen = environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) == torch_default_dir():
+        chosen = None
+    root = Path(chosen) if chosen else compile_cache_dir(version)
     wanted = {
         "TORCHINDUCTOR_CACHE_DIR": str(root),
         "TRITON_CACHE_DIR": str(root / "triton"),
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
         "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
     }
-    return {k: v for k, v in wanted.items() if not environ.get(k)}
+    return {k: v for k, v in wanted.items() if not environ.get(k) or (k == "TORCHINDUCTOR_CACHE_DIR" and not chosen)}
 
 
 def use_persistent_compile_cache(environ: os._Environ | dict[str, str] | None = None) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qvltune.compile_cache import cache_environment, cache_size, compile_cache_dir
+from qvltune.compile_cache import cache_environment, cache_size, compile_cache_dir, torch_default_dir
 
 # What a worker does: qvltune.worker sets the cache folder on import; transformers' Trainer is
 # imported after it (that import makes inductor fix its /tmp default if nothing is set by then).
@@ -38,6 +38,9 @@ def test_one_folder_per_torch_version_and_the_users_own_settings_win(tmp_path, m
     mine = cache_environment({"TORCHINDUCTOR_CACHE_DIR": "/scratch/ind", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}, "2.14.1")
     assert "TORCHINDUCTOR_CACHE_DIR" not in mine and "TORCHINDUCTOR_FX_GRAPH_CACHE" not in mine
     assert mine["TRITON_CACHE_DIR"] == "/scratch/ind/triton"
+    # torch's own /tmp default, written into the environment by an import in a parent process, is not a choice.
+    inherited = cache_environment({"TORCHINDUCTOR_CACHE_DIR": torch_default_dir()}, "2.14.1")
+    assert inherited["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "torch-2.14.1")
 
 
 def test_a_second_worker_process_reuses_what_the_first_compiled_from_the_user_cache_dir(tmp_path):
