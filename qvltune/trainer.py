@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from qvltune.checkpoint_writer import CheckpointWriter, fsync_tree  # noqa: F401 - fsync_tree: the worker's final save
+from qvltune.checkpoint_writer import CheckpointWriter
 from qvltune.checkpoints import STOP_FILE, checkpoints, is_complete
 from qvltune.config import RunConfig
 from qvltune.data.packing import BatchStats

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
+from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data, source_encoders
@@ -45,7 +46,7 @@ from qvltune.nodes import check_shared_run_dir
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.stalls import quiet_gc
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, model_class, read_model_config, trainable_table, transformer_blocks
-from qvltune.trainer import fsync_tree, is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
+from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks
 
 EXIT_INTERRUPTED = 130
