@@ -21,7 +21,8 @@ blocking and background time, eval time, and the whole command against its stead
 
 Each (shape, mix, run) is one unit: finished units are recorded in --work/units.json and skipped,
 so the whole matrix can be spread over several calls (each well under 600 s: pick one shape, mix
-and run per call for 8B). Results accumulate in --out/wall_clock.json.
+and run per call for 8B, after a `--runs prepare` call that writes the random weights, the data,
+the index cache and the config without training). Results accumulate in --out/wall_clock.json.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
             doc["optim"]["compile"] = compile_ == "on"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
     doc = yaml.safe_load(config.read_text())
+    if run == "prepare":  # the weights, data, index cache and config only (8B: its own call)
+        return {"shape": shape, "mix": mix, "run": run, "config": str(config)}
     run_dir = Path(doc["output_dir"]) / doc["name"]
     run_dir = run_dir if run_dir.is_absolute() else plan_dir / run_dir
     started = time.time()
@@ -186,6 +189,9 @@ def main() -> None:
                     rows.append(done[key])
                     continue
                 row = run_unit(shape, mix, run, args.work, args.out, args.samples, args.max_steps, args.compile)
+                if run == "prepare":
+                    print(json.dumps(row), flush=True)
+                    continue
                 done[key] = row
                 units_file.write_text(json.dumps(done, indent=2))
                 gpu_flow._append(args.out / "wall_clock.json", [row])
