@@ -97,7 +97,10 @@ def steps_of(metrics: Path) -> dict:
         prev = r["time"]
     steady = times[1:] or times  # the second logged step on: compiled, warm
     end = next((r for r in recs if r["kind"] == "end"), {})
+    phases = next((r for r in recs if r["kind"] == "phases"), None)
     return {
+        "to_first_step_s": phases["to_first_step"] if phases else None,
+        "phases": {p["name"]: p["seconds"] for p in phases["phases"]} if phases else None,
         "steps": train[-1]["step"] if train else 0,
         "first_step_s": train[0]["time"] - start["time"] if train else None,
         "steady_step_median_s": statistics.median(steady) if steady else None,
@@ -258,6 +261,8 @@ def main() -> None:
             row = flow(shape, args.work, args.out, args.samples, args.steps)
             _append(args.out / "flow.json", [row])
             print(json.dumps(row), flush=True)
+            if row.get("phases"):
+                _table([{"shape": shape, "phase": k, "seconds": v} for k, v in row["phases"].items()], ["shape", "phase", "seconds"])
         if "cases" in parts:
             rows = cases(shape, args.work, args.out, args.samples, args.cases.split(","))
             _append(args.out / "cases.json", rows)

@@ -183,6 +183,9 @@ class ScheduleConfig(_Strict):
     eval_steps: int = Field(200, ge=1)
     save_steps: int | None = Field(200, ge=1, description="null: no checkpoints at all (benchmarks); a crash then loses the run")
     save_total_limit: int | None = Field(3, ge=1)
+    # Write checkpoints in the background (qvltune.checkpoint_writer): training waits only for a copy
+    # of the state in host memory (as much as the optimizer state of the trained parameters).
+    async_save: bool = True
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     # Profile optimizer steps [start, start + count) with torch.profiler: <run>/profile.txt (+ trace).
     profile_steps: tuple[int, int] | None = None

@@ -72,7 +72,8 @@ class DashboardState:
     mfu: float | None = None
     mem_peak_gb: float | None = None
     padding: float | None = None
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the newest complete checkpoint
+    writing: str | None = None  # a checkpoint being written in the background (training goes on)
     device: str | None = None
     world_size: int | None = None
     status: str = "starting"
@@ -85,6 +86,8 @@ class DashboardState:
     first_step: int = 0
     last_time: float | None = None
     gpus: list[Any] = field(default_factory=list)  # hardware.GpuInfo samples
+    phases: dict[str, Any] | None = None  # the start-up's ``phases`` record (qvltune.phases)
+    stall: dict[str, Any] | None = None  # the last ``stall`` record (qvltune.stalls)
 
     def begin(self, phase: str, since: float | None = None) -> None:
         self.phase, self.phase_since = phase, since if since is not None else time.time()
@@ -130,12 +133,22 @@ class DashboardState:
                 self.eval_losses.append(self.eval_loss)
             if self.status == "evaluating":
                 self.status, self.phase = "training", None
+        elif kind == "save":  # training resumed; the checkpoint's files are written beside it
+            self.writing = record.get("path")
+            if self.phase and self.phase.startswith("saving"):
+                self.phase = None
         elif kind == "checkpoint":
             self.checkpoint = record.get("path")
+            if self.writing == self.checkpoint:
+                self.writing = None
             if self.phase and self.phase.startswith("saving"):
                 self.phase = None
         elif kind == "skipped":
             self.message = skipped_line(record)
+        elif kind == "phases":
+            self.phases = record
+        elif kind == "stall":
+            self.stall = record
         elif kind == "end":
             self.step = record.get("step", self.step)
             self.status = record.get("status", "ended")
@@ -239,6 +252,10 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
         device = f"device: {state.device}" + (f" x{state.world_size}" if state.world_size else "") if state.device else "device: not reported yet"
         parts += [Text(""), Text(device, style="dim")]
     parts.append(Text(f"last checkpoint: {state.checkpoint or '-'}", style="dim", overflow="ellipsis", no_wrap=True))
+    if state.writing:
+        parts.append(Text(f"writing {state.writing.rstrip('/').rsplit('/', 1)[-1]} in the background", style="dim"))
+    if state.stall:
+        parts.append(Text(stall_line(state.stall), style="yellow"))
     if state.message:
         parts.append(Text(state.message, style="yellow"))
     style = _STYLE.get(state.status, "red")
@@ -247,6 +264,19 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
 
 def skipped_line(record: dict[str, Any]) -> str:
     return f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
+
+
+def stall_line(record: dict[str, Any]) -> str:
+    count = record.get("count", 1)
+    gc = f"; GC {record['gc_seconds']:.1f} s of it" if record.get("gc_seconds") else ""
+    if record.get("data_wait_s"):
+        gc += f"; waited {record['data_wait_s']:.1f} s for data"
+    if record.get("new_graphs"):
+        gc += f"; {record['new_graphs']} recompilation(s)"
+    return (
+        f"stall{'s' if count > 1 else ''}: {count}, the last at step {record.get('step')}: {record.get('seconds', 0):.1f} s, "
+        f"{record.get('ratio', 0):.1f}x the median step ({record.get('median_s', 0):.2f} s){gc}"
+    )
 
 
 def format_line(record: dict[str, Any]) -> str | None:
@@ -262,12 +292,23 @@ def format_line(record: dict[str, Any]) -> str | None:
         )
     if kind == "eval":
         return f"eval step {record.get('step')}: eval_loss {_fmt(record.get('eval_loss'), '.4f')} ppl {_fmt(record.get('eval_ppl'), '.2f')}"
+    if kind == "save":
+        return None  # the checkpoint line follows once it is complete
     if kind == "checkpoint":
-        return f"checkpoint saved: {record.get('path')}"
+        times = ""
+        if record.get("background_seconds") is not None:
+            times = f" (training waited {record.get('seconds') or 0:.1f} s; written beside it in {record['background_seconds']:.1f} s)"
+        return f"checkpoint saved: {record.get('path')}{times}"
     if kind == "phase":
         return f"{record.get('name')} ..."
     if kind == "skipped":
         return skipped_line(record)
+    if kind == "stall":
+        return stall_line(record)
+    if kind == "phases":
+        from qvltune.phases import format_phases
+
+        return format_phases(record)
     if kind == "start":
         pad = record.get("padding")
         if record.get("resumed_from"):

@@ -11,7 +11,16 @@ Rank 0 of the worker appends one JSON object per line; the parent tails the file
   (rank 0's allocated / peak GPU memory), ``padding`` (pad fraction of the batches since the last log)
 - ``eval``: ``step``, ``eval_loss`` (mean over every assistant token of the eval set), ``eval_ppl``,
   ``seconds`` (how long the evaluation took)
-- ``checkpoint``: ``step``, ``path``, ``seconds`` (how long training waited for the save)
+- ``phases`` (once, at the first step's end): ``phases`` (``name``, ``seconds`` of each start-up
+  phase, from ``qvltune train``'s start to the first step's end; see qvltune.phases),
+  ``to_first_step`` (their sum, seconds)
+- ``save`` (a checkpoint's blocking part ended, training goes on): ``step``, ``path``, ``seconds``
+- ``checkpoint`` (that checkpoint is complete: every file synced, the marker written): ``step``,
+  ``path``, ``seconds`` (how long training waited for the save), ``background_seconds`` (the write
+  and sync beside training)
+- ``stall`` (a step slower than 2x the median, eval and save excluded; qvltune.stalls): ``step``,
+  ``seconds``, ``median_s``, ``ratio``, ``gc_seconds`` (the garbage collector's part), ``data_wait_s``
+  (waiting for batches), ``new_graphs`` (torch.compile recompilations in that step), ``count``
 - ``end``: ``status`` (``completed`` | ``interrupted`` | ``nan`` | ``error``), ``step``, ``message``,
   ``final`` (path of the saved model/adapter), ``last_checkpoint``
 """

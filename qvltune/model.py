@@ -100,8 +100,10 @@ def model_class(model_type: str):
     return getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
 
 
-def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementation: str = "sdpa", trust_remote_code: bool = False, random_init: bool = False):
+def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementation: str = "sdpa", trust_remote_code: bool = False, random_init: bool = False, device=None):
     """Load through ``from_pretrained`` (under ZeRO-3 the Trainer's DeepSpeed config partitions at load).
+
+    ``device``: load the weights straight onto it (``device_map``) instead of the host.
 
     ``random_init`` builds the architecture from its config with random weights instead (benchmarks
     of real-size shapes), on the GPU when there is one: the cost of a step does not depend on the
@@ -122,11 +124,12 @@ def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementatio
             from transformers import AutoConfig
 
             hf_config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
                 model = cls._from_config(hf_config, dtype=getattr(torch, dtype), attn_implementation=attn)
         else:
+            placement = {"device_map": {"": device}} if device is not None else {}
             model = cls.from_pretrained(
-                resolve_model_path(name_or_path), dtype=getattr(torch, dtype), attn_implementation=attn, trust_remote_code=trust_remote_code
+                resolve_model_path(name_or_path), dtype=getattr(torch, dtype), attn_implementation=attn, trust_remote_code=trust_remote_code, **placement
             )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {name_or_path}: {_first_line(e)}", "check the path or Hub id, and that the weights are complete") from None

@@ -21,6 +21,7 @@ from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
 from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, read_all
+from qvltune.phases import PhaseClock, parent_env, process_started
 from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
 from qvltune.zero import write_deepspeed_config, zero3_stats
 
@@ -264,12 +265,16 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
         gpus = detect_gpus()[0]
     if node is not None:
         return run_node(cfg, node, resume=resume, live=live, force=force, gpus=gpus)
+    clock = PhaseClock(since=process_started() or time.time())  # the first rank goes on with it
+    clock.mark("qvltune start (CLI, config, GPUs)")
     with console.status("checking the config against the model and this machine"):
         validate(cfg, gpus)
+    clock.mark("config check")
     if resume and latest_complete_checkpoint(cfg.run_dir) is None:
         console.note(f"no complete checkpoint in {cfg.run_dir}: starting from the beginning")
     with console.status("checking every record and media file of the data"):
         counts = prepare_run(cfg, resume=resume, force=force)
+    clock.mark("data check and index")
     console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
     argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
     command = format_command(argv, env)
@@ -280,7 +285,8 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
         console.note(f"launching: {command}")
     console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
     state, tailer = resume_state(cfg, cfg.run_dir / "metrics.jsonl")
-    child = start(argv, env, cfg.run_dir / "train.log", cfg.run_dir)
+    # The parent's phases go to the ranks, not into launch.sh: the recorded command stays reproducible.
+    child = start(argv, {**env, **parent_env(clock)}, cfg.run_dir / "train.log", cfg.run_dir)
     try:
         outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None, state=state, tailer=tailer)
     finally:

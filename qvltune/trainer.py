@@ -12,7 +12,7 @@ The classes are built inside functions so that importing this module does not im
 
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
 import shutil
@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-from qvltune.checkpoints import COMPLETE_MARKER, STOP_FILE, checkpoints, is_complete
+from qvltune.checkpoint_writer import CheckpointWriter
+from qvltune.checkpoints import STOP_FILE, checkpoints, is_complete
 from qvltune.config import RunConfig
 from qvltune.data.packing import BatchStats
 from qvltune.data.tokenize import IGNORE_INDEX
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import parameter_groups
+from qvltune.phases import format_phases
+from qvltune.stalls import GC_EVERY_STEPS, GcTimer, StallDetector, collect, compiled_graphs
 
 
 def is_main() -> bool:
@@ -66,6 +69,11 @@ def make_trainer_class():
             self.stats = BatchStats(0, 0, 0, 0)
             self.nonfinite: torch.Tensor | None = None
             self.loss_head = install_loss_head(unwrap(self.model)) if run_cfg.optim.fused_loss else None
+            self.saving_step: int | None = None
+            self.data_wait = 0.0  # seconds spent fetching batches since the last step's end
+            self.checkpointer = CheckpointWriter(
+                self.args.process_index, self.args.world_size, enabled=run_cfg.schedule.async_save, rotate=lambda: self._rotate(Path(self.args.output_dir))
+            )
 
         # -- loss --------------------------------------------------------------------------------
 
@@ -134,6 +142,14 @@ def make_trainer_class():
             self.eval_seconds = time.time() - started
             return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss_sum / max(count, 1.0)}, num_samples=int(samples))
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            # The time the step waited for its batches (data loader workers, collation): a stall's
+            # record says how much of it was the data (qvltune.stalls).
+            started = time.time()
+            out = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self.data_wait += time.time() - started
+            return out
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             # NaN guard: remember on the device (no sync) whether any micro-batch of this step went bad.
@@ -157,25 +173,35 @@ def make_trainer_class():
         # -- atomic checkpoints ------------------------------------------------------------------
 
         def _save_checkpoint(self, model, trial):
+            """Training waits for the state's copy in host memory; qvltune.checkpoint_writer writes
+            it in the background and marks the checkpoint complete when every rank's files are synced."""
             run_dir = Path(self.args.output_dir)
+            started = time.time()
+            self.finish_saves()  # one save in flight: the previous one is complete (or raises here)
             self.saving_step = self.state.global_step  # read by explain_failure if the save fails
             target = run_dir / f"checkpoint-{self.state.global_step}"
             if self.args.should_save and target.exists() and not is_complete(target):
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
-            started = time.time()
             self.accelerator.wait_for_everyone()
-            super()._save_checkpoint(model, trial)
-            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                fsync_tree(target)  # every node flushes the shards its ranks wrote before the marker
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                marker = target / COMPLETE_MARKER
-                marker.with_suffix(".tmp").write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
-                marker.with_suffix(".tmp").replace(marker)
-                self._rotate(run_dir)
-            self.accelerator.wait_for_everyone()
+            try:
+                with self.checkpointer.capturing(self.model_wrapped):  # DeepSpeed's files: snapshots, written by a thread
+                    super()._save_checkpoint(model, trial)
+            except BaseException:
+                self.checkpointer.discard()
+                raise
+            self.accelerator.wait_for_everyone()  # every rank's synchronous part is on disk before the marker can be
+            self.save_seconds = time.time() - started  # what training waited for
+            self.checkpointer.start(self.state.global_step, target, self.save_seconds)
             self.saving_step = None
-            self.save_seconds = time.time() - started  # the whole save, as training waits for it
+
+        def finish_saves(self, raise_errors: bool = True):
+            """Wait for the checkpoint being written (the next save, the end of training, a failure);
+            its write error is raised here, with ``saving_step`` naming it for explain_failure."""
+            try:
+                self.checkpointer.wait(raise_errors)
+            except BaseException as e:
+                self.saving_step = getattr(e, "checkpoint_step", None)
+                raise
 
         def _rotate(self, run_dir: Path):
             """Keep the newest ``save_total_limit`` complete checkpoints (the Trainer's own rotation
@@ -187,17 +213,6 @@ def make_trainer_class():
                     shutil.rmtree(old, ignore_errors=True)
 
     return QvlTrainer
-
-
-def fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            except OSError:
-                pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +232,30 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             self.stopped_by_request = False
             self.skipped = 0
             self.last_step_record = 0.0
+            self.clock = None  # qvltune.phases.PhaseClock of the start-up, closed at the first step's end
+            self.compiles = False
+            # Step times without the eval, save and GC between steps: a step over 2x the median is a stall.
+            self.stall_detector, self.gc_timer = StallDetector(), GcTimer()
+            self.last_step_end: float | None = None
+            self.between_steps = 0.0  # seconds of eval / save / collection since the last step's end
+            self.graphs = 0  # torch.compile graphs so far: a stall with new ones was a recompilation
 
-        def _all_reduce_max(self, bad: torch.Tensor, stop: float, args) -> list[float]:
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.clock is not None:  # the Trainer built DeepSpeed's engine (and restored a checkpoint)
+                self.clock.mark("DeepSpeed engine" + (" and checkpoint restore" if state.global_step else ""))
+
+        def _first_step_done(self) -> None:
+            clock, self.clock = self.clock, None
+            clock.mark("first step (compiling)" if self.compiles else "first step")
+            record = clock.record()
+            if writer:
+                writer.write("phases", **record)
+            if is_main():
+                print(f"qvltune: {format_phases(record)}", flush=True)
+
+        def _all_reduce_max(self, bad: torch.Tensor, *flags: float, args) -> list[float]:
             device = args.device if torch.cuda.is_available() else "cpu"
-            t = torch.stack([bad.to(device, torch.float64).reshape(()), torch.tensor(stop, dtype=torch.float64, device=device)])
+            t = torch.stack([bad.to(device, torch.float64).reshape(()), *(torch.tensor(f, dtype=torch.float64, device=device) for f in flags)])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             return t.tolist()
@@ -231,7 +266,15 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             flag, self.trainer.nonfinite = self.trainer.nonfinite, None
             bad = torch.zeros((), dtype=torch.float64) if flag is None else flag.double()
             stop = 1.0 if (self.stop_requested or (run_dir / STOP_FILE).exists()) else 0.0
-            bad, stop = self._all_reduce_max(bad, stop, args)
+            # A checkpoint's background write that failed on any rank stops every rank at this step.
+            save_failed = 1.0 if self.trainer.checkpointer.in_error() else 0.0
+            bad, stop, save_failed = self._all_reduce_max(bad, stop, save_failed, args=args)  # a host sync: the step has ended on the device
+            if save_failed:
+                self.trainer.finish_saves()  # raises this rank's write error
+                raise OSError(errno.EIO, "another rank could not write its part of the checkpoint being saved")
+            if self.clock is not None:
+                self._first_step_done()
+            self._time_step(args, state)
             if bad and policy.nan_policy == "skip_step" and self.skipped < policy.max_skipped_steps:
                 # DeepSpeed found the gradients non-finite and did not apply this step's update.
                 self.skipped += 1
@@ -259,9 +302,26 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
                     writer.write("phase", name=f"saving checkpoint-{state.global_step}", step=state.global_step)
             return control
 
+        def _time_step(self, args, state) -> None:
+            now = time.time()
+            gc_seconds = self.gc_timer.take()
+            data_wait, self.trainer.data_wait = self.trainer.data_wait, 0.0
+            graphs = compiled_graphs()
+            if self.last_step_end is not None:
+                stall = self.stall_detector.observe(state.global_step, now - self.last_step_end - self.between_steps, gc_seconds)
+                if stall and writer:
+                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.graphs)
+            self.graphs = graphs
+            self.between_steps = 0.0
+            if state.global_step % min(args.logging_steps, GC_EVERY_STEPS) == 0:
+                self.between_steps += collect()  # the training loop's garbage, at a step boundary (qvltune.stalls)
+                self.gc_timer.take()
+            self.last_step_end = time.time()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "eval_loss" in logs:
+                self.between_steps += getattr(self.trainer, "eval_seconds", None) or 0.0
                 if writer:
                     writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)), seconds=getattr(self.trainer, "eval_seconds", None))
                 return
@@ -303,8 +363,10 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             )
 
         def on_save(self, args, state, control, **kwargs):
+            self.between_steps += getattr(self.trainer, "save_seconds", None) or 0.0
             if writer:
-                writer.write("checkpoint", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"), seconds=getattr(self.trainer, "save_seconds", None))
+                # Training goes on; the ``checkpoint`` record follows when the write is complete.
+                writer.write("save", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"), seconds=getattr(self.trainer, "save_seconds", None))
 
     return QvlCallback()
 

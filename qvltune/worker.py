@@ -10,17 +10,31 @@ live in ``qvltune.trainer``.
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import signal
 import sys
 import time
+
+# This module's first line: the launcher's phase ends, the imports' begin. ``python -m
+# qvltune.worker`` runs it as __main__, which imports it again as qvltune.worker (see the end): that
+# second copy keeps the first one's moment.
+_LOADED = getattr(sys.modules.get("__main__"), "_LOADED", None) or time.time()
+
+from qvltune.compile_cache import use_persistent_compile_cache  # noqa: E402 - torch-free
+
+# Before torch is imported: inductor writes its /tmp default into the environment on first use (an
+# import of DeepSpeed is enough), after which a setting made later would look like the user's own.
+COMPILE_CACHE = use_persistent_compile_cache()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import torch  # noqa: E402
 
+from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data, source_encoders
@@ -29,8 +43,10 @@ from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dumm
 from qvltune.data.tokenize import Encoder
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
-from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, trainable_table, transformer_blocks
-from qvltune.trainer import fsync_tree, is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
+from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, model_class, read_model_config, trainable_table, transformer_blocks
+from qvltune.phases import PhaseClock, worker_clock
+from qvltune.stalls import quiet_gc
+from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
@@ -119,6 +135,13 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
+def _mark(clock: PhaseClock, name: str) -> float:
+    """Close a start-up phase on the run's clock (the ``phases`` record) and print it (train.log)."""
+    since = clock.since
+    clock.mark(name)
+    return _phase(name, since)
+
+
 def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = False) -> int:
     """torch.compile every language-model decoder layer in place; returns how many were compiled.
 
@@ -160,8 +183,59 @@ def allow_checkpointed_side_effects() -> None:
         dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
+def weights_device(cfg: RunConfig, cuda: bool, local_rank: int) -> torch.device | None:
+    """Where ``from_pretrained`` puts the weights: straight onto this rank's GPU under ZeRO-0..2 (no
+    host copy for DeepSpeed to move afterwards); None (the host) without a GPU, under ZeRO-3 (its
+    partitioned init places each shard itself) and with parameters offloaded to the host."""
+    if not cuda or cfg.deepspeed.stage == 3 or cfg.deepspeed.offload_params:
+        return None
+    return torch.device("cuda", local_rank)
+
+
+def _prepare_data_side(cfg: RunConfig, run_dir: Path):
+    """(processor, data index, train rows, eval rows, seconds): everything before training that needs
+    no model weights. Rows are the packing plan (lists of sample indices), one sample each unpacked."""
+    started = time.time()
+    lo, hi = cfg.data.pixel_budget()
+    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    index_path = run_dir / "data_index.json"
+    index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
+    if cfg.data.packing:
+        train_groups = pack_bins(index.train.tokens, cfg.data.max_seq_length, cfg.optim.seed)
+        eval_groups = pack_bins(index.eval.tokens, cfg.data.max_seq_length, cfg.optim.seed) if len(index.eval) else []
+    else:
+        train_groups = [[i] for i in range(len(index.train))]
+        eval_groups = [[i] for i in range(len(index.eval))]
+    return processor, index, train_groups, eval_groups, time.time() - started
+
+
+def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataIndex, train_groups, eval_groups):
+    """(train set, eval set or None, collator). Evaluation gets rows built exactly like training's
+    (packed with the same plan, the same collator: varlen boundaries where training has them), so an
+    eval runs the same compiled layers and attention kernels, and the fused answer-only loss."""
+    root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns, image_pixel_limit=cfg.data.image_pixel_limit)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    hf_config = unwrap(model).config
+    from qvltune.attention import NAME as VARLEN
+
+    varlen = hf_config.get_text_config()._attn_implementation == VARLEN
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
+    # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
+    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
+    if cfg.data.packing:
+        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
+    else:
+        collator = PaddedCollator(pad_id, dummy, varlen=varlen)
+    policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
+    encoders = source_encoders(cfg, encoder)
+    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
+    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if len(index.eval) else None
+    return train_set, eval_set, collator
+
+
 def run(run_dir: Path, resume: bool) -> int:
-    t = time.time()
+    clock = worker_clock(_LOADED)  # continues qvltune train's clock: its checks, the launcher, the imports
     use_cpu = not torch.cuda.is_available()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if is_main() else None  # rank 0 of node 0
     _begin(writer, "starting the process group (DeepSpeed builds its ops on first use)")
@@ -174,27 +248,36 @@ def run(run_dir: Path, resume: bool) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.optim.compile and is_main():  # reused by later runs and resumes (qvltune.compile_cache)
+        from qvltune.compile_cache import cache_size
+
+        print(f"qvltune: compile cache {COMPILE_CACHE} ({cache_size(COMPILE_CACHE) / 2**20:,.0f} MiB already)", flush=True)
     args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
-    t = _phase("process group and arguments", t)
+    _mark(clock, "process group and arguments")
 
     from transformers import set_seed
 
     set_seed(cfg.optim.seed)  # before LoRA adapters are initialised, so a run is reproducible
-    _begin(writer, "loading the processor and the data index")
-    lo, hi = cfg.data.pixel_budget()
-    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
-    index_path = run_dir / "data_index.json"
-    index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
-    t = _phase("processor and data index", t)
-    _begin(writer, "loading the model")
-
-    model = load_model(
-        cfg.model.path,
-        dtype="bfloat16" if cfg.optim.bf16 else "float32",
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        random_init=cfg.model.random_init,
-    )
+    _begin(writer, "loading the model (the processor and the data index beside it)")
+    # The data side (processor, index, packing plan) needs no weights: it runs in a thread while the
+    # model loads. The model's class is imported first, here, so the two threads never import the same
+    # transformers modules at once.
+    model_class(read_model_config(cfg.model.path, cfg.model.trust_remote_code).get("model_type", "?"))
+    with ThreadPoolExecutor(1, thread_name_prefix="qvltune-data") as pool:
+        data_work = pool.submit(_prepare_data_side, cfg, run_dir)
+        model = load_model(
+            cfg.model.path,
+            dtype="bfloat16" if cfg.optim.bf16 else "float32",
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            random_init=cfg.model.random_init,
+            device=weights_device(cfg, torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", "0"))),
+        )
+        loaded = time.time()
+        processor, index, train_groups, eval_groups, data_seconds = data_work.result()  # its UserError, if any, is raised here
+    clock.add("processor, data index and packing (beside the model load)", data_seconds)
+    clock.mark("model load", loaded)
+    _mark(clock, "waiting for the data index")  # usually nothing (hidden under 0.05 s)
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False  # no KV cache in training (and packed rows need none)
     model = apply_strategy(model, cfg)
@@ -205,31 +288,10 @@ def run(run_dir: Path, resume: bool) -> int:
             print(f"qvltune: ZeRO-3 gathers {blocks} transformer blocks whole", flush=True)
     if cfg.optim.compile:
         compile_blocks(model, zero3=cfg.deepspeed.stage == 3)
-    t = _phase("model loaded and prepared", t)
+    _mark(clock, "model prepared (strategy, adapters)")
     _begin(writer, "building the datasets and the trainer")
 
-    root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns, image_pixel_limit=cfg.data.image_pixel_limit)
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    hf_config = unwrap(model).config
-    from qvltune.attention import NAME as VARLEN
-
-    varlen = hf_config.get_text_config()._attn_implementation == VARLEN
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
-    # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
-    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
-    if cfg.data.packing:
-        train_groups = pack_bins(index.train.tokens, cfg.data.max_seq_length, cfg.optim.seed)
-        eval_groups = pack_bins(index.eval.tokens, cfg.data.max_seq_length, cfg.optim.seed) if len(index.eval) else []
-        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
-    else:
-        train_groups = [[i] for i in range(len(index.train))]
-        eval_groups = [[i] for i in range(len(index.eval))]
-        collator = PaddedCollator(pad_id, dummy, varlen=varlen)
-    policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
-    encoders = source_encoders(cfg, encoder)
-    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
-    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if len(index.eval) else None
+    train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
 
     peak = None
     if torch.cuda.is_available():
@@ -245,7 +307,12 @@ def run(run_dir: Path, resume: bool) -> int:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
     )
     callback.trainer = trainer
-    t = _phase("trainer built", t)
+    callback.clock, callback.compiles = clock, cfg.optim.compile  # it writes the phases record at the first step's end
+    if writer:  # rank 0's background writer reports each checkpoint once it is marked complete
+        trainer.checkpointer.on_complete = lambda step, target, blocking, background: writer.write(
+            "checkpoint", step=step, path=str(target), seconds=blocking, background_seconds=background
+        )
+    t = _mark(clock, "datasets and trainer")
     _install_stop_handlers(callback)
 
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
@@ -274,10 +341,13 @@ def run(run_dir: Path, resume: bool) -> int:
         # The first step also restores a checkpoint, and compiles the decoder layers when asked.
         first = "compiling the decoder layers (first step)" if cfg.optim.compile else "first step"
         _begin(writer, ("restoring the checkpoint, " if resume_from else "") + first)
+    quiet_gc()  # the setup's objects are never traversed again; collections at step boundaries only
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.finish_saves()  # the last checkpoint's background write: complete before anything reports it
         t = _phase("training", t)
     except (torch.OutOfMemoryError, OSError, BadSampleError, *_compile_errors(cfg)) as e:
+        trainer.checkpointer.settle()  # a save in flight may still complete (and become the resume point)
         status, message, hint = explain_failure(e, cfg, trainer, run_dir)
         if writer:
             writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=_last(run_dir))

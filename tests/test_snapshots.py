@@ -139,6 +139,15 @@ def _state(name: str) -> tuple[DashboardState, float]:
         state.apply({"kind": "eval", "time": T0 + 111, "step": 45, "eval_loss": 0.31, "eval_ppl": 1.36})
         state.apply({"kind": "end", "time": T0 + 115, "status": "completed", "step": 45, "epoch": 5.0, "train_loss": 0.9, "message": "45 steps, final model saved", "last_checkpoint": "qvltune-demo/runs/demo/checkpoint-45"})
         return state, T0 + 115
+    if name == "stalled":
+        # A step over 2x the median (qvltune.stalls), while checkpoint-25 is written in the background.
+        for r in _records(25):
+            state.apply(r)
+        state.apply({"kind": "checkpoint", "time": T0 + 62, "step": 20, "path": "qvltune-demo/runs/demo/checkpoint-20", "seconds": 0.4, "background_seconds": 2.1})
+        state.apply({"kind": "phase", "time": T0 + 70, "name": "saving checkpoint-25", "step": 25})
+        state.apply({"kind": "save", "time": T0 + 71, "step": 25, "path": "qvltune-demo/runs/demo/checkpoint-25", "seconds": 0.5})
+        state.apply({"kind": "stall", "time": T0 + 68, "step": 24, "seconds": 6.2, "median_s": 0.41, "ratio": 15.1, "gc_seconds": 0.0, "count": 1})
+        return state, T0 + 76
     if name == "gpus":
         for r in _records(20):
             state.apply(r)
@@ -147,7 +156,7 @@ def _state(name: str) -> tuple[DashboardState, float]:
     raise ValueError(name)
 
 
-STATES = ["starting", "running", "evaluating", "interrupted", "resumed", "finished", "gpus"]
+STATES = ["starting", "running", "evaluating", "interrupted", "resumed", "finished", "gpus", "stalled"]
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -179,6 +188,9 @@ def test_panel_states_say_what_is_happening():
     assert "· interrupted" in text["interrupted"] and "checkpoint-22" in text["interrupted"]
     assert "step 45/45" in text["finished"] and "epoch 5.00" in text["finished"] and "· completed" in text["finished"]
     assert "ETA -" not in text["running"]
+    assert "stall: 1, the last at step 24: 6.2 s, 15.1x the median step (0.41 s)" in text["stalled"]
+    assert "last checkpoint: qvltune-demo/runs/demo/checkpoint-20" in text["stalled"] and "writing checkpoint-25 in the background" in text["stalled"]
+    assert "saving" not in text["stalled"]  # training goes on while the checkpoint is written
 
 
 # ----------------------------------------------------------------------------------------------

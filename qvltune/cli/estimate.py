@@ -37,9 +37,14 @@ def command(
     est = estimate(cfg, stats, machine, workload_for(cfg, data))
     fits = None if machine.is_cpu else est.fits(machine.gpu_memory) and est.host_fits(machine.host_ram)
     scaling = step_scaling(cfg, est, stats, machine, tokens_per_s, nvlink_gbs, internode_gbs)
+    clock = run_wall_clock(cfg, est, stats.total)
     if as_json:
         doc = est.to_json()
         doc.update({"model": cfg.model.path, "model_config": source, "machine": machine.__dict__, "fits": fits, "scaling": scaling})
+        if clock is not None:
+            from dataclasses import asdict
+
+            doc["wall_clock"] = {**asdict(clock), "total_s": clock.total(), "total_cached_s": clock.total(cached=True), "ratio": clock.ratio()}
         console.print_json(doc)
     else:
         if inv.note and not planned:
@@ -48,6 +53,7 @@ def command(
                           + (" + offload" if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params else "")
                           + f", gradient checkpointing {'on' if cfg.optim.gradient_checkpointing else 'off'}")
         render_estimate(est, machine, cfg.optim.epochs)
+        render_wall_clock(clock)
         render_scaling(scaling, machine)
         render_fit(est, machine, inv.gpus if not planned else [])
     return 0 if fits in (None, True) else 1
@@ -216,6 +222,31 @@ def render_estimate(est, machine, epochs: float | None = None) -> None:
     for a in est.assumptions:
         if a != wl.assumption:
             console.note(a)
+
+
+def run_wall_clock(cfg, est, total_params: int):
+    from qvltune.wallclock import steps_per_epoch, wall_clock
+
+    return wall_clock(cfg, est, total_params, steps_per_epoch(cfg, est) or 0)
+
+
+def render_wall_clock(clock) -> None:
+    """The whole run around the steady time (qvltune.wallclock)."""
+    if clock is None:
+        return
+    from qvltune.estimate import format_duration
+
+    parts = [f"start-up ~{clock.startup_s:.0f} s", f"first step ~{clock.compile_cold_s:.0f} s (~{clock.compile_warm_s:.0f} s with the compile cache)" if clock.compile_cold_s else None]
+    if clock.saves:
+        parts.append(f"{clock.saves} checkpoint(s) x ~{clock.save_blocking_s:.1f} s of training time")
+    if clock.evals:
+        parts.append(f"{clock.evals} eval(s) x ~{clock.eval_s:.0f} s")
+    console.out.print(
+        f"whole run: ~{format_duration(clock.total())} (~{format_duration(clock.total(cached=True))} on a second run), {clock.ratio():.2f}x the steady steps: "
+        + ", ".join(p for p in parts if p)
+    )
+    for note in clock.assumptions:
+        console.note(note)
 
 
 def render_fit(est, machine, gpus: list) -> None:

@@ -89,6 +89,10 @@ def report(outcome, cfg, config_path: Path) -> int:
         loss = f", loss {state.final_loss:.4f}" if state.final_loss is not None else ""
         evals = f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""
         console.out.print(f"[green]Training completed[/]: {state.step} steps{loss}{evals}")
+        if state.phases:
+            from qvltune.phases import format_phases
+
+            console.out.print(format_phases(state.phases), markup=False, highlight=False)
         console.out.print(f"model: {final}   curve: {run_dir / 'loss.png'}   metrics: {run_dir / 'metrics.jsonl'}")
         console.out.print(next_steps(cfg))
         return 0

@@ -204,7 +204,8 @@ def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, un
 
 
 def compile_layers(zero3: bool = False) -> Reason:
-    why = "torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step)"
+    why = ("torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step; "
+           "later runs and resumes reuse it from the compile cache in ~/.cache/qvltune/compile)")
     if zero3:
         why += "; under ZeRO-3 each layer's forward is compiled and DeepSpeed's gather/release hooks run eagerly around it"
     return Reason("fused kernels; ~1 min at step 1", why)

@@ -30,15 +30,15 @@ def _patch(worker):
 
     kind, _, arg = FAULT.partition(":")
     if kind == "slow_save":
-        import qvltune.trainer as trainer
+        import qvltune.checkpoint_writer as checkpoint_writer
 
-        original = trainer.fsync_tree
+        original = checkpoint_writer.fsync_tree
 
         def slow(path):
             original(path)
             time.sleep(float(arg))
 
-        trainer.fsync_tree = slow  # checkpoints' sync (QvlTrainer._save_checkpoint)
+        checkpoint_writer.fsync_tree = slow  # checkpoints' sync (CheckpointWriter, before the marker)
     elif kind == "enospc":
         original_save = torch.save
 

@@ -1,0 +1,206 @@
+"""Wall clock from the command to the model: one epoch of `qvltune train` as `qvltune init` plans it,
+twice (cold, then warm caches), on two data mixes.
+
+For each shape (2B, 8B: released configs with random bf16 weights saved as model folders, as in
+gpu_flow.py; `tiny`: the tiny model on the CPU) and mix:
+
+  bench   gpu_throughput.make_data: images 352x352 to 1280x960 under the default variable budget,
+          prompts of 10-200 words, answers of 8-1000 words (log-uniform), 10% text-only
+  issue   shaped like the independent measurement of issue 21: the same image sizes under a
+          1,200-token budget (`--max-image-tokens 1200`), ~800 real tokens per sample, 10% text-only
+
+`init --yes --strategy mixed --epochs 1` writes the config (log_steps set to 1 so every step is
+timed; everything else as planned), then `train --no-live --force` runs it: `cold` with an empty
+compile cache, `warm` with the cache the cold run filled (the data index cache beside the data is
+warm in both: `check-data` ran first). Prints per run: the phases to the first step, steady
+median/mean real tok/s, the slowest step against the median (and stall records), each save's
+blocking and background time, eval time, and the whole command against its steady steps.
+
+    python benchmarks/wall_clock.py --out $OUT [--shapes 2b,8b] [--mixes bench,issue] [--runs cold,warm] [--samples 2400]
+    python benchmarks/wall_clock.py --out $OUT --shapes tiny --samples 160 --max-steps 16 --compile on   # CPU
+
+Each (shape, mix, run) is one unit: finished units are recorded in --work/units.json and skipped,
+so the whole matrix can be spread over several calls (each well under 600 s: pick one shape, mix
+and run per call for 8B, after a `--runs prepare` call that writes the random weights, the data,
+the index cache and the config without training). Results accumulate in --out/wall_clock.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gpu_flow  # noqa: E402
+import gpu_throughput as gt  # noqa: E402
+
+SIZES = [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960)]
+ISSUE_MAX_IMAGE_TOKENS = 1200  # 1280x960 at 32x32 pixels per token: the largest image is not scaled down
+
+
+def make_issue_data(dest: Path, n: int, seed: int = 0) -> Path:
+    """Records shaped like issue 21's second mix: ~800 real tokens per sample (images of 121 to 1,200
+    tokens, ~500 on average, and ~300 text tokens), 10% text-only."""
+    from PIL import Image
+
+    path = dest / "train.jsonl"
+    if path.exists():
+        return path
+    rng = random.Random(seed)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            question = " ".join(rng.choice(gt.WORDS) for _ in range(rng.randint(10, 60)))
+            answer = " ".join(rng.choice(gt.WORDS) for _ in range(int(8 * (800 / 8) ** rng.random())))  # 8..800 words, log-uniform
+            if rng.random() < 0.1:
+                # text-only records are longer, as instructions without an image tend to be
+                question = " ".join(rng.choice(gt.WORDS) for _ in range(rng.randint(100, 500)))
+                f.write(json.dumps({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n")
+                continue
+            w, h = rng.choice(SIZES)
+            name = f"images/{i:05d}.jpg"
+            Image.new("RGB", (w, h), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(dest / name, quality=80)
+            f.write(json.dumps({"image": name, "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}) + "\n")
+    return path
+
+
+def mix_data(work: Path, shape: str, mix: str, samples: int) -> tuple[Path, list[str]]:
+    """(train file, extra `init` arguments) of a mix."""
+    if shape == "tiny":
+        from qvltune.tiny import make_demo_dataset
+
+        return make_demo_dataset(work / "demo-data", n_train=samples, n_eval=8, seed=1)[0], []
+    if mix == "issue":
+        return make_issue_data(work / "data-issue", samples), ["--resolution", "variable", "--max-image-tokens", str(ISSUE_MAX_IMAGE_TOKENS)]
+    return gt.make_data(work / "data-bench", samples), ["--resolution", "variable"]
+
+
+def summarize(records: list[dict], wall_s: float, started: float) -> dict:
+    """The figures of one run from its metrics.jsonl records, ``wall_s`` the whole `qvltune train`
+    command and ``started`` when it began (pure)."""
+    phases = next((r for r in records if r["kind"] == "phases"), None)
+    train = [r for r in records if r["kind"] == "train"]
+    saves = [r for r in records if r["kind"] == "save"]
+    done = {r["step"]: r for r in records if r["kind"] == "checkpoint"}
+    evals = [r for r in records if r["kind"] == "eval"]
+    stalls = [r for r in records if r["kind"] == "stall"]
+    end = next((r for r in reversed(records) if r["kind"] == "end"), {})
+    # Step times from consecutive train records (log_steps 1), less the evals and saves between them.
+    times = []
+    for prev, cur in zip(train, train[1:]):
+        busy = sum(e.get("seconds") or 0 for e in evals + saves if prev["time"] < e["time"] <= cur["time"])
+        times.append((cur["step"], (cur["time"] - prev["time"] - busy) / max(1, cur["step"] - prev["step"])))
+    steady = [t for _, t in times[1:]] or [t for _, t in times]  # the second timed step on
+    median = statistics.median(steady) if steady else None
+    slowest = max(times[1:] or times, key=lambda x: x[1]) if times else (None, None)
+    tok = [r["tokens_per_s"] for r in train[2:] if r.get("tokens_per_s")]
+    steps = train[-1]["step"] if train else 0
+    steady_total = median * steps if median else None
+    first_step_end = next((r["time"] for r in records if r["kind"] in ("step", "train")), None)
+    return {
+        "status": end.get("status"),
+        "steps": steps,
+        "wall_s": round(wall_s, 1),
+        "to_first_step_s": phases["to_first_step"] if phases else (round(first_step_end - started, 1) if first_step_end else None),
+        "phases": {p["name"]: p["seconds"] for p in phases["phases"]} if phases else {},
+        "steady_step_median_s": median,
+        "tok_s_median": statistics.median(tok) if tok else None,
+        "tok_s_mean": statistics.fmean(tok) if tok else None,
+        "slowest_step": slowest[0],
+        "slowest_step_s": slowest[1],
+        "slowest_vs_median": slowest[1] / median if median and slowest[1] else None,
+        "stalls": [{k: s[k] for k in ("step", "seconds", "ratio", "gc_seconds")} for s in stalls],
+        "save_blocking_s": [round(s.get("seconds") or 0, 2) for s in saves],
+        "save_background_s": [round(done[s["step"]].get("background_seconds") or 0, 2) if s["step"] in done else None for s in saves],
+        "eval_s": [round(e.get("seconds") or 0, 2) for e in evals],
+        "steady_total_s": steady_total,
+        "wall_vs_steady": wall_s / steady_total if steady_total else None,
+    }
+
+
+def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int, max_steps: int | None, compile_: str = "planned") -> dict:
+    log = out / f"wall-{shape}-{mix}-{run}.log"
+    model = gpu_flow.model_folder(work, shape)
+    data, init_args = mix_data(work, shape, mix, samples)
+    cache = Path(os.environ["QVLTUNE_CACHE"])  # the compile cache lives here (qvltune.compile_cache)
+    if run == "cold":
+        shutil.rmtree(cache / "compile", ignore_errors=True)
+    plan_dir = work / f"plan-{shape}-{mix}"
+    name = f"wall-{shape}-{mix}"
+    config = plan_dir / "qvltune.yaml"
+    if not config.exists():
+        gpu_flow.cli(log, "check-data", data, "--model", model, "--json")  # fills the data index cache, as a user's first step does
+        code, _, _ = gpu_flow.cli(log, "init", "--yes", "--model", model, "--data", data, "--strategy", "mixed", "--epochs", "1", "--out", plan_dir, "--name", name, *init_args)
+        if code != 0:
+            return {"shape": shape, "mix": mix, "run": run, "error": f"init failed (see {log.name})"}
+        doc = yaml.safe_load(config.read_text())
+        doc["schedule"]["log_steps"] = 1  # every step timed
+        if max_steps:
+            doc["optim"]["max_steps"] = max_steps
+        if compile_ != "planned":  # e.g. the compile cache through a whole run on a CPU, where init plans no compile
+            doc["optim"]["compile"] = compile_ == "on"
+        config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    doc = yaml.safe_load(config.read_text())
+    if run == "prepare":  # the weights, data, index cache and config only (8B: its own call)
+        return {"shape": shape, "mix": mix, "run": run, "config": str(config)}
+    run_dir = Path(doc["output_dir"]) / doc["name"]
+    run_dir = run_dir if run_dir.is_absolute() else plan_dir / run_dir
+    started = time.time()
+    code, seconds, _ = gpu_flow.cli(log, "train", config, "--no-live", "--force")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
+    return {"shape": shape, "mix": mix, "run": run, "exit": code, **summarize(records, seconds, started), "config": {k: doc[k] for k in ("data", "optim", "schedule", "deepspeed")}}
+
+
+KEYS = ["shape", "mix", "run", "exit", "steps", "wall_s", "to_first_step_s", "tok_s_median", "tok_s_mean", "slowest_step", "slowest_vs_median", "save_blocking_s", "save_background_s", "eval_s", "wall_vs_steady"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qvltune-wallclock"))
+    ap.add_argument("--shapes", default="2b,8b")
+    ap.add_argument("--mixes", default="bench,issue")
+    ap.add_argument("--runs", default="cold,warm")
+    ap.add_argument("--samples", type=int, default=2400)
+    ap.add_argument("--max-steps", type=int, default=None, help="cap the epoch (CPU smoke runs)")
+    ap.add_argument("--compile", choices=["planned", "on", "off"], default="planned", help="optim.compile: as init plans it (GPU: on), or forced")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ["QVLTUNE_CACHE"] = str(args.work / "qvltune-cache")  # every command's (and the compile cache's) cache folder
+    units_file = args.work / "units.json"
+    done = json.loads(units_file.read_text()) if units_file.exists() else {}
+    rows = []
+    for shape in args.shapes.split(","):
+        for mix in args.mixes.split(",") if shape != "tiny" else ["demo"]:
+            for run in args.runs.split(","):
+                key = f"{shape}/{mix}/{run}"
+                if key in done:
+                    rows.append(done[key])
+                    continue
+                row = run_unit(shape, mix, run, args.work, args.out, args.samples, args.max_steps, args.compile)
+                if run == "prepare":
+                    print(json.dumps(row), flush=True)
+                    continue
+                done[key] = row
+                units_file.write_text(json.dumps(done, indent=2))
+                gpu_flow._append(args.out / "wall_clock.json", [row])
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if row.get("phases"):
+                    gpu_flow._table([{"unit": key, "phase": k, "seconds": v} for k, v in row["phases"].items()], ["unit", "phase", "seconds"])
+    gpu_flow._table(rows, KEYS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Checkpoints written in the background: training waits only for a copy of the state in host memory.
+
+A checkpoint of a LoRA/mixed run is mostly DeepSpeed's part: the fp32 master weights and Adam
+moments of every trained parameter (``*_optim_states.pt``) and the trained modules'
+(``mp_rank_*_model_states.pt``), several GB for 8B. Writing and syncing them is what made each save
+cost training 20 s. Here DeepSpeed's ``save_checkpoint`` runs as usual, but through
+``SnapshotEngine`` (a DeepSpeed ``CheckpointEngine``, its documented extension point): ``save``
+copies the state dict to host memory and returns; a thread then writes the copies, syncs the folder
+and only then lets the checkpoint be marked complete. The Trainer's own small files (the adapter,
+scheduler, RNG and trainer state) are written as before, synchronously; the thread syncs them too.
+
+DeepSpeed's own asynchronous engines do not fit: its ``DecoupledCheckpointEngine`` hands the live
+tensors to a writer process and waits for the write before the next optimizer step (so a save still
+costs one write minus one forward/backward), and it and ``FastCheckpointEngine`` write through the
+``async_io`` op, which needs libaio and an op build on every machine.
+
+The completeness marker stays the commit point (qvltune.checkpoints): every rank writes and syncs its
+files, then leaves a ``.saved-rank-N`` file; rank 0 writes the marker once all ranks have, from its
+thread. Only one save is in flight: the next save (and the end of training) waits for it. A crash at
+any moment before the marker leaves a folder without it, which resume never picks. Threads never run
+collectives (that would race the training's); ranks meet through the files in the shared run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qvltune.checkpoints import COMPLETE_MARKER
+
+RANK_DONE = ".saved-rank-{}"
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path``, then the folders (so new names survive a power loss)."""
+    for root, dirs, files in os.walk(path):
+        for name in files + dirs:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def write_marker(target: Path, step: int) -> None:
+    """The checkpoint's completeness marker, atomically (write a temporary name, rename, sync)."""
+    import json
+
+    marker = target / COMPLETE_MARKER
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+    tmp.replace(marker)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Pending:
+    """One checkpoint's background part on this rank."""
+
+    step: int
+    target: Path
+    files: list[tuple[object, str, bool]]  # (host copy, path, DeepSpeed's serialization choice)
+    blocking_seconds: float
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    background_seconds: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CheckpointWriter:
+    """This rank's background checkpoint writing (see the module docstring).
+
+    ``capturing(engine)`` routes a DeepSpeed engine's checkpoint files through host-memory snapshots;
+    ``start(...)`` writes them in a thread; ``wait()`` joins the save in flight and raises its error.
+    ``on_complete(step, target, blocking_s, background_s)`` runs on rank 0 once the marker is written."""
+
+    def __init__(self, rank: int, world: int, enabled: bool = True, on_complete: Callable | None = None, rotate: Callable | None = None, poll: float = 0.05):
+        self.rank, self.world, self.enabled = rank, world, enabled
+        self.on_complete, self.rotate, self.poll = on_complete, rotate, poll
+        self.snapshots: list[tuple[object, str, bool]] = []  # filled by SnapshotEngine.save during a save
+        self.current: Pending | None = None
+        self.failed: Pending | None = None  # a background save that raised, until reported
+        self._stop = threading.Event()
+
+    # -- DeepSpeed side ------------------------------------------------------------------------
+
+    @contextmanager
+    def capturing(self, engine):
+        """While a checkpoint is saved: route the DeepSpeed engine's files through host-memory
+        snapshots (only the plain torch checkpoint engine is replaced: one set up in the DeepSpeed
+        config is left alone); the engine's own afterwards, so nothing saved outside a checkpoint
+        (the final model) waits for a thread."""
+        current = getattr(engine, "checkpoint_engine", None)
+        if not self.enabled or current is None:
+            yield
+            return
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        if type(current) is not TorchCheckpointEngine:
+            yield
+            return
+        engine.checkpoint_engine = _snapshot_engine_class()(self, current)
+        try:
+            yield
+        finally:
+            engine.checkpoint_engine = current
+
+    # -- one save --------------------------------------------------------------------------------
+
+    def start(self, step: int, target: Path, blocking_seconds: float) -> None:
+        """Write what this save snapshot (in a thread when enabled), sync, and mark the checkpoint
+        complete once every rank has (rank 0)."""
+        job = Pending(step, Path(target), self.snapshots, blocking_seconds)
+        self.snapshots = []
+        self.current = job
+        if not self.enabled:
+            self._write(job)
+            self._raise(job)
+            return
+        job.thread = threading.Thread(target=self._write, args=(job,), name=f"qvltune-save-{step}", daemon=True)
+        job.thread.start()
+
+    def discard(self) -> None:
+        """Forget the snapshots of a save that failed before it could start writing."""
+        self.snapshots = []
+
+    def wait(self, raise_errors: bool = True) -> Pending | None:
+        """Join the save in flight; raise its error (once) unless told not to. Returns it."""
+        job, self.current = self.current, None
+        if job is not None and job.thread is not None:
+            job.thread.join()
+        if job is not None and job.error is not None:
+            self.failed = job
+        if raise_errors and self.failed is not None:
+            failed, self.failed = self.failed, None
+            self._raise(failed)
+        return job
+
+    def in_error(self) -> bool:
+        """True once the save in flight failed on this rank (checked at every step's end)."""
+        job = self.current
+        return job is not None and job.done.is_set() and job.error is not None
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """A failing run: give the save in flight ``timeout`` seconds to complete, then stop waiting
+        for other ranks (which may be gone); errors are not raised."""
+        job = self.current
+        if job is not None and job.thread is not None:
+            job.thread.join(timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Stop waiting for other ranks (a failing run): rank 0's thread gives up without a marker."""
+        self._stop.set()
+
+    def _raise(self, job: Pending) -> None:
+        if job.error is not None:
+            try:
+                job.error.checkpoint_step = job.step  # which checkpoint it was (explain_failure names it)
+            except AttributeError:
+                pass
+            raise job.error
+
+    def _write(self, job: Pending) -> None:
+        import torch
+
+        started = time.time()
+        try:
+            for obj, path, zipfile in job.files:
+                torch.save(obj, path, _use_new_zipfile_serialization=zipfile)
+            job.files.clear()  # free the host copies as soon as they are on disk
+            fsync_tree(job.target)  # this rank's files, the Trainer's synchronous ones included
+            (job.target / RANK_DONE.format(self.rank)).write_text("")
+            if self.rank == 0:
+                self._commit(job)
+            job.background_seconds = time.time() - started
+            if self.rank == 0 and self.on_complete is not None:
+                self.on_complete(job.step, job.target, job.blocking_seconds, job.background_seconds)
+        except BaseException as e:  # noqa: BLE001 - reported in the training thread
+            job.error = e
+        finally:
+            job.done.set()
+
+    def _commit(self, job: Pending) -> None:
+        """Rank 0: wait for every rank's done file, then write the marker and rotate."""
+        names = [job.target / RANK_DONE.format(r) for r in range(self.world)]
+        while not all(n.exists() for n in names):
+            if self._stop.is_set():
+                return
+            time.sleep(self.poll)
+        write_marker(job.target, job.step)
+        for n in names:
+            n.unlink(missing_ok=True)
+        if self.rotate is not None:
+            self.rotate()
+
+
+_ENGINE = None
+
+
+def _snapshot_engine_class():
+    """``SnapshotEngine``, built on first use (importing DeepSpeed only in the worker)."""
+    global _ENGINE
+    if _ENGINE is not None:
+        return _ENGINE
+    from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SnapshotEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine whose ``save`` only copies the state to host memory;
+        ``CheckpointWriter`` writes the copies in a thread."""
+
+        def __init__(self, writer: CheckpointWriter, replaced):
+            super().__init__(None)
+            self.writer = writer
+            self.zipfile_serialization = getattr(replaced, "zipfile_serialization", self.zipfile_serialization)
+
+        def save(self, state_dict, path: str):
+            # A copy of every tensor on the host, and of every container (the optimizer's param groups
+            # are dicts the scheduler changes at the next step); a GPU tensor is copied off the device.
+            self.writer.snapshots.append((clone_tensors_for_torch_save(state_dict, device="cpu"), path, self.zipfile_serialization))
+
+        def preserves_storage_sharing(self):
+            return False  # DeepSpeed would clone module states itself first: save() copies everything once
+
+    _ENGINE = SnapshotEngine
+    return _ENGINE

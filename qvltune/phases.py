@@ -1,0 +1,98 @@
+"""Where the time to the first training step goes: one clock shared by ``qvltune train`` and rank 0.
+
+The parent times its own work (its start, the config check, the data check) and hands the marks to
+the ranks in ``QVLTUNE_PARENT_PHASES`` (JSON) with the moment it started the launcher. Rank 0 goes
+on marking its phases (the launcher, imports, the process group, the processor and data index, the
+model, the trainer, DeepSpeed's engine, the first step) and writes them all as one ``phases``
+record of metrics.jsonl when the first step ends. The run log, the end summary of ``qvltune train``
+and benchmarks/gpu_flow.py show that record.
+
+Torch-free: the parent imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PARENT_ENV = "QVLTUNE_PARENT_PHASES"
+
+
+def process_started() -> float | None:
+    """When this process was created (wall clock, Linux /proc), else None: the command's own
+    start-up (Python, imports, the CLI) counts in the time a user waits."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 (starttime), counted after the ") "
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
+@dataclass
+class PhaseClock:
+    """Named, consecutive phases: ``mark(name)`` closes the phase that ran since the last mark."""
+
+    since: float = field(default_factory=time.time)
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    started: float | None = None  # when the first phase began (the command)
+    parallel: set[str] = field(default_factory=set)  # phases that ran beside the others (``add``)
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = self.since
+
+    def mark(self, name: str, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        self.phases.append((name, max(0.0, now - self.since)))
+        self.since = now
+        return now
+
+    def add(self, name: str, seconds: float) -> None:
+        """A phase that ran beside the others (in a thread): listed, not added to the total."""
+        self.phases.append((name, seconds))
+        self.parallel.add(name)
+
+    def record(self) -> dict[str, Any]:
+        """The ``phases`` record's fields."""
+        rows = [{"name": n, "seconds": round(s, 3), **({"parallel": True} if n in self.parallel else {})} for n, s in self.phases]
+        return {"phases": rows, "to_first_step": round(self.since - self.started, 3)}
+
+
+def parent_env(clock: PhaseClock, now: float | None = None) -> dict[str, str]:
+    """What the parent hands the ranks as it starts the launcher: its phases (closed now) and when."""
+    launched = clock.mark("launch (run folder, command)", now)
+    return {PARENT_ENV: json.dumps({"started": clock.started, "phases": clock.phases, "launched": launched})}
+
+
+def worker_clock(module_loaded: float, environ: dict[str, str] | None = None) -> PhaseClock:
+    """Rank 0's clock, continuing the parent's (when it was started by ``qvltune train``): the
+    launcher phase runs from the parent's launch to this module's first line, the imports from there
+    to now."""
+    environ = os.environ if environ is None else environ
+    try:
+        parent = json.loads(environ.get(PARENT_ENV, ""))
+        clock = PhaseClock(since=float(parent["started"]), started=float(parent["started"]))
+        clock.phases = [(str(n), float(s)) for n, s in parent["phases"]]
+        clock.since = float(parent["launched"])
+        clock.mark("launcher (deepspeed runner, Python start)", module_loaded)
+    except (ValueError, KeyError, TypeError):  # started by hand (launch.sh): from this process on
+        clock = PhaseClock(since=module_loaded)
+    clock.mark("imports (torch, transformers, qvltune)")
+    return clock
+
+
+def format_phases(record: dict[str, Any], width: int = 0) -> str:
+    """``time to first step 41.2 s: config check 0.8 · data check 3.1 · ...`` (one line)."""
+    parts = []
+    for p in record.get("phases", []):
+        if p["seconds"] < 0.05 and not p.get("parallel"):
+            continue
+        parts.append(f"{p['name']} {p['seconds']:.1f}" + (" (in parallel)" if p.get("parallel") else ""))
+    return f"time to first step {record.get('to_first_step', 0):.1f} s: " + " · ".join(parts)

@@ -1,0 +1,100 @@
+"""Slow training steps ("stalls") and the garbage collector's part in them.
+
+A stall is an optimizer step that took more than ``STALL_FACTOR`` times the median of the steps
+before it, its evaluation, save and logging excluded (they are reported on their own). The worker
+writes a ``stall`` record for each (the panel shows the last one) with what can explain it: the time
+the garbage collector ran during that step, the time it waited for its batches (data loader), and
+how many new graphs torch.compile made in it (a recompilation).
+
+The GC: Python's cyclic collector is triggered by allocation counts, at any moment of a step, and a
+full (generation 2) collection traverses every live object: after a VLM, its tokenizer, DeepSpeed
+and the data index are loaded, that is millions of objects and can take seconds, at random steps.
+``quiet_gc`` freezes everything alive after the setup (``gc.freeze``: never traversed again, and
+shared copy-on-write with the data loader's forked workers), so the collections that still happen
+only walk what training made since; ``collect`` also runs one at chosen steps (the worker: every log
+step, at most every ``GC_EVERY_STEPS``), outside the timed part of a step, so the young generations
+stay small. Automatic collection stays on: data loader workers (forked later) need it.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+STALL_FACTOR = 2.0
+MIN_HISTORY = 5  # steps before a median is trusted
+WINDOW = 200  # the median is over the last WINDOW steps (a run's pace drifts)
+GC_EVERY_STEPS = 50
+
+
+@dataclass
+class StallDetector:
+    """``observe(step, seconds)`` -> the stall record's fields when that step was a stall, else None.
+    The first observed step (compilation, warm-up) is never counted nor compared."""
+
+    factor: float = STALL_FACTOR
+    history: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    seen: int = 0
+    stalls: int = 0
+
+    def observe(self, step: int, seconds: float, gc_seconds: float = 0.0) -> dict | None:
+        self.seen += 1
+        if self.seen == 1:
+            return None
+        stall = None
+        if len(self.history) >= MIN_HISTORY:
+            median = statistics.median(self.history)
+            if median > 0 and seconds > self.factor * median:
+                self.stalls += 1
+                stall = {"step": step, "seconds": round(seconds, 3), "median_s": round(median, 3), "ratio": round(seconds / median, 2), "gc_seconds": round(gc_seconds, 3), "count": self.stalls}
+        self.history.append(seconds)
+        return stall
+
+
+class GcTimer:
+    """Seconds the cyclic collector ran (automatic or not) since the last ``take()``."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._started: float | None = None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total += time.perf_counter() - self._started
+            self._started = None
+
+    def take(self) -> float:
+        seconds, self.total = self.total, 0.0
+        return seconds
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process (Dynamo's counter; 0 before any compile)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")  # never imports Dynamo for an uncompiled run
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
+def quiet_gc() -> None:
+    """After the setup, before the first step: collect once and freeze the survivors (see the
+    module docstring)."""
+    gc.collect()
+    gc.freeze()
+
+
+def collect() -> float:
+    """One full collection of what training made since the freeze; returns its seconds."""
+    started = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - started

@@ -1,0 +1,100 @@
+"""The whole run's wall clock around the estimator's steady time: start-up, first step, saves, evals.
+
+``qvltune.estimate`` gives the time of the training steps at an assumed MFU. What a user waits for
+is more: the start-up (checks, launcher, imports, loading the weights), the first step (compiling
+the decoder layers, unless the compile cache already holds them: qvltune.compile_cache), the time
+training waits for each checkpoint (a host copy of the trained state with background writes,
+qvltune.checkpoint_writer; the whole write and sync without), and the evaluations (forward only:
+about a third of a training step's compute per token). Pure.
+
+The constants are rates measured on an H200 machine (benchmarks/RESULTS.md, issue 21 and the
+real-size flow) and are stated with every figure as assumptions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qvltune.config import RunConfig
+
+# Start-up before the weights load: the CLI, the data check of a cached index, the deepspeed
+# launcher and the ranks' imports, the process group (the real-size flow: ~20 s of ~36-50 s).
+STARTUP_FIXED_S = 20.0
+WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
+# torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes):
+# ~90 s cold for 2B and 8B on an H200; with the compile cache, Dynamo still traces the layer but the
+# kernels and the joint graph come from disk (CPU: 57 s -> 6 s, benchmarks/compile_cache.py).
+COMPILE_COLD_S = 90.0
+COMPILE_WARM_FRACTION = 0.15
+HOST_COPY_BPS = 6.0e9  # device -> pageable host memory copy of the trained state
+DISK_WRITE_BPS = 1.0e9  # torch.save + fsync to a local disk
+OPTIMIZER_BYTES = 12  # fp32 master weight + two Adam moments per trained parameter
+WEIGHT_BYTES = 2  # bf16 trained weights (the adapter / module states)
+EVAL_COST = 1.0 / 3.0  # forward only: a third of a training step's compute per token
+
+
+@dataclass
+class WallClock:
+    steady_s: float
+    startup_s: float
+    compile_cold_s: float
+    compile_warm_s: float
+    saves: int
+    save_blocking_s: float  # per save: the time training waits
+    save_background_s: float  # per save: written beside training (0 when saves are synchronous)
+    evals: int
+    eval_s: float  # per evaluation
+    assumptions: list[str] = field(default_factory=list)
+
+    def total(self, cached: bool = False) -> float:
+        first = self.compile_warm_s if cached else self.compile_cold_s
+        return self.steady_s + self.startup_s + first + self.saves * self.save_blocking_s + self.evals * self.eval_s
+
+    def ratio(self, cached: bool = False) -> float:
+        """Whole run / steady steps (issue 21's target: <= 1.3)."""
+        return self.total(cached) / self.steady_s if self.steady_s else math.inf
+
+
+def trained_state_bytes(trainable_params: int, world_size: int) -> float:
+    """Bytes one rank writes per checkpoint: its partition of the optimizer state (ZeRO-1..3 split
+    it over the ranks) and, on rank 0, the trained weights."""
+    return trainable_params * OPTIMIZER_BYTES / max(1, world_size) + trainable_params * WEIGHT_BYTES
+
+
+def wall_clock(cfg: RunConfig, est, total_params: int, steps: int) -> WallClock | None:
+    """The run's wall clock, from an ``estimate.Estimate`` with a steady time; None without one."""
+    if est.seconds_per_epoch is None:
+        return None
+    epochs = cfg.optim.epochs or 1.0
+    steady = est.seconds_per_epoch * epochs
+    total_steps = max(1, int(steps * epochs)) if steps else 1
+    s = cfg.schedule
+    saves = total_steps // s.save_steps if s.save_steps else 0
+    evaluating = bool(cfg.data.eval or cfg.data.eval_split)
+    evals = (total_steps // s.eval_steps + 1) if evaluating else 0  # and one at the end
+    eval_share = cfg.data.eval_split if cfg.data.eval_split and not cfg.data.eval else 0.05
+    eval_s = est.seconds_per_epoch * eval_share * EVAL_COST if evaluating else 0.0
+    state = trained_state_bytes(est.trainable_params, est.world_size)
+    write = state / DISK_WRITE_BPS
+    if s.async_save:
+        blocking, background = state / HOST_COPY_BPS, write
+    else:
+        blocking, background = write, 0.0
+    compile_cold = COMPILE_COLD_S if cfg.optim.compile else 0.0
+    startup = STARTUP_FIXED_S + total_params * WEIGHT_BYTES / WEIGHTS_LOAD_BPS
+    notes = [
+        f"start-up: {STARTUP_FIXED_S:.0f} s + the weights at {WEIGHTS_LOAD_BPS / 1e9:g} GB/s",
+        (f"first step: ~{COMPILE_COLD_S:.0f} s of torch.compile, ~{COMPILE_COLD_S * COMPILE_WARM_FRACTION:.0f} s with the compile cache of an earlier run" if cfg.optim.compile else "first step: not compiled"),
+        f"checkpoints: {state / 1e9:,.1f} GB per rank; " + ("a host copy at {:g} GB/s, written at {:g} GB/s beside training".format(HOST_COPY_BPS / 1e9, DISK_WRITE_BPS / 1e9) if s.async_save else f"written at {DISK_WRITE_BPS / 1e9:g} GB/s while training waits (schedule.async_save: false)"),
+    ]
+    return WallClock(steady, startup, compile_cold, compile_cold * COMPILE_WARM_FRACTION, saves, blocking, background, evals, eval_s, notes)
+
+
+def steps_per_epoch(cfg: RunConfig, est) -> int | None:
+    """Optimizer steps of one epoch from the estimate's workload (tokens per epoch / per step)."""
+    wl = est.workload
+    if not wl.tokens_per_epoch or not wl.tokens:
+        return None
+    per_step = wl.tokens * cfg.optim.grad_accum * max(1, est.world_size)
+    return max(1, math.ceil(wl.tokens_per_epoch / per_step))

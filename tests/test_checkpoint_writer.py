@@ -1,0 +1,114 @@
+"""Background checkpoint writing (qvltune.checkpoint_writer): training waits only for host copies;
+the completeness marker comes after every rank's files are on disk, and never before."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import pytest
+import torch
+
+from qvltune import checkpoint_writer
+from qvltune.checkpoint_writer import RANK_DONE, CheckpointWriter
+from qvltune.checkpoints import COMPLETE_MARKER, is_complete, latest_complete_checkpoint
+
+
+def _snapshot(writer: CheckpointWriter, target, name, tensor):
+    """What SnapshotEngine.save leaves: a host copy and its path."""
+    writer.snapshots.append(({"t": tensor.clone()}, str(target / name), True))
+
+
+def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
+    target = tmp_path / "checkpoint-4"
+    target.mkdir()
+    done = []
+    rank0 = CheckpointWriter(0, 2, on_complete=lambda *a: done.append(a))
+    rank1 = CheckpointWriter(1, 2)
+    _snapshot(rank0, target, "rank0.pt", torch.ones(3))
+    rank0.start(4, target, blocking_seconds=0.5)
+    time.sleep(0.3)
+    assert (target / "rank0.pt").exists() and (target / RANK_DONE.format(0)).exists()
+    assert not is_complete(target) and not done  # rank 1 has not written its part yet
+    _snapshot(rank1, target, "rank1.pt", torch.zeros(2))
+    rank1.start(4, target, blocking_seconds=0.5)
+    rank1.wait()
+    rank0.wait()
+    assert is_complete(target) and torch.load(target / "rank1.pt")["t"].equal(torch.zeros(2))
+    assert not list(target.glob(".saved-rank-*"))  # the coordination files are gone
+    step, path, blocking, background = done[0]
+    assert (step, path, blocking) == (4, target, 0.5) and background > 0
+
+
+def test_training_goes_on_while_the_write_is_slow_and_a_crash_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    old = tmp_path / "checkpoint-2"
+    old.mkdir()
+    (old / COMPLETE_MARKER).write_text("{}")
+    target = tmp_path / "checkpoint-4"
+    target.mkdir()
+    gate = threading.Event()
+    real_sync = checkpoint_writer.fsync_tree
+    monkeypatch.setattr(checkpoint_writer, "fsync_tree", lambda p: (gate.wait(10), real_sync(p)))
+    writer = CheckpointWriter(0, 1)
+    engine = checkpoint_writer._snapshot_engine_class()(writer, None)  # what DeepSpeed's save_checkpoint calls
+    weights, groups = torch.arange(4.0), [{"lr": 1.0}]
+    engine.save({"t": weights, "param_groups": groups}, str(target / "optim.pt"))
+    started = time.time()
+    writer.start(4, target, blocking_seconds=0.0)
+    assert time.time() - started < 0.5  # start() returns at once
+    weights.add_(100)  # training changes the live tensors and the scheduler the groups: the checkpoint keeps the snapshot
+    groups[0]["lr"] = 0.5
+    time.sleep(0.2)
+    # Mid-write (the sync has not returned): a crash now resumes from the previous checkpoint.
+    assert not is_complete(target) and latest_complete_checkpoint(tmp_path) == old
+    gate.set()
+    writer.wait()
+    assert latest_complete_checkpoint(tmp_path) == target
+    saved = torch.load(target / "optim.pt")
+    assert saved["t"].equal(torch.arange(4.0)) and saved["param_groups"][0]["lr"] == 1.0
+
+
+def test_a_failed_write_is_raised_in_the_training_thread_with_its_step_and_leaves_no_marker(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint-6"
+    target.mkdir()
+
+    def full(obj, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(torch, "save", full)
+    writer = CheckpointWriter(0, 1)
+    _snapshot(writer, target, "optim.pt", torch.ones(1))
+    writer.start(6, target, blocking_seconds=0.0)
+    writer.current.done.wait(5)
+    assert writer.in_error()
+    with pytest.raises(OSError) as e:
+        writer.wait()
+    assert e.value.errno == errno.ENOSPC and e.value.checkpoint_step == 6
+    assert not is_complete(target)
+    writer.wait()  # reported once
+
+
+def test_synchronous_mode_writes_before_returning(tmp_path):
+    target = tmp_path / "checkpoint-1"
+    target.mkdir()
+    writer = CheckpointWriter(0, 1, enabled=False)
+    _snapshot(writer, target, "optim.pt", torch.ones(1))
+    writer.start(1, target, blocking_seconds=0.0)
+    assert is_complete(target)
+
+
+def test_snapshots_only_while_a_checkpoint_is_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine()
+    engine = SimpleNamespace(checkpoint_engine=original)
+    writer = CheckpointWriter(0, 1)
+    with writer.capturing(engine):
+        engine.checkpoint_engine.save({"t": torch.ones(2)}, str(tmp_path / "x.pt"))
+        assert engine.checkpoint_engine is not original and not (tmp_path / "x.pt").exists()
+    assert engine.checkpoint_engine is original and len(writer.snapshots) == 1  # the final model is saved by DeepSpeed's own engine
+    with CheckpointWriter(0, 1, enabled=False).capturing(engine):
+        assert engine.checkpoint_engine is original

@@ -1,0 +1,55 @@
+"""torch.compile's caches persist in the user cache dir (qvltune.compile_cache): a second process
+reuses what the first compiled instead of compiling again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qvltune.compile_cache import cache_environment, cache_size, compile_cache_dir, torch_default_dir
+
+# What a worker does: qvltune.worker sets the cache folder on import; transformers' Trainer is
+# imported after it (that import makes inductor fix its /tmp default if nothing is set by then).
+CHILD = r"""
+import json
+import qvltune.worker
+from transformers import Trainer
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+f(torch.randn(8))
+print(json.dumps({"dir": cache_dir(), "hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_one_folder_per_torch_version_and_the_users_own_settings_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVLTUNE_CACHE", str(tmp_path))
+    assert compile_cache_dir("2.14.1+cu130") == tmp_path / "compile" / "torch-2.14.1-cu130"
+    assert compile_cache_dir("2.14.1+cu130") != compile_cache_dir("2.15.0+cu130")
+    env = cache_environment({}, "2.14.1")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "torch-2.14.1")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "compile" / "torch-2.14.1" / "triton")
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    # A folder the user chose is kept, and Triton's goes inside it.
+    mine = cache_environment({"TORCHINDUCTOR_CACHE_DIR": "/scratch/ind", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}, "2.14.1")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in mine and "TORCHINDUCTOR_FX_GRAPH_CACHE" not in mine
+    assert mine["TRITON_CACHE_DIR"] == "/scratch/ind/triton"
+    # torch's own /tmp default, written into the environment by an import in a parent process, is not a choice.
+    inherited = cache_environment({"TORCHINDUCTOR_CACHE_DIR": torch_default_dir()}, "2.14.1")
+    assert inherited["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "torch-2.14.1")
+
+
+def test_a_second_worker_process_reuses_what_the_first_compiled_from_the_user_cache_dir(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
+    env["QVLTUNE_CACHE"] = str(tmp_path)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, check=True, timeout=300).stdout.splitlines()[-1]) for _ in range(2)]
+    root = tmp_path / "compile" / compile_cache_dir().name
+    # Inductor's folder is the persistent one (not /tmp), though Trainer was imported: the worker set it first.
+    assert all(Path(r["dir"]) == root for r in runs), runs
+    assert cache_size(root) > 0
+    assert runs[0]["miss"] >= 1 and runs[0]["hit"] == 0, runs
+    assert runs[1]["hit"] >= 1 and runs[1]["miss"] == 0, runs

@@ -1,0 +1,52 @@
+"""The start-up clock shared by ``qvltune train`` and rank 0 (qvltune.phases): pure parts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from qvltune.phases import PARENT_ENV, PhaseClock, format_phases, parent_env, process_started, worker_clock
+
+
+def test_the_worker_continues_the_parents_clock():
+    parent = PhaseClock(since=100.0)
+    parent.mark("qvltune start (CLI, config, GPUs)", 101.0)
+    parent.mark("config check", 101.5)
+    parent.mark("data check and index", 104.0)
+    env = parent_env(parent, 104.2)
+    clock = worker_clock(110.0, env)  # the worker module's first line ran at 110
+    clock.mark("process group and arguments", clock.since + 1.0)
+    record = clock.record()
+    names = [p["name"] for p in record["phases"]]
+    assert names[:4] == ["qvltune start (CLI, config, GPUs)", "config check", "data check and index", "launch (run folder, command)"]
+    assert names[4].startswith("launcher") and names[5].startswith("imports") and names[6] == "process group and arguments"
+    seconds = {p["name"]: p["seconds"] for p in record["phases"]}
+    assert seconds["data check and index"] == 2.5
+    assert seconds[names[4]] == pytest.approx(110.0 - 104.2)
+    # Consecutive phases: they add up to the whole wait, from the command's start.
+    assert abs(sum(seconds.values()) - record["to_first_step"]) < 1e-2
+    assert record["to_first_step"] == round(clock.since - 100.0, 3)
+
+
+def test_without_the_parent_the_clock_starts_at_the_worker():
+    clock = worker_clock(time.time() - 2.0, {PARENT_ENV: "not json"})
+    assert [n for n, _ in clock.phases] == ["imports (torch, transformers, qvltune)"]
+    assert 1.9 < clock.phases[0][1] < 5
+
+
+def test_parallel_phases_are_listed_not_summed_and_the_line_is_readable():
+    clock = PhaseClock(since=0.0)
+    clock.mark("model load", 10.0)
+    clock.add("data index (beside the model load)", 4.0)
+    clock.mark("first step (compiling)", 40.0)
+    record = clock.record()
+    assert sum(p["seconds"] for p in record["phases"] if not p.get("parallel")) == record["to_first_step"]
+    assert record["to_first_step"] == 40.0
+    line = format_phases(record)
+    assert line == "time to first step 40.0 s: model load 10.0 · data index (beside the model load) 4.0 (in parallel) · first step (compiling) 30.0"
+
+
+def test_process_started_is_this_process():
+    started = process_started()
+    assert started is not None and started <= time.time() and time.time() - started < 24 * 3600

@@ -1,0 +1,49 @@
+"""Stalls (a step over 2x the running median) and the garbage collector's control (qvltune.stalls)."""
+
+from __future__ import annotations
+
+import gc
+
+from qvltune.dashboard import format_line
+from qvltune.stalls import MIN_HISTORY, GcTimer, StallDetector, collect, quiet_gc
+
+
+def test_a_step_over_twice_the_median_is_a_stall_and_the_first_step_never_counts():
+    d = StallDetector()
+    assert d.observe(1, 95.0) is None  # the compiling first step: neither a stall nor part of the median
+    for step in range(2, 2 + MIN_HISTORY):
+        assert d.observe(step, 1.0 + 0.01 * step) is None
+    assert d.observe(10, 2.0) is None  # under 2x the median (~1.04 s)
+    stall = d.observe(11, 18.0, gc_seconds=0.25)
+    assert stall == {"step": 11, "seconds": 18.0, "median_s": 1.045, "ratio": 17.22, "gc_seconds": 0.25, "count": 1}
+    assert d.observe(12, 1.0) is None and d.observe(13, 9.0)["count"] == 2
+    assert format_line({"kind": "stall", **stall}) == "stall: 1, the last at step 11: 18.0 s, 17.2x the median step (1.04 s); GC 0.2 s of it"
+
+
+def test_no_stall_is_called_before_the_median_is_trusted():
+    d = StallDetector()
+    assert [d.observe(s, t) for s, t in enumerate([50.0, 1.0, 30.0, 1.0], 1)] == [None] * 4
+
+
+def test_quiet_gc_takes_the_setup_out_of_every_later_collection():
+    timer = GcTimer()
+    try:
+        setup = [[i] for i in range(200_000)]  # a model's, tokenizer's and index's long-lived objects
+        tracked = len(gc.get_objects())
+        quiet_gc()
+        assert gc.isenabled() and gc.get_freeze_count() >= len(setup)
+        assert len(gc.get_objects()) < tracked - len(setup)  # what a full collection walks from now on
+        for _ in range(1000):  # garbage cycles made by training
+            a = []
+            a.append(a)
+        timer.take()
+        seconds = collect()
+        assert seconds > 0 and gc.get_count()[0] < 100 and timer.take() > 0
+    finally:
+        gc.unfreeze()
+        timer.close()
+
+
+def test_the_stall_line_names_what_explains_it():
+    line = format_line({"kind": "stall", "step": 40, "seconds": 18.0, "median_s": 6.0, "ratio": 3.0, "gc_seconds": 0.0, "data_wait_s": 11.5, "new_graphs": 2, "count": 3})
+    assert line == "stalls: 3, the last at step 40: 18.0 s, 3.0x the median step (6.00 s); waited 11.5 s for data; 2 recompilation(s)"

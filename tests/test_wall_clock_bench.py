@@ -1,0 +1,62 @@
+"""The CPU side of benchmarks/wall_clock.py: the issue-shaped mix and the figures it reads from a
+run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import wall_clock as wc  # noqa: E402
+
+
+def test_the_issue_mix_has_its_shape(tmp_path, tiny_processor):
+    path = wc.make_issue_data(tmp_path, 200, seed=3)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    text_only = [r for r in records if "image" not in r]
+    assert 0.05 <= len(text_only) / len(records) <= 0.16
+    tokens = []
+    tok = tiny_processor.tokenizer
+    for r in records:
+        n = sum(len(tok(turn["value"].replace("<image>\n", "")).input_ids) for turn in r["conversations"])
+        if "image" in r:
+            w, h = Image.open(tmp_path / r["image"]).size
+            assert (352, 352) <= (w, h) <= (1280, 960) and (w // 32) * (h // 32) <= wc.ISSUE_MAX_IMAGE_TOKENS
+            n += (w // 32) * (h // 32)
+        tokens.append(n)
+    assert 650 <= statistics.fmean(tokens) <= 950, statistics.fmean(tokens)
+
+
+def _records():
+    t = 1000.0
+    out = [{"kind": "start", "time": t + 40}, {"kind": "phases", "time": t + 90, "to_first_step": 90.0, "phases": [{"name": "model load", "seconds": 20.0}, {"name": "first step (compiling)", "seconds": 70.0}]}]
+    clock = t + 90
+    for step in range(1, 11):
+        clock += 2.0 if step != 6 else 9.0  # step 6: a stall
+        out.append({"kind": "train", "time": clock, "step": step, "tokens_per_s": 10000.0 + step})
+        if step == 4:
+            clock += 1.5
+            out.append({"kind": "save", "time": clock, "step": 4, "seconds": 1.5})
+        if step == 8:
+            clock += 5.0
+            out.append({"kind": "eval", "time": clock, "step": 8, "seconds": 5.0})
+    out.append({"kind": "checkpoint", "time": clock, "step": 4, "seconds": 1.5, "background_seconds": 12.0})
+    out.append({"kind": "stall", "time": t + 110, "step": 6, "seconds": 9.0, "ratio": 4.5, "gc_seconds": 0.0, "median_s": 2.0, "count": 1})
+    out.append({"kind": "end", "time": clock + 3, "status": "completed"})
+    return out
+
+
+def test_summarize_reads_the_phases_steps_saves_evals_and_stalls():
+    s = wc.summarize(_records(), wall_s=150.0, started=1000.0)
+    assert s["status"] == "completed" and s["steps"] == 10 and s["to_first_step_s"] == 90.0
+    assert s["phases"] == {"model load": 20.0, "first step (compiling)": 70.0}
+    assert s["steady_step_median_s"] == pytest.approx(2.0)  # the save and the eval are not step time
+    assert (s["slowest_step"], s["slowest_step_s"], s["slowest_vs_median"]) == (6, pytest.approx(9.0), pytest.approx(4.5))
+    assert s["save_blocking_s"] == [1.5] and s["save_background_s"] == [12.0] and s["eval_s"] == [5.0]
+    assert s["stalls"] == [{"step": 6, "seconds": 9.0, "ratio": 4.5, "gc_seconds": 0.0}]
+    assert s["tok_s_median"] == pytest.approx(10006.5) and s["wall_vs_steady"] == pytest.approx(150.0 / 20.0)

@@ -1,0 +1,44 @@
+"""The whole run's wall clock around the steady time (qvltune.wallclock): what the compile cache and
+background checkpoint writes change."""
+
+from __future__ import annotations
+
+import pytest
+
+from qvltune.catalog import builtin_config
+from qvltune.config import parse_config
+from qvltune.estimate import GiB, Machine, Workload, estimate, model_stats
+from qvltune.wallclock import COMPILE_COLD_S, DISK_WRITE_BPS, HOST_COPY_BPS, trained_state_bytes, wall_clock
+
+H200 = Machine("NVIDIA H200", 140 * GiB, 1, 1, 256 * GiB, 989.0, True)
+
+
+def _clock(**schedule):
+    cfg = parse_config({
+        "name": "x", "model": {"path": "Qwen/Qwen3-VL-8B-Instruct"}, "data": {"train": "x.jsonl", "eval_split": 0.05, "packing": True, "max_seq_length": 16384},
+        "strategy": "mixed", "optim": {"epochs": 1, "per_device_batch": 1, "grad_accum": 4, "compile": True},
+        "schedule": {"save_steps": 10, "eval_steps": 10, **schedule},
+    })
+    stats = model_stats(builtin_config("8B"))
+    wl = Workload(tokens=16384, image_tokens=4096, rows=1, tokens_per_epoch=2_000_000, mean_sample_tokens=800, label_share=0.3)
+    est = estimate(cfg, stats, H200, wl)
+    return wall_clock(cfg, est, stats.total, steps=31), est
+
+
+def test_background_saves_cost_a_host_copy_and_the_cache_cuts_the_first_step():
+    clock, est = _clock()
+    state = trained_state_bytes(est.trainable_params, 1)
+    assert state == est.trainable_params * 14  # fp32 master + 2 moments + bf16 weights, one rank
+    assert clock.saves == 3 and clock.evals == 4  # steps 10, 20, 30 (+ an eval at the end)
+    assert clock.save_blocking_s == pytest.approx(state / HOST_COPY_BPS) and clock.save_background_s == pytest.approx(state / DISK_WRITE_BPS)
+    assert clock.compile_cold_s == COMPILE_COLD_S and clock.compile_warm_s < COMPILE_COLD_S / 4
+    assert clock.total(cached=True) == pytest.approx(clock.total() - (clock.compile_cold_s - clock.compile_warm_s))
+    assert clock.steady_s == est.seconds_per_epoch and clock.ratio() == pytest.approx(clock.total() / clock.steady_s)
+
+    sync, _ = _clock(async_save=False)
+    assert sync.save_blocking_s == pytest.approx(state / DISK_WRITE_BPS) and sync.save_background_s == 0
+    assert sync.total() - clock.total() == pytest.approx(3 * (state / DISK_WRITE_BPS - state / HOST_COPY_BPS))
+
+
+def test_the_optimizer_state_is_split_over_the_ranks():
+    assert trained_state_bytes(1000, 4) == 1000 * 12 / 4 + 1000 * 2
