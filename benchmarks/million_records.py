@@ -186,7 +186,8 @@ def train_start(args) -> None:
         metrics = runs / "million" / "metrics.jsonl"
         load = os.getloadavg()[0]
         first_step, peak, wall, code = first_step_time([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", "--force"], metrics)
-        phases = [line.split("qvltune: ", 1)[1].strip() for line in (runs / "million" / "train.log").read_text().splitlines() if " in " in line and line.startswith("qvltune: ") and line.rstrip().endswith(" s")]
+        log = (runs / "million" / "train.log").read_text().split("qvltune: launching:")[-1]  # this run's part of the log
+        phases = [line.split("qvltune: ", 1)[1].strip() for line in log.splitlines() if " in " in line and line.startswith("qvltune: ") and line.rstrip().endswith(" s")]
         print(f"{name}: exit {code}; first step after {first_step:.1f} s (whole command {wall:.1f} s); peak memory of the process tree: PSS {peak[0] / 2**30:.2f} GiB, summed RSS {peak[1] / 2**30:.2f} GiB; load average before {load:.1f}, after {os.getloadavg()[0]:.1f}")
         print("    worker phases: " + "; ".join(phases))
 

@@ -3,8 +3,10 @@
 ``prepare_data`` runs before any GPU work (in ``qvltune train``'s parent, and again in the worker
 when launched by hand): it reads every dataset, checks every record and its media exactly as
 ``check-data`` does, counts tokens exactly with the model's processor, applies mixture percentages
-and the held-out split with the run's seed, and returns an index (file, record, tokens) that the
-worker's ``SFTDataset`` encodes lazily.
+and the held-out split with the run's seed, and returns an index (file, record, tokens, byte
+offset: ``Entries``, in columns) that the worker's ``SFTDataset`` encodes lazily, each record read
+alone at its offset. The checks and counts come from the index cache beside the data when it holds
+them (``qvltune.data.index_cache``); otherwise the check runs in every core, once.
 """
 
 from __future__ import annotations
