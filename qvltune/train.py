@@ -81,6 +81,8 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
     write_deepspeed_config(cfg, run_dir / "ds_config.json")
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    if cfg.stage == "dpo":  # preference pairs: checked and counted by qvltune.preference
+        from qvltune.preference.data import prepare_pairs as prepare_data  # noqa: F811
     index = prepare_data(cfg, processor)
     if index.from_cache:
         console.note("data index: checks and token counts reused from the cache beside the data (data.index_cache)")

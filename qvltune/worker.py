@@ -157,7 +157,11 @@ def run(run_dir: Path, resume: bool) -> int:
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     index_path = run_dir / "data_index.json"
-    index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
+    if cfg.stage == "dpo":  # preference pairs (qvltune.preference)
+        from qvltune.preference import worker as dpo
+        index = dpo.load_index(cfg, run_dir, processor)
+    else:
+        index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
     t = _phase("processor and data index", t)
     _begin(writer, "loading the model")
 
@@ -191,18 +195,21 @@ def run(run_dir: Path, resume: bool) -> int:
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
     # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
     dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
-    if cfg.data.packing:
-        train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
-        eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
-        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
+    if cfg.stage == "dpo":
+        train_groups, train_set, eval_set, collator = dpo.preference_parts(cfg, index, encoder, source_encoders(cfg, encoder), pad_id, hf_config, dummy, varlen, run_dir)
     else:
-        train_groups = [[i] for i in range(len(index.train))]
-        eval_groups = [[i] for i in range(len(index.eval))]
-        collator = PaddedCollator(pad_id, dummy, varlen=varlen)
-    policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
-    encoders = source_encoders(cfg, encoder)
-    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
-    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if index.eval else None
+        if cfg.data.packing:
+            train_groups = pack_bins([e.tokens for e in index.train], cfg.data.max_seq_length, cfg.optim.seed)
+            eval_groups = pack_bins([e.tokens for e in index.eval], cfg.data.max_seq_length, cfg.optim.seed) if index.eval else []
+            collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
+        else:
+            train_groups = [[i] for i in range(len(index.train))]
+            eval_groups = [[i] for i in range(len(index.eval))]
+            collator = PaddedCollator(pad_id, dummy, varlen=varlen)
+        policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
+        encoders = source_encoders(cfg, encoder)
+        train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
+        eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if index.eval else None
 
     peak = None
     if torch.cuda.is_available():
@@ -214,10 +221,16 @@ def run(run_dir: Path, resume: bool) -> int:
     callbacks = [callback]
     if cfg.schedule.profile_steps:
         callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps))
-    trainer = make_trainer_class()(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
+    trainer_class, extra = make_trainer_class(), {}
+    if cfg.stage == "dpo":
+        trainer_class, extra, dpo_callback = dpo.trainer_and_callback(cfg, writer, train_set, eval_set)
+        callbacks.append(dpo_callback)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg, **extra
     )
     callback.trainer = trainer
+    if cfg.stage == "dpo":
+        dpo_callback.trainer = trainer
     t = _phase("trainer built", t)
     _install_stop_handlers(callback)
 

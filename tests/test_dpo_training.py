@@ -1,0 +1,98 @@
+"""The DPO trainer in-process (no DeepSpeed): its reference log-probs are those of the untouched
+starting model (adapters and the modules trained beside them switched off; or precomputed), and a
+few steps move the policy towards the chosen answers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qvltune.config import parse_config
+from qvltune.data.tokenize import Encoder
+from qvltune.model import apply_strategy, load_model
+from qvltune.preference.data import prepare_pairs
+from qvltune.preference.loss import logits_sequence_logps
+from qvltune.preference.trainer import make_dpo_trainer_class
+from qvltune.preference.worker import preference_parts, trainer_and_callback
+from qvltune.tiny import make_preference_dataset
+
+MODEL_INPUTS = ("input_ids", "mm_token_type_ids", "position_ids", "pixel_values", "image_grid_thw", "attention_mask", "use_cache")
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory):
+    return make_preference_dataset(tmp_path_factory.mktemp("pref"), n_train=16, n_eval=8, seed=3)
+
+
+def dpo_config(tmp_path, data, **over):
+    train, evals = data
+    doc = {
+        "name": "dpo", "output_dir": str(tmp_path / "runs"), "stage": "dpo", "model": {"path": "builtin:tiny", "attn_implementation": "sdpa"},
+        "data": {"train": str(train), "eval": str(evals), "max_seq_length": 128, "packing": True, "num_workers": 0},
+        "strategy": "mixed", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"learning_rate": 5e-3, "bf16": False, "optimizer": "adamw_torch", "per_device_batch": 4, "grad_accum": 1, "max_steps": 3, "warmup_ratio": 0.0, "gradient_checkpointing": False},
+        "dpo": {"beta": 0.5},
+    }
+    for k, v in over.items():
+        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
+    return parse_config(doc)
+
+
+def build(cfg, tiny_processor):
+    from transformers import TrainingArguments
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    index = prepare_pairs(cfg, tiny_processor)
+    index.save(cfg.run_dir / "data_index.json")
+    torch.manual_seed(0)
+    model = apply_strategy(load_model(cfg.model.path, dtype="float32", attn_implementation="sdpa"), cfg)
+    model.config.use_cache = False
+    encoder = Encoder(tiny_processor)
+    pad = tiny_processor.tokenizer.pad_token_id
+    _, train_set, eval_set, collator = preference_parts(cfg, index, encoder, {}, pad, getattr(model, "base_model", model).config if not hasattr(model, "get_base_model") else model.get_base_model().config, None, False, cfg.run_dir)
+    cls, extra, _ = trainer_and_callback(cfg, None, train_set, eval_set)
+    o = cfg.optim
+    args = TrainingArguments(output_dir=str(cfg.run_dir), use_cpu=True, report_to=[], per_device_train_batch_size=o.per_device_batch, per_device_eval_batch_size=o.per_device_batch,
+                             learning_rate=o.learning_rate, max_steps=o.max_steps, logging_steps=1, save_strategy="no", remove_unused_columns=False, disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0)
+    trainer = cls(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, run_cfg=cfg, **extra)
+    return trainer, train_set, eval_set, collator
+
+
+def starting_logps(batch, tiny_model_dir):
+    """Every answer's log-prob under a freshly loaded, never trained model (full logits)."""
+    fresh = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        logits = fresh(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["loss_index"])
+    return logits_sequence_logps(rows, batch["loss_targets"], batch["pairs"].row_sample, batch["pairs"].samples).double()
+
+
+@pytest.mark.parametrize("strategy,reference", [("mixed", "adapter_off"), ("full", "precomputed")])
+def test_reference_is_the_untouched_starting_model_and_training_prefers_chosen(tmp_path, pref_data, tiny_processor, tiny_model_dir, strategy, reference):
+    cfg = dpo_config(tmp_path, pref_data, strategy=strategy, dpo={"beta": 0.5, "reference": reference})
+    trainer, train_set, eval_set, collator = build(cfg, tiny_processor)
+    batch = collator([train_set[0], train_set[1]])
+    want = starting_logps(copy.copy(batch), tiny_model_dir)
+    before = trainer.evaluate()
+    trainer.train()
+    model = trainer.model
+    # Training changed what the reference must not see: the adapters / the weights and the merger.
+    merger = [p for n, p in model.named_parameters() if "merger" in n and p.requires_grad]
+    assert merger, "the merger trains in both strategies"
+    fresh = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa")
+    assert not torch.equal(merger[0].detach(), dict(fresh.named_parameters())[next(n for n, p in model.named_parameters() if p is merger[0]).replace("base_model.model.", "").replace("modules_to_save.default.", "")])
+    b = dict(batch)
+    b.pop("stats"), b.pop("labels")
+    index, targets, keys, pairs = b.pop("loss_index"), b.pop("loss_targets"), b.pop("pair_keys"), b.pop("pairs")
+    model.eval()
+    got = trainer.reference_logps(model, b, index, targets, pairs, keys).double()
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    policy = trainer.answer_logps(model, b, index, targets, pairs).double()
+    assert (policy - want).abs().max() > 1e-3  # the policy itself did move
+    after = trainer.evaluate()
+    assert before["eval_accuracy"] == pytest.approx(0.5, abs=0.5) and abs(before["eval_reward_margin"]) < 1e-6  # policy == reference at the start
+    assert after["eval_reward_margin"] > 0.05 and after["eval_loss"] < before["eval_loss"], (before, after)
+    if reference == "precomputed":
+        assert (cfg.run_dir / "reference_logps.pt").exists()
