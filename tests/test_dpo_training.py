@@ -96,3 +96,41 @@ def test_reference_is_the_untouched_starting_model_and_training_prefers_chosen(t
     assert after["eval_reward_margin"] > 0.05 and after["eval_loss"] < before["eval_loss"], (before, after)
     if reference == "precomputed":
         assert (cfg.run_dir / "reference_logps.pt").exists()
+
+
+@pytest.mark.slow
+def test_dpo_zero3_two_processes_with_a_text_only_pair_reports_its_metrics(tmp_path, pref_data):
+    """qvltune train with stage: dpo under ZeRO-3 on 2 processes, where a rank's micro-batch holds a
+    text-only pair (the dummy image keeps the ranks in step): it completes, saves an adapter, and
+    metrics.jsonl carries the preference records of training and evaluation."""
+    import json
+
+    from conftest import write_jsonl
+    from qvltune.metrics import read_all
+    from test_training import run_dir, train, write_config
+
+    train_file, evals = pref_data
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": [{"role": "user", "content": f"Count to {i}."}], "chosen": [{"role": "assistant", "content": " ".join(str(j) for j in range(i))}], "rejected": [{"role": "assistant", "content": "No."}]} for i in range(2, 6)])
+    config = write_config(
+        tmp_path, (train_file, evals), "dpo3", stage="dpo", strategy="mixed", dpo={"beta": 0.5},
+        data={"train": f"{text},{train_file}", "eval": str(evals), "packing": False}, deepspeed={"stage": 3}, launch={"cpu_processes": 2},
+        optim={"per_device_batch": 1, "max_steps": 4, "learning_rate": 5e-3},
+    )
+    result = train(config, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rd = run_dir(config)
+    assert (rd / "final" / "adapter_model.safetensors").exists()
+    records = read_all(rd / "metrics.jsonl")
+    prefs = [r for r in records if r["kind"] == "preference"]
+    train_prefs = [r for r in prefs if r["split"] == "train"]
+    assert [r["step"] for r in train_prefs] == [1, 2, 3, 4]
+    for r in prefs:
+        for key in ("loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward", "kl"):
+            assert r[key] is not None, (key, r)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["reward_margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"], abs=1e-9)
+    # Step 1 starts at the reference: the loss of every pair is log 2 (sigmoid of a zero margin).
+    assert train_prefs[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and abs(train_prefs[0]["reward_margin"]) < 1e-4
+    assert [r for r in prefs if r["split"] == "eval"]  # held-out pairs evaluated
+    start = next(r for r in records if r["kind"] == "start")
+    assert start["train_samples"] == 4 + 16
+    assert json.loads((rd / "data_index.json").read_text())["stage"] == "dpo"
