@@ -134,3 +134,24 @@ def test_dpo_zero3_two_processes_with_a_text_only_pair_reports_its_metrics(tmp_p
     start = next(r for r in records if r["kind"] == "start")
     assert start["train_samples"] == 4 + 16
     assert json.loads((rd / "data_index.json").read_text())["stage"] == "dpo"
+
+
+def test_panel_and_log_lines_show_the_preference_metrics():
+    from qvltune.dashboard import DashboardState, format_line, render
+    from test_dashboard import capture
+
+    state = DashboardState("dpo", started=1000.0)
+    records = [
+        {"kind": "train", "time": 1010.0, "step": 10, "max_steps": 40, "epoch": 0.5, "loss": 0.52, "lr": 5e-6, "grad_norm": 0.7, "tokens_per_s": 900.0, "samples_per_s": 3.0},
+        {"kind": "preference", "time": 1010.0, "split": "train", "step": 10, "loss": 0.52, "accuracy": 0.8125, "reward_margin": 0.734, "chosen_reward": 0.21, "rejected_reward": -0.524, "kl": 0.0123},
+        {"kind": "eval", "time": 1011.0, "step": 10, "eval_loss": 0.61, "eval_ppl": 1.84},
+        {"kind": "preference", "time": 1011.0, "split": "eval", "step": 10, "loss": 0.61, "accuracy": 0.75, "reward_margin": 0.512, "chosen_reward": 0.1, "rejected_reward": -0.412, "kl": 0.0101},
+    ]
+    for r in records:
+        state.apply(r)
+    text = capture(render(state, now=1012.0))
+    assert "reward margin" in text and "0.734 / 0.512" in text
+    assert "81.2 / 75.0 %" in text and "0.210 / -0.524" in text and "0.0123 / 0.0101" in text
+    assert "ppl" not in text  # the DPO loss has no perplexity
+    assert format_line(records[1]) == "step 10: reward margin 0.734 accuracy 81.2% rewards 0.210/-0.524 kl 0.0123"
+    assert format_line(records[3]).startswith("eval step 10: reward margin 0.512 accuracy 75.0%")
