@@ -155,3 +155,28 @@ def test_panel_and_log_lines_show_the_preference_metrics():
     assert "ppl" not in text  # the DPO loss has no perplexity
     assert format_line(records[1]) == "step 10: reward margin 0.734 accuracy 81.2% rewards 0.210/-0.524 kl 0.0123"
     assert format_line(records[3]).startswith("eval step 10: reward margin 0.512 accuracy 75.0%")
+
+
+def test_dpo_benchmark_runs_the_planners_dpo_config_and_peers_on_the_same_pairs(tmp_path):
+    """benchmarks/dpo_throughput.py (run on the GPU machine): its qvltune variant is what
+    `qvltune init --stage dpo` plans (a valid DPO config, the reference adapters-off), and its data
+    is read by qvltune's preference checks as it is given to the peers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import dpo_throughput as bench
+
+    from qvltune.preference.data import check_pairs
+
+    model = bench.make_model_folder(tmp_path / "model-2b", "2b")
+    data = bench.make_pairs(tmp_path / "data", 30)
+    report = check_pairs(str(data))
+    assert len(report.pairs) == 30 and not report.errors
+    cfg = parse_config(bench.qvltune_config("q", model, data, tmp_path, "mixed", 6, 32))
+    assert cfg.stage == "dpo" and cfg.preference().reference == "adapter_off" and cfg.data.packing
+    assert cfg.optim.learning_rate < 1e-4  # the planner's DPO rate
+    lf = bench.peer_spec("llamafactory", tmp_path / "w", data, tmp_path / "runs" / "lf", "mixed", 6, (1, 2), 4096)
+    assert lf["args"]["stage"] == "dpo" and lf["args"]["pref_beta"] == cfg.preference().beta
+    trl = bench.peer_spec("trl", tmp_path / "w", data, tmp_path / "runs" / "trl", "mixed", 6, (1, 2), 4096)
+    assert trl["args"]["beta"] == cfg.preference().beta and trl["args"]["loss_type"] == "sigmoid"

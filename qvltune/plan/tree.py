@@ -77,7 +77,7 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
     W = machine.world_size
     grad_accum = max(1, round(rows_target / (c.per_device_batch * W)))  # the nearest to the target
     lr = c.learning_rate or (LR_FULL if c.strategy == "full" else LR_LORA)
-    if answers.stage == "dpo" and not c.learning_rate:
+    if answers.stage == "dpo":
         lr *= DPO_LR_FACTOR
     component_lr: dict[str, float] = {}
     components: dict[str, str] = {}
