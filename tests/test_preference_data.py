@@ -132,3 +132,29 @@ def test_packed_pairs_equal_unpacked_answers(tmp_path, tiny_model, tiny_processo
         assert batch["pairs"].chosen.tolist() == [0, 2, 4, 6, 8] and batch["pairs"].rejected.tolist() == [1, 3, 5, 7, 9]
         if collator.packed:
             assert batch["input_ids"].shape[0] == 2  # both answers of a pair share a row
+
+
+def test_eval_on_preference_pairs_reports_preference_accuracy(tmp_path, capsys, tiny_model, tiny_processor):
+    """`qvltune eval MODEL --data pairs`: preference accuracy from each answer's log-prob (checked
+    against a direct computation), DPO's reward against a reference (zero margin against itself)."""
+    data = write_jsonl(tmp_path / "p.jsonl", list(layouts(tmp_path).values()))
+    code, out, _ = run_cli(["eval", "builtin:tiny", "--data", str(data), "--reference", "builtin:tiny", "--json", "--max-new-tokens", "4"], capsys)
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["pairs"] == 5 and doc["reward_margin"] == pytest.approx(0.0, abs=1e-6) and doc["reward_accuracy"] == 0.0
+    assert sum(doc["generated"].values()) == pytest.approx(1.0)
+    from qvltune.preference.data import load_pairs
+
+    def direct(s):
+        batch = PaddedCollator(0)([[s]])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits[0, :-1].float(), -1)
+        y = batch["labels"][0, 1:]
+        return float(logp[y != IGNORE_INDEX].gather(1, y[y != IGNORE_INDEX][:, None]).sum())
+
+    enc = Encoder(tiny_processor)
+    margins = [direct(enc.encode(p.chosen)) - direct(enc.encode(p.rejected)) for p in load_pairs(str(data))]
+    assert doc["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 5)
+    assert doc["logp_margin"] == pytest.approx(sum(margins) / 5, abs=1e-4)
+    code, out, _ = run_cli(["eval", "builtin:tiny", "--data", str(data)], capsys)
+    assert code == 0 and "preference accuracy" in out
