@@ -129,6 +129,7 @@ def _check_pair(item, source: _Source, settings: _Settings, report: PairReport) 
         return
     conv, items = sft_items(item, source.file)
     lengths: dict[str, int] = {}
+    trained: dict[str, int] = {}
     sizes: list = []
     for key, raw in items.items():
         # The SFT checks of this answer's record: media, boxes, exact token count, length limit.
@@ -140,10 +141,15 @@ def _check_pair(item, source: _Source, settings: _Settings, report: PairReport) 
             if (p.field, p.message) not in seen:
                 seen.add((p.field, p.message))
                 report.problems.append(p)
-        if out.counts is None or out.too_long or out.template_error is not None:
+        if out.counts is None or out.template_error is not None:
             continue
         # A Thinking template may count views; the pair trains the last answer of the whole record.
-        lengths[key] = max(n for _, n, _ in out.counts)
+        n = max(n for _, n, _ in out.counts)
+        report.lengths.append(n)  # every counted answer, too long ones included (as check-data does)
+        if out.too_long:
+            continue
+        lengths[key] = n
+        trained[key] = max(t for _, _, t in out.counts)
         sizes = out.image_sizes
         if key == "chosen":
             report.videos += out.videos
@@ -155,7 +161,7 @@ def _check_pair(item, source: _Source, settings: _Settings, report: PairReport) 
     report.layouts[pair.layout] = report.layouts.get(pair.layout, 0) + 1
     report.shapes[pair.layout] += 1
     report.pairs.append((pair.file, pair.index, lengths["chosen"], lengths["rejected"]))
-    report.lengths += [lengths["chosen"], lengths["rejected"]]
+    report.trained_tokens += trained["chosen"] + trained["rejected"]
 
 
 # ----------------------------------------------------------------------------------------------
