@@ -222,6 +222,8 @@ class DPOConfig(_Strict):
     # sigmoid: DPO (with label_smoothing: conservative DPO); ipo: IPO on per-token mean log-probs.
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed share of flipped preference labels (sigmoid only)")
+    # RPO: + rpo_alpha x the chosen answer's cross-entropy per token (TRL's rpo_alpha, LLaMA-Factory's pref_ftx).
+    rpo_alpha: float = Field(0.0, ge=0.0)
     # adapter_off: the same model with its LoRA adapters (and the modules trained beside them) off,
     # each step; precomputed: the starting model's log-probs, computed once before training and kept
     # in the run folder (works for full fine-tuning); or a model folder / Hub id, precomputed likewise.

@@ -340,8 +340,9 @@ def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: 
 # ----------------------------------------------------------------------------------------------
 # The preference task (``qvltune demo --stage dpo``)
 
-# The phrasing preferred over the SFT demo's bare colour: something SFT never taught.
-PREFERRED_ANSWER = "It is {colour}."
+# The phrasing preferred over the SFT demo's bare colour: something SFT never taught (lower case:
+# the tiny tokenizer's corpus has "it is" as words).
+PREFERRED_ANSWER = "it is {colour}."
 
 
 def preferred(colour: str) -> str:
@@ -352,7 +353,7 @@ def make_preference_dataset(dest: Path, n_train: int = 1000, n_eval: int = 100, 
     """``pref_train.jsonl`` and ``pref_eval.jsonl`` (LLaMA-Factory's preference layout) on new images
     drawn like the SFT demo's, in ``dest/images``.
 
-    Every pair prefers the right colour in the fixed phrasing ``It is <colour>.``; the rejected answer
+    Every pair prefers the right colour in the fixed phrasing ``it is <colour>.``; the rejected answer
     alternates between the SFT demo's own bare answer (the right colour: a style preference SFT never
     taught) and the same phrasing with a plausible wrong colour (the other colour in the picture:
     the background's for the shape question and the shape's for the background question)."""

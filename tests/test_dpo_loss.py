@@ -35,6 +35,8 @@ def direct_dpo(hiddens, weight, labels, ref, spec: PreferenceLoss):
             losses.append(-(1 - e) * torch.log(torch.sigmoid(spec.beta * h)) - e * torch.log(torch.sigmoid(-spec.beta * h)))
         else:
             losses.append((h - 1 / (2 * spec.beta)) ** 2)
+        if spec.rpo_alpha:
+            losses[-1] = losses[-1] + spec.rpo_alpha * (-logps[c] / lengths[c])  # the chosen answer's NLL per token
     return torch.stack(losses).sum(), torch.stack(logps)
 
 
@@ -62,7 +64,7 @@ def packed(hiddens, labels, ref):
     return rows, targets, Pairs(row_sample, torch.arange(0, n, 2), torch.arange(1, n, 2), tokens, ref)
 
 
-@pytest.mark.parametrize("spec", [PreferenceLoss(0.1, "sigmoid", 0.0), PreferenceLoss(0.5, "sigmoid", 0.2), PreferenceLoss(0.1, "ipo", 0.0)], ids=["dpo", "dpo-smoothed", "ipo"])
+@pytest.mark.parametrize("spec", [PreferenceLoss(0.1, "sigmoid", 0.0), PreferenceLoss(0.5, "sigmoid", 0.2), PreferenceLoss(0.1, "ipo", 0.0), PreferenceLoss(0.1, "sigmoid", 0.0, 0.7), PreferenceLoss(0.1, "ipo", 0.0, 0.7)], ids=["dpo", "dpo-smoothed", "ipo", "rpo", "ipo-rpo"])
 @pytest.mark.parametrize("chunk_elements", [1 << 28, 5 * 40])  # one chunk, and 5-row chunks
 def test_fused_loss_and_gradients_equal_the_direct_computation(monkeypatch, spec, chunk_elements):
     monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", chunk_elements)

@@ -21,7 +21,10 @@ from qvltune.errors import UserError
 
 def dpo_demo_config(out: Path, sft_final: Path, train: Path, evals: Path, gpus: list) -> dict:
     """Full fine-tuning of the tiny SFT model (nothing to switch off, so the reference log-probs are
-    precomputed once), beta 0.1, two epochs over the pairs."""
+    precomputed once), beta 0.1, two epochs over the pairs. The preferred phrasing is far from
+    anything the SFT model generates (log p of its first token about -12), where DPO alone raises
+    the chosen answers' rewards mostly by lowering everything else (measured: generation degraded
+    to noise at lr 2e-4): rpo_alpha 1 adds the chosen answers' cross-entropy."""
     bf16 = bool(gpus) and all(g.bf16 for g in gpus)
     return {
         "name": "demo-dpo",
@@ -30,9 +33,9 @@ def dpo_demo_config(out: Path, sft_final: Path, train: Path, evals: Path, gpus: 
         "model": {"path": str(sft_final)},
         "data": {"train": str(train), "eval": str(evals), "max_seq_length": 256, "num_workers": 1, "packing": True},
         "strategy": "full",
-        "dpo": {"beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0, "reference": "precomputed"},
+        "dpo": {"beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 1.0, "reference": "precomputed"},
         "optim": {
-            "learning_rate": 2e-4, "warmup_ratio": 0.05, "per_device_batch": 8, "grad_accum": 1, "epochs": 2, "bf16": bf16,
+            "learning_rate": 1e-4, "warmup_ratio": 0.05, "per_device_batch": 8, "grad_accum": 1, "epochs": 2, "bf16": bf16,
             "optimizer": "adamw_torch_fused" if gpus else "adamw_torch", "gradient_checkpointing": False, "seed": 0,
         },
         "schedule": {"log_steps": 5, "eval_steps": 25, "save_steps": 50, "save_total_limit": 1},
@@ -101,14 +104,16 @@ def run(out: Path, *, train_samples: int, eval_samples: int, pairs: int, eval_pa
         raise UserError("the demo's preference-tuning run did not complete", f"see {cfg.run_dir / 'train.log'}")
     with console.status("held-out preferences after DPO") as status:
         model, processor = load_for_inference(str(cfg.run_dir / "final"))
-        after = evaluate_pairs(model, processor, held_out, max_new_tokens=8, batch_size=64, progress=status.report)
+        reference = load_for_inference(str(sft_final))[0]
+        after = evaluate_pairs(model, processor, held_out, reference=reference, beta=cfg.preference().beta, max_new_tokens=8, batch_size=64, progress=status.report)
 
     b, a = scores(before, held_out), scores(after, held_out)
     table = Table(title=f"Held-out pairs ({len(held_out)}): SFT model vs after DPO", title_justify="left")
     table.add_column("")
     table.add_column("SFT", justify="right")
     table.add_column("DPO", justify="right")
-    table.add_row("preference accuracy", f"{before.accuracy:.1%}", f"[bold]{after.accuracy:.1%}[/]")
+    table.add_row("preference accuracy (log p chosen > rejected)", f"{before.accuracy:.1%}", f"[bold]{after.accuracy:.1%}[/]")
+    table.add_row("reward accuracy (DPO's reward vs the SFT model)", "-", f"[bold]{after.reward_accuracy:.1%}[/]")
     table.add_row("answers in the preferred phrasing", f"{b['preferred']:.1%}", f"[bold]{a['preferred']:.1%}[/]")
     table.add_row("answers as SFT taught (bare colour)", f"{b['bare']:.1%}", f"{a['bare']:.1%}")
     table.add_row("right colour, any phrasing", f"{b['colour']:.1%}", f"{a['colour']:.1%}")

@@ -20,6 +20,10 @@ Losses (``preference_losses``), with ``h = (logp_c - ref_c) - (logp_r - ref_r)``
 - ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2`` on log-probabilities averaged over each
   answer's tokens (as TRL and the paper's implementation do).
 Rewards are ``beta * (logp - ref)`` of each answer (averaged per token for IPO, like the loss).
+``rpo_alpha`` > 0 adds ``rpo_alpha`` x the chosen answer's mean cross-entropy per token to each
+pair's loss (RPO, Pang et al. 2024; TRL's ``rpo_alpha``, LLaMA-Factory's ``pref_ftx``): DPO alone
+can raise the chosen answer's reward while lowering its probability, which matters when the
+preferred answers lie far from what the model generates.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class PreferenceLoss:
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
 
 
 def preference_losses(
@@ -48,7 +53,8 @@ def preference_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen reward, rejected reward) from summed answer log-probs, all shape (P,).
 
-    ``*_tokens`` (answer lengths) are needed by IPO, which compares per-token means."""
+    ``*_tokens`` (answer lengths) are needed by IPO, which compares per-token means, and by RPO."""
+    raw_chosen = chosen
     if spec.loss == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
             raise ValueError("ipo needs the answers' token counts")
@@ -64,6 +70,11 @@ def preference_losses(
         losses = (h - 1 / (2 * spec.beta)) ** 2
     else:
         raise ValueError(f"unknown preference loss {spec.loss!r} (known: {', '.join(LOSS_TYPES)})")
+    if spec.rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha needs the chosen answers' token counts")
+        # The raw summed log-prob (before IPO's averaging) over the answer's tokens: its mean NLL.
+        losses = losses - spec.rpo_alpha * raw_chosen / chosen_tokens.clamp(min=1).to(raw_chosen.dtype)
     return losses, spec.beta * chosen_ratio.detach(), spec.beta * rejected_ratio.detach()
 
 

@@ -96,7 +96,7 @@ def make_dpo_trainer_class():
         def __init__(self, *args, run_cfg: RunConfig, reference_batches=None, **kwargs):
             super().__init__(*args, run_cfg=run_cfg, **kwargs)
             d = run_cfg.preference()
-            self.spec = PreferenceLoss(d.beta, d.loss, d.label_smoothing)
+            self.spec = PreferenceLoss(d.beta, d.loss, d.label_smoothing, d.rpo_alpha)
             self.reference_mode = d.reference
             self.reference_table: dict[str, torch.Tensor] | None = None
             self.reference_batches = reference_batches  # split -> dataset, for the precomputed reference
