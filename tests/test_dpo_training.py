@@ -180,3 +180,41 @@ def test_dpo_benchmark_runs_the_planners_dpo_config_and_peers_on_the_same_pairs(
     assert lf["args"]["stage"] == "dpo" and lf["args"]["pref_beta"] == cfg.preference().beta
     trl = bench.peer_spec("trl", tmp_path / "w", data, tmp_path / "runs" / "trl", "mixed", 6, (1, 2), 4096)
     assert trl["args"]["beta"] == cfg.preference().beta and trl["args"]["loss_type"] == "sigmoid"
+
+
+def test_init_plans_dpo_for_preference_data_and_starts_from_a_run(tmp_path, pref_data, monkeypatch):
+    """`qvltune init` on pairs plans stage dpo (two sequences per pair, the reference chosen by the
+    strategy); --from RUN takes RUN/final; --stage sft on pairs is a usage error."""
+    from typer.testing import CliRunner
+
+    from qvltune import hardware
+    from qvltune.cli import app
+    from qvltune.config import load_config
+
+    class NoNvml:
+        def nvmlInit(self):
+            raise OSError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(hardware, "_load_nvml", lambda: NoNvml())
+    train, _ = pref_data
+    run = lambda *a: CliRunner().invoke(app, ["init", *a], catch_exceptions=True)  # noqa: E731
+    r = run("--data", str(train), "--model", "builtin:tiny", "--out", str(tmp_path / "p"), "--strategy", "mixed")
+    assert r.exit_code == 0, r.output
+    cfg = load_config(tmp_path / "p" / "qvltune.yaml")
+    assert cfg.stage == "dpo" and cfg.preference().reference == "adapter_off" and "stage: dpo" in r.output
+    r = run("--data", str(train), "--model", "builtin:tiny", "--out", str(tmp_path / "f"), "--strategy", "full", "--stage", "dpo")
+    assert r.exit_code == 0, r.output
+    assert load_config(tmp_path / "f" / "qvltune.yaml").preference().reference == "precomputed"
+    r = run("--data", str(train), "--model", "builtin:tiny", "--out", str(tmp_path / "s"), "--stage", "sft")
+    assert r.exit_code == 1 and "holds preference pairs" in str(r.exception)
+    final = tmp_path / "runs" / "sft" / "final"
+    r = run("--data", str(train), "--from", str(tmp_path / "runs" / "sft"), "--out", str(tmp_path / "g"))
+    assert r.exit_code == 1 and "no finished model" in str(r.exception)
+    from qvltune.tiny import tiny_model_path
+
+    import shutil
+
+    shutil.copytree(tiny_model_path(), final)
+    r = run("--data", str(train), "--from", str(tmp_path / "runs" / "sft"), "--out", str(tmp_path / "g"), "--strategy", "lora")
+    assert r.exit_code == 0, r.output
+    assert load_config(tmp_path / "g" / "qvltune.yaml").model.path == str(final.resolve())

@@ -138,7 +138,7 @@ def _init(o: SimpleNamespace) -> int:
         answers.stage = "dpo"
         console.note("stage: dpo (the data holds chosen/rejected pairs; --stage sft|dpo to choose)")
     elif pairs != (answers.stage == "dpo"):
-        raise UserError(f"--stage {answers.stage}: the data {'holds preference pairs (chosen/rejected)' if pairs else 'holds no preference pairs'}", f"use --stage {'dpo' if pairs else 'sft'}, or other data", exit_code=2)
+        raise UserError(f"--stage {answers.stage}: the data {'holds preference pairs (chosen/rejected)' if pairs else 'holds no preference pairs'}", f"use --stage {'dpo' if pairs else 'sft'}, or other data")
     from qvltune import scaffold
 
     out_dir = Path(answers.out)
