@@ -82,8 +82,11 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     if cfg.stage == "dpo":  # preference pairs: checked and counted by qvltune.preference
-        from qvltune.preference.data import prepare_pairs as prepare_data  # noqa: F811
-    index = prepare_data(cfg, processor)
+        from qvltune.preference.data import prepare_pairs
+
+        index = prepare_pairs(cfg, processor)
+    else:
+        index = prepare_data(cfg, processor)
     if index.from_cache:
         console.note("data index: checks and token counts reused from the cache beside the data (data.index_cache)")
     index.save(run_dir / "data_index.json")

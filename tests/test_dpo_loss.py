@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qvltune import loss as loss_mod
 from qvltune.loss import IGNORE_INDEX

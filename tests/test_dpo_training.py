@@ -14,7 +14,6 @@ from qvltune.data.tokenize import Encoder
 from qvltune.model import apply_strategy, load_model
 from qvltune.preference.data import prepare_pairs
 from qvltune.preference.loss import logits_sequence_logps
-from qvltune.preference.trainer import make_dpo_trainer_class
 from qvltune.preference.worker import preference_parts, trainer_and_callback
 from qvltune.tiny import make_preference_dataset
 
@@ -51,7 +50,8 @@ def build(cfg, tiny_processor):
     model.config.use_cache = False
     encoder = Encoder(tiny_processor)
     pad = tiny_processor.tokenizer.pad_token_id
-    _, train_set, eval_set, collator = preference_parts(cfg, index, encoder, {}, pad, getattr(model, "base_model", model).config if not hasattr(model, "get_base_model") else model.get_base_model().config, None, False, cfg.run_dir)
+    hf_config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    _, train_set, eval_set, collator = preference_parts(cfg, index, encoder, {}, pad, hf_config, None, False, cfg.run_dir)
     cls, extra, _ = trainer_and_callback(cfg, None, train_set, eval_set)
     o = cfg.optim
     args = TrainingArguments(output_dir=str(cfg.run_dir), use_cpu=True, report_to=[], per_device_train_batch_size=o.per_device_batch, per_device_eval_batch_size=o.per_device_batch,

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from qvltune.data.check import MAX_ASPECT_RATIO, Report, _check_item, _Settings, _Source, encoder_for_source, percentile, source_budget  # noqa: F401
+# check-data's per-record machinery (media, boxes, exact counts, the length limit), run on each answer's record.
+from qvltune.data.check import Report, _check_item, _Settings, _Source, encoder_for_source, percentile, source_budget
 from qvltune.data.files import read_items
 from qvltune.data.formats import Problem, mixture_text, parse_mixture, sample_indices
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
 from qvltune.data.packing import BatchStats
-from qvltune.data.tokenize import IGNORE_INDEX, Encoded, Encoder
+from qvltune.data.tokenize import Encoded, Encoder
 from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
 from qvltune.preference.formats import Pair, is_preference, parse_pair, sft_items
@@ -380,7 +381,3 @@ class PairCollator:
         stats = out["stats"]
         out["stats"] = BatchStats(stats.real_tokens, stats.padded_tokens, len(pairs), stats.trained_tokens)
         return out
-
-
-def unlabelled(sample: Encoded) -> bool:
-    return all(x == IGNORE_INDEX for x in sample.labels)

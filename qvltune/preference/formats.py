@@ -19,7 +19,6 @@ prompt included), and its problems are reported under the preference record's ow
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -232,7 +231,3 @@ def sft_items(item: RawItem, file: str) -> tuple[Converted | None, dict[str, Raw
     conv = convert(item.value, file, item.index, item.line)
     return conv, {k: RawItem(item.index, item.line, getattr(conv, k), None, item.progress) for k in ("chosen", "rejected") if getattr(conv, k)}
 
-
-def dumps_pair(prompt: list[dict[str, Any]], chosen: str, rejected: str, images: list[str]) -> str:
-    """One LLaMA-Factory-layout record (``conversations`` + ``chosen``/``rejected``) as a JSON line."""
-    return json.dumps({"conversations": prompt, "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}, "images": images})
