@@ -20,8 +20,8 @@ def row(text: str, label: str) -> tuple[float, float | None]:
 
 
 def test_dpo_demo_moves_answers_to_the_preferred_ones(tmp_path):
-    # Small: the SFT demo on 600 records (trained first, in the same command), 160 pairs for DPO.
-    args = ["--out", str(tmp_path / "demo"), "--no-live", "--train-samples", "600", "--eval-samples", "40", "--pairs", "160", "--eval-pairs", "40"]
+    # Small: the SFT demo on 600 records (trained first, in the same command), 320 pairs for DPO.
+    args = ["--out", str(tmp_path / "demo"), "--no-live", "--train-samples", "600", "--eval-samples", "40", "--pairs", "320", "--eval-pairs", "40"]
     result = subprocess.run([sys.executable, "-m", "qvltune", "demo", "--stage", "dpo", *args], capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "COLUMNS": "120"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
