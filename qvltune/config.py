@@ -233,11 +233,35 @@ class LaunchConfig(_Strict):
         return v
 
 
+REFERENCE_MODES = ("adapter_off", "precomputed")
+
+
+class DPOConfig(_Strict):
+    """Preference tuning (``stage: dpo``; qvltune.preference)."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="how far the policy may move from the reference (DPO's beta)")
+    # sigmoid: DPO (with label_smoothing: conservative DPO); ipo: IPO on per-token mean log-probs.
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed share of flipped preference labels (sigmoid only)")
+    # RPO: + rpo_alpha x the chosen answer's cross-entropy per token (TRL's rpo_alpha, LLaMA-Factory's pref_ftx).
+    rpo_alpha: float = Field(0.0, ge=0.0)
+    # adapter_off: the same model with its LoRA adapters (and the modules trained beside them) off,
+    # each step; precomputed: the starting model's log-probs, computed once before training and kept
+    # in the run folder (works for full fine-tuning); or a model folder / Hub id, precomputed likewise.
+    reference: str = Field("adapter_off", min_length=1)
+
+    def reference_model(self) -> str | None:
+        return None if self.reference in REFERENCE_MODES else self.reference
+
+
 class RunConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = "runs"
+    # sft: supervised fine-tuning on answers; dpo: preference tuning on chosen/rejected pairs.
+    stage: Literal["sft", "dpo"] = "sft"
     model: ModelConfig
     data: DataConfig
+    dpo: DPOConfig | None = None
     strategy: Strategy = "mixed"
     components: Components = Field(default_factory=Components)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -263,6 +287,10 @@ class RunConfig(_Strict):
         preset.update({k: v for k, v in self.components.model_dump().items() if v is not None})
         return preset
 
+    def preference(self) -> DPOConfig:
+        """The DPO settings (their defaults when the section is left out)."""
+        return self.dpo or DPOConfig()
+
     def lr_for(self, component: str) -> float:
         override = getattr(self.optim.component_lr, component)
         return override if override is not None else self.optim.learning_rate
@@ -274,6 +302,10 @@ class RunConfig(_Strict):
         """The config with presets written out: what is saved beside checkpoints."""
         doc = self.model_dump(mode="json")
         doc["components"] = self.modes()
+        if self.stage == "dpo":
+            doc["dpo"] = self.preference().model_dump(mode="json")
+        else:
+            doc.pop("dpo", None)
         return doc
 
 
@@ -410,6 +442,9 @@ def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
     model_path = base / cfg.model.path
     if not cfg.model.path.startswith("builtin:") and not Path(cfg.model.path).is_absolute() and (cfg.model.path.startswith(".") or model_path.exists()):
         cfg.model.path = str(model_path)
+    ref = cfg.dpo.reference_model() if cfg.dpo else None
+    if ref and not ref.startswith("builtin:") and not Path(ref).is_absolute() and (ref.startswith(".") or (base / ref).exists()):
+        cfg.dpo.reference = str(base / ref)
     if cfg.launch.hostfile and not Path(cfg.launch.hostfile).is_absolute():
         cfg.launch.hostfile = str(base / cfg.launch.hostfile)
     return cfg
@@ -465,8 +500,20 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
         out.append(f"data.packing: attention '{cfg.model.attn_implementation}' cannot keep packed samples apart (use sdpa or varlen)")
     if cfg.data.eval and cfg.data.eval_split:
         out.append("data.eval_split: give an eval set or a held-out split, not both")
+    out += _preference_conflicts(cfg)
     if isinstance(cfg.launch.gpus, list) and cfg.launch.nodes > 1:
         out.append("launch.gpus: a device list applies to one node; with several nodes give a count or 'all'")
+    return out
+
+
+def _preference_conflicts(cfg: RunConfig) -> list[str]:
+    if cfg.stage != "dpo":
+        return ["dpo: settings given but stage is sft (set stage: dpo, or remove the dpo section)"] if cfg.dpo is not None else []
+    d, out = cfg.preference(), []
+    if d.reference == "adapter_off" and not cfg.uses_lora():
+        out.append(f"dpo.reference: adapter_off needs LoRA adapters to switch off (strategy is {cfg.strategy} without LoRA): use reference: precomputed (the starting model's log-probs, computed once) or a model path")
+    if d.label_smoothing and d.loss != "sigmoid":
+        out.append(f"dpo.label_smoothing: applies to the sigmoid loss only (loss is {d.loss}); set it to 0")
     return out
 
 

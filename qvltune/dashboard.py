@@ -88,6 +88,9 @@ class DashboardState:
     gpus: list[Any] = field(default_factory=list)  # hardware.GpuInfo samples
     phases: dict[str, Any] | None = None  # the start-up's ``phases`` record (qvltune.phases)
     stall: dict[str, Any] | None = None  # the last ``stall`` record (qvltune.stalls)
+    # DPO runs (``preference`` records): the latest training and held-out preference metrics.
+    preference: dict[str, Any] | None = None
+    eval_preference: dict[str, Any] | None = None
 
     def begin(self, phase: str, since: float | None = None) -> None:
         self.phase, self.phase_since = phase, since if since is not None else time.time()
@@ -137,6 +140,11 @@ class DashboardState:
             self.writing = record.get("path")
             if self.phase and self.phase.startswith("saving"):
                 self.phase = None
+        elif kind == "preference":
+            if record.get("split") == "eval":
+                self.eval_preference = record
+            else:
+                self.preference = record
         elif kind == "checkpoint":
             self.checkpoint = record.get("path")
             if self.writing == self.checkpoint:
@@ -216,11 +224,14 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
     metrics.add_column(overflow="ellipsis", no_wrap=True)
     loss = state.loss if state.loss is not None else state.train_loss
     metrics.add_row("loss", _fmt(loss, ".4f"), Text(sparkline(state.losses), style="cyan"))
-    eval_text = _fmt(state.eval_loss, ".4f") + (f" (ppl {state.eval_ppl:.2f})" if state.eval_ppl is not None else "")
+    dpo = state.preference is not None or state.eval_preference is not None  # a perplexity of the DPO loss means nothing
+    eval_text = _fmt(state.eval_loss, ".4f") + (f" (ppl {state.eval_ppl:.2f})" if state.eval_ppl is not None and not dpo else "")
     eval_note = Text(sparkline(state.eval_losses), style="magenta")
     if state.eval_step is not None:
         eval_note.append(f" at step {state.eval_step}", style="dim")
     metrics.add_row("eval loss", eval_text, eval_note)
+    if dpo:
+        _preference_rows(metrics, state.preference or {}, state.eval_preference or {})
     metrics.add_row("lr", _fmt(state.lr, ".2e"), "")
     metrics.add_row("grad norm", _fmt(state.grad_norm, ".3f"), "")
     throughput = f"{_fmt(state.tokens_per_s, ',.0f')} tok/s"
@@ -262,6 +273,19 @@ def render(state: DashboardState, now: float | None = None) -> Panel:
     return Panel(Group(*parts), title=title(state), border_style=style)
 
 
+def _preference_rows(metrics: Table, train: dict[str, Any], held_out: dict[str, Any]) -> None:
+    """DPO: reward margin, preference accuracy, rewards and KL estimate (training, held-out)."""
+    def both(key: str, spec: str, scale: float = 1.0) -> str:
+        value = lambda r: _fmt(r[key] * scale if r.get(key) is not None else None, spec)  # noqa: E731
+        return value(train) + (f" / {value(held_out)}" if held_out else "")
+
+    note = Text("train" + (" / held-out" if held_out else ""), style="dim")
+    metrics.add_row("reward margin", both("reward_margin", ".3f"), note)
+    metrics.add_row("pref. accuracy", both("accuracy", ".1f", 100.0) + " %", "")
+    metrics.add_row("rewards c / r", f"{_fmt(train.get('chosen_reward'), '.3f')} / {_fmt(train.get('rejected_reward'), '.3f')}", Text("chosen / rejected (train)", style="dim"))
+    metrics.add_row("KL est.", both("kl", ".4f"), Text("log-ratio to the reference per answer token", style="dim"))
+
+
 def skipped_line(record: dict[str, Any]) -> str:
     return f"step {record.get('step')}: non-finite loss, update skipped ({record.get('count')} of at most {record.get('limit')})"
 
@@ -294,6 +318,12 @@ def format_line(record: dict[str, Any]) -> str | None:
         return f"eval step {record.get('step')}: eval_loss {_fmt(record.get('eval_loss'), '.4f')} ppl {_fmt(record.get('eval_ppl'), '.2f')}"
     if kind == "save":
         return None  # the checkpoint line follows once it is complete
+    if kind == "preference":
+        return (
+            f"{'eval ' if record.get('split') == 'eval' else ''}step {record.get('step')}: reward margin {_fmt(record.get('reward_margin'), '.3f')} "
+            f"accuracy {_fmt(record['accuracy'] * 100 if record.get('accuracy') is not None else None, '.1f')}% "
+            f"rewards {_fmt(record.get('chosen_reward'), '.3f')}/{_fmt(record.get('rejected_reward'), '.3f')} kl {_fmt(record.get('kl'), '.4f')}"
+        )
     if kind == "checkpoint":
         times = ""
         if record.get("background_seconds") is not None:

@@ -238,6 +238,8 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
     """The worst micro-batch the run can see: ``per_device_batch`` rows of ``max_seq_length`` tokens
     (a longer record is refused), holding as many image tokens as the pixel budget and the data allow."""
     rows, seq = cfg.optim.per_device_batch, cfg.data.max_seq_length
+    if cfg.stage == "dpo":  # a pair is two sequences: two rows, or packed rows of whole pairs (qvltune.preference.data)
+        rows, seq = (rows, 2 * seq) if cfg.data.packing else (2 * rows, seq)
     # Packed rows fill up to max_seq_length; padded rows are as long as the batch's longest record.
     longest = min(seq, data.longest) if data and data.longest and not cfg.data.packing else seq
     tokens = rows * longest
@@ -502,6 +504,12 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     step += fwd_vision * (1 + {"full": 2, "lora": 1}.get(modes["vision"], 0))
     if ckpt and modes["vision"] != "frozen":
         step += fwd_vision
+    if cfg.stage == "dpo":
+        # The reference's log-probs: one more forward (no gradients) per step with adapters off, or
+        # one forward pass over the data before training when precomputed (counted against an epoch).
+        ref = (fwd_llm + fwd_head + fwd_vision) / (1.0 if cfg.preference().reference == "adapter_off" else max(cfg.optim.epochs, 1.0))
+        step += ref
+        assumptions.append(f"DPO: two sequences per pair; the reference ({cfg.preference().reference}) adds {ref / step:.0%} of the compute")
     seconds = None
     if wl.tokens_per_epoch and machine.peak_tflops and not machine.is_cpu:
         speed = ASSUMED_MFU * (OFFLOAD_OPTIMIZER_SPEED if ds.offload_optimizer else 1.0) * (OFFLOAD_PARAMS_SPEED if ds.offload_params else 1.0)

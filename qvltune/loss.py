@@ -82,14 +82,20 @@ class LossHead(nn.Module):
         self.weight = linear.weight
         self.index: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
+        self.reduce = None
 
-    def set_targets(self, index: torch.Tensor | None, targets: torch.Tensor | None) -> None:
-        self.index, self.targets = index, targets
+    def set_targets(self, index: torch.Tensor | None, targets: torch.Tensor | None, reduce=None) -> None:
+        """``reduce(hidden_rows, weight)``, when given, replaces the summed cross-entropy (the
+        preference losses need per-answer sums: qvltune.preference.loss). It runs inside this
+        forward, where ZeRO-3 has the weight gathered."""
+        self.index, self.targets, self.reduce = index, targets, reduce
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
             return nn.functional.linear(hidden, self.weight)
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index)
+        if self.reduce is not None:
+            return self.reduce(flat, self.weight)
         return linear_cross_entropy(flat, self.weight, self.targets)
 
 

@@ -61,8 +61,23 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def adapter_start(name_or_path: str) -> tuple[str, Path] | None:
+    """(base model, adapter folder) when ``model.path`` is a LoRA adapter folder (an SFT run's
+    ``final/``, the usual start of preference tuning); None for a model folder or Hub id."""
+    from qvltune.adapter import base_for_adapter, is_adapter
+
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir() or not is_adapter(path):
+        return None
+    return base_for_adapter(path)[0], path
+
+
 def read_model_config(name_or_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """config.json of a folder or Hub id (the Hub through its cache / download)."""
+    """config.json of a folder or Hub id (the Hub through its cache / download); an adapter
+    folder's is its base model's."""
+    start = adapter_start(name_or_path)
+    if start is not None:
+        return read_model_config(start[0], trust_remote_code)
     path = resolve_model_path(name_or_path)
     local = Path(path) / "config.json"
     if local.exists():
@@ -112,6 +127,19 @@ def load_model(name_or_path: str, *, dtype: str = "bfloat16", attn_implementatio
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # qvltune shows its own progress
+    start = adapter_start(name_or_path)
+    if start is not None:
+        # Start from base + an adapter (an SFT run's final/): the adapter merged into the base, so
+        # this run's own adapters (and its reference, "adapters off") start from the SFT model.
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        from qvltune.adapter import attach_adapter
+
+        base, adapter = start
+        if is_deepspeed_zero3_enabled():
+            raise UserError(f"model.path {adapter} is a LoRA adapter: ZeRO-3 cannot merge it into partitioned weights", f"merge it first (qvltune merge {adapter} --out merged/) and set model.path to the merged folder")
+        base_model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        return attach_adapter(base_model, adapter, base).merge_and_unload()
     config = read_model_config(name_or_path, trust_remote_code)
     cls = model_class(config.get("model_type", "?"))
     if attn_implementation == "auto":

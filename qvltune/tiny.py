@@ -335,3 +335,54 @@ def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: 
                 f.write(json.dumps(record) + "\n")
         paths.append(path)
     return paths[0], paths[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The preference task (``qvltune demo --stage dpo``)
+
+# The phrasing preferred over the SFT demo's bare colour: something SFT never taught (lower case:
+# the tiny tokenizer's corpus has "it is" as words).
+PREFERRED_ANSWER = "it is {colour}."
+
+
+def preferred(colour: str) -> str:
+    return PREFERRED_ANSWER.format(colour=colour)
+
+
+def make_preference_dataset(dest: Path, n_train: int = 1000, n_eval: int = 100, seed: int = 7) -> tuple[Path, Path]:
+    """``pref_train.jsonl`` and ``pref_eval.jsonl`` (LLaMA-Factory's preference layout) on new images
+    drawn like the SFT demo's, in ``dest/images``.
+
+    Every pair prefers the right colour in the fixed phrasing ``it is <colour>.``; the rejected answer
+    alternates between the SFT demo's own bare answer (the right colour: a style preference SFT never
+    taught) and the same phrasing with a plausible wrong colour (the other colour in the picture:
+    the background's for the shape question and the shape's for the background question)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "images").mkdir(exist_ok=True)
+    rng = random.Random(seed)
+    question_types = list(QUESTIONS)
+    other = {"shape_colour": "background_colour", "background_colour": "shape_colour"}
+    paths = []
+    for split, count in (("train", n_train), ("eval", n_eval)):
+        path = dest / f"pref_{split}.jsonl"
+        with open(path, "w") as f:
+            for i in range(count):
+                image, labels = draw_sample(rng)
+                name = f"images/pref_{split}_{i:05d}.png"
+                image.save(dest / name)
+                qtype = question_types[i % len(question_types)]
+                right, wrong = labels[qtype], labels[other[qtype]]
+                kind = "style" if (i // len(question_types)) % 2 == 0 else "colour"
+                rejected = right if kind == "style" else preferred(wrong)
+                record = {
+                    "id": f"pref-{split}-{i}",
+                    "question_type": qtype,
+                    "preference": kind,
+                    "conversations": [{"from": "human", "value": f"<image>\n{QUESTIONS[qtype]}"}],
+                    "chosen": {"from": "gpt", "value": preferred(right)},
+                    "rejected": {"from": "gpt", "value": rejected},
+                    "images": [name],
+                }
+                f.write(json.dumps(record) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]

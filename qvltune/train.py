@@ -82,7 +82,12 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
     write_deepspeed_config(cfg, run_dir / "ds_config.json", zero3_stats(cfg))
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
-    index = prepare_data(cfg, processor)
+    if cfg.stage == "dpo":  # preference pairs: checked and counted by qvltune.preference
+        from qvltune.preference.data import prepare_pairs
+
+        index = prepare_pairs(cfg, processor)
+    else:
+        index = prepare_data(cfg, processor)
     if index.from_cache:
         recounted = f"; {index.recounted} record(s) checked again, their media changed" if index.recounted else ""
         console.note(f"data index: checks and token counts reused from the cache beside the data (data.index_cache){recounted}")

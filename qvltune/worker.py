@@ -198,6 +198,10 @@ def _prepare_data_side(cfg: RunConfig, run_dir: Path):
     started = time.time()
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    if cfg.stage == "dpo":  # preference pairs: their rows are planned with the datasets (qvltune.preference)
+        from qvltune.preference import worker as dpo
+
+        return processor, dpo.load_index(cfg, run_dir, processor), None, None, time.time() - started
     index_path = run_dir / "data_index.json"
     index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
     if cfg.data.packing:
@@ -210,7 +214,7 @@ def _prepare_data_side(cfg: RunConfig, run_dir: Path):
 
 
 def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataIndex, train_groups, eval_groups):
-    """(train set, eval set or None, collator). Evaluation gets rows built exactly like training's
+    """(train rows, train set, eval set or None, collator); DPO plans its rows here, pairs whole. Evaluation gets rows built exactly like training's
     (packed with the same plan, the same collator: varlen boundaries where training has them), so an
     eval runs the same compiled layers and attention kernels, and the fused answer-only loss."""
     root = Path(cfg.data.image_root) if cfg.data.image_root else None
@@ -223,6 +227,10 @@ def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataI
     vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
     # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
     dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
+    if cfg.stage == "dpo":  # both answers of a pair in one row (qvltune.preference)
+        from qvltune.preference import worker as dpo
+
+        return dpo.preference_parts(cfg, index, encoder, source_encoders(cfg, encoder), pad_id, hf_config, dummy, varlen, run_dir)
     if cfg.data.packing:
         collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
     else:
@@ -231,7 +239,7 @@ def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataI
     encoders = source_encoders(cfg, encoder)
     train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
     eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if len(index.eval) else None
-    return train_set, eval_set, collator
+    return train_groups, train_set, eval_set, collator
 
 
 def run(run_dir: Path, resume: bool) -> int:
@@ -291,7 +299,7 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "model prepared (strategy, adapters)")
     _begin(writer, "building the datasets and the trainer")
 
-    train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
+    train_groups, train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
 
     peak = None
     if torch.cuda.is_available():
@@ -303,10 +311,18 @@ def run(run_dir: Path, resume: bool) -> int:
     callbacks = [callback]
     if cfg.schedule.profile_steps:
         callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps, python=cfg.schedule.profile_python))
-    trainer = make_trainer_class()(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg
+    trainer_class, extra = make_trainer_class(), {}
+    if cfg.stage == "dpo":  # the pair loss and its reference (qvltune.preference)
+        from qvltune.preference import worker as dpo
+
+        trainer_class, extra, dpo_callback = dpo.trainer_and_callback(cfg, writer, train_set, eval_set)
+        callbacks.append(dpo_callback)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, callbacks=callbacks, run_cfg=cfg, **extra
     )
     callback.trainer = trainer
+    if cfg.stage == "dpo":
+        dpo_callback.trainer = trainer
     callback.clock, callback.compiles = clock, cfg.optim.compile  # it writes the phases record at the first step's end
     if writer:  # rank 0's background writer reports each checkpoint once it is marked complete
         trainer.checkpointer.on_complete = lambda step, target, blocking, background: writer.write(
@@ -318,7 +334,8 @@ def run(run_dir: Path, resume: bool) -> int:
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
     if writer:
         b = cfg.optim.per_device_batch
-        tokens = index.train.tokens  # a list of ints: a million samples are summed in a second
+        # SFT's index holds columns (a list of ints: a million samples are summed in a second); DPO's, pairs
+        tokens = index.train.tokens if cfg.stage == "sft" else [e.tokens for e in index.train]
         rows = [sum(tokens[j] for j in g) for g in train_groups]
         padded_rows = [rows[i : i + b] for i in range(0, len(rows), b)]
         unpacked = [tokens[i : i + b] for i in range(0, len(tokens), b)]

@@ -42,7 +42,7 @@ def test_eval_rows_are_packed_and_collated_exactly_like_training_rows(tmp_path, 
     run_dir.mkdir()
     processor, index, train_groups, eval_groups, _ = _prepare_data_side(cfg, run_dir)
     model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="varlen")
-    train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
+    _, train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
     assert len(eval_set) < len(index.eval)  # several held-out samples per row
     train_batch, eval_batch = collator([train_set[0], train_set[1]]), collator([eval_set[0], eval_set[1]])
     assert set(train_batch) == set(eval_batch)

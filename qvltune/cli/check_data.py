@@ -55,24 +55,37 @@ def command(
         hi = processor.image_processor.size["longest_edge"]
     lo = lo if lo is not None else DEFAULT_MIN_PIXELS
     hi = hi if hi is not None else DEFAULT_MAX_PIXELS
+    from qvltune.preference.data import check_pairs, is_preference_data
+
+    try:
+        preference = is_preference_data(data)
+    except ValueError as e:  # a malformed mixture spec
+        raise UserError(str(e), "write mixtures as a.jsonl%50,b.jsonl") from None
     try:
         with _progress(enabled=not console.err.is_dumb_terminal and console.err.is_terminal) as progress:
-            report = check_dataset(
-                data,
-                image_root=image_root,
-                processor=processor,
-                model_name=model,
-                min_pixels=lo,
-                max_pixels=hi,
-                max_seq_length=max_seq_length,
-                deep=deep,
-                allow_outside_root=allow_outside_root,
-                thinking_turns=thinking_turns,
-                workers=workers,
-                video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
-                image_pixel_limit=image_pixel_limit,
-                progress=progress,
-            )
+            if preference:  # chosen/rejected pairs (qvltune.preference): each answer checked as a record
+                report = check_pairs(
+                    data, image_root=image_root, processor=processor, model_name=model, min_pixels=lo, max_pixels=hi, max_seq_length=max_seq_length,
+                    deep=deep, allow_outside_root=allow_outside_root, thinking_turns=thinking_turns,
+                    video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens), image_pixel_limit=image_pixel_limit,
+                )
+            else:
+                report = check_dataset(
+                    data,
+                    image_root=image_root,
+                    processor=processor,
+                    model_name=model,
+                    min_pixels=lo,
+                    max_pixels=hi,
+                    max_seq_length=max_seq_length,
+                    deep=deep,
+                    allow_outside_root=allow_outside_root,
+                    thinking_turns=thinking_turns,
+                    workers=workers,
+                    video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
+                    image_pixel_limit=image_pixel_limit,
+                    progress=progress,
+                )
     except ValueError as e:  # a malformed mixture spec
         raise UserError(str(e), "write mixtures as a.jsonl%50,b.jsonl") from None
     if as_json:
@@ -155,6 +168,8 @@ def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> No
                 f"{s['percent']:g}%, {lo:,}-{hi:,} px = {lo // TOKEN_PIXELS}-{hi // TOKEN_PIXELS} tokens per image, images in {s['image_root']}",
             )
     out.print(summary)
+    if getattr(report, "pairs", None) is not None:
+        _render_pairs(report)
 
     if report.lengths:
         tokens = Table(title="Tokens per record", title_justify="left", box=None, padding=(0, 2))
@@ -178,6 +193,21 @@ def render(report: Report, min_pixels: int, max_pixels: int, strict: bool) -> No
 
     n_err, n_warn = len(report.errors), len(report.warnings)
     if report.ok(strict):
-        out.print(f"[green]OK[/]: {report.valid} records ready" + (f", {n_warn} warning(s)" if n_warn else ""))
+        out.print(f"[green]OK[/]: {report.valid} {'preference pairs' if getattr(report, 'pairs', None) is not None else 'records'} ready" + (f", {n_warn} warning(s)" if n_warn else ""))
     else:
         out.print(f"[red]{n_err} error(s)[/], {n_warn} warning(s)" + (" (--strict fails on warnings)" if strict and not n_err else ""))
+
+
+def _render_pairs(report) -> None:
+    """Preference data: the answers' lengths side by side (DPO is known to reward length when
+    chosen answers are systematically longer)."""
+    pref = report.to_json()["preference"]
+    table = Table(title="Preference pairs (tokens of prompt + answer)", title_justify="left", box=None, padding=(0, 2))
+    for col in ("", "p50", "p90", "max"):
+        table.add_column(col, justify="right" if col else "left")
+    for key in ("chosen", "rejected"):
+        t = pref[f"{key}_tokens"]
+        table.add_row(key, f"{t['p50']:,}", f"{t['p90']:,}", f"{t['max']:,}")
+    console.out.print(table)
+    if pref["pairs"]:
+        console.out.print(f"pairs: {pref['pairs']} ({', '.join(f'{k}: {v}' for k, v in pref['layouts'].items())}); chosen longer than rejected in {pref['chosen_longer'] / pref['pairs']:.0%}")

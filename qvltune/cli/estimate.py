@@ -133,7 +133,10 @@ def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: 
     if key in _SUMMARIES:
         return _SUMMARIES[key]
     try:
-        report = check_dataset(train, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
+        from qvltune.preference.data import check_pairs, is_preference_data
+
+        check = check_pairs if is_preference_data(train) else check_dataset  # pairs: both answers' samples counted
+        report = check(train, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:
         raise UserError(f"data.train: {e}", "write mixtures as a.jsonl%50,b.jsonl") from None
     except UserError as e:  # a missing dataset file: memory can still be estimated, tokens and time not

@@ -21,13 +21,26 @@ def command(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records generated together."),
     device: str = typer.Option(None, "--device", metavar="cpu|cuda", help="Where to run (default: the GPU when there is one, else the CPU)."),
     dtype: str = typer.Option(None, "--dtype", metavar="bf16|fp16|fp32", help="Weight dtype (default: fp32 on CPU, bf16 on GPU)."),
+    reference: str = typer.Option(None, "--reference", metavar="MODEL", help="Preference pairs: also score DPO's implicit reward against this reference model (e.g. the SFT model)."),
+    beta: float = typer.Option(0.1, "--beta", min=0.0, help="Preference pairs with --reference: DPO's beta for the reward margin."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
-    """Score a model on a dataset: loss/perplexity on the answers and, for short answers, exact-match accuracy."""
+    """Score a model on a dataset: loss/perplexity on the answers and, for short answers, exact-match accuracy; on preference pairs, preference accuracy."""
     from qvltune.infer import DTYPES, evaluate_model
+    from qvltune.preference.data import is_preference_data
 
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
+    if is_preference_data(data):
+        from qvltune.preference.evaluate import evaluate_pairs_model
+
+        with console.status(f"evaluating {model} on preference pairs") as status:
+            pref = evaluate_pairs_model(model, data, base=base, reference=reference, beta=beta, device=device, dtype=DTYPES[dtype] if dtype else None, image_root=image_root, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, progress=status.report)
+        if as_json:
+            console.print_json({"model": model, "data": data, **pref.to_json()})
+        else:
+            render_preference(pref, model, data)
+        return 0
     with console.status(f"evaluating {model}") as status:
         report = evaluate_model(
             model,
@@ -89,3 +102,20 @@ def render_examples(examples, out) -> None:
     for ex in examples[:3]:
         mark = "[green]right[/]" if normalise(ex["got"]) == normalise(ex["expected"]) else "[red]wrong[/]"
         out.print(f"  {mark}  expected {console.escape(repr(ex['expected']))}, got {console.escape(repr(ex['got']))}")
+
+
+def render_preference(report, model: str, data: str) -> None:
+    out = console.out
+    table = Table(title=f"Preference evaluation of {model} on {data}", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table.add_row("pairs", str(report.pairs))
+    table.add_row("preference accuracy", f"[bold]{report.accuracy:.1%}[/] (chosen answer more likely than rejected)")
+    table.add_row("log-prob margin", f"{report.logp_margin:.3f} (mean log p(chosen) - log p(rejected))")
+    if report.reward_accuracy is not None:
+        table.add_row("reward accuracy", f"[bold]{report.reward_accuracy:.1%}[/] (DPO's implicit reward vs the reference, beta {report.beta:g})")
+        table.add_row("reward margin", f"{report.reward_margin:.3f}")
+    if report.generated:
+        g = report.generated
+        table.add_row("generated answers", f"{g['chosen']:.1%} chosen, {g['rejected']:.1%} rejected, {g['other']:.1%} other")
+    out.print(table)
+    for ex in report.examples[:3]:
+        out.print(f"  chosen {console.escape(repr(ex['chosen']))}, rejected {console.escape(repr(ex['rejected']))}, got {console.escape(repr(ex['got']))}")

@@ -57,6 +57,8 @@ def command(
     effective_batch: int = typer.Option(None, "--effective-batch", min=1, help="Samples per optimizer step (default 64, fewer for small datasets)."),
     epochs: float = typer.Option(None, "--epochs", min=0.01, help="Passes over the data (default 2)."),
     max_seq_length: int = typer.Option(None, "--max-seq-length", min=64, help="Tokens per row (default: from the dataset's lengths)."),
+    stage: str = typer.Option(None, "--stage", metavar="sft|dpo", help="sft: supervised fine-tuning on answers (the default); dpo: preference tuning on chosen/rejected pairs."),
+    from_run: Path = typer.Option(None, "--from", metavar="RUN", help="Start from a finished run's final model or adapter (runs/NAME): sets --model to RUN/final."),
     gpu: str = typer.Option(None, "--gpu", help="Plan for another machine's GPU (H200, H100, A100, 4090, ...) instead of the detected ones."),
     gpu_count: int = typer.Option(None, "--gpu-count", min=1, help="GPUs per node to plan for (default: all detected; 1 with --gpu)."),
     gpu_memory: float = typer.Option(None, "--gpu-memory", min=1, help="Memory per GPU in GB, for a GPU --gpu does not know or to override it."),
@@ -95,7 +97,14 @@ def _init(o: SimpleNamespace) -> int:
         "effective_batch": o.effective_batch,
         "epochs": o.epochs,
         "max_seq_length": o.max_seq_length,
+        "stage": o.stage,
     }
+    if o.stage is not None and o.stage not in ("sft", "dpo"):
+        raise typer.BadParameter(f"'{o.stage}' is not one of sft, dpo", param_hint="--stage")
+    if o.from_run is not None:
+        if o.model is not None:
+            raise UserError("give --from or --model, not both", "--from RUN starts from RUN/final", exit_code=2)
+        flags["model"] = start_from(o.from_run)
     answers = parse_answers({**read_answers(o.answers_file), **{k: v for k, v in flags.items() if v is not None}}, str(o.answers_file or "flags"))
 
     inv, planned = _inventory(o.gpu, o.gpu_count, o.gpu_memory, answers.out)
@@ -122,6 +131,14 @@ def _init(o: SimpleNamespace) -> int:
     valid = wizard.data_exists(answers.data)
     if valid is not True:
         raise UserError(f"--data: {valid}", "give a JSON/JSONL dataset file (`qvltune check-data FILE` checks it)")
+    from qvltune.preference.data import is_preference_data
+
+    pairs = is_preference_data(answers.data)
+    if o.stage is None and pairs and answers.stage == "sft":
+        answers.stage = "dpo"
+        console.note("stage: dpo (the data holds chosen/rejected pairs; --stage sft|dpo to choose)")
+    elif pairs != (answers.stage == "dpo"):
+        raise UserError(f"--stage {answers.stage}: the data {'holds preference pairs (chosen/rejected)' if pairs else 'holds no preference pairs'}", f"use --stage {'dpo' if pairs else 'sft'}, or other data")
     from qvltune import scaffold
 
     out_dir = Path(answers.out)
@@ -160,6 +177,15 @@ def _init(o: SimpleNamespace) -> int:
     if not plan.fits:
         console.warn("the plan does not fit this machine: see the options above before training")
     return 0
+
+
+def start_from(run: Path) -> str:
+    """The model a run saved (``RUN/final``: a full model folder, or a LoRA adapter that training
+    loads onto its base and merges before adding new adapters); a clear error when there is none."""
+    final = run / "final" if (run / "final").is_dir() else run
+    if not (final / "config.json").exists() and not (final / "adapter_config.json").exists():
+        raise UserError(f"--from {run}: no finished model in {final} (neither config.json nor adapter_config.json)", "finish that run first (qvltune train CONFIG --resume), or give --model")
+    return str(final.resolve())
 
 
 def read_answers(path: Path | None) -> dict[str, Any]:

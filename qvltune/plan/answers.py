@@ -32,6 +32,8 @@ class Answers(BaseModel):
     effective_batch: int | None = Field(None, ge=1)
     epochs: float = Field(DEFAULT_EPOCHS, gt=0)
     max_seq_length: int | None = Field(None, ge=64)
+    # sft: supervised fine-tuning; dpo: preference tuning on chosen/rejected pairs (qvltune.preference).
+    stage: Literal["sft", "dpo"] = "sft"
 
 
 # The flag of every answer (for "missing answers" messages and the answers file's comments).
@@ -51,6 +53,7 @@ ANSWER_FLAGS = {
     "effective_batch": "--effective-batch",
     "epochs": "--epochs",
     "max_seq_length": "--max-seq-length",
+    "stage": "--stage sft|dpo",
 }
 
 

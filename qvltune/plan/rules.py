@@ -24,6 +24,9 @@ MIN_STEPS_PER_EPOCH = 20
 # The guide's learning rates: "LoRA: 1e-4, Full: 5e-5"; the vision tower lower than the LLM.
 LR_LORA = 1e-4
 LR_FULL = 5e-5
+# Preference tuning moves the model less than SFT: LLaMA-Factory's Qwen2-VL LoRA DPO example
+# (examples/train_lora/qwen2_5vl_lora_dpo.yaml) uses 5e-6 where its SFT example uses 1e-4.
+DPO_LR_FACTOR = 0.05
 LR_VISION_FULL = 1e-5
 LR_VISION_LORA = 5e-5
 # The guide's fixed resolution: "min_pixels = max_pixels = 256 * 28 * 28" (~200k pixels = 196

@@ -78,6 +78,8 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
     W = machine.world_size
     grad_accum = max(1, round(rows_target / (c.per_device_batch * W)))  # the nearest to the target
     lr = c.learning_rate or (LR_FULL if c.strategy == "full" else LR_LORA)
+    if answers.stage == "dpo":
+        lr *= DPO_LR_FACTOR
     component_lr: dict[str, float] = {}
     components: dict[str, str] = {}
     if c.vision != STRATEGY_PRESETS[c.strategy]["vision"]:
@@ -107,6 +109,11 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
         "data": data_doc,
         "strategy": c.strategy,
     }
+    if answers.stage == "dpo":
+        # The reference is the starting model: LoRA switched off each step, or (full fine-tuning,
+        # nothing to switch off) its log-probs computed once before training.
+        doc["stage"] = "dpo"
+        doc["dpo"] = {"beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0, "reference": "precomputed" if c.strategy == "full" else "adapter_off"}
     if components:
         doc["components"] = components
     doc["optim"] = {
