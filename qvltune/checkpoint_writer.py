@@ -208,12 +208,32 @@ class CheckpointWriter:
 _ENGINE = None
 
 
+def host_copy(item):
+    """A copy of ``item`` with every tensor cloned to host memory and every container rebuilt as its
+    own type. By hand rather than DeepSpeed's ``clone_tensors_for_torch_save``: that one turns every
+    tuple subclass into a plain tuple, and ZeRO-3's saved ``param_shapes`` (``torch.Size``) then break
+    ``zero_to_fp32`` (``shape.numel()``), so a checkpoint could not be gathered from its shards."""
+    import torch
+
+    if torch.is_tensor(item):
+        return item.detach().to("cpu", copy=True)
+    if isinstance(item, torch.Size):
+        return item  # immutable, holds no tensor
+    if isinstance(item, dict):
+        return type(item)((k, host_copy(v)) for k, v in item.items())
+    if isinstance(item, list):
+        return [host_copy(v) for v in item]
+    if isinstance(item, tuple):
+        values = [host_copy(v) for v in item]
+        return type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
+    return item
+
+
 def _snapshot_engine_class():
     """``SnapshotEngine``, built on first use (importing DeepSpeed only in the worker)."""
     global _ENGINE
     if _ENGINE is not None:
         return _ENGINE
-    from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SnapshotEngine(TorchCheckpointEngine):
@@ -228,7 +248,7 @@ def _snapshot_engine_class():
         def save(self, state_dict, path: str):
             # A copy of every tensor on the host, and of every container (the optimizer's param groups
             # are dicts the scheduler changes at the next step); a GPU tensor is copied off the device.
-            self.writer.snapshots.append((clone_tensors_for_torch_save(state_dict, device="cpu"), path, self.zipfile_serialization))
+            self.writer.snapshots.append((host_copy(state_dict), path, self.zipfile_serialization))
 
         def preserves_storage_sharing(self):
             return False  # DeepSpeed would clone module states itself first: save() copies everything once

@@ -5,6 +5,7 @@ crashing) are injected by tests/faults/sitecustomize.py; everything else is the 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -196,7 +197,10 @@ def test_a_dying_rank_is_named_and_leaves_no_orphans(tmp_path, demo_data):
     result = run_with(config, "die:3", HF_TOKEN="hf_abcdefghijklmnopqrstuvwxyz0123456789")
     rd = run_dir(config)
     assert result.returncode != 0
-    assert "rank 1 (exit code 17)" in result.stderr, result.stderr
+    # The rank is named; its own exit code only when the launcher polled it first: DeepSpeed's launcher
+    # reports the first non-zero code it finds among ranks that died within one poll (rank 0 follows
+    # rank 1 within milliseconds here, exiting 1 on the broken collective), so "17" or "1" by timing.
+    assert re.search(r"rank 1 \(exit code (17|1)\)", result.stderr), result.stderr
     assert "--resume" in result.stderr
     assert no_workers_left(rd)
     # No secret ends up in what qvltune printed or wrote.
