@@ -241,7 +241,8 @@ class RecordStore:
     ``stamps`` (file -> size and mtime when the run was prepared) guard the offsets: a file changed
     since is an error naming it, never a silently different record."""
 
-    def __init__(self, stamps: dict[str, Any] | None = None):
+    def __init__(self, stamps: dict[str, Any] | None = None, parse=parse_record):
+        self._parse = parse  # (RawItem, file) -> (record or None, problems); preference pairs bring their own
         self._files: dict[str, dict[int, Record]] = {}
         self._checked: set[str] = set()  # files whose stamp this process compared
         self._pid = None
@@ -254,7 +255,7 @@ class RecordStore:
             records = {}
             for item in read_items(Path(file)):
                 if item.problem is None:
-                    rec, _ = parse_record(item, file)
+                    rec, _ = self._parse(item, file)
                     if rec is not None:
                         records[item.index] = rec
             self._files[file] = records
@@ -277,7 +278,7 @@ class RecordStore:
                 raise _changed(file, "the file")
             self._checked.add(file)
         item = next(records_at(Path(file), [(index, line if line >= 0 else None, offset)], MAX_RECORD_BYTES), None)
-        rec = parse_record(item, file)[0] if item is not None and item.problem is None else None
+        rec = self._parse(item, file)[0] if item is not None and item.problem is None else None
         if rec is None:
             raise _changed(file, f"record {index}")
         return rec

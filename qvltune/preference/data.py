@@ -25,6 +25,7 @@ import torch
 
 # check-data's per-record machinery (media, boxes, exact counts, the length limit), run on each answer's record.
 from qvltune.data.check import Report, _check_item, _Settings, _Source, encoder_for_source, percentile, source_budget
+from qvltune.data.dataset import RecordStore
 from qvltune.data.files import read_items
 from qvltune.data.formats import Problem, mixture_text, parse_mixture, sample_indices
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
@@ -274,27 +275,6 @@ class EncodedPair:
         return (self.chosen, self.rejected)
 
 
-class PairStore:
-    """Reads pairs by (file, index), parsing each file once."""
-
-    def __init__(self):
-        self._files: dict[str, dict[int, Pair]] = {}
-
-    def get(self, file: str, index: int) -> Pair:
-        if file not in self._files:
-            pairs = {}
-            for item in read_items(Path(file)):
-                if item.problem is None:
-                    pair, _ = parse_pair(item, file)
-                    if pair is not None:
-                        pairs[item.index] = pair
-            self._files[file] = pairs
-        try:
-            return self._files[file][index]
-        except KeyError:
-            raise UserError(f"{file}: record {index} changed since the run was prepared", "prepare the run again (qvltune train re-checks the data)") from None
-
-
 class PairDataset:
     """Item i: the encoded pairs of group i (one pair, or the pairs packed into one row). A pair whose
     media cannot be loaded any more stops training (``error``) or is left out whole (``skip``)."""
@@ -307,7 +287,7 @@ class PairDataset:
         self.groups = groups
         self.on_bad_sample = on_bad_sample
         self.skipped_log = skipped_log
-        self.store = PairStore()
+        self.store = RecordStore(parse=parse_pair)  # no offsets: each file parsed once per process
 
     def __len__(self) -> int:
         return len(self.groups)
