@@ -35,7 +35,24 @@ def trl_dataset(path: Path):
     return ds.map(lambda x: {k: json.loads(x[k]) for k in ("prompt", "chosen", "rejected")})
 
 
+def bool_package_checks() -> None:
+    """TRL 0.24 reads transformers' ``_is_package_available(name)`` as a bool; transformers >= 5.3
+    returns a tuple (always true), so TRL would import its optional extras (mergekit) and fail.
+    LLaMA-Factory applies this same patch before it imports TRL (llamafactory/extras/packages.py);
+    the TRL run does it here."""
+    from transformers.utils import import_utils
+
+    original = import_utils._is_package_available
+
+    class Availability(tuple):  # still unpacks as (available, version), true only when available
+        def __bool__(self) -> bool:
+            return bool(self[0])
+
+    import_utils._is_package_available = lambda name, return_version=False: Availability(original(name, return_version=return_version))
+
+
 def run_trl(spec: dict) -> None:
+    bool_package_checks()
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -44,13 +61,16 @@ def run_trl(spec: dict) -> None:
     lo, hi = spec["pixels"]
     processor = AutoProcessor.from_pretrained(spec["model"])
     processor.image_processor.size = {"shortest_edge": lo, "longest_edge": hi}
-    model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "bfloat16")), attn_implementation="sdpa")
     for name, p in model.named_parameters():
         p.requires_grad_(False)
+    # TRL 0.24 writes model.warnings_issued["estimate_tokens"], a dict transformers 5 models no longer
+    # have; an empty one is what transformers 4 gave them.
+    model.warnings_issued = {}
     lora = spec["lora"]
     peft_config = LoraConfig(r=lora["lora_rank"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"], task_type="CAUSAL_LM",
                              target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj",
-                             modules_to_save=["merger"] if spec["strategy"] == "mixed" else None)
+                             modules_to_save=spec["modules_to_save"] or None)
     trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**spec["args"]), train_dataset=trl_dataset(Path(spec["data"])), processing_class=processor, peft_config=peft_config, callbacks=[StepTimer(Path(spec["metrics"]))])
     trainer.train()
 

@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_throughput import WORDS, make_model_folder, run_qvltune, summarise_steps, write_weights  # noqa: E402
+from gpu_throughput import SHAPES, WORDS, make_model_folder, run_qvltune, summarise_steps, write_weights  # noqa: E402
 
 BETA = 0.1
+VARIANTS = ["qvltune", "trl", "llamafactory"]
 PEER_PAIRS = 4  # pairs per device batch for the peers (their padded batches)
 
 
@@ -48,8 +49,9 @@ def words(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(int(lo * (hi / lo) ** rng.random())))
 
 
-def make_pairs(dest: Path, n: int, seed: int = 0) -> Path:
-    """``pairs.jsonl`` in LLaMA-Factory's preference layout (qvltune reads it as is)."""
+def make_pairs(dest: Path, n: int, seed: int = 0, tiny: bool = False) -> Path:
+    """``pairs.jsonl`` in LLaMA-Factory's preference layout (qvltune reads it as is). ``tiny``: the CPU
+    check's mix, small images and prompts and answers of a few words, so a step takes seconds."""
     from PIL import Image
 
     path = dest / "pairs.jsonl"
@@ -57,11 +59,12 @@ def make_pairs(dest: Path, n: int, seed: int = 0) -> Path:
         return path
     rng = random.Random(seed)
     (dest / "images").mkdir(parents=True, exist_ok=True)
-    sizes = [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960), (480, 640), (960, 1280)]
+    sizes = [(64, 64), (96, 64), (64, 96), (128, 96)] if tiny else [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960), (480, 640), (960, 1280)]
+    prompt, answer = ((4, 20), (4, 24)) if tiny else ((10, 200), (8, 1000))
     with open(path, "w") as f:
         for i in range(n):
-            question = words(rng, 10, 200)
-            record = {"conversations": [{"from": "human", "value": question}], "chosen": {"from": "gpt", "value": words(rng, 8, 1000)}, "rejected": {"from": "gpt", "value": words(rng, 8, 1000)}}
+            question = words(rng, *prompt)
+            record = {"conversations": [{"from": "human", "value": question}], "chosen": {"from": "gpt", "value": words(rng, *answer)}, "rejected": {"from": "gpt", "value": words(rng, *answer)}}
             if rng.random() >= 0.1:
                 w, h = rng.choice(sizes)
                 name = f"images/{i:05d}.jpg"
@@ -72,8 +75,9 @@ def make_pairs(dest: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def qvltune_config(name: str, model: Path, data: Path, work: Path, strategy: str, steps: int, effective_batch: int) -> dict:
-    """What `qvltune init --stage dpo` plans for this model and data on one H200, run for ``steps``."""
+def qvltune_config(name: str, model: Path, data: Path, work: Path, strategy: str, steps: int, effective_batch: int, cpu: bool = False) -> dict:
+    """What `qvltune init --stage dpo` plans for this model and data on one H200, run for ``steps``
+    (``cpu``: with only what a CPU forces changed)."""
     from qvltune.cli.estimate import dataset_summary, load_stats
     from qvltune.estimate import GiB, Machine
     from qvltune.plan import Answers, make_plan, pixel_budget
@@ -89,12 +93,20 @@ def qvltune_config(name: str, model: Path, data: Path, work: Path, strategy: str
     doc["optim"].pop("effective_batch", None)
     doc["lora"] = {"rank": 64, "alpha": 128, "dropout": 0.05}
     doc["dpo"] = {"beta": BETA, "loss": "sigmoid", "label_smoothing": 0.0, "reference": "adapter_off"}
+    if cpu:  # what the CPU check forces: fp32, unfused Adam, one process, no data workers, eager, the tiny model's own weights
+        doc["optim"].update(bf16=False, optimizer="adamw_torch", compile=False)
+        doc["data"]["num_workers"] = 0
+        doc["launch"] = {"cpu_processes": 1}
+        doc["model"]["random_init"] = False
     return doc
 
 
-def peer_spec(variant: str, weights: Path, data: Path, out: Path, strategy: str, steps: int, pixels: tuple[int, int], max_length: int) -> dict:
-    """The arguments of one peer run (dpo_peer_run.py): LLaMA-Factory's, or TRL's DPOConfig."""
+def peer_spec(variant: str, weights: Path, data: Path, out: Path, strategy: str, steps: int, pixels: tuple[int, int], max_length: int, cpu: bool = False) -> dict:
+    """The arguments of one peer run (dpo_peer_run.py): LLaMA-Factory's, or TRL's DPOConfig. ``cpu``:
+    fp32 and no worker processes, the rest as on the GPU."""
     lora = {"lora_rank": 64, "lora_alpha": 128, "lora_dropout": 0.05}
+    beside = trained_beside_lora(weights) if strategy == "mixed" else []
+    workers = 0 if cpu else 4
     if variant == "llamafactory":
         dataset_dir = out.parent / "lf-data"
         dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -102,18 +114,31 @@ def peer_spec(variant: str, weights: Path, data: Path, out: Path, strategy: str,
         (dataset_dir / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": str(data), "formatting": "sharegpt", "ranking": True, "columns": columns}}))
         return {"runner": "llamafactory", "args": {
             "stage": "dpo", "do_train": True, "model_name_or_path": str(weights), "template": "qwen3_vl_nothink", "dataset": "pairs", "dataset_dir": str(dataset_dir),
-            "cutoff_len": max_length, "overwrite_cache": True, "preprocessing_num_workers": 8, "finetuning_type": "lora", **lora, "lora_target": "all",
-            "freeze_vision_tower": True, "freeze_multi_modal_projector": strategy == "lora", "image_min_pixels": pixels[0], "image_max_pixels": pixels[1], "flash_attn": "sdpa",
+            "cutoff_len": max_length, "overwrite_cache": True, "preprocessing_num_workers": None if cpu else 8, "finetuning_type": "lora", **lora, "lora_target": "all",
+            # With LoRA, freeze_multi_modal_projector: false trains nothing more (it acts in freeze tuning
+            # only); the projector trains as a peft modules_to_save, LLaMA-Factory's additional_target.
+            "additional_target": ",".join(beside) or None, "freeze_vision_tower": True, "freeze_multi_modal_projector": strategy == "lora", "image_min_pixels": pixels[0], "image_max_pixels": pixels[1], "flash_attn": "sdpa",
             "pref_beta": BETA, "pref_loss": "sigmoid", "per_device_train_batch_size": PEER_PAIRS, "gradient_accumulation_steps": 1, "learning_rate": 5e-6,
-            "max_steps": steps, "bf16": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "output_dir": str(out), "overwrite_output_dir": True, "dataloader_num_workers": 4,
+            "max_steps": steps, "bf16": not cpu, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "output_dir": str(out), "overwrite_output_dir": True, "dataloader_num_workers": workers,
         }}
-    return {"runner": "trl", "model": str(weights), "data": str(data), "strategy": strategy, "lora": lora, "pixels": list(pixels), "args": {
-        "output_dir": str(out), "beta": BETA, "loss_type": "sigmoid", "max_length": max_length, "per_device_train_batch_size": PEER_PAIRS, "gradient_accumulation_steps": 1,
-        "learning_rate": 5e-6, "max_steps": steps, "bf16": True, "gradient_checkpointing": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "dataloader_num_workers": 4,
+    return {"runner": "trl", "model": str(weights), "data": str(data), "modules_to_save": beside, "lora": lora, "pixels": list(pixels), "dtype": "float32" if cpu else "bfloat16", "args": {
+        "output_dir": str(out), "beta": BETA, "loss_type": "sigmoid", "max_length": max_length, "max_prompt_length": None, "max_completion_length": None, "per_device_train_batch_size": PEER_PAIRS, "gradient_accumulation_steps": 1,
+        "learning_rate": 5e-6, "max_steps": steps, "bf16": not cpu, "gradient_checkpointing": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "dataloader_num_workers": workers,
+        # TRL 0.24 keeps only its text columns otherwise and drops pixel_values: the images would never
+        # reach the model (LLaMA-Factory sets the same, "important for multimodal dataset").
+        "remove_unused_columns": False,
     }}
 
 
-def run_peer(name: str, spec: dict, work: Path, weights: Path, site: Path, log: Path) -> dict:
+def trained_beside_lora(model: Path) -> list[str]:
+    """What ``mixed`` trains whole beside the LoRA adapters, as peft ``modules_to_save`` names: the
+    merger and each DeepStack merger (the list qvltune.model.modules_to_save builds for ``mixed``,
+    read here from config.json so that no model is loaded)."""
+    deepstack = json.loads((model / "config.json").read_text())["vision_config"].get("deepstack_visual_indexes", [])
+    return ["merger"] + [f"deepstack_merger_list.{i}" for i in range(len(deepstack))]
+
+
+def run_peer(name: str, spec: dict, work: Path, weights: Path, site: Path, log: Path, warmup: int = 4) -> dict:
     metrics = work / "runs" / name / "steps.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     spec_path = work / f"{name}.json"
@@ -123,55 +148,113 @@ def run_peer(name: str, spec: dict, work: Path, weights: Path, site: Path, log: 
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("dpo_peer_run.py")), str(spec_path)], capture_output=True, text=True, env=env)
     log.write_text(proc.stdout + proc.stderr)
     row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode}
-    stats = summarise_steps(metrics, warmup=4, weights=weights)
+    stats = summarise_steps(metrics, warmup=warmup, weights=weights)
     if "samples_per_s" in stats:
         stats["pairs_per_s"] = stats.pop("samples_per_s") / 2  # rows: chosen and rejected of each pair
+    if proc.returncode:
+        stats["error"] = last_error(proc.stderr)
     return {**row, **stats}
+
+
+def last_error(text: str) -> str:
+    """A failed run's exception (the last traceback's last line) and the innermost frame it came from,
+    and the peer's own innermost frame, e.g. ``IndexError: list index out of range
+    (transformers/image_transforms.py:974, from trl/trainer/dpo_trainer.py:762)``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith('File "')]
+    if not frames:
+        return lines[-1] if lines else "(no output)"
+    # The exception line is the first one after the last frame that is neither code nor a caret marker.
+    error = next((line for line in lines[frames[-1] + 1 :] if ":" in line and not line.startswith(("~", "^")) and line.split(":")[0].replace(".", "").isidentifier()), lines[-1])
+
+    def place(i: int) -> str:
+        parts = lines[i].split('"')
+        return "/".join(parts[1].split("/")[-3:]) + ":" + parts[2].split("line ")[-1].split(",")[0]
+
+    # ... and the innermost frame of the peer itself (TRL or LLaMA-Factory), where it called into that.
+    own = [i for i in frames if any(f"/{pkg}/" in lines[i] for pkg in ("trl", "llamafactory"))]
+    via = f", from {place(own[-1])}" if own and own[-1] != frames[-1] else ""
+    return f"{error} ({place(frames[-1])}{via})"
+
+
+def model_for(shape: str, work: Path) -> Path:
+    """The model folder of a shape: a released shape's config with the tiny tokenizer, or (``tiny``)
+    the built-in tiny model itself."""
+    if shape == "tiny":
+        from qvltune.tiny import tiny_model_path
+
+        return Path(tiny_model_path())
+    return make_model_folder(work / f"model-{shape}", shape)
+
+
+def run_variant(variant: str, name: str, shape: str, strategy: str, model: Path, data: Path, cfg: dict, args: argparse.Namespace) -> dict:
+    """One variant's results row (its log in --out)."""
+    if variant == "qvltune":
+        row = run_qvltune(name, cfg, args.work, args.out, args.warmup)
+        if "samples_per_s" in row:
+            row["pairs_per_s"] = row.pop("samples_per_s")  # qvltune counts pairs as the samples of a DPO run
+        return row
+    if not args.llamafactory_site:
+        raise SystemExit(f"{name}: give --llamafactory-site (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
+    from qvltune.config import parse_config
+
+    # The tiny model's own fp32 weights (qvltune's run loads them too); a released shape's random bf16 ones.
+    weights = model if shape == "tiny" else write_weights(model, args.work / f"weights-{shape}")
+    pixels = parse_config(cfg).data.pixel_budget()  # the budget qvltune's run uses
+    spec = peer_spec(variant, weights, data, args.work / "runs" / name, strategy, args.steps, pixels, args.max_length, cpu=shape == "tiny")
+    return run_peer(name, spec, args.work, weights, args.llamafactory_site, args.out / f"{name}.log", args.warmup)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qvltune-dpo-bench"))
-    ap.add_argument("--shapes", default="2b,8b")
+    ap.add_argument("--shapes", default="2b,8b", help="2b, 8b (GPU) or tiny (the built-in tiny model on CPU: the script's own check)")
     ap.add_argument("--strategies", default="lora,mixed")
     ap.add_argument("--variants", default="qvltune,trl,llamafactory")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=4, help="optimizer steps left out of the averages")
     ap.add_argument("--pairs", type=int, default=400)
     ap.add_argument("--effective-batch", type=int, default=32, help="pairs per optimizer step given to the planner")
     ap.add_argument("--max-length", type=int, default=4096, help="the peers' cutoff per sequence (prompt + one answer); qvltune's max_seq_length is the planner's")
     ap.add_argument("--llamafactory-site", type=Path, help="folder holding LLaMA-Factory 0.9.5, TRL 0.24 and their pinned stack")
     args = ap.parse_args()
+    shapes, strategies, variants = (v.split(",") for v in (args.shapes, args.strategies, args.variants))
+    for bad, known, flag in ((set(shapes) - {"tiny", *SHAPES}, ["tiny", *SHAPES], "--shapes"), (set(strategies) - {"lora", "mixed"}, ["lora", "mixed"], "--strategies"), (set(variants) - set(VARIANTS), VARIANTS, "--variants")):
+        if bad:
+            ap.error(f"{flag}: unknown {', '.join(sorted(bad))} (known: {', '.join(known)})")
+    if set(variants) - {"qvltune"} and not args.llamafactory_site:
+        ap.error("--llamafactory-site is needed for the trl and llamafactory variants (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
     args.out.mkdir(parents=True, exist_ok=True)
-    data = make_pairs(args.work / "data", args.pairs)
     rows = []
-    for shape in args.shapes.split(","):
-        model = make_model_folder(args.work / f"model-{shape}", shape)
-        for strategy in args.strategies.split(","):
-            cfg = None
-            for variant in args.variants.split(","):
+    for shape in shapes:
+        tiny = shape == "tiny"
+        data = make_pairs(args.work / ("tiny-data" if tiny else "data"), args.pairs, tiny=tiny)
+        model = model_for(shape, args.work)
+        for strategy in strategies:
+            cfg = qvltune_config(f"{shape}-{strategy}-dpo-qvltune", model, data, args.work, strategy, args.steps, args.effective_batch, cpu=tiny)
+            for variant in variants:
                 name = f"{shape}-{strategy}-dpo-{variant}"
-                cfg = cfg or qvltune_config(f"{shape}-{strategy}-dpo-qvltune", model, data, args.work, strategy, args.steps, args.effective_batch)
-                if variant == "qvltune":
-                    row = run_qvltune(name, cfg, args.work, args.out)
-                    if "samples_per_s" in row:
-                        row["pairs_per_s"] = row.pop("samples_per_s")  # qvltune counts pairs as the samples of a DPO run
-                else:
-                    if not args.llamafactory_site:
-                        raise SystemExit(f"{name}: give --llamafactory-site (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
-                    from qvltune.config import parse_config
-
-                    weights = write_weights(model, args.work / f"weights-{shape}")
-                    pixels = parse_config(cfg).data.pixel_budget()  # the budget qvltune's run uses
-                    spec = peer_spec(variant, weights, data, args.work / "runs" / name, strategy, args.steps, pixels, args.max_length)
-                    row = run_peer(name, spec, args.work, weights, args.llamafactory_site, args.out / f"{name}.log")
+                t0 = time.time()
+                try:
+                    row = run_variant(variant, name, shape, strategy, model, data, cfg, args)
+                except Exception as e:  # noqa: BLE001 - a variant that cannot start is a row too; the others still run
+                    row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": None, "error": f"{type(e).__name__}: {e}"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("\n| variant | pairs/s | real tok/s | peak GiB | exit |")
-    print("|---|---|---|---|---|")
+                (args.out / "results.json").write_text(json.dumps(rows, indent=2))  # after every run: a cut call keeps what finished
+    print("\n" + table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of the rows; a failed variant shows its error (the last line of its log)."""
+    lines = ["| variant | pairs/s | real tok/s | peak GiB | wall s | exit |", "|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['variant']} | {r.get('pairs_per_s', 0):.2f} | {r.get('tokens_per_s', 0):,.0f} | {r.get('mem_peak_gb', 0):.1f} | {r['exit']} |")
+        if "pairs_per_s" in r:
+            lines.append(f"| {r['variant']} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {r.get('mem_peak_gb') or 0:.1f} | {r['wall_s']} | {r['exit']} |")
+        else:
+            lines.append(f"| {r['variant']} | failed: {str(r.get('error', '?'))[:160]} | | | {r['wall_s']} | {r['exit']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

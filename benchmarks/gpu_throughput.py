@@ -206,7 +206,7 @@ def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy:
     return {**row, **summarise_steps(metrics, warmup=4, weights=weights)}
 
 
-def run_qvltune(name: str, cfg: dict, work: Path, out: Path) -> dict:
+def run_qvltune(name: str, cfg: dict, work: Path, out: Path, warmup: int = 4) -> dict:
     """One `qvltune train` run of ``cfg`` -> its results row (logs and any profile copied to ``out``)."""
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -221,7 +221,7 @@ def run_qvltune(name: str, cfg: dict, work: Path, out: Path) -> dict:
     o = cfg["optim"]
     row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": cfg["data"]["max_seq_length"], "packing": cfg["data"]["packing"],
            "batch": f"{o['per_device_batch']}x{o['grad_accum']}", "checkpointing": o["gradient_checkpointing"], "compile": o.get("compile", False)}
-    return {**row, **(summarise(run_dir / "metrics.jsonl", warmup=4) if (run_dir / "metrics.jsonl").exists() else {"error": "no metrics"})}
+    return {**row, **(summarise(run_dir / "metrics.jsonl", warmup=warmup) if (run_dir / "metrics.jsonl").exists() else {"error": "no metrics"})}
 
 
 def summarise_steps(metrics: Path, warmup: int, weights: Path) -> dict:

@@ -8,10 +8,11 @@ datasets) first on PYTHONPATH: it must not import qvltune, which needs newer ver
         python benchmarks/llamafactory_run.py RUN.json
 
 RUN.json: {"args": {LLaMA-Factory's training arguments}, "metrics": "steps.jsonl"}. A forward
-pre-hook counts each micro-batch's real (non-pad) tokens, its row x width slots and its samples, from
+pre-hook counts each trained micro-batch's (forwards with gradients: not DPO's reference passes) real (non-pad) tokens, its row x width slots and its samples, from
 the attention mask the model is given (0/1 for padded rows; for neat packing with sdpa, the 4-D
 block-diagonal mask LLaMA-Factory builds: a real token attends to itself, a new sample does not
-attend to the token before it);
+attend to the token before it), and the image patch rows it is given (``pixel_values``: zero on
+steps with images means the peer dropped them and trained on text alone);
 each optimizer step appends one line to the metrics file: step, wall time, and those counts.
 """
 
@@ -35,8 +36,9 @@ class StepTimer(TrainerCallback):
         self.last = None
 
     def _count(self, module, args, kwargs):
-        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        if ids is None:
+        # TRL's DPOTrainer passes input_ids positionally, LLaMA-Factory by name.
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        if ids is None or not torch.is_grad_enabled():  # a DPO reference pass (no grad): its tokens are not trained
             return
         rows = torch.tensor(ids.shape[0], device=ids.device)
         if mask is None:  # nothing padded
@@ -49,7 +51,10 @@ class StepTimer(TrainerCallback):
         else:  # padded rows: 1 = real token
             real, samples = (mask != 0).sum(), rows
         # Summed on the GPU, read once per optimizer step (no per-micro-batch sync).
-        step = torch.stack([real, torch.tensor(ids.numel(), device=ids.device), samples])
+        # Patch rows of the images the model is given: a peer that drops pixel_values trains text only.
+        pixels = kwargs.get("pixel_values")
+        patches = torch.tensor(pixels.shape[0] if pixels is not None else 0, device=ids.device)
+        step = torch.stack([real, torch.tensor(ids.numel(), device=ids.device), samples, patches])
         self.counts = step if self.counts is None else self.counts + step
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -60,9 +65,9 @@ class StepTimer(TrainerCallback):
         self.last = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        counts = self.counts.tolist() if self.counts is not None else [0, 0, 0]  # syncs: the step is done
+        counts = self.counts.tolist() if self.counts is not None else [0, 0, 0, 0]  # syncs: the step is done
         now = time.time()
-        rec = {"step": state.global_step, "seconds": now - self.last, "tokens": counts[0], "slots": counts[1], "samples": counts[2]}
+        rec = {"step": state.global_step, "seconds": now - self.last, "tokens": counts[0], "slots": counts[1], "samples": counts[2], "image_patches": counts[3]}
         if torch.cuda.is_available():
             rec["mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(self.path, "a") as f:
