@@ -72,6 +72,7 @@ def run_trl(spec: dict) -> None:
                              target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj",
                              modules_to_save=spec["modules_to_save"] or None)
     trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**spec["args"]), train_dataset=trl_dataset(Path(spec["data"])), processing_class=processor, peft_config=peft_config, callbacks=[StepTimer(Path(spec["metrics"]))])
+    print(f"trainable params: {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}", flush=True)  # as LLaMA-Factory logs it
     trainer.train()
 
 

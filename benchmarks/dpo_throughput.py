@@ -6,24 +6,36 @@ like that benchmark's SFT mix: images from 352x352 to 1280x960 (10% text-only pa
 to 200 words, chosen and rejected answers each of 8 to 1000 words (log-uniform, independent).
 
 Variants (LoRA r64 on every LLM linear, alpha 128, the vision tower frozen; ``mixed`` also trains
-the projector, which peft keeps beside the adapters; sigmoid loss, beta 0.1; reference = the same
-model with adapters off in all three):
+the merger and the DeepStack mergers whole, which peft keeps beside the adapters (modules_to_save;
+LLaMA-Factory's additional_target); sigmoid loss, beta 0.1; reference = the same model with adapters
+off in all three):
 - qvltune:       `qvltune train` with the config `qvltune init --stage dpo` writes for this model and
                  data on one H200 (packed rows of whole pairs, varlen attention, the fused answer-only
                  DPO head, compile as planned), run for --steps optimizer steps.
 - trl:           TRL 0.24's DPOTrainer (LLaMA-Factory's pinned stack), its defaults: padded chosen +
                  rejected concatenated in one batch, full-vocabulary logits, gradient checkpointing,
-                 per-device batch 4 pairs (benchmarks/dpo_peer_run.py).
+                 per-device batch 4 pairs (benchmarks/dpo_peer_run.py). TRL 0.24 cannot train Qwen3-VL
+                 on these pairs (its vision preprocessing fails on a text-only pair, and on image pairs
+                 it keeps one patch row and no image_grid_thw, so the model's forward fails): the row
+                 records its exception and where it came from.
 - llamafactory:  LLaMA-Factory 0.9.5 ``stage: dpo`` on the same pairs in its sharegpt ranking
                  layout, its defaults (sdpa, gradient checkpointing), per-device batch 4 pairs.
 TRL and LLaMA-Factory run from --llamafactory-site (benchmarks/llamafactory_wheels.sh; trl==0.24.0
-is in that set), each in its own process; a forward pre-hook counts real tokens per step from the
+is in that set), each in its own process; a forward pre-hook counts the real tokens and the image
+patch rows of each trained forward (not the reference's, which runs without gradients) from the
 attention mask (benchmarks/llamafactory_run.py's StepTimer), and pairs = rows / 2.
 
-Reported: pairs/s and real (non-pad) tokens/s over the steps after warm-up, and peak GPU memory.
-The target (issue 19): qvltune >= 2.5x the faster peer's pairs/s at no higher peak memory.
+Reported: pairs/s and real (non-pad) tokens/s over the steps after --warmup, and peak GPU memory; a
+variant that fails is a row with its error, and the table prints even when the call is cut
+(SIGTERM). The target (issue 19): qvltune >= 2.5x the faster peer's pairs/s at no higher peak memory.
 
     python benchmarks/dpo_throughput.py --out $OUT --llamafactory-site /tmp/lfsite [--shapes 2b,8b] [--strategies lora,mixed] [--variants qvltune,trl,llamafactory] [--steps 16]
+
+``--shapes tiny`` is the script's own check on CPU, not a measurement: the built-in tiny model (its
+own fp32 weights), small images and answers of a few words, one process; only what a CPU forces
+differs from the GPU path (fp32, unfused Adam, no compile, no data workers):
+
+    python benchmarks/dpo_throughput.py --out /tmp/dpo-cpu --work /tmp/dpo-cpu --llamafactory-site /tmp/lfsite --shapes tiny --steps 6 --warmup 2 --pairs 64
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -153,6 +166,8 @@ def run_peer(name: str, spec: dict, work: Path, weights: Path, site: Path, log: 
         stats["pairs_per_s"] = stats.pop("samples_per_s") / 2  # rows: chosen and rejected of each pair
     if proc.returncode:
         stats["error"] = last_error(proc.stderr)
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    stats["image_patches"] = sum(r.get("image_patches", 0) for r in recs)  # 0 on image pairs: the peer dropped the images
     return {**row, **stats}
 
 
@@ -193,6 +208,8 @@ def run_variant(variant: str, name: str, shape: str, strategy: str, model: Path,
         row = run_qvltune(name, cfg, args.work, args.out, args.warmup)
         if "samples_per_s" in row:
             row["pairs_per_s"] = row.pop("samples_per_s")  # qvltune counts pairs as the samples of a DPO run
+        if row["exit"]:
+            row["error"] = last_error((args.out / f"{name}.log").read_text())
         return row
     if not args.llamafactory_site:
         raise SystemExit(f"{name}: give --llamafactory-site (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
@@ -226,7 +243,16 @@ def main() -> None:
     if set(variants) - {"qvltune"} and not args.llamafactory_site:
         ap.error("--llamafactory-site is needed for the trl and llamafactory variants (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
+    # A call cut by its time limit (SIGTERM) still prints what finished (results.json has it too).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        run_all(args, shapes, strategies, variants, rows)
+    finally:
+        print("\n" + table(rows), flush=True)
+
+
+def run_all(args: argparse.Namespace, shapes: list[str], strategies: list[str], variants: list[str], rows: list[dict]) -> None:
     for shape in shapes:
         tiny = shape == "tiny"
         data = make_pairs(args.work / ("tiny-data" if tiny else "data"), args.pairs, tiny=tiny)
@@ -243,7 +269,6 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (args.out / "results.json").write_text(json.dumps(rows, indent=2))  # after every run: a cut call keeps what finished
-    print("\n" + table(rows))
 
 
 def table(rows: list[dict]) -> str:
@@ -251,7 +276,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | pairs/s | real tok/s | peak GiB | wall s | exit |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "pairs_per_s" in r:
-            lines.append(f"| {r['variant']} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {r.get('mem_peak_gb') or 0:.1f} | {r['wall_s']} | {r['exit']} |")
+            name = r["variant"] + (" (no image reached the model)" if r.get("image_patches") == 0 else "")
+            lines.append(f"| {name} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {r.get('mem_peak_gb') or 0:.1f} | {r['wall_s']} | {r['exit']} |")
         else:
             lines.append(f"| {r['variant']} | failed: {str(r.get('error', '?'))[:160]} | | | {r['wall_s']} | {r['exit']} |")
     return "\n".join(lines)

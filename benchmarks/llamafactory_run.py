@@ -8,12 +8,13 @@ datasets) first on PYTHONPATH: it must not import qvltune, which needs newer ver
         python benchmarks/llamafactory_run.py RUN.json
 
 RUN.json: {"args": {LLaMA-Factory's training arguments}, "metrics": "steps.jsonl"}. A forward
-pre-hook counts each trained micro-batch's (forwards with gradients: not DPO's reference passes) real (non-pad) tokens, its row x width slots and its samples, from
-the attention mask the model is given (0/1 for padded rows; for neat packing with sdpa, the 4-D
-block-diagonal mask LLaMA-Factory builds: a real token attends to itself, a new sample does not
-attend to the token before it), and the image patch rows it is given (``pixel_values``: zero on
-steps with images means the peer dropped them and trained on text alone);
-each optimizer step appends one line to the metrics file: step, wall time, and those counts.
+pre-hook counts, for each trained micro-batch (a forward with gradients: not a DPO reference pass),
+its real (non-pad) tokens, its row x width slots and its samples, from the attention mask the model
+is given (0/1 for padded rows; for neat packing with sdpa, the 4-D block-diagonal mask LLaMA-Factory
+builds: a real token attends to itself, a new sample does not attend to the token before it), and the
+image patch rows it is given (``pixel_values``: none on image data means the images never reached
+the model); each optimizer step appends one line to the metrics file: step, wall time, and those
+counts.
 """
 
 from __future__ import annotations

@@ -176,10 +176,45 @@ def test_dpo_benchmark_runs_the_planners_dpo_config_and_peers_on_the_same_pairs(
     cfg = parse_config(bench.qvltune_config("q", model, data, tmp_path, "mixed", 6, 32))
     assert cfg.stage == "dpo" and cfg.preference().reference == "adapter_off" and cfg.data.packing
     assert cfg.optim.learning_rate < 1e-4  # the planner's DPO rate
-    lf = bench.peer_spec("llamafactory", tmp_path / "w", data, tmp_path / "runs" / "lf", "mixed", 6, (1, 2), 4096)
+    lf = bench.peer_spec("llamafactory", model, data, tmp_path / "runs" / "lf", "mixed", 6, (1, 2), 4096)
     assert lf["args"]["stage"] == "dpo" and lf["args"]["pref_beta"] == cfg.preference().beta
-    trl = bench.peer_spec("trl", tmp_path / "w", data, tmp_path / "runs" / "trl", "mixed", 6, (1, 2), 4096)
+    # mixed trains what qvltune's mixed trains beside LoRA: the merger and the three DeepStack mergers
+    # (with LoRA, LLaMA-Factory trains the projector only as an additional_target)
+    beside = ["merger", "deepstack_merger_list.0", "deepstack_merger_list.1", "deepstack_merger_list.2"]
+    assert lf["args"]["additional_target"] == ",".join(beside)
+    assert bench.peer_spec("llamafactory", model, data, tmp_path / "runs" / "lf", "lora", 6, (1, 2), 4096)["args"]["additional_target"] is None
+    trl = bench.peer_spec("trl", model, data, tmp_path / "runs" / "trl", "mixed", 6, (1, 2), 4096)
     assert trl["args"]["beta"] == cfg.preference().beta and trl["args"]["loss_type"] == "sigmoid"
+    assert trl["modules_to_save"] == beside and trl["args"]["remove_unused_columns"] is False  # else TRL drops pixel_values
+    # the CPU check changes only what a CPU forces
+    cpu = bench.peer_spec("trl", model, data, tmp_path / "runs" / "trl", "mixed", 6, (1, 2), 4096, cpu=True)
+    assert {k for k in cpu["args"] if cpu["args"][k] != trl["args"][k]} == {"bf16", "dataloader_num_workers"} and cpu["dtype"] == "float32"
+
+
+def test_dpo_benchmark_table_shows_each_failed_variants_error():
+    """A peer that fails is a row with its exception and where it came from, and the table still prints."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import dpo_throughput as bench
+
+    log = """Map: 100%|##| 52/52
+Traceback (most recent call last):
+  File "/tmp/lfsite/trl/trainer/dpo_trainer.py", line 762, in process_row
+    processed_features = processor(images=features["images"], text=features["prompt"])
+  File "/tmp/lfsite/transformers/image_transforms.py", line 974, in _get_device_from_images
+    return images[0].device
+           ~~~~~~^^^
+IndexError: list index out of range
+"""
+    error = bench.last_error(log)
+    assert error == "IndexError: list index out of range (lfsite/transformers/image_transforms.py:974, from trl/trainer/dpo_trainer.py:762)"
+    rows = [{"variant": "2b-lora-dpo-trl", "wall_s": 5.0, "exit": 1, "error": error},
+            {"variant": "2b-lora-dpo-llamafactory", "wall_s": 60.0, "exit": 0, "pairs_per_s": 1.5, "tokens_per_s": 3000.0, "mem_peak_gb": 20.0, "image_patches": 0}]
+    text = bench.table(rows)
+    assert "| 2b-lora-dpo-trl | failed: IndexError: list index out of range (lfsite/" in text
+    assert "| 2b-lora-dpo-llamafactory (no image reached the model) | 1.50 | 3,000 | 20.0 | 60.0 | 0 |" in text
 
 
 def test_init_plans_dpo_for_preference_data_and_starts_from_a_run(tmp_path, pref_data, monkeypatch):
