@@ -102,14 +102,19 @@ def test_llamafactory_step_counts_real_tokens_and_samples(tmp_path, bench_inputs
 
     timer = lf.StepTimer(tmp_path / "steps.jsonl")
     timer._count(None, (), {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])})
-    assert timer.counts.tolist() == [5, 8, 2]
+    assert timer.counts.tolist() == [5, 8, 2, 0]  # real tokens, slots, samples, image patch rows
+    # TRL passes input_ids positionally; a DPO reference pass (no gradients) is not a trained batch.
+    timer._count(None, (torch.zeros(2, 4, dtype=torch.long),), {"attention_mask": torch.ones(2, 4), "pixel_values": torch.zeros(16, 1536)})
+    with torch.no_grad():
+        timer._count(None, (torch.zeros(2, 4, dtype=torch.long),), {"attention_mask": torch.ones(2, 4), "pixel_values": torch.zeros(16, 1536)})
+    assert timer.counts.tolist() == [13, 16, 4, 16]
     # Row [sample 1 x2, sample 2 x3, pad], as LLaMA-Factory's prepare_4d_attention_mask builds it.
     idx = torch.tensor([[1, 1, 2, 2, 2, 0]])
     allowed = (idx[:, None, :, None] == idx[:, None, None, :]) & (idx != 0)[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool).tril()
     mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
     timer.counts = None
     timer._count(None, (), {"input_ids": torch.zeros(1, 6, dtype=torch.long), "attention_mask": mask})
-    assert timer.counts.tolist() == [5, 6, 2]
+    assert timer.counts.tolist() == [5, 6, 2, 0]
 
     model, _, _ = bench_inputs
     steps = tmp_path / "s.jsonl"
