@@ -23,6 +23,12 @@ Variants (the stage, ZeRO-3 settings and compile forced on the planner's config;
 - z3-defaults: ZeRO-3 with the Trainer's "auto" values written out (prefetch 0.9 x hidden^2,
                persistence 10 x hidden, reduce bucket hidden^2), eager: qvltune's ZeRO-3 before.
 
+Rows: the planner fills one H200 under ZeRO-2, often with activations not checkpointed (2B mixed:
+32,768-token rows, 131 GiB); ZeRO-3's gather buffers do not fit beside such a row. So by default
+(`--checkpointing on`) every variant checkpoints activations at the planner's rows: the same rows
+and the same recomputation in both stages, only ZeRO's machinery differs. `--checkpointing planned`
+keeps the planner's choice.
+
 Each run: `--steps` optimizer steps, logged every 2; real tokens/s and step time averaged over the
 steps after the warm-up (--warmup, which also leaves out the compilation). Peak memory is rank 0's
 `torch.cuda.max_memory_allocated`. `--profile` profiles one optimizer step of each ZeRO-3 variant
@@ -121,8 +127,9 @@ def trainer_defaults(hidden: int) -> dict[str, Any]:
     return {"prefetch_bucket_size": int(0.9 * hidden * hidden), "param_persistence_threshold": 10 * hidden, "max_live_parameters": live, "max_reuse_distance": live, "reduce_bucket_size": hidden * hidden, "overlap_comm": True}
 
 
-def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, strategy: str, steps: int, profile: bool, effective_batch: int) -> dict:
-    """The planner's config for one H200 with ``variant``'s stage, ZeRO-3 settings and compile."""
+def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, strategy: str, steps: int, profile: bool, effective_batch: int, checkpointing: str = "on") -> dict:
+    """The planner's config for one H200 with ``variant``'s stage, ZeRO-3 settings and compile;
+    ``checkpointing="on"`` checkpoints activations in every variant (see the module's docstring)."""
     from qvltune.config import parse_config
     from qvltune.estimate import model_stats, resolve_model_config
     from qvltune.zero import Zero3Sizes, zero3_tuning
@@ -139,6 +146,8 @@ def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, st
         doc["model"]["random_init"] = False
     if variant.endswith(("-eager", "-defaults")) or cpu:  # z2 and z3 keep the planner's choice on GPUs (compiled)
         doc["optim"]["compile"] = False
+    if checkpointing == "on":
+        doc["optim"]["gradient_checkpointing"] = True
     doc["deepspeed"] = {"stage": stage, "offload_optimizer": False, "offload_params": False}
     if stage == 3:
         stats = model_stats(resolve_model_config(str(model))[0])
@@ -281,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--effective-batch", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="profile one step of each ZeRO-3 variant, grouped")
+    ap.add_argument("--checkpointing", choices=("on", "planned"), default="on", help="on: every variant checkpoints activations (rows both stages fit); planned: the planner's choice")
     ap.add_argument("--rerun", action="store_true", help="repeat runs already in --work/results.json")
     args = ap.parse_args(argv)
     for s in args.shapes.split(","):
@@ -308,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{shape}-{variant}"
             if name in done and not args.rerun and done[name].get("tokens_per_s") is not None:
                 continue
-            doc = variant_doc(name, variant, model, data, args.work, strategy, args.steps, args.profile, args.effective_batch)
+            doc = variant_doc(name, variant, model, data, args.work, strategy, args.steps, args.profile, args.effective_batch, args.checkpointing)
             run = gt.run_qvltune(name, doc, args.work, args.out)
             o = doc["optim"]
             row = {

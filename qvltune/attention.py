@@ -58,15 +58,22 @@ def _per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
     return out
 
 
-_GQA_KWARG: bool | None = None
+def _varlen_takes_gqa() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch without varlen attention: the CPU path never calls _fused
+        return False
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+# Read once at import: set lazily inside the first compiled call, this global changed under dynamo's
+# guard and made every compiled decoder layer compile a second time (seen in TORCH_LOGS=recompiles).
+_GQA_KWARG = _varlen_takes_gqa()
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    global _GQA_KWARG
-    if _GQA_KWARG is None:
-        _GQA_KWARG = "enable_gqa" in inspect.signature(varlen_attn).parameters
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and not _GQA_KWARG:  # torch 2.10/2.11: no GQA support, repeat the KV heads
         k = k.repeat_interleave(groups, dim=1)

@@ -57,6 +57,15 @@ def deepspeed_config(cfg: RunConfig, stats: ModelStats | None = None) -> dict[st
                 "stage3_gather_16bit_weights_on_model_save": True,
             }
         )
+        if o.compile:
+            # DeepSpeed's ZeRO-3 swaps torch.nn.functional.linear for its own autograd Function,
+            # whose backward reads each weight's integer `ds_id`. Traced into a compiled decoder
+            # layer, that became a guard per layer: every layer compiled its own graph, dynamo hit
+            # its recompile limit at the 9th, and the rest ran eagerly in the checkpoint's recompute
+            # but compiled in the forward ("recomputed metadata" mismatch; H200, RESULTS.md). With
+            # the plain linear all layers share one graph, as under ZeRO-2; each leaf block is
+            # gathered whole before its backward anyway (`zero3_leaf_blocks`).
+            zero["memory_efficient_linear"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:

@@ -130,3 +130,17 @@ def test_the_estimator_counts_the_reduce_bucket_zero3_allocates():
         bucket = deepspeed_config(cfg, stats)["zero_optimization"]["reduce_bucket_size"]
         terms = {t.name: t.bytes for t in estimate(cfg, stats, two).gpu_terms}
         assert terms["gradient buckets"] == 2 * bucket and bucket == (zero3 or {"reduce_bucket_size": stats.layer_params})["reduce_bucket_size"]
+
+
+def test_compiled_zero3_keeps_the_plain_linear():
+    """With compiled layers, ZeRO-3's JSON turns off DeepSpeed's replacement of
+    ``torch.nn.functional.linear`` (its backward reads each weight's ``ds_id``, which dynamo turned
+    into one graph per layer); DeepSpeed's own config parser must read the key as written."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    doc = {"name": "x", "model": {"path": "Qwen/Qwen3-VL-2B-Instruct"}, "data": {"train": "t.jsonl"}, "strategy": "mixed", "deepspeed": {"stage": 3}}
+    stats = model_stats(builtin_config("2B"))
+    compiled = deepspeed_config(parse_config({**doc, "optim": {"compile": True}}), stats)["zero_optimization"]
+    eager = deepspeed_config(parse_config(doc), stats)["zero_optimization"]
+    assert DeepSpeedZeroConfig(**compiled).memory_efficient_linear is False
+    assert DeepSpeedZeroConfig(**eager).memory_efficient_linear is True  # DeepSpeed's default kept when eager

@@ -204,10 +204,11 @@ def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, un
 
 
 def compile_layers(zero3: bool = False) -> Reason:
+    if zero3:
+        return Reason("not yet under ZeRO-3", "compiled decoder layers have not yet completed a ZeRO-3 run on a GPU (the first one failed in the "
+                      "activation checkpoint's recompute; see benchmarks/RESULTS.md): layers run eagerly; `optim.compile: true` tries it")
     why = ("torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step; "
            "later runs and resumes reuse it from the compile cache in ~/.cache/qvltune/compile)")
-    if zero3:
-        why += "; under ZeRO-3 each layer's forward is compiled and DeepSpeed's gather/release hooks run eagerly around it"
     return Reason("fused kernels; ~1 min at step 1", why)
 
 

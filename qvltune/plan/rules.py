@@ -197,12 +197,14 @@ def choose_max_seq_length(answers: Answers, data: DatasetSummary | None) -> tupl
     return seq, how == "p99", reasons.max_seq_length(seq, how=how, longest=longest, p99=p99).why
 
 
-def compiles(machine: Machine) -> bool:
-    """torch.compile the decoder layers on bf16-capable GPUs: it fuses the element-wise kernels that
-    leave the step launch-bound (benchmarks/RESULTS.md). Under ZeRO-3 too: there only each layer's
-    forward is compiled and DeepSpeed's gather/release hooks run eagerly around it
-    (``worker.compile_blocks``). Not on CPU (the compile would outlast a small run)."""
-    return not machine.is_cpu and machine.bf16
+def compiles(machine: Machine, stage: int) -> bool:
+    """torch.compile the decoder layers on bf16-capable GPUs under ZeRO-0..2: it fuses the
+    element-wise kernels that leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the
+    compile would outlast a small run). Not planned under ZeRO-3: the first compiled ZeRO-3 run on
+    an H200 failed in the checkpoint's recompute (one graph per layer through DeepSpeed's linear;
+    `zero.deepspeed_config` now removes that cause), and a plan only holds what has run; set
+    `optim.compile: true` to try it."""
+    return not machine.is_cpu and machine.bf16 and stage != 3
 
 
 def unit_of(machine: Machine) -> str:
