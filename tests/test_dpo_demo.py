@@ -13,29 +13,35 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def row(text: str, label: str) -> tuple[float, float | None]:
+def row(text: str, label: str) -> tuple[float | None, float]:
+    """A row of the demo's before/after table: (SFT, DPO) in percent ("-" for no SFT figure)."""
     m = re.search(re.escape(label) + r"[^│]*│\s+([\d.]+%|-)\s+│\s+([\d.]+)%", text)
     assert m, (label, text[-2500:])
     before = None if m.group(1) == "-" else float(m.group(1).rstrip("%"))
     return before, float(m.group(2))
 
 
-# Not yet a promise kept, and 8 minutes of this CI's time: run it with QVLTUNE_DPO_DEMO=1. Measured
-# (600 SFT records, 320 pairs, 81 steps): held-out preference accuracy 17.5% -> 77.5%, reward accuracy
-# 80%, but greedy answers reach "it is" without the colour: after a space the colour is a token SFT
-# never trained (" red" vs "red"); a colour-first phrasing is the next step.
-@pytest.mark.skipif(os.environ.get("QVLTUNE_DPO_DEMO") != "1", reason="the DPO demo does not yet move the answers (see the comment); QVLTUNE_DPO_DEMO=1 runs it")
-def test_dpo_demo_moves_answers_to_the_preferred_ones(tmp_path):
-    # Small: the SFT demo on 600 records (trained first, in the same command), 320 pairs for DPO.
-    args = ["--out", str(tmp_path / "demo"), "--no-live", "--train-samples", "600", "--eval-samples", "40", "--pairs", "320", "--eval-pairs", "40"]
+def test_dpo_demo_moves_answers_to_the_preferred_ones(sft_demo):
+    # Starts from the SFT demo's model that test_demo.py's run left (conftest.py), so only the DPO
+    # stage runs here: the demo's own pair counts, at about two minutes on 2 cores.
+    out, sft = sft_demo
+    assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
+    args = ["--out", str(out), "--no-live"]
     result = subprocess.run([sys.executable, "-m", "qvltune", "demo", "--stage", "dpo", *args], capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "no SFT demo model" in out  # it trained the SFT model first
-    phrasing_before, phrasing_after = row(out, "answers in the preferred phrasing")
-    assert phrasing_before == 0.0 and phrasing_after >= 50.0, out[-2500:]
-    pref_before, pref_after = row(out, "preference accuracy")
-    assert pref_after >= pref_before + 30.0, out[-2500:]
-    _, reward = row(out, "reward accuracy")
-    assert reward >= 80.0, out[-2500:]
-    assert (tmp_path / "demo" / "runs" / "demo-dpo" / "final" / "model.safetensors").exists()
+    text = result.stdout
+    assert "starting from the SFT demo's model" in text, text[-2500:]
+    # Generation: SFT answers with the bare colour, never the phrasing; after DPO most answers are
+    # the preferred phrasing with the right colour (exact match), and the colour is kept.
+    phrasing_before, phrasing_after = row(text, "answers in the preferred phrasing")
+    assert phrasing_before == 0.0 and phrasing_after >= 70.0, text[-2500:]
+    bare_before, bare_after = row(text, "answers as SFT taught (bare colour)")
+    assert bare_before >= 70.0 and bare_after <= 10.0, text[-2500:]
+    _, colour_after = row(text, "right colour, any phrasing")
+    assert colour_after >= 70.0, text[-2500:]
+    # Scores: the SFT model loses every style pair (it prefers its bare answer), DPO wins most pairs.
+    pref_before, pref_after = row(text, "preference accuracy")
+    assert pref_before <= 60.0 and pref_after >= pref_before + 30.0, text[-2500:]
+    _, reward = row(text, "reward accuracy")
+    assert reward >= 80.0, text[-2500:]
+    assert (out / "runs" / "demo-dpo" / "final" / "model.safetensors").exists()
