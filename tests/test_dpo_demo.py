@@ -23,7 +23,7 @@ def row(text: str, label: str) -> tuple[float | None, float]:
 
 def test_dpo_demo_moves_answers_to_the_preferred_ones(sft_demo):
     # Starts from the SFT demo's model that test_demo.py's run left (conftest.py), so only the DPO
-    # stage runs here: the demo's own pair counts, at about two minutes on 2 cores.
+    # stage runs here, at the demo's own size (160 pairs, 60 held out): under a minute on 2 cores.
     out, sft = sft_demo
     assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
     args = ["--out", str(out), "--no-live"]
@@ -34,14 +34,15 @@ def test_dpo_demo_moves_answers_to_the_preferred_ones(sft_demo):
     # Generation: SFT answers with the bare colour, never the phrasing; after DPO most answers are
     # the preferred phrasing with the right colour (exact match), and the colour is kept.
     phrasing_before, phrasing_after = row(text, "answers in the preferred phrasing")
-    assert phrasing_before == 0.0 and phrasing_after >= 70.0, text[-2500:]
+    assert phrasing_before == 0.0 and phrasing_after >= 75.0, text[-2500:]
     bare_before, bare_after = row(text, "answers as SFT taught (bare colour)")
-    assert bare_before >= 70.0 and bare_after <= 10.0, text[-2500:]
+    assert bare_before >= 80.0 and bare_after <= 10.0, text[-2500:]
     _, colour_after = row(text, "right colour, any phrasing")
-    assert colour_after >= 70.0, text[-2500:]
-    # Scores: the SFT model loses every style pair (it prefers its bare answer), DPO wins most pairs.
+    assert colour_after >= 80.0, text[-2500:]
+    # Scores: the SFT model loses the style pairs (half of them: it prefers its bare answer) and wins
+    # the colour pairs; DPO wins nearly all, and by its own reward against the SFT model too.
     pref_before, pref_after = row(text, "preference accuracy")
-    assert pref_before <= 60.0 and pref_after >= pref_before + 30.0, text[-2500:]
+    assert pref_before <= 60.0 and pref_after >= max(85.0, pref_before + 30.0), text[-2500:]
     _, reward = row(text, "reward accuracy")
     assert reward >= 80.0, text[-2500:]
     assert (out / "runs" / "demo-dpo" / "final" / "model.safetensors").exists()
