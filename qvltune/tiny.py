@@ -346,7 +346,7 @@ def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: 
 # leading space; the tiny tokenizer splits the answer into red / it / is / .), so DPO only has to
 # learn to go on after it instead of stopping. Measured on the demo: colour last ("it is red.")
 # puts the colour after a space, " red", a token SFT never trained, and generation lost the colour
-# ("it isit is"); "red is the colour." often looped on " the" after the same training.
+# ("it isit is"); "red is the colour." looped on " the" ("red is the the the") after as much training.
 PREFERRED_ANSWER = "{colour} it is."
 
 
@@ -355,7 +355,7 @@ def preferred(colour: str) -> str:
 
 
 def colours_in(answer: str) -> list[str]:
-    """The demo's colour words in an answer, in order ("red is the colour." -> ["red"])."""
+    """The demo's colour words in an answer, in order ("red it is." -> ["red"])."""
     return [w for w in re.findall(r"[a-z]+", answer.lower()) if w in COLOURS]
 
 

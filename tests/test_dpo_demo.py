@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from qvltune.tiny import make_preference_dataset
+
 
 
 def row(text: str, label: str) -> tuple[float | None, float]:
@@ -21,6 +22,23 @@ def row(text: str, label: str) -> tuple[float | None, float]:
     return before, float(m.group(2))
 
 
+def test_scores_read_the_generated_answers(tmp_path):
+    """The demo's generation rows: exact preferred phrasing, the SFT demo's bare colour, and the
+    right colour first in whatever phrasing (held-out pairs as the demo makes them)."""
+    from qvltune.preference.data import load_pairs
+    from qvltune.preference.demo import scores
+    from qvltune.preference.evaluate import PreferenceReport
+    from qvltune.tiny import colours_in
+
+    pairs = load_pairs(str(make_preference_dataset(tmp_path, 2, 4)[1]))
+    right = [colours_in(p.chosen.messages[-1].text())[0] for p in pairs]
+    wrong = [next(c for c in ("red", "blue") if c != r) for r in right]
+    answers = {0: f"{right[0].capitalize()} it is.", 1: right[1], 2: f"{wrong[2]} it is.", 3: "it isit is"}
+    got = scores(PreferenceReport(4, 0.0, 0.0, answers=answers), pairs)
+    assert got == {"preferred": 0.25, "bare": 0.25, "colour": 0.5}
+
+
+@pytest.mark.slow
 def test_dpo_demo_moves_answers_to_the_preferred_ones(sft_demo):
     # Starts from the SFT demo's model that test_demo.py's run left (conftest.py), so only the DPO
     # stage runs here, at the demo's own size (160 pairs, 60 held out): under a minute on 2 cores.
