@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -340,20 +341,29 @@ def make_demo_dataset(dest: Path, n_train: int = 3000, n_eval: int = 300, seed: 
 # ----------------------------------------------------------------------------------------------
 # The preference task (``qvltune demo --stage dpo``)
 
-# The phrasing preferred over the SFT demo's bare colour: something SFT never taught (lower case:
-# the tiny tokenizer's corpus has "it is" as words).
-PREFERRED_ANSWER = "it is {colour}."
+# The phrasing preferred over the SFT demo's bare colour: something SFT never taught, colour first
+# ("red it is.", as in "Red it is!"). The colour is then the very token SFT trained ("red", no
+# leading space; the tiny tokenizer splits the answer into red / it / is / .), so DPO only has to
+# learn to go on after it instead of stopping. Measured on the demo: colour last ("it is red.")
+# puts the colour after a space, " red", a token SFT never trained, and generation lost the colour
+# ("it isit is"); "red is the colour." looped on " the" ("red is the the the") after as much training.
+PREFERRED_ANSWER = "{colour} it is."
 
 
 def preferred(colour: str) -> str:
     return PREFERRED_ANSWER.format(colour=colour)
 
 
+def colours_in(answer: str) -> list[str]:
+    """The demo's colour words in an answer, in order ("red it is." -> ["red"])."""
+    return [w for w in re.findall(r"[a-z]+", answer.lower()) if w in COLOURS]
+
+
 def make_preference_dataset(dest: Path, n_train: int = 1000, n_eval: int = 100, seed: int = 7) -> tuple[Path, Path]:
     """``pref_train.jsonl`` and ``pref_eval.jsonl`` (LLaMA-Factory's preference layout) on new images
     drawn like the SFT demo's, in ``dest/images``.
 
-    Every pair prefers the right colour in the fixed phrasing ``it is <colour>.``; the rejected answer
+    Every pair prefers the right colour in the fixed phrasing ``<colour> it is.``; the rejected answer
     alternates between the SFT demo's own bare answer (the right colour: a style preference SFT never
     taught) and the same phrasing with a plausible wrong colour (the other colour in the picture:
     the background's for the shape question and the shape's for the background question)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,16 @@ def demo_data(tmp_path_factory) -> tuple[Path, Path]:
     from qvltune.tiny import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=64, n_eval=16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sft_demo(_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``qvltune demo`` (the SFT demo at its default size), run once per session: test_demo.py holds
+    it to its accuracy, and test_dpo_demo.py preference-tunes the model it leaves in
+    ``runs/demo/final`` instead of training a second one (about three minutes saved on 2 cores)."""
+    out = tmp_path_factory.mktemp("sft-demo") / "demo"
+    result = subprocess.run([sys.executable, "-m", "qvltune", "demo", "--out", str(out), "--no-live"], capture_output=True, text=True, timeout=900)
+    return out, result
 
 
 @pytest.fixture(scope="session")

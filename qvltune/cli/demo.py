@@ -54,8 +54,8 @@ def command(
     grounding_every: int = typer.Option(6, "--grounding-every", min=0, help="Every Nth record asks for the shape's box (0: colour questions only)."),
     no_live: bool = typer.Option(False, "--no-live", help="Plain log lines instead of the live panel."),
     stage: str = typer.Option("sft", "--stage", metavar="sft|dpo", help="dpo: preference-tune the SFT demo's model (trained first when missing) and show held-out preferences before and after."),
-    pairs: int = typer.Option(600, "--pairs", min=2, help="--stage dpo: preference pairs to train on."),
-    eval_pairs: int = typer.Option(100, "--eval-pairs", min=1, help="--stage dpo: held-out preference pairs."),
+    pairs: int = typer.Option(160, "--pairs", min=2, help="--stage dpo: preference pairs to train on."),
+    eval_pairs: int = typer.Option(60, "--eval-pairs", min=1, help="--stage dpo: held-out preference pairs."),
 ) -> int:
     """Train the tiny Qwen3-VL on a synthetic colour and grounding task and show held-out scores before and after."""
     if stage not in ("sft", "dpo"):

@@ -2,9 +2,9 @@
 
 The SFT demo teaches the tiny model to answer a colour question with the bare colour ("red"). The
 preference set (``qvltune.tiny.make_preference_dataset``, new images drawn the same way) prefers
-the right colour in a phrasing SFT never taught ("It is red.") over the bare answer, and over the
-same phrasing with the other colour of the picture. Before and after: preference accuracy on the
-held-out pairs, and what the model generates.
+the right colour in a phrasing SFT never taught ("red it is.") over the bare answer, and over the
+same phrasing with the other colour of the picture ("orange it is."). Before and after: preference
+accuracy on the held-out pairs, DPO's reward accuracy, and what the model generates.
 """
 
 from __future__ import annotations
@@ -20,12 +20,23 @@ from qvltune.errors import UserError
 
 
 def dpo_demo_config(out: Path, sft_final: Path, train: Path, evals: Path, gpus: list) -> dict:
-    """Full fine-tuning of the tiny SFT model (nothing to switch off, so the reference log-probs are
-    precomputed once), beta 0.1, three epochs over the pairs in batches of 4. The preferred phrasing is far from
-    anything the SFT model generates (log p of its first token about -12), where DPO alone raises
-    the chosen answers' rewards mostly by lowering everything else (measured: generation degraded
-    to noise at lr 2e-4): rpo_alpha 1 adds the chosen answers' cross-entropy. lr 1e-3, the SFT
-    demo's scale (at 1e-4 the phrasing did not move in two epochs: measured)."""
+    """Full fine-tuning of the tiny SFT model's language model (nothing to switch off, so the
+    reference log-probs are precomputed once): three epochs of batches of 2 packed rows (about 6
+    pairs), lr 1e-3, beta 0.5, rpo_alpha 1. What the choices rest on, measured on the 2-core CPU:
+
+    - rpo_alpha 1 adds the chosen answers' cross-entropy: the phrasing's tokens after the colour
+      start far below anything the SFT model says, where DPO alone raises the chosen rewards by
+      lowering everything else (without it: 0% of answers in the phrasing, the colour right in
+      77.5% of them, down from 97.5%);
+    - beta 0.5 rather than 0.1: the pairs that differ only in the colour need DPO's own push (the
+      cross-entropy raises both answers' shared phrasing); at 0.1 DPO's reward won 72.5% of the
+      held-out pairs, against 85% at 0.5;
+    - the merger and DeepStack mergers frozen: the preference is about the language, and trained
+      they let the colours drift (the right colour in 78-88% of the answers on 60 held-out pairs,
+      two seeds, against 92-93% frozen);
+    - lr 1e-3, not the SFT demo's 2e-3 (which broke the colours), in batches of 2 rows rather than
+      4 for enough steps to finish the phrasing (30 steps of 4 rows left "red is the the ...",
+      on an earlier, longer phrasing)."""
     bf16 = bool(gpus) and all(g.bf16 for g in gpus)
     return {
         "name": "demo-dpo",
@@ -34,9 +45,10 @@ def dpo_demo_config(out: Path, sft_final: Path, train: Path, evals: Path, gpus: 
         "model": {"path": str(sft_final)},
         "data": {"train": str(train), "eval": str(evals), "max_seq_length": 256, "num_workers": 1, "packing": True},
         "strategy": "full",
-        "dpo": {"beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 1.0, "reference": "precomputed"},
+        "components": {"merger": "frozen", "deepstack": "frozen"},
+        "dpo": {"beta": 0.5, "loss": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 1.0, "reference": "precomputed"},
         "optim": {
-            "learning_rate": 1e-3, "warmup_ratio": 0.1, "per_device_batch": 4, "grad_accum": 1, "epochs": 3, "bf16": bf16,
+            "learning_rate": 1e-3, "warmup_ratio": 0.1, "per_device_batch": 2, "grad_accum": 1, "epochs": 3, "bf16": bf16,
             "optimizer": "adamw_torch_fused" if gpus else "adamw_torch", "gradient_checkpointing": False, "seed": 0,
         },
         "schedule": {"log_steps": 5, "eval_steps": 25, "save_steps": 50, "save_total_limit": 1},
@@ -47,14 +59,16 @@ def dpo_demo_config(out: Path, sft_final: Path, train: Path, evals: Path, gpus: 
 
 def scores(report, pairs) -> dict[str, float]:
     """What the model generates on the held-out pairs: the preferred phrasing with the right colour,
-    the SFT demo's bare answer, and the right colour in any phrasing."""
+    the SFT demo's bare answer, and the right colour first in any phrasing."""
+    from qvltune.infer import normalise
+    from qvltune.tiny import colours_in
+
     n = max(1, len(report.answers))
-    right = lambda i: pairs[i].chosen.messages[-1].text().split()[-1].rstrip(".").lower()  # noqa: E731
-    got = {i: a.strip().lower().rstrip(".") for i, a in report.answers.items()}
+    right = {i: colours_in(pairs[i].chosen.messages[-1].text())[0] for i in report.answers}
     return {
-        "preferred": sum(got[i] == pairs[i].chosen.messages[-1].text().lower().rstrip(".") for i in got) / n,
-        "bare": sum(got[i] == right(i) for i in got) / n,
-        "colour": sum(right(i) in got[i].split() for i in got) / n,
+        "preferred": sum(normalise(a) == normalise(pairs[i].chosen.messages[-1].text()) for i, a in report.answers.items()) / n,
+        "bare": sum(normalise(a) == right[i] for i, a in report.answers.items()) / n,
+        "colour": sum(colours_in(a)[:1] == [right[i]] for i, a in report.answers.items()) / n,
     }
 
 
