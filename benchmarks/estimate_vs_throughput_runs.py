@@ -93,7 +93,7 @@ def main() -> None:
         doc["optim"]["compile"] = compiled
         gpus, stage, offload = mg.VARIANTS[name]
         print(row(f"2B mixed, 16k rows, {gpus} GPU{'s' if gpus > 1 else ''}, ZeRO-{stage}{' + offload' if offload else ''}, {label}", mg.predicted_gib(doc, model, gpus), measured))
-    print(f"\n| 8,192 tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
+    print("\n| 8,192 tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
     for shape, strategy in (("2b", "mixed"), ("2b", "full"), ("8b", "mixed")):
         model = gt.make_model_folder(WORK / f"model-{shape}", shape)
         stats = model_stats(json.loads((model / "config.json").read_text()))

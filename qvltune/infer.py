@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
 from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from qvltune.data.boxes import first_box, iou

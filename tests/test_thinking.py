@@ -5,14 +5,12 @@ answer in the context the template gives it when it is the last turn."""
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from conftest import write_image, write_jsonl
 from qvltune.data.formats import RawItem, parse_record
-from qvltune.data.tokenize import IGNORE_INDEX, Encoder, render_segments
+from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 
 # Written from the behaviour documented for the Qwen3 / Qwen3-VL Thinking chat templates: the index of
 # the last user turn is found first; an assistant turn after it is rendered with its reasoning

@@ -149,7 +149,7 @@ def _init(o: SimpleNamespace) -> int:
 
     from qvltune.cli.estimate import dataset_summary, load_stats
 
-    with console.status(f"reading the model's config and the dataset's token counts"):
+    with console.status("reading the model's config and the dataset's token counts"):
         stats, source = load_stats(answers.model)
         lo, hi, _ = pixel_budget(answers)
         summary = dataset_summary(answers.data, answers.image_root, lo, hi)
