@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -51,37 +50,29 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_throughput import SHAPES, WORDS, make_model_folder, run_qvltune, summarise_steps, write_weights  # noqa: E402
+from gpu_throughput import IMAGE_SIZES, SHAPES, make_model_folder, peer_env, planned_doc, run_qvltune, save_image, summarise_steps, words, write_weights  # noqa: E402
 
 BETA = 0.1
 VARIANTS = ["qvltune", "trl", "llamafactory"]
 PEER_PAIRS = 4  # pairs per device batch for the peers (their padded batches)
 
 
-def words(rng: random.Random, lo: int, hi: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(int(lo * (hi / lo) ** rng.random())))
-
-
 def make_pairs(dest: Path, n: int, seed: int = 0, tiny: bool = False) -> Path:
     """``pairs.jsonl`` in LLaMA-Factory's preference layout (qvltune reads it as is). ``tiny``: the CPU
     check's mix, small images and prompts and answers of a few words, so a step takes seconds."""
-    from PIL import Image
-
     path = dest / "pairs.jsonl"
     if path.exists():
         return path
     rng = random.Random(seed)
     (dest / "images").mkdir(parents=True, exist_ok=True)
-    sizes = [(64, 64), (96, 64), (64, 96), (128, 96)] if tiny else [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960), (480, 640), (960, 1280)]
+    sizes = [(64, 64), (96, 64), (64, 96), (128, 96)] if tiny else IMAGE_SIZES
     prompt, answer = ((4, 20), (4, 24)) if tiny else ((10, 200), (8, 1000))
     with open(path, "w") as f:
         for i in range(n):
             question = words(rng, *prompt)
             record = {"conversations": [{"from": "human", "value": question}], "chosen": {"from": "gpt", "value": words(rng, *answer)}, "rejected": {"from": "gpt", "value": words(rng, *answer)}}
             if rng.random() >= 0.1:
-                w, h = rng.choice(sizes)
-                name = f"images/{i:05d}.jpg"
-                Image.new("RGB", (w, h), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(dest / name, quality=80)
+                name = save_image(rng, dest, i, sizes)
                 record["conversations"][0]["value"] = "<image>\n" + question
                 record["images"] = [str((dest / name).resolve())]
             f.write(json.dumps(record) + "\n")
@@ -91,14 +82,7 @@ def make_pairs(dest: Path, n: int, seed: int = 0, tiny: bool = False) -> Path:
 def qvltune_config(name: str, model: Path, data: Path, work: Path, strategy: str, steps: int, effective_batch: int, cpu: bool = False) -> dict:
     """What `qvltune init --stage dpo` plans for this model and data on one H200, run for ``steps``
     (``cpu``: with only what a CPU forces changed)."""
-    from qvltune.cli.estimate import dataset_summary, load_stats
-    from qvltune.estimate import GiB, Machine
-    from qvltune.plan import Answers, make_plan, pixel_budget
-
-    answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch, stage="dpo")
-    lo, hi, _ = pixel_budget(answers)
-    machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, 128 * GiB, 989.0, True)
-    doc = make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True)).doc
+    doc = planned_doc(model, data, strategy, effective_batch, stage="dpo")
     doc.update(name=name, output_dir=str(work / "runs"), schedule={"log_steps": 2, "eval_steps": 100000, "save_steps": None}, launch={"gpus": 1})
     doc["model"] = {**doc["model"], "random_init": True}
     doc["data"] = {**doc["data"], "eval_split": 0.0, "num_workers": 4}
@@ -156,9 +140,8 @@ def run_peer(name: str, spec: dict, work: Path, weights: Path, site: Path, log: 
     metrics.parent.mkdir(parents=True, exist_ok=True)
     spec_path = work / f"{name}.json"
     spec_path.write_text(json.dumps({**spec, "metrics": str(metrics)}))
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("dpo_peer_run.py")), str(spec_path)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("dpo_peer_run.py")), str(spec_path)], capture_output=True, text=True, env=peer_env(site))
     log.write_text(proc.stdout + proc.stderr)
     row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode}
     stats = summarise_steps(metrics, warmup=warmup, weights=weights)

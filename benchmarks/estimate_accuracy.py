@@ -139,11 +139,11 @@ def make_data(dest: Path, records: int, answer_words: int) -> Path:
 
 def exact_lengths(data: Path, model_dir: Path, pixels: int) -> tuple[int, int]:
     """(tokens per record, labelled tokens per record), exactly as training counts them."""
-    from qvltune.data.check import check_dataset
+    from qvltune.data.check import CheckOptions, check_dataset
     from qvltune.model import load_processor
 
     processor = load_processor(str(model_dir), pixels, pixels)
-    report = check_dataset(str(data), processor=processor, min_pixels=pixels, max_pixels=pixels)
+    report = check_dataset(str(data), CheckOptions(processor=processor, min_pixels=pixels, max_pixels=pixels))
     if report.errors:
         raise SystemExit(f"benchmark data has errors: {report.errors[0].message}")
     lengths = {u[2] for u in report.usable}

@@ -18,7 +18,7 @@ import gpu_throughput as gt
 import multi_gpu as mg
 
 from qvltune.config import parse_config
-from qvltune.data.check import check_dataset
+from qvltune.data.check import CheckOptions, check_dataset
 from qvltune.estimate import GiB, Machine, estimate, model_stats, summarize_report, workload_for
 from qvltune.model import load_processor
 
@@ -81,7 +81,7 @@ def main() -> None:
             doc["optim"].update(grad_accum=accum, gradient_checkpointing=False, compile=compiled)
         cfg = parse_config(doc)
         lo, hi = cfg.data.pixel_budget()
-        report = check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=cfg.data.max_seq_length)
+        report = check_dataset(str(data), CheckOptions(processor=load_processor(str(model), lo, hi), max_seq_length=cfg.data.max_seq_length))
         est = estimate(cfg, model_stats(json.loads((model / "config.json").read_text())), H200, workload_for(cfg, summarize_report(report, lo, hi)))
         print(row(f"{shape.upper()} {strategy}, {label}, 1 GPU", est.peak_allocated / GiB, measured))
     model = gt.make_model_folder(WORK / "model-2b", "2b")
@@ -93,14 +93,14 @@ def main() -> None:
         doc["optim"]["compile"] = compiled
         gpus, stage, offload = mg.VARIANTS[name]
         print(row(f"2B mixed, 16k rows, {gpus} GPU{'s' if gpus > 1 else ''}, ZeRO-{stage}{' + offload' if offload else ''}, {label}", mg.predicted_gib(doc, model, gpus), measured))
-    print(f"\n| 8,192 tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
+    print("\n| 8,192 tokens per micro-batch, checkpointing on | plain recipe (padded, sdpa, full logits) | qvltune (packed, varlen, fused loss) | qvltune compiled |\n|---|---|---|---|")
     for shape, strategy in (("2b", "mixed"), ("2b", "full"), ("8b", "mixed")):
         model = gt.make_model_folder(WORK / f"model-{shape}", shape)
         stats = model_stats(json.loads((model / "config.json").read_text()))
         ours = gt.run_config("run", model, data, WORK, strategy, "qvltune-8k-checkpointed", 14, False, None, 64)
         cfg = parse_config(ours)
         lo, hi = cfg.data.pixel_budget()
-        wl = workload_for(cfg, summarize_report(check_dataset(str(data), processor=load_processor(str(model), lo, hi), max_seq_length=cfg.data.max_seq_length), lo, hi))
+        wl = workload_for(cfg, summarize_report(check_dataset(str(data), CheckOptions(processor=load_processor(str(model), lo, hi), max_seq_length=cfg.data.max_seq_length)), lo, hi))
         plain = parse_config(gt.run_config("run", model, data, WORK, strategy, "plain", 14, False, None, 64))
         compiled = parse_config({**ours, "optim": {**ours["optim"], "compile": True}})
         gib = [estimate(c, stats, H200, wl).peak_allocated / GiB for c in (plain, cfg, compiled)]

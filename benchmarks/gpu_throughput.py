@@ -91,37 +91,51 @@ def write_weights(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def make_data(dest: Path, n: int, seed: int = 0) -> Path:
+IMAGE_SIZES = [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960), (480, 640), (960, 1280)]
+
+
+def words(rng: random.Random, lo: int, hi: int) -> str:
+    """Between ``lo`` and ``hi`` random words, the count log-uniform (many short texts, a few long)."""
+    return " ".join(rng.choice(WORDS) for _ in range(int(lo * (hi / lo) ** rng.random())))
+
+
+def save_image(rng: random.Random, dest: Path, i: int, sizes: list[tuple[int, int]]) -> str:
+    """Record ``i``'s image: a JPEG of one random colour at one of ``sizes``, under ``dest/images``;
+    returns its path relative to ``dest``."""
     from PIL import Image
 
+    w, h = rng.choice(sizes)
+    name = f"images/{i:05d}.jpg"
+    Image.new("RGB", (w, h), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(dest / name, quality=80)
+    return name
+
+
+def make_data(dest: Path, n: int, seed: int = 0) -> Path:
     path = dest / "train.jsonl"
     if path.exists():
         return path
     rng = random.Random(seed)
     (dest / "images").mkdir(parents=True, exist_ok=True)
-    sizes = [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960), (480, 640), (960, 1280)]
     with open(path, "w") as f:
         for i in range(n):
             question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 200)))
-            answer = " ".join(rng.choice(WORDS) for _ in range(int(8 * (1000 / 8) ** rng.random())))  # 8..1000, log-uniform
+            answer = words(rng, 8, 1000)
             if rng.random() < 0.1:
                 f.write(json.dumps({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n")
                 continue
-            w, h = rng.choice(sizes)
-            name = f"images/{i:05d}.jpg"
-            Image.new("RGB", (w, h), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(dest / name, quality=80)
+            name = save_image(rng, dest, i, IMAGE_SIZES)
             f.write(json.dumps({"image": name, "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}) + "\n")
     return path
 
 
-def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int) -> dict:
+def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft") -> dict:
     """The run config `qvltune init` writes for this model, data and one H200 (the planner decides
     the packed row length, gradient checkpointing, ZeRO stage and accumulation)."""
     from qvltune.cli.estimate import dataset_summary, load_stats
     from qvltune.estimate import GiB, Machine
     from qvltune.plan import Answers, make_plan, pixel_budget
 
-    answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch)
+    answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch, stage=stage)
     lo, hi, _ = pixel_budget(answers)
     machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, 128 * GiB, 989.0, True)
     plan = make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True))
@@ -190,6 +204,12 @@ def llamafactory_args(weights: Path, data: Path, out: Path, strategy: str, varia
     }
 
 
+def peer_env(site: Path) -> dict:
+    """The environment of a peer's run: its pinned stack in ``site`` first on the path, and
+    LLaMA-Factory's check of that stack's versions off."""
+    return {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int], site: Path, log: Path) -> dict:
     """One LLaMA-Factory run in its own process and stack -> its results row."""
     metrics = work / "runs" / name / "steps.jsonl"
@@ -197,9 +217,8 @@ def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy:
     args = llamafactory_args(weights, data, work / "runs" / name, strategy, variant, steps, pixels)
     spec = work / f"{name}.json"
     spec.write_text(json.dumps({"args": args, "metrics": str(metrics)}))
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=peer_env(site))
     log.write_text(proc.stdout + proc.stderr)
     row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": args["cutoff_len"], "packing": args["neat_packing"],
            "batch": f"{args['per_device_train_batch_size']}x{args['gradient_accumulation_steps']}", "checkpointing": True, "compile": False}  # its default: checkpointing on

@@ -50,8 +50,6 @@ ISSUE_MAX_IMAGE_TOKENS = 1200  # 1280x960 at 32x32 pixels per token: the largest
 def make_issue_data(dest: Path, n: int, seed: int = 0) -> Path:
     """Records shaped like issue 21's second mix: ~800 real tokens per sample (images of 121 to 1,200
     tokens, ~500 on average, and ~300 text tokens), 10% text-only."""
-    from PIL import Image
-
     path = dest / "train.jsonl"
     if path.exists():
         return path
@@ -60,15 +58,13 @@ def make_issue_data(dest: Path, n: int, seed: int = 0) -> Path:
     with open(path, "w") as f:
         for i in range(n):
             question = " ".join(rng.choice(gt.WORDS) for _ in range(rng.randint(10, 60)))
-            answer = " ".join(rng.choice(gt.WORDS) for _ in range(int(8 * (800 / 8) ** rng.random())))  # 8..800 words, log-uniform
+            answer = gt.words(rng, 8, 800)
             if rng.random() < 0.1:
                 # text-only records are longer, as instructions without an image tend to be
                 question = " ".join(rng.choice(gt.WORDS) for _ in range(rng.randint(100, 500)))
                 f.write(json.dumps({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n")
                 continue
-            w, h = rng.choice(SIZES)
-            name = f"images/{i:05d}.jpg"
-            Image.new("RGB", (w, h), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(dest / name, quality=80)
+            name = gt.save_image(rng, dest, i, SIZES)
             f.write(json.dumps({"image": name, "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}) + "\n")
     return path
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qvltune.config import COMPONENTS, RunConfig
-from qvltune.model_stats import Linear, ModelStats, _adapted_inputs, lora_params, meta_model, model_stats, resolve_model_config  # noqa: F401 (re-exported: the estimator's inputs)
+from qvltune.model_stats import ModelStats, _adapted_inputs, lora_params, meta_model, model_stats, resolve_model_config  # noqa: F401 (re-exported: the estimator's inputs)
 from qvltune.pixels import TOKEN_PIXELS
 from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvltune.adapter import adapter_base  # noqa: F401  (it lived here first)
 from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from qvltune.data.boxes import first_box, iou
@@ -275,6 +274,24 @@ def evaluate(model, processor, records: list[Record], *, max_new_tokens: int = 3
 # One call per command: `qvltune predict` and `qvltune eval`
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model is loaded and asked: the flags ``qvltune predict`` and ``qvltune eval`` share
+    (each command has its own defaults for the generation sizes)."""
+
+    base: str | None = None  # an adapter's base model (default: the one it records)
+    device: str | None = None  # cpu or cuda (default: the GPU when there is one)
+    dtype: str | None = None  # a torch dtype name, see DTYPES (default: fp32 on CPU, bf16 on GPU)
+    image_root: Path | None = None  # where relative media paths of a dataset resolve (default: its folder)
+    max_new_tokens: int = 64  # the longest generated answer, in tokens
+    batch_size: int = 8  # records generated together
+    limit: int | None = None  # only the first N records of a dataset
+
+    def load(self, model: str):
+        """(model, processor) ready for inference."""
+        return load_for_inference(model, self.base, self.device, self.dtype)
+
+
 @dataclass
 class Prediction:
     where: str  # file:line of the record, or "prompt"
@@ -312,17 +329,11 @@ def _limit(records: list[Record], limit: int | None) -> list[Record]:
 
 def predict(
     model: str,
+    options: InferenceOptions,
     *,
     prompt: str | None = None,
     images: list[Path] | None = None,
     data: str | None = None,
-    base: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    image_root: Path | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    limit: int | None = None,
     progress=None,
 ) -> list[Prediction]:
     """Greedy answers from MODEL with its chat template: to one prompt (with images), or to the last
@@ -330,8 +341,8 @@ def predict(
     if (prompt is None) == (data is None):
         raise UserError("give either --prompt (with --image) or --data", "qvltune predict MODEL --image photo.jpg --prompt 'What is shown?'")
     if data is not None:
-        records = _limit(load_records(data), limit)
-        encoder_root, outside = image_root, False
+        records = _limit(load_records(data), options.limit)
+        encoder_root, outside = options.image_root, False
     else:
         for image in images or []:
             if not image.is_file():
@@ -340,9 +351,9 @@ def predict(
         encoder_root, outside = Path.cwd(), True  # command-line paths are the user's own, anywhere
     if progress:
         progress(f"loading {model}", 0, None)
-    net, processor = load_for_inference(model, base, device, dtype)
+    net, processor = options.load(model)
     with _media_errors_as_user_errors(data or "--image"):
-        answers = generate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside), progress=progress)
+        answers = generate(net, processor, records, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, encoder=Encoder(processor, root=encoder_root, allow_outside_root=outside), progress=progress)
     out = []
     for rec, answer in zip(records, answers):
         asked = [m for m in rec.messages if m.role == "user"]
@@ -352,23 +363,11 @@ def predict(
     return out
 
 
-def evaluate_model(
-    model: str,
-    data: str,
-    *,
-    base: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    image_root: Path | None = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    limit: int | None = None,
-    progress=None,
-) -> EvalReport:
+def evaluate_model(model: str, data: str, options: InferenceOptions, progress=None) -> EvalReport:
     """Loss/perplexity on the assistant tokens of ``data`` and exact-match accuracy on its short answers."""
-    records = _limit(load_records(data), limit)  # the parser refuses records without an answer
+    records = _limit(load_records(data), options.limit)  # the parser refuses records without an answer
     if progress:
         progress(f"loading {model}", 0, None)
-    net, processor = load_for_inference(model, base, device, dtype)
+    net, processor = options.load(model)
     with _media_errors_as_user_errors(data):
-        return evaluate(net, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, image_root=image_root, progress=progress)
+        return evaluate(net, processor, records, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, image_root=options.image_root, progress=progress)

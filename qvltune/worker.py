@@ -3,9 +3,10 @@
 A linear recipe: config -> TrainingArguments (first, so ZeRO-3 partitions the model as it loads) ->
 processor and model -> freeze / LoRA -> datasets and collator -> ``QvlTrainer`` -> save.
 
-``transformers.Trainer`` supplies checkpointing, resume, accumulation, schedules, eval and
-``report_to``; what qvltune changes in it (``QvlTrainer``) and the callback that reports the run
-live in ``qvltune.trainer``.
+The data side (processor, index, packing plan, datasets, collator) lives in
+``qvltune.training_data``. ``transformers.Trainer`` supplies checkpointing, resume, accumulation,
+schedules, eval and ``report_to``; what qvltune changes in it (``QvlTrainer``) and the callback that
+reports the run live in ``qvltune.trainer``.
 """
 
 from __future__ import annotations
@@ -37,16 +38,15 @@ import torch  # noqa: E402
 from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
-from qvltune.data.dataset import BadSampleError, DataIndex, SFTDataset, prepare_data, source_encoders
+from qvltune.data.dataset import BadSampleError
 from qvltune.errors import UserError
-from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
-from qvltune.data.tokenize import Encoder
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
-from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, load_processor, model_class, read_model_config, trainable_table, transformer_blocks
+from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table, transformer_blocks
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.stalls import quiet_gc
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
+from qvltune.training_data import build_datasets, prepare_data_side, row_padding
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
@@ -192,56 +192,6 @@ def weights_device(cfg: RunConfig, cuda: bool, local_rank: int) -> torch.device 
     return torch.device("cuda", local_rank)
 
 
-def _prepare_data_side(cfg: RunConfig, run_dir: Path):
-    """(processor, data index, train rows, eval rows, seconds): everything before training that needs
-    no model weights. Rows are the packing plan (lists of sample indices), one sample each unpacked."""
-    started = time.time()
-    lo, hi = cfg.data.pixel_budget()
-    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
-    if cfg.stage == "dpo":  # preference pairs: their rows are planned with the datasets (qvltune.preference)
-        from qvltune.preference import worker as dpo
-
-        return processor, dpo.load_index(cfg, run_dir, processor), None, None, time.time() - started
-    index_path = run_dir / "data_index.json"
-    index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
-    if cfg.data.packing:
-        train_groups = pack_bins(index.train.tokens, cfg.data.max_seq_length, cfg.optim.seed)
-        eval_groups = pack_bins(index.eval.tokens, cfg.data.max_seq_length, cfg.optim.seed) if len(index.eval) else []
-    else:
-        train_groups = [[i] for i in range(len(index.train))]
-        eval_groups = [[i] for i in range(len(index.eval))]
-    return processor, index, train_groups, eval_groups, time.time() - started
-
-
-def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataIndex, train_groups, eval_groups):
-    """(train rows, train set, eval set or None, collator); DPO plans its rows here, pairs whole. Evaluation gets rows built exactly like training's
-    (packed with the same plan, the same collator: varlen boundaries where training has them), so an
-    eval runs the same compiled layers and attention kernels, and the fused answer-only loss."""
-    root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns, image_pixel_limit=cfg.data.image_pixel_limit)
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    hf_config = unwrap(model).config
-    from qvltune.attention import NAME as VARLEN
-
-    varlen = hf_config.get_text_config()._attn_implementation == VARLEN
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
-    # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
-    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
-    if cfg.stage == "dpo":  # both answers of a pair in one row (qvltune.preference)
-        from qvltune.preference import worker as dpo
-
-        return dpo.preference_parts(cfg, index, encoder, source_encoders(cfg, encoder), pad_id, hf_config, dummy, varlen, run_dir)
-    if cfg.data.packing:
-        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
-    else:
-        collator = PaddedCollator(pad_id, dummy, varlen=varlen)
-    policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
-    encoders = source_encoders(cfg, encoder)
-    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
-    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if len(index.eval) else None
-    return train_groups, train_set, eval_set, collator
-
-
 def run(run_dir: Path, resume: bool) -> int:
     clock = worker_clock(_LOADED)  # continues qvltune train's clock: its checks, the launcher, the imports
     use_cpu = not torch.cuda.is_available()
@@ -272,7 +222,7 @@ def run(run_dir: Path, resume: bool) -> int:
     # transformers modules at once.
     model_class(read_model_config(cfg.model.path, cfg.model.trust_remote_code).get("model_type", "?"))
     with ThreadPoolExecutor(1, thread_name_prefix="qvltune-data") as pool:
-        data_work = pool.submit(_prepare_data_side, cfg, run_dir)
+        data_work = pool.submit(prepare_data_side, cfg, run_dir)
         model = load_model(
             cfg.model.path,
             dtype="bfloat16" if cfg.optim.bf16 else "float32",
@@ -333,12 +283,6 @@ def run(run_dir: Path, resume: bool) -> int:
 
     resume_from = latest_complete_checkpoint(run_dir) if resume else None
     if writer:
-        b = cfg.optim.per_device_batch
-        # SFT's index holds columns (a list of ints: a million samples are summed in a second); DPO's, pairs
-        tokens = index.train.tokens if cfg.stage == "sft" else [e.tokens for e in index.train]
-        rows = [sum(tokens[j] for j in g) for g in train_groups]
-        padded_rows = [rows[i : i + b] for i in range(0, len(rows), b)]
-        unpacked = [tokens[i : i + b] for i in range(0, len(tokens), b)]
         writer.write(
             "start",
             world_size=world_size(),
@@ -347,9 +291,7 @@ def run(run_dir: Path, resume: bool) -> int:
             train_samples=len(index.train),
             eval_samples=len(index.eval),
             skipped=len(index.skipped),
-            train_rows=len(train_groups),
-            padding=padding_fraction(padded_rows),
-            padding_unpacked=padding_fraction(unpacked),
+            **row_padding(cfg, index, train_groups),
             packing=cfg.data.packing,
             resumed_from=str(resume_from) if resume_from else None,
             device="cpu" if use_cpu else torch.cuda.get_device_name(),

@@ -4,7 +4,6 @@ converted from absolute pixels, and scored by IoU, through the real CLI and real
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

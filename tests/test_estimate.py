@@ -298,10 +298,10 @@ def test_workload_without_data_is_the_worst_case():
 
 
 def test_summary_from_check_data(demo_data):
-    from qvltune.data.check import check_dataset
+    from qvltune.data.check import CheckOptions, check_dataset
 
     train, _ = demo_data
-    report = check_dataset(str(train), min_pixels=4096, max_pixels=65536)
+    report = check_dataset(str(train), CheckOptions(min_pixels=4096, max_pixels=65536))
     s = summarize_report(report, 4096, 65536)
     assert s.records == 64 and s.max_images_per_record == 1 and 0 < s.image_tokens < s.tokens
     assert s.p50 <= s.p99 <= s.longest and s.suggested_max_seq_length == 256

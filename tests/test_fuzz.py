@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qvltune.config import parse_config
-from qvltune.data.check import check_dataset
+from qvltune.data.check import CheckOptions, check_dataset
 from qvltune.data.files import read_items
 from qvltune.data.formats import RawItem, parse_record
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
@@ -82,7 +82,7 @@ def test_check_data_never_crashes(tmp_path, records, as_list):
         path.write_text(json.dumps([r for r in records if not isinstance(r, str)]) if records else "[")
     else:
         path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records))
-    report = check_dataset(str(path), max_seq_length=512)
+    report = check_dataset(str(path), CheckOptions(max_seq_length=512))
     assert report.records >= report.valid
     json.dumps(report.to_json())
 

@@ -382,7 +382,7 @@ def test_repeated_problems_are_grouped_for_people_and_kept_in_json(tmp_path, cap
     code, doc = check(data, capsys, "--image-root", str(tmp_path / "data" / "wrong"))
     assert len([p for p in doc["problems"] if p["code"] == "missing-media"]) == 301
     # Fewer than four of a kind stay one line each, paths shown relative to the working directory.
-    few = write_jsonl(tmp_path / "few.jsonl", [qa("x.png"), qa("y.png")])
+    write_jsonl(tmp_path / "few.jsonl", [qa("x.png"), qa("y.png")])
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_cli(["check-data", "few.jsonl"], capsys)
     assert "few.jsonl:1 (record 0) image[0]: image not found: x.png — fix the path" in out and "few.jsonl:2 (record 1)" in out

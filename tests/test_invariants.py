@@ -159,7 +159,7 @@ def test_compute_loss_divides_the_summed_loss_by_the_accumulated_token_count(tmp
 
 
 def test_absolute_media_paths_outside_the_root_are_refused_unless_allowed(tmp_path, tiny_processor):
-    from qvltune.data.check import check_dataset
+    from qvltune.data.check import CheckOptions, check_dataset
     from qvltune.data.files import read_items
     from qvltune.data.formats import parse_record
     from qvltune.data.media import MediaError
@@ -174,7 +174,7 @@ def test_absolute_media_paths_outside_the_root_are_refused_unless_allowed(tmp_pa
     errors = [p for p in report.problems if p.severity == "error"]
     assert len(errors) == 1 and errors[0].line == 1 and "outside" in errors[0].message and errors[0].field == "image[0]"
     assert len(report.usable) == 1  # the absolute path inside the root is fine
-    assert not [p for p in check_dataset(str(data), allow_outside_root=True).problems if p.severity == "error"]
+    assert not [p for p in check_dataset(str(data), CheckOptions(allow_outside_root=True)).problems if p.severity == "error"]
 
     (item, _) = list(read_items(data))
     record, _ = parse_record(item, str(data))

@@ -31,7 +31,7 @@ def test_a_device_map_load_gives_the_same_weights(tiny_model_dir):
 def test_eval_rows_are_packed_and_collated_exactly_like_training_rows(tmp_path, demo_data, tiny_model_dir):
     """Evaluation runs the fast path: packed rows from the same plan, the same collator (varlen
     sample boundaries, no 4-D mask), hence the same compiled layers and attention kernels."""
-    from qvltune.worker import _prepare_data_side, build_datasets
+    from qvltune.training_data import build_datasets, prepare_data_side
 
     train, evals = demo_data
     cfg = parse_config({
@@ -40,7 +40,7 @@ def test_eval_rows_are_packed_and_collated_exactly_like_training_rows(tmp_path, 
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    processor, index, train_groups, eval_groups, _ = _prepare_data_side(cfg, run_dir)
+    processor, index, train_groups, eval_groups, _ = prepare_data_side(cfg, run_dir)
     model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="varlen")
     _, train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
     assert len(eval_set) < len(index.eval)  # several held-out samples per row

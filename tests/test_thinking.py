@@ -5,14 +5,12 @@ answer in the context the template gives it when it is the last turn."""
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from conftest import write_image, write_jsonl
 from qvltune.data.formats import RawItem, parse_record
-from qvltune.data.tokenize import IGNORE_INDEX, Encoder, render_segments
+from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 
 # Written from the behaviour documented for the Qwen3 / Qwen3-VL Thinking chat templates: the index of
 # the last user turn is found first; an assistant turn after it is rendered with its reasoning
@@ -135,12 +133,12 @@ def test_instruct_template_keeps_one_sample_with_every_answer(tmp_path, tiny_pro
 
 
 def test_check_data_counts_every_view_as_training_feeds_it(tmp_path, thinking_processor, tiny_processor):
-    from qvltune.data.check import check_dataset
+    from qvltune.data.check import CheckOptions, check_dataset
     from qvltune.data.dataset import Entry, SFTDataset
 
     write_image(tmp_path / "a.png", (64, 64))
     data = write_jsonl(tmp_path / "t.jsonl", [TWO_TURNS, {"image": "a.png", "messages": TWO_TURNS["messages"][:2]}])
-    report = check_dataset(str(data), processor=thinking_processor)
+    report = check_dataset(str(data), CheckOptions(processor=thinking_processor))
     assert not report.errors, report.problems
     assert [(u[1], u[4]) for u in report.usable] == [(0, 2), (0, 4), (1, 0)] and report.views == 2
     entries = [Entry(*u) for u in report.usable]
@@ -149,11 +147,11 @@ def test_check_data_counts_every_view_as_training_feeds_it(tmp_path, thinking_pr
         (encoded,) = dataset[i]
         assert (len(encoded), encoded.trained_tokens) == (e.tokens, e.trained)
     # the same data under the Instruct template: one sample per record, and the dropped reasoning is named
-    plain = check_dataset(str(data), processor=tiny_processor)
+    plain = check_dataset(str(data), CheckOptions(processor=tiny_processor))
     assert [(u[1], u[4]) for u in plain.usable] == [(0, 0), (1, 0)]
     assert [p.code for p in plain.warnings] == ["reasoning-dropped"]
     # a too-long view names the answer it ends at
-    short = check_dataset(str(data), processor=thinking_processor, max_seq_length=len(dataset[0][0]) + 2)
+    short = check_dataset(str(data), CheckOptions(processor=thinking_processor, max_seq_length=len(dataset[0][0]) + 2))
     assert any("the view up to answer 2" in p.message for p in short.errors)
 
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from qvltune import console
-from qvltune.data.check import Report, check_dataset
+from qvltune.data.check import CheckOptions, Report, check_dataset
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
 from qvltune.data.problems import group_problems
 from qvltune.data.video import VideoSampling
@@ -57,6 +57,12 @@ def command(
     hi = hi if hi is not None else DEFAULT_MAX_PIXELS
     from qvltune.preference.data import check_pairs, is_preference_data
 
+    options = CheckOptions(
+        image_root=image_root, processor=processor, model_name=model, min_pixels=lo, max_pixels=hi, max_seq_length=max_seq_length, deep=deep,
+        allow_outside_root=allow_outside_root, video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
+        thinking_turns=thinking_turns, image_pixel_limit=image_pixel_limit,
+    )
+
     try:
         preference = is_preference_data(data)
     except ValueError as e:  # a malformed mixture spec
@@ -64,28 +70,9 @@ def command(
     try:
         with _progress(enabled=not console.err.is_dumb_terminal and console.err.is_terminal) as progress:
             if preference:  # chosen/rejected pairs (qvltune.preference): each answer checked as a record
-                report = check_pairs(
-                    data, image_root=image_root, processor=processor, model_name=model, min_pixels=lo, max_pixels=hi, max_seq_length=max_seq_length,
-                    deep=deep, allow_outside_root=allow_outside_root, thinking_turns=thinking_turns,
-                    video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens), image_pixel_limit=image_pixel_limit,
-                )
+                report = check_pairs(data, options)
             else:
-                report = check_dataset(
-                    data,
-                    image_root=image_root,
-                    processor=processor,
-                    model_name=model,
-                    min_pixels=lo,
-                    max_pixels=hi,
-                    max_seq_length=max_seq_length,
-                    deep=deep,
-                    allow_outside_root=allow_outside_root,
-                    thinking_turns=thinking_turns,
-                    workers=workers,
-                    video=VideoSampling(video_fps, video_min_frames, video_max_frames, video_max_tokens),
-                    image_pixel_limit=image_pixel_limit,
-                    progress=progress,
-                )
+                report = check_dataset(data, options, workers=workers, progress=progress)
     except ValueError as e:  # a malformed mixture spec
         raise UserError(str(e), "write mixtures as a.jsonl%50,b.jsonl") from None
     if as_json:

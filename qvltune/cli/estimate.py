@@ -126,7 +126,7 @@ _SUMMARIES: dict[tuple, Any] = {}
 
 def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: int, max_pixels: int, quiet: bool = False):
     """Token statistics of the training data (check-data's estimated counts; cached per process)."""
-    from qvltune.data.check import check_dataset
+    from qvltune.data.check import CheckOptions, check_dataset
     from qvltune.estimate import summarize_report
 
     key = (str(train), image_root, min_pixels, max_pixels)
@@ -136,7 +136,7 @@ def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: 
         from qvltune.preference.data import check_pairs, is_preference_data
 
         check = check_pairs if is_preference_data(train) else check_dataset  # pairs: both answers' samples counted
-        report = check(train, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
+        report = check(train, CheckOptions(image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels))
     except ValueError as e:
         raise UserError(f"data.train: {e}", "write mixtures as a.jsonl%50,b.jsonl") from None
     except UserError as e:  # a missing dataset file: memory can still be estimated, tokens and time not

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from qvltune import console
-from qvltune.cli.predict import MODEL_HELP
+from qvltune.cli.predict import MODEL_HELP, torch_dtype
 
 
 def command(
@@ -26,34 +26,24 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
     """Score a model on a dataset: loss/perplexity on the answers and, for short answers, exact-match accuracy; on preference pairs, preference accuracy."""
-    from qvltune.infer import DTYPES, evaluate_model
+    from qvltune.infer import InferenceOptions, evaluate_model
     from qvltune.preference.data import is_preference_data
 
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
+    options = InferenceOptions(
+        base=base, device=device, dtype=torch_dtype(dtype), image_root=image_root, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit
+    )
     if is_preference_data(data):
         from qvltune.preference.evaluate import evaluate_pairs_model
 
         with console.status(f"evaluating {model} on preference pairs") as status:
-            pref = evaluate_pairs_model(model, data, base=base, reference=reference, beta=beta, device=device, dtype=DTYPES[dtype] if dtype else None, image_root=image_root, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, progress=status.report)
+            pref = evaluate_pairs_model(model, data, options, reference=reference, beta=beta, progress=status.report)
         if as_json:
             console.print_json({"model": model, "data": data, **pref.to_json()})
         else:
             render_preference(pref, model, data)
         return 0
     with console.status(f"evaluating {model}") as status:
-        report = evaluate_model(
-            model,
-            data,
-            base=base,
-            device=device,
-            dtype=DTYPES[dtype] if dtype else None,
-            image_root=image_root,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            limit=limit,
-            progress=status.report,
-        )
+        report = evaluate_model(model, data, options, progress=status.report)
     if as_json:
         console.print_json({"model": model, "data": data, **report.to_json()})
     else:

@@ -149,7 +149,7 @@ def _init(o: SimpleNamespace) -> int:
 
     from qvltune.cli.estimate import dataset_summary, load_stats
 
-    with console.status(f"reading the model's config and the dataset's token counts"):
+    with console.status("reading the model's config and the dataset's token counts"):
         stats, source = load_stats(answers.model)
         lo, hi, _ = pixel_budget(answers)
         summary = dataset_summary(answers.data, answers.image_root, lo, hi)
@@ -300,10 +300,10 @@ def show_machine(inv, planned: bool) -> None:
 def show_dataset(data: str, image_root: str | None, min_pixels: int, max_pixels: int) -> None:
     """check-data's report, inline (after the dataset question)."""
     from qvltune.cli.check_data import render
-    from qvltune.data.check import check_dataset
+    from qvltune.data.check import CheckOptions, check_dataset
 
     try:
-        report = check_dataset(data, image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels)
+        report = check_dataset(data, CheckOptions(image_root=Path(image_root) if image_root else None, min_pixels=min_pixels, max_pixels=max_pixels))
     except (ValueError, UserError) as e:  # a malformed mixture, a missing file
         console.warn(f"cannot read {data}: {getattr(e, 'message', e)}")
         return

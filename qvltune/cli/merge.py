@@ -21,17 +21,16 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
     """Merge LoRA into the base (plus modules trained beside it), save safetensors + processor, and verify logits and weights."""
-    from qvltune.infer import DTYPES
+    from qvltune.cli.predict import torch_dtype
     from qvltune.merge import merge
 
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
+    weights_dtype = torch_dtype(dtype)
     if not Path(adapter).expanduser().exists():
         raise UserError(f"adapter or run folder not found: {adapter}", "give a run folder (runs/NAME), its final/ or a checkpoint-N/ folder")
     # The inputs are checked inside merge() before anything loads; the spinner names each slow phase
     # only once they passed, so a refusal is never preceded by "merging ...".
     with console.status(f"checking {adapter}, its base and --out") as status:
-        result = merge(adapter, out, base=base, dtype=DTYPES[dtype] if dtype else None, max_shard_size=max_shard_size, device=device, force=force, progress=status.report)
+        result = merge(adapter, out, base=base, dtype=weights_dtype, max_shard_size=max_shard_size, device=device, force=force, progress=status.report)
     if as_json:
         console.print_json(result.to_json())
     else:

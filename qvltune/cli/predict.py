@@ -12,6 +12,15 @@ from qvltune import console
 MODEL_HELP = "A merged or fully trained model folder, an adapter folder (final/, checkpoint-N/), a run folder (runs/NAME), a Hub id or builtin:tiny."
 
 
+def torch_dtype(dtype: str | None) -> str | None:
+    """--dtype's bf16|fp16|fp32 (predict, eval, merge) as the torch dtype name (None: the device's default)."""
+    from qvltune.infer import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
+    return DTYPES[dtype] if dtype else None
+
+
 def command(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     image: list[Path] = typer.Option(None, "--image", metavar="IMG", help="An image for --prompt (repeat for several)."),
@@ -27,29 +36,17 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
     """Generate answers with the model's chat template (greedy), on a merged model or base + adapter."""
-    from qvltune.infer import DTYPES, predict
+    from qvltune.infer import InferenceOptions, predict
 
     if (prompt is None) == (data is None):
         raise typer.BadParameter("give either --prompt (with --image) or --data", param_hint="--prompt/--data")
     if image and data is not None:
         raise typer.BadParameter("--image goes with --prompt; records of --data name their own images", param_hint="--image")
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"'{dtype}' is not one of bf16, fp16, fp32", param_hint="--dtype")
+    options = InferenceOptions(
+        base=base, device=device, dtype=torch_dtype(dtype), image_root=image_root, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit
+    )
     with console.status(f"loading {model}") as status:
-        predictions = predict(
-            model,
-            prompt=prompt,
-            images=list(image or []),
-            data=data,
-            base=base,
-            device=device,
-            dtype=DTYPES[dtype] if dtype else None,
-            image_root=image_root,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            limit=limit,
-            progress=status.report,
-        )
+        predictions = predict(model, options, prompt=prompt, images=list(image or []), data=data, progress=status.report)
     if as_json:
         console.print_json([p.to_json() for p in predictions])
     elif prompt is not None:

@@ -477,30 +477,78 @@ def _parts(path: Path, source: _Source, settings: _Settings, workers: int):
         _WORKER_STATE = None
 
 
+@dataclass(frozen=True)
+class CheckOptions:
+    """How records are checked and counted: the settings ``check_dataset`` and ``check_pairs`` share
+    (check-data's flags, or a run's ``data`` section through ``for_run``).
+
+    With a ``processor`` token counts are exact (the model's chat template and pixel budget);
+    without one, image tokens use the Qwen3-VL geometry and text tokens are estimated."""
+
+    image_root: Path | None = None
+    processor: Any = None
+    model_name: str | None = None
+    min_pixels: int = 64 * 32 * 32
+    max_pixels: int = 1024 * 32 * 32
+    max_seq_length: int | None = None
+    deep: bool = False
+    allow_outside_root: bool = False
+    video: VideoSampling = field(default_factory=VideoSampling)
+    thinking_turns: str = "each"
+    image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT
+
+    @classmethod
+    def for_run(cls, d: Any, processor: Any) -> CheckOptions:
+        """A run's ``data`` section (``qvltune.config.DataConfig``), counted exactly with its processor."""
+        return cls(
+            image_root=Path(d.image_root) if d.image_root else None, processor=processor, max_seq_length=d.max_seq_length,
+            allow_outside_root=d.allow_media_outside_root, video=d.video_sampling(), thinking_turns=d.thinking_turns, image_pixel_limit=d.image_pixel_limit,
+        )
+
+    def counting(self) -> str:
+        """How token counts are made, as the report says it."""
+        if self.processor is not None:
+            return f"exact ({self.model_name or 'model processor'})"
+        return "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
+
+    def encoder(self) -> Encoder | None:
+        """The run-wide encoder (exact counts), or None when counts are estimated."""
+        if self.processor is None:
+            return None
+        return Encoder(self.processor, root=self.image_root, allow_outside_root=self.allow_outside_root, video=self.video, thinking_turns=self.thinking_turns, image_pixel_limit=self.image_pixel_limit)
+
+    def settings(self, track_media: bool = False) -> _Settings:
+        return _Settings(self.allow_outside_root, self.deep, self.max_seq_length, self.video, self.image_pixel_limit, track_media)
+
+    def source(self, spec: DatasetSpec, base_encoder: Encoder | None, report: Report) -> _Source:
+        """One source of a mixture with its own settings (image root, pixel budget) over the run's,
+        listed in the report's sources."""
+        lo, hi = source_budget(spec, self.processor, self.min_pixels, self.max_pixels)
+        root = spec.image_root or (self.image_root if self.image_root is not None else spec.path.parent)
+        report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(root), "min_pixels": lo, "max_pixels": hi})
+        return _Source(str(spec.path), root, encoder_for_source(base_encoder, spec) if base_encoder is not None else None, lo, hi)
+
+
+def dataset_specs(data: str | list[str]) -> list[DatasetSpec]:
+    """The sources of a dataset or mixture; every file must exist (else there is nothing to check)."""
+    specs = parse_mixture(data)
+    missing = [f"{s.path} ({'a directory, not a dataset file' if s.path.is_dir() else 'not found'})" for s in specs if not s.path.is_file()]
+    if missing:
+        raise UserError(f"dataset file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}", "check the path (a .jsonl, .json or .jsonl.gz file)")
+    return specs
+
+
 def check_dataset(
     data: str | list[str],
+    options: CheckOptions = CheckOptions(),
     *,
-    image_root: Path | None = None,
-    processor: Any = None,
-    model_name: str | None = None,
-    min_pixels: int = 64 * 32 * 32,
-    max_pixels: int = 1024 * 32 * 32,
-    max_seq_length: int | None = None,
-    deep: bool = False,
-    allow_outside_root: bool = False,
-    video_fps: float = 2.0,
-    video: VideoSampling | None = None,
-    thinking_turns: str = "each",
     workers: int = 1,
-    image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT,
     progress: Callable[[int, float], None] | None = None,
     track_media: bool = False,
     only: dict[str, list[tuple[int, int, int]]] | None = None,
 ) -> Report:
-    """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``).
+    """Check one dataset or a mixture (``a.jsonl%50,b.jsonl``) as ``options`` say.
 
-    With a ``processor`` token counts are exact (the model's chat template and pixel budget);
-    without one, image tokens use the Qwen3-VL geometry and text tokens are estimated.
     ``workers`` > 1 checks records in that many processes (the merge keeps the file's order, so the
     report is the same as with one).
 
@@ -513,28 +561,17 @@ def check_dataset(
     records of each file, reading them by offset where there is one (the index cache's recount of
     records whose media changed): duplicates and box verdicts are then among those records only.
     """
-    specs = parse_mixture(data)
-    missing = [f"{s.path} ({'a directory, not a dataset file' if s.path.is_dir() else 'not found'})" for s in specs if not s.path.is_file()]
-    if missing:
-        raise UserError(f"dataset file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}", "check the path (a .jsonl, .json or .jsonl.gz file)")
-    counting = f"exact ({model_name or 'model processor'})" if processor is not None else (
-        "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
-    )
-    report = Report([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
-    video = video or VideoSampling(fps=video_fps)
-    base_encoder = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video=video, thinking_turns=thinking_turns, image_pixel_limit=image_pixel_limit) if processor is not None else None
+    specs = dataset_specs(data)
+    report = Report([str(s.path) for s in specs], options.counting(), max_seq_length=options.max_seq_length)
+    base_encoder = options.encoder()
     seen: dict[bytes, tuple] = {}  # record key -> (file, line, index) of its first copy (compact: a million records)
     template_broken = False
     reasoning_warned = False
-    settings = _Settings(allow_outside_root, deep, max_seq_length, video, image_pixel_limit, track_media)
+    settings = options.settings(track_media)
     if track_media:
         report.media = MediaTable()
     for n, spec in enumerate(specs):
-        # Each source's own settings (image root, pixel budget) over the run's.
-        spec_lo, spec_hi = source_budget(spec, processor, min_pixels, max_pixels)
-        root = spec.image_root or (image_root if image_root is not None else spec.path.parent)
-        report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(root), "min_pixels": spec_lo, "max_pixels": spec_hi})
-        source = _Source(str(spec.path), root, encoder_for_source(base_encoder, spec) if base_encoder is not None else None, spec_lo, spec_hi)
+        source = options.source(spec, base_encoder, report)
         box_stats = BoxStats()
         parts = _parts(spec.path, source, settings, workers) if only is None else iter([_fold(_check_item(item, source, settings) for item in records_at(spec.path, only.get(str(spec.path), [])))])
         for part in parts:

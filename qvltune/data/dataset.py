@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvltune.data.check import check_dataset
+from qvltune.data.check import CheckOptions, check_dataset
 from qvltune.data.files import read_items
 from qvltune.data.formats import Problem, Record, mixture_text, parse_mixture, parse_record, sample_indices
 from qvltune.data.tokenize import Encoded, Encoder, view_of
@@ -141,16 +141,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         "thinking_turns": d.thinking_turns,
         "image_pixel_limit": d.image_pixel_limit,
     }
-    check = dict(
-        image_root=Path(d.image_root) if d.image_root else None,
-        processor=processor,
-        max_seq_length=d.max_seq_length,
-        allow_outside_root=d.allow_media_outside_root,
-        video=d.video_sampling(),
-        thinking_turns=d.thinking_turns,
-        image_pixel_limit=d.image_pixel_limit,
-        track_media=True,
-    )
+    options = CheckOptions.for_run(d, processor)
     cached = None
     recounted = 0
     # The encoder sets the video sampling on the processor; set it first so the key sees what counting sees.
@@ -163,14 +154,14 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
     if cached is not None:
         stale = cached.media.stale()
         if stale:  # media replaced, deleted or restored since: only those records are checked again
-            cached.recount(stale, check_dataset(spec, only=stale, **check))
+            cached.recount(stale, check_dataset(spec, options, only=stale, track_media=True))
             recounted = sum(len(v) for v in stale.values())
             index_cache.save(path, cached)
         built = cached
     else:
         # Before training nothing else runs: the check uses every core (a million records: minutes, not tens of minutes).
         workers = min(8, os.cpu_count() or 1) if sum(s.path.stat().st_size for s in parse_mixture(spec)) > WORKERS_FROM_BYTES else 1
-        built = index_cache.CachedIndex.from_report(check_dataset(spec, workers=workers, **check))
+        built = index_cache.CachedIndex.from_report(check_dataset(spec, options, workers=workers, track_media=True))
         if d.index_cache:
             index_cache.save(path, built)
     problems = built.problems

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from qvltune.catalog import size_of
 from qvltune.estimate import GiB, DatasetSummary, Machine, ModelStats
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_TOKEN_PIXELS, TOKEN_PIXELS
-from qvltune.plan.answers import DEFAULT_EPOCHS, Answers
+from qvltune.plan.answers import Answers
 from qvltune.plan import reasons
 from qvltune.tiny import BUILTIN_TINY, TINY_MAX_PIXELS, TINY_MIN_PIXELS
 

@@ -24,14 +24,12 @@ from typing import Any
 import torch
 
 # check-data's per-record machinery (media, boxes, exact counts, the length limit), run on each answer's record.
-from qvltune.data.check import Report, _check_item, _Settings, _Source, encoder_for_source, percentile, source_budget
+from qvltune.data.check import CheckOptions, Report, _check_item, _Settings, _Source, dataset_specs, percentile
 from qvltune.data.dataset import RecordStore
 from qvltune.data.files import read_items
 from qvltune.data.formats import Problem, mixture_text, parse_mixture, sample_indices
-from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
 from qvltune.data.packing import BatchStats
 from qvltune.data.tokenize import Encoded, Encoder
-from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
 from qvltune.preference.formats import Pair, is_preference, parse_pair, sft_items
 from qvltune.preference.loss import Pairs
@@ -79,39 +77,14 @@ def _lengths(values: list[int]) -> dict[str, int]:
     return {"p50": percentile(values, 50), "p90": percentile(values, 90), "max": max(values, default=0)}
 
 
-def check_pairs(
-    data: str | list[str],
-    *,
-    image_root: Path | None = None,
-    processor: Any = None,
-    model_name: str | None = None,
-    min_pixels: int = 64 * 32 * 32,
-    max_pixels: int = 1024 * 32 * 32,
-    max_seq_length: int | None = None,
-    deep: bool = False,
-    allow_outside_root: bool = False,
-    video: VideoSampling | None = None,
-    thinking_turns: str = "each",
-    image_pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT,
-) -> PairReport:
-    """Check a preference dataset or mixture; a ``Report`` (problems, lengths of every answer's
-    sample) with the pairs that can be trained and their two lengths."""
-    specs = parse_mixture(data)
-    missing = [f"{s.path} ({'a directory, not a dataset file' if s.path.is_dir() else 'not found'})" for s in specs if not s.path.is_file()]
-    if missing:
-        raise UserError(f"dataset file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}", "check the path (a .jsonl, .json or .jsonl.gz file)")
-    counting = f"exact ({model_name or 'model processor'})" if processor is not None else (
-        "estimated: Qwen3-VL geometry (patch 16, merge 2) for images, ~3.5 characters per text token; pass --model for exact counts"
-    )
-    report = PairReport([str(s.path) for s in specs], counting, max_seq_length=max_seq_length)
-    video = video or VideoSampling()
-    base = Encoder(processor, root=image_root, allow_outside_root=allow_outside_root, video=video, thinking_turns=thinking_turns, image_pixel_limit=image_pixel_limit) if processor is not None else None
-    settings = _Settings(allow_outside_root, deep, max_seq_length, video, image_pixel_limit)
+def check_pairs(data: str | list[str], options: CheckOptions = CheckOptions()) -> PairReport:
+    """Check a preference dataset or mixture as ``options`` say (``check_dataset``'s); a ``Report``
+    (problems, lengths of every answer's sample) with the pairs that can be trained and their two lengths."""
+    specs = dataset_specs(data)
+    report = PairReport([str(s.path) for s in specs], options.counting(), max_seq_length=options.max_seq_length)
+    base, settings = options.encoder(), options.settings()
     for spec in specs:
-        lo, hi = source_budget(spec, processor, min_pixels, max_pixels)
-        root = spec.image_root or (image_root if image_root is not None else spec.path.parent)
-        report.sources.append({"file": str(spec.path), "percent": spec.percent, "image_root": str(root), "min_pixels": lo, "max_pixels": hi})
-        source = _Source(str(spec.path), root, encoder_for_source(base, spec) if base is not None else None, lo, hi)
+        source = options.source(spec, base, report)
         for item in read_items(spec.path):
             if item.problem is not None:
                 report.records += item.problem.index is not None
@@ -202,11 +175,7 @@ class PairIndex:
 
 
 def _checked_pairs(spec: Any, processor: Any, cfg, seed: int) -> tuple[list[PairEntry], list[Problem]]:
-    d = cfg.data
-    report = check_pairs(
-        spec, image_root=Path(d.image_root) if d.image_root else None, processor=processor, max_seq_length=d.max_seq_length,
-        allow_outside_root=d.allow_media_outside_root, video=d.video_sampling(), thinking_turns=d.thinking_turns, image_pixel_limit=d.image_pixel_limit,
-    )
+    report = check_pairs(spec, CheckOptions.for_run(cfg.data, processor))
     entries: list[PairEntry] = []
     for s in parse_mixture(spec):
         per_file = [PairEntry(*p) for p in report.pairs if p[0] == str(s.path)]

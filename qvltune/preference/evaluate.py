@@ -98,15 +98,19 @@ def evaluate_pairs(model, processor, pairs: list[Pair], *, reference=None, beta:
     return report
 
 
-def evaluate_pairs_model(model: str, data: str, *, base=None, reference: str | None = None, beta: float = 0.1, device=None, dtype=None, image_root=None, max_new_tokens: int = 16, batch_size: int = 16, limit: int | None = None, progress=None) -> PreferenceReport:
+def evaluate_pairs_model(model: str, data: str, options, *, reference: str | None = None, beta: float = 0.1, progress=None) -> PreferenceReport:
+    """``qvltune eval`` on preference pairs; ``options``: ``qvltune.infer.InferenceOptions`` (the
+    reference loads on the same device and dtype, with no adapter base of its own)."""
     from qvltune.infer import _media_errors_as_user_errors, load_for_inference
     from qvltune.preference.data import load_pairs
 
     pairs = load_pairs(data)
-    pairs = pairs[:limit] if limit else pairs
+    pairs = pairs[:options.limit] if options.limit else pairs
     if progress:
         progress(f"loading {model}", 0, None)
-    net, processor = load_for_inference(model, base, device, dtype)
-    ref = load_for_inference(reference, None, device, dtype)[0] if reference else None
+    net, processor = options.load(model)
+    ref = load_for_inference(reference, None, options.device, options.dtype)[0] if reference else None
     with _media_errors_as_user_errors(data):
-        return evaluate_pairs(net, processor, pairs, reference=ref, beta=beta, image_root=image_root, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        return evaluate_pairs(
+            net, processor, pairs, reference=ref, beta=beta, image_root=options.image_root, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, progress=progress
+        )

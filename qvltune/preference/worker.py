@@ -1,6 +1,7 @@
 """The worker's preference-tuning parts (``stage: dpo``): index, datasets, collator, trainer class.
 
-``qvltune.worker``'s recipe is the same for both stages; these are the pieces that differ."""
+``qvltune.worker``'s recipe is the same for both stages; these are the pieces that differ (called
+from ``qvltune.training_data`` and the worker)."""
 
 from __future__ import annotations
 

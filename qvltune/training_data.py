@@ -1,0 +1,81 @@
+"""The worker's data side: what ``transformers.Trainer`` is given to train and evaluate on.
+
+Two halves, split by whether they need the model. ``prepare_data_side`` (processor, data index,
+packing plan) needs no weights, so ``qvltune.worker`` runs it in a thread beside the model load;
+``build_datasets`` (the datasets and the collator) reads the loaded model's config. DPO's versions
+of both live in ``qvltune.preference.worker`` and are called from here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qvltune.config import RunConfig
+from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data, source_encoders
+from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
+from qvltune.data.tokenize import Encoder
+from qvltune.model import component_of, load_processor
+from qvltune.trainer import unwrap, world_size
+
+
+def prepare_data_side(cfg: RunConfig, run_dir: Path):
+    """(processor, data index, train rows, eval rows, seconds): everything before training that needs
+    no model weights. Rows are the packing plan (lists of sample indices), one sample each unpacked."""
+    started = time.time()
+    lo, hi = cfg.data.pixel_budget()
+    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    if cfg.stage == "dpo":  # preference pairs: their rows are planned with the datasets (qvltune.preference)
+        from qvltune.preference import worker as dpo
+
+        return processor, dpo.load_index(cfg, run_dir, processor), None, None, time.time() - started
+    index_path = run_dir / "data_index.json"
+    index = DataIndex.load(index_path) if index_path.exists() else prepare_data(cfg, processor)
+    if cfg.data.packing:
+        train_groups = pack_bins(index.train.tokens, cfg.data.max_seq_length, cfg.optim.seed)
+        eval_groups = pack_bins(index.eval.tokens, cfg.data.max_seq_length, cfg.optim.seed) if len(index.eval) else []
+    else:
+        train_groups = [[i] for i in range(len(index.train))]
+        eval_groups = [[i] for i in range(len(index.eval))]
+    return processor, index, train_groups, eval_groups, time.time() - started
+
+
+def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataIndex, train_groups, eval_groups):
+    """(train rows, train set, eval set or None, collator); DPO plans its rows here, pairs whole. Evaluation gets rows built exactly like training's
+    (packed with the same plan, the same collator: varlen boundaries where training has them), so an
+    eval runs the same compiled layers and attention kernels, and the fused answer-only loss."""
+    root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    encoder = Encoder(processor, root=root, allow_outside_root=cfg.data.allow_media_outside_root, video=cfg.data.video_sampling(), thinking_turns=cfg.data.thinking_turns, image_pixel_limit=cfg.data.image_pixel_limit)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    hf_config = unwrap(model).config
+    from qvltune.attention import NAME as VARLEN
+
+    varlen = hf_config.get_text_config()._attn_implementation == VARLEN
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
+    # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
+    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
+    if cfg.stage == "dpo":  # both answers of a pair in one row (qvltune.preference)
+        from qvltune.preference import worker as dpo
+
+        return dpo.preference_parts(cfg, index, encoder, source_encoders(cfg, encoder), pad_id, hf_config, dummy, varlen, run_dir)
+    if cfg.data.packing:
+        collator = PackedCollator(pad_id, RopeIndex(hf_config), dummy, varlen=varlen)
+    else:
+        collator = PaddedCollator(pad_id, dummy, varlen=varlen)
+    policy, skipped_log = cfg.data.on_bad_sample, run_dir / "skipped.jsonl"
+    encoders = source_encoders(cfg, encoder)
+    train_set = SFTDataset(index.train, encoder, train_groups, policy, skipped_log, encoders)
+    eval_set = SFTDataset(index.eval, encoder, eval_groups, policy, skipped_log, encoders) if len(index.eval) else None
+    return train_groups, train_set, eval_set, collator
+
+
+def row_padding(cfg: RunConfig, index, train_groups) -> dict:
+    """The ``start`` record's row fields: how many training rows, and the share of padding in their
+    batches, packed as planned and (for comparison) one sample per row."""
+    b = cfg.optim.per_device_batch
+    # SFT's index holds columns (a list of ints: a million samples are summed in a second); DPO's, pairs
+    tokens = index.train.tokens if cfg.stage == "sft" else [e.tokens for e in index.train]
+    rows = [sum(tokens[j] for j in g) for g in train_groups]
+    padded_rows = [rows[i : i + b] for i in range(0, len(rows), b)]
+    unpacked = [tokens[i : i + b] for i in range(0, len(tokens), b)]
+    return {"train_rows": len(train_groups), "padding": padding_fraction(padded_rows), "padding_unpacked": padding_fraction(unpacked)}
