@@ -509,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         rank_note("error", e.message)
         print(f"Error: {e.message}" + (f"\nHint: {e.hint}" if e.hint else ""), file=sys.stderr, flush=True)
         code = 1
+    except SystemExit:
+        raise
     except BaseException as e:  # the traceback still goes to train.log; the record keeps its last line
         rank_note("error", f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__)
         raise

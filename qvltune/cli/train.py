@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape  # a worker's error may hold "[...]" (gloo's source locations)
 
 from qvltune import console
 from qvltune.config import load_config
@@ -101,7 +102,7 @@ def report(outcome, cfg, config_path: Path) -> int:
         console.err.print(f"[bold]Hint:[/] resume with: qvltune train {config_path} --resume")
         return 130
     if outcome.peer_failure:  # first: this node's own errors follow from it (peers gone)
-        console.err.print(f"[red]training failed[/]: {outcome.peer_failure}; the ranks of {outcome.node} were stopped; last checkpoint: {state.checkpoint or 'none'}", highlight=False)
+        console.err.print(f"[red]training failed[/]: {escape(outcome.peer_failure)}; the ranks of {outcome.node} were stopped; last checkpoint: {state.checkpoint or 'none'}", highlight=False)
         console.err.print(f"[bold]Hint:[/] see that node's log under {run_dir / 'nodes'}, fix the cause, then start every node again with --resume")
         return outcome.failure.exit_code if outcome.failure else 1  # the failed rank's own code
     if state.status == "nan":
@@ -119,7 +120,7 @@ def report(outcome, cfg, config_path: Path) -> int:
     if outcome.node:
         what = f"{outcome.node}: " + what
     tail = "\n".join(redact(line) for line in outcome.log_tail[-25:])
-    console.err.print(f"[red]training failed[/]: {redact(what)}; last checkpoint: {state.checkpoint or 'none'}; last lines of {run_dir / 'train.log'}:", highlight=False)
+    console.err.print(f"[red]training failed[/]: {escape(redact(what))}; last checkpoint: {state.checkpoint or 'none'}; last lines of {run_dir / 'train.log'}:", highlight=False)
     console.err.print(tail, markup=False, highlight=False)
     console.err.print(f"[bold]Hint:[/] fix the cause above, then: qvltune train {config_path} --resume")
     # That rank's own exit code (128 + N when signal N killed it), as a shell reports a failed command.
