@@ -7,7 +7,6 @@ exactly what ``qvltune train`` runs, and tests check it without launching anythi
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import socket
@@ -64,7 +63,7 @@ def build_launch(
         else:
             argv += ["--num_gpus", str(processes)]
     argv += ["--master_port", str(master_port or launch.master_port or DEFAULT_MASTER_PORT)]
-    argv += ["--module", "qvltune.worker", "--run-dir", str(run_dir)]
+    argv += ["--module", "qvltune.rank", "--run-dir", str(run_dir)]  # runs qvltune.worker, records its outcome
     if resume:
         argv.append("--resume")
     return argv, launch_env(gpu_count, processes, cpu_count)
@@ -161,9 +160,6 @@ def _die_with_parent() -> None:
         pass  # not Linux: the process group is still stopped on every path qvltune controls
 
 
-_RANK_EXIT = re.compile(r"--local_rank=(\d+).*exits with return code = (-?\d+)")
-
-
 SHM_DIR = Path("/dev/shm")
 
 
@@ -185,16 +181,6 @@ def remove_shm_buffers(master_port: int, rank: int | None = None, shm_dir: Path 
         except OSError:
             pass
     return removed
-
-
-def failed_ranks(lines: list[str]) -> list[tuple[int, int]]:
-    """(local rank, exit code) of ranks the deepspeed launcher reports as failed, from its log."""
-    out = []
-    for line in lines:
-        m = _RANK_EXIT.search(line)
-        if m and int(m.group(2)) != 0:
-            out.append((int(m.group(1)), int(m.group(2))))
-    return out
 
 
 def describe_exit(code: int) -> str:

@@ -189,7 +189,7 @@ def node_launch(cfg: RunConfig, node: NodeSpec, *, run_dir: Path, gpu_count: int
     argv = deepspeed_launcher() + [
         "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node.node_rank),
         "--master_addr", node.master_addr, "--master_port", str(node.master_port),
-        "--module", "qvltune.worker", "--run-dir", str(run_dir),
+        "--module", "qvltune.rank", "--run-dir", str(run_dir),
     ]  # fmt: skip
     if resume:
         argv.append("--resume")

@@ -20,8 +20,9 @@ from qvltune.config import RunConfig, check_against_hardware, check_against_mode
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
 from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
-from qvltune.metrics import MetricsTailer, read_all
+from qvltune.metrics import MetricsTailer, MetricsWriter, read_all
 from qvltune.phases import PhaseClock, parent_env, process_started
+from qvltune.rank import RankFailure, clear_records, first_failure, read_records
 from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
 from qvltune.zero import write_deepspeed_config, zero3_stats
 
@@ -110,6 +111,31 @@ class Outcome:
     interrupted: bool
     peer_failure: str | None = None  # multi-node: another node failed, so this one stopped
     node: str | None = None  # multi-node: "node 1 of 2", to name this node in messages
+    failure: RankFailure | None = None  # the rank that failed first, from the ranks' own records
+
+
+# What rank 0 already explained in its own ``end`` record (and the worker's exit code says so).
+WORKER_REPORTED = ("oom", "bad_sample", "nan", "save_failed", "compile_failed", "error")
+
+
+def rank_failure(run_dir: Path, outcome: Outcome, *, node: int | None = None, nodes: int = 1, write_end: bool = True) -> RankFailure | None:
+    """After the launcher exited with an error: which rank failed first, from the records each rank
+    left (``qvltune.rank``), not from the launcher, whose exit code is whichever failed rank it
+    polled first. Written to metrics.jsonl as the run's ``end`` record (``write_end``: by the node
+    that owns the metrics) unless rank 0 already explained the failure there."""
+    if outcome.exit_code in (0, 130) or outcome.interrupted or outcome.state.status in WORKER_REPORTED:
+        return None
+    failure = first_failure(read_records(run_dir, node))
+    if failure is not None and write_end:
+        MetricsWriter(run_dir / "metrics.jsonl").write(
+            "end", status="rank_failed", step=outcome.state.step, message=failure.describe(nodes), last_checkpoint=_last_checkpoint(run_dir), **failure.as_record()
+        )
+    return failure
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    c = latest_complete_checkpoint(run_dir)
+    return str(c) if c else None
 
 
 def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, MetricsTailer]:
@@ -291,11 +317,13 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
     state, tailer = resume_state(cfg, cfg.run_dir / "metrics.jsonl")
     # The parent's phases go to the ranks, not into launch.sh: the recorded command stays reproducible.
+    clear_records(cfg.run_dir)
     child = start(argv, {**env, **parent_env(clock)}, cfg.run_dir / "train.log", cfg.run_dir)
     try:
         outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None, state=state, tailer=tailer)
     finally:
         remove_shm_buffers(master_port_of(argv))  # also those of ranks that were killed
+    outcome.failure = rank_failure(cfg.run_dir, outcome, nodes=cfg.launch.nodes)
     plot_loss(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
     return outcome
 
@@ -333,6 +361,7 @@ def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpu
     watch = PeerWatch(run_dir, node)  # before this node's first status: earlier files are history
     local = sample_gpus() if gpus else []
     write_status(run_dir, node.node_rank, "running", gpus=local)
+    clear_records(run_dir, node.node_rank)  # each node its own ranks' records of an earlier attempt
     child = start(argv, env, log, run_dir)
     last = time.time()
 
@@ -352,12 +381,14 @@ def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpu
         outcome.node = label
         # Node 0's ranks fail at once when a peer's die (closed sockets): if a peer failed, name it,
         # not the consequence. (Node 0's own errors -- out of memory, a bad sample, NaN -- come first.)
-        if node.is_first and outcome.exit_code not in (0, 130) and outcome.peer_failure is None and outcome.state.status not in ("oom", "bad_sample", "nan", "save_failed"):
+        if node.is_first and outcome.exit_code not in (0, 130) and outcome.peer_failure is None and outcome.state.status not in WORKER_REPORTED:
             outcome.peer_failure = watch.failed_peer()
+        # This node's ranks' records name which of them failed first, with its own exit code.
+        # Node 0 reads every node's (the run folder is shared), the others their own.
+        outcome.failure = rank_failure(run_dir, outcome, node=None if node.is_first else node.node_rank, nodes=node.nodes, write_end=node.is_first)
     finally:
-        from qvltune.launch import failed_ranks
-
-        ranks = failed_ranks(list(child.tail)) if outcome else []
+        own = outcome.failure if outcome and outcome.failure and outcome.failure.node == node.node_rank else None
+        ranks = [(own.local_rank, own.status_code)] if own else []
         write_status(run_dir, node.node_rank, "exited", exit_code=child.poll(), stopped_for=outcome.peer_failure if outcome else None, failed_ranks=ranks)
         remove_shm_buffers(node.master_port)
     if node.is_first:

@@ -1,4 +1,5 @@
-"""The training recipe that DeepSpeed starts on every rank: ``python -m qvltune.worker --run-dir DIR``.
+"""The training recipe run on every rank: ``python -m qvltune.worker --run-dir DIR`` (DeepSpeed starts
+``qvltune.rank``, which runs this and records how it ended).
 
 A linear recipe: config -> TrainingArguments (first, so ZeRO-3 partitions the model as it loads) ->
 processor and model -> freeze / LoRA -> datasets and collator -> ``QvlTrainer`` -> save.
@@ -44,6 +45,7 @@ from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table, transformer_blocks
 from qvltune.phases import PhaseClock, worker_clock
+from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.training_data import build_datasets, prepare_data_side, row_padding
@@ -401,6 +403,7 @@ def _install_stop_handlers(callback) -> None:
     end of the current step instead of killing the process mid-step."""
 
     def handler(signum, frame):
+        rank_note("received", signal.Signals(signum).name)  # this rank was stopped, it did not fail
         if callback.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         callback.stop_requested = True
@@ -445,8 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(args.run_dir, args.resume)
     except UserError as e:
+        rank_note("error", e.message)
         print(f"Error: {e.message}" + (f"\nHint: {e.hint}" if e.hint else ""), file=sys.stderr, flush=True)
         code = 1
+    except SystemExit:
+        raise
+    except BaseException as e:  # the traceback still goes to train.log; the record keeps its last line
+        rank_note("error", f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__)
+        raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean exit (gloo aborts otherwise)
     if "MASTER_PORT" in os.environ and "LOCAL_RANK" in os.environ:

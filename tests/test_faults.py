@@ -4,8 +4,8 @@ crashing) are injected by tests/faults/sitecustomize.py; everything else is the 
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -41,7 +41,7 @@ def launched_port(rd: Path) -> int:
 def no_workers_left(rd: Path, timeout: float = 20.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        alive = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "qvltune.worker" in " ".join(p.info["cmdline"]) and str(rd) in " ".join(p.info["cmdline"])]
+        alive = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and ("qvltune.worker" in " ".join(p.info["cmdline"]) or "qvltune.rank" in " ".join(p.info["cmdline"])) and str(rd) in " ".join(p.info["cmdline"])]
         if not alive:
             return True
         time.sleep(0.5)
@@ -196,11 +196,19 @@ def test_a_dying_rank_is_named_and_leaves_no_orphans(tmp_path, demo_data):
     config = write_config(tmp_path, demo_data, "die", launch={"cpu_processes": 2}, optim={"max_steps": 6})
     result = run_with(config, "die:3", HF_TOKEN="hf_abcdefghijklmnopqrstuvwxyz0123456789")
     rd = run_dir(config)
-    assert result.returncode != 0
-    # The rank is named; its own exit code only when the launcher polled it first: DeepSpeed's launcher
-    # reports the first non-zero code it finds among ranks that died within one poll (rank 0 follows
-    # rank 1 within milliseconds here, exiting 1 on the broken collective), so "17" or "1" by timing.
-    assert re.search(r"rank 1 \(exit code (17|1)\)", result.stderr), result.stderr
+    # Rank 1 exits with 17; rank 0 follows within milliseconds (1, on the broken collective, or
+    # stopped by the launcher's teardown), and DeepSpeed's launcher exits with whichever code it polls
+    # first. The ranks' own records (qvltune.rank) name rank 1 and its 17, every time.
+    assert result.returncode == 17, result.stdout + result.stderr
+    assert "training failed: rank 1 (exit code 17);" in result.stderr, result.stderr
+    assert "rank 0 (" not in result.stderr.split("last lines of")[0]
+    end = [r for r in read_all(rd / "metrics.jsonl") if r["kind"] == "end"]
+    assert len(end) == 1 and end[0]["status"] == "rank_failed", end
+    assert (end[0]["rank"], end[0]["node"], end[0]["exit_code"], end[0]["signal"]) == (1, 0, 17, None), end
+    records = {r["rank"]: r for r in map(json.loads, [p.read_text() for p in (rd / "ranks").glob("node0-rank*.json")])}
+    assert sorted(records) == [0, 1] and records[1]["exit_code"] == 17 and records[1]["received"] is None
+    # Rank 0 is a consequence: stopped by the teardown (a signal received) or failed after rank 1.
+    assert records[0]["received"] is not None or records[0]["ended"] > records[1]["ended"], records
     assert "--resume" in result.stderr
     assert no_workers_left(rd)
     # No secret ends up in what qvltune printed or wrote.

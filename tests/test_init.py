@@ -114,7 +114,7 @@ def test_non_interactive_writes_valid_files(demo_data, tmp_path, no_gpu):
     assert cfg.model.path == "builtin:tiny" and cfg.data.train == str(train.resolve())
     assert json.loads((out / "ds_zero.json").read_text()) == deepspeed_config(cfg)
     launch = (out / "launch.sh").read_text()
-    assert "--module qvltune.worker" in launch and f"--run-dir {out / 'runs' / cfg.name}" in launch
+    assert "--module qvltune.rank" in launch and f"--run-dir {out / 'runs' / cfg.name}" in launch
     assert (out / "launch.sh").stat().st_mode & stat.S_IXUSR
     answers = yaml.safe_load((out / "qvltune-answers.yaml").read_text())
     assert answers["model"] == "builtin:tiny" and answers["out"] == str(out)

@@ -161,7 +161,12 @@ def test_two_nodes_train_like_one_and_a_node_that_dies_is_named_then_resumed(tmp
     assert job.returncode != 0
     err0, err1 = (logs / "node0.err").read_text(), (logs / "node1.err").read_text()
     assert "training failed: node 1" in err0 and "killed by SIGKILL" in err0, err0
-    assert "node 1 of 2: local rank 0 (killed by SIGKILL)" in err1, err1
+    assert "node 1 of 2: local rank 0 (killed by SIGKILL) on node 1" in err1, err1
+    # Node 0 names the rank that failed first from every node's records in the shared run folder
+    # (its own ranks, which fell on the broken collective or were stopped, are not the cause).
+    end = [r for r in read_all(run_dir / "metrics.jsonl") if r["kind"] == "end"]
+    assert len(end) == 1 and end[0]["status"] == "rank_failed", end
+    assert (end[0]["node"], end[0]["rank"], end[0]["local_rank"], end[0]["signal"], end[0]["exit_code"]) == (1, 1, 0, "SIGKILL", 137), end
     assert workers_of(run_dir) == []  # nothing left running
     assert not (run_dir / "final").exists()
 

@@ -75,7 +75,7 @@ def tensors_by_component(path: Path, strip: str = "") -> dict[str, dict[str, obj
 def test_launch_command_is_pure_and_complete(tmp_path):
     cfg = parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "launch": {"gpus": [0, 2], "master_port": 29600}})
     argv, env = build_launch(cfg, run_dir=tmp_path, gpu_count=4)
-    assert argv[-4:] == ["--module", "qvltune.worker", "--run-dir", str(tmp_path)]
+    assert argv[-4:] == ["--module", "qvltune.rank", "--run-dir", str(tmp_path)]
     assert "--include" in argv and argv[argv.index("--include") + 1] == "localhost:0,2"
     assert argv[argv.index("--master_port") + 1] == "29600"
     argv, env = build_launch(cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"gpus": "all"})}), run_dir=tmp_path, gpu_count=4, resume=True)
@@ -107,7 +107,7 @@ def test_print_command(tmp_path, demo_data):
     config = write_config(tmp_path, demo_data, "pc")
     out = subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--print-command"], capture_output=True, text=True)
     assert out.returncode == 0
-    assert "--module qvltune.worker --run-dir" in out.stdout and "deepspeed" in out.stdout
+    assert "--module qvltune.rank --run-dir" in out.stdout and "deepspeed" in out.stdout
     assert not run_dir(config).exists()  # printing launches nothing
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape  # a worker's error may hold "[...]" (gloo's source locations)
 
 from qvltune import console
 from qvltune.config import load_config
@@ -101,23 +102,28 @@ def report(outcome, cfg, config_path: Path) -> int:
         console.err.print(f"[bold]Hint:[/] resume with: qvltune train {config_path} --resume")
         return 130
     if outcome.peer_failure:  # first: this node's own errors follow from it (peers gone)
-        console.err.print(f"[red]training failed[/]: {outcome.peer_failure}; the ranks of {outcome.node} were stopped; last checkpoint: {state.checkpoint or 'none'}", highlight=False)
+        console.err.print(f"[red]training failed[/]: {escape(outcome.peer_failure)}; the ranks of {outcome.node} were stopped; last checkpoint: {state.checkpoint or 'none'}", highlight=False)
         console.err.print(f"[bold]Hint:[/] see that node's log under {run_dir / 'nodes'}, fix the cause, then start every node again with --resume")
-        return 1
+        return outcome.failure.exit_code if outcome.failure else 1  # the failed rank's own code
     if state.status == "nan":
         console.error(f"{state.message}; last good checkpoint: {state.checkpoint or 'none'}", "lower optim.learning_rate (or raise warmup), check the data around that step, then --resume")
         return 1
     if state.status in ("oom", "bad_sample", "save_failed", "error") and state.message:
         console.error(state.message, state.hint)
         return 1
-    from qvltune.launch import describe_exit, failed_ranks
+    from qvltune.launch import describe_exit
 
-    ranks = failed_ranks(outcome.log_tail)
-    what = ", ".join(f"rank {r} ({describe_exit(c)})" for r, c in ranks) if ranks else f"the launcher ({describe_exit(outcome.exit_code)})"
+    # The rank that failed first, from the ranks' own records (qvltune.rank); the launcher's exit code
+    # only when none was left (the recorders themselves killed).
+    failure = outcome.failure
+    what = failure.describe(2 if outcome.node else cfg.launch.nodes) if failure else f"the launcher ({describe_exit(outcome.exit_code)}; no rank left a record in {run_dir / 'ranks'})"
     if outcome.node:
-        what = f"{outcome.node}: " + what.replace("rank ", "local rank ")
+        what = f"{outcome.node}: " + what
     tail = "\n".join(redact(line) for line in outcome.log_tail[-25:])
-    console.err.print(f"[red]training failed[/]: {what}; last checkpoint: {state.checkpoint or 'none'}; last lines of {run_dir / 'train.log'}:", highlight=False)
+    console.err.print(f"[red]training failed[/]: {escape(redact(what))}; last checkpoint: {state.checkpoint or 'none'}; last lines of {run_dir / 'train.log'}:", highlight=False)
     console.err.print(tail, markup=False, highlight=False)
     console.err.print(f"[bold]Hint:[/] fix the cause above, then: qvltune train {config_path} --resume")
-    return outcome.exit_code or 1
+    # That rank's own exit code (128 + N when signal N killed it), as a shell reports a failed command.
+    if failure:
+        return failure.exit_code
+    return (outcome.exit_code if outcome.exit_code >= 0 else 128 - outcome.exit_code) or 1
