@@ -158,11 +158,12 @@ def test_workers_give_the_same_report(broken_dataset, tmp_path, monkeypatch):
     """Records checked in several processes, in chunks, merge into exactly the one-process report
     (problems in order, duplicates across chunks, box verdicts, token statistics)."""
     import qvltune.data.check as check
+    import qvltune.data.check_parts as check_parts
 
     write_image(tmp_path / "a.png", (640, 480))
     boxes = write_jsonl(tmp_path / "boxes.jsonl", [qa("a.png", answer=f'{{"bbox_2d": [10, 10, {900 + i}, 300]}}') for i in range(7)] + [qa("a.png", answer='{"bbox_2d": [10, 10, 1900, 300]}')])
-    monkeypatch.setattr(check, "CHUNK", 3)  # several chunks per worker, duplicates across chunks
-    monkeypatch.setattr(check, "PART_BYTES", 300)  # JSONL files: several byte ranges, each read by a worker
+    monkeypatch.setattr(check_parts, "CHUNK", 3)  # several chunks per worker, duplicates across chunks
+    monkeypatch.setattr(check_parts, "PART_BYTES", 300)  # JSONL files: several byte ranges, each read by a worker
     spec = f"{broken_dataset},{boxes}"
     one = check.check_dataset(spec).to_json()
     two = check.check_dataset(spec, workers=2).to_json()

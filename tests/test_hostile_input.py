@@ -352,7 +352,7 @@ def test_training_error_policy_names_the_record_that_turned_bad(tmp_path, tiny_p
 
 def test_a_bug_on_one_record_is_reported_on_it_and_the_pass_goes_on(tmp_path, capsys, monkeypatch):
     """The safety net for bugs of our own: planted here by making token estimation fail on one record."""
-    import qvltune.data.check as check_mod
+    import qvltune.data.check_record as check_mod
 
     real = check_mod.estimate_tokens
 

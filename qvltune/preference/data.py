@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 # check-data's per-record machinery (media, boxes, exact counts, the length limit), run on each answer's record.
-from qvltune.data.check import CheckOptions, Report, _check_item, _Settings, _Source, dataset_specs, percentile
+from qvltune.data.check import CheckOptions, Report, dataset_specs, percentile
+from qvltune.data.check_record import _check_item, _Settings, _Source
 from qvltune.data.dataset import RecordStore
 from qvltune.data.files import read_items
 from qvltune.data.formats import Problem, mixture_text, parse_mixture, sample_indices
