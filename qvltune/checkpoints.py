@@ -28,3 +28,9 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose save finished; half-written ones are never picked."""
     done = [p for p in checkpoints(run_dir) if is_complete(p)]
     return done[-1] if done else None
+
+
+def last_checkpoint_text(run_dir: Path) -> str | None:
+    """``latest_complete_checkpoint`` as the ``end`` record's ``last_checkpoint`` field (a path or null)."""
+    c = latest_complete_checkpoint(run_dir)
+    return str(c) if c else None

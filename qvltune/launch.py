@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qvltune.config import RunConfig
+from qvltune.rank import die_with_parent
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -149,17 +150,6 @@ class Child:
             self.process.wait()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if ``qvltune train`` dies (even by SIGKILL), so a lost
-    parent never leaves the ranks running on the GPUs (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the process group is still stopped on every path qvltune controls
-
-
 SHM_DIR = Path("/dev/shm")
 
 
@@ -201,7 +191,7 @@ def start(argv: list[str], env: dict[str, str], log_path: Path, run_dir: Path) -
     log = open(log_path, "ab")
     guarded = [sys.executable, "-m", "qvltune.launch", str(run_dir), *argv]
     process = subprocess.Popen(
-        guarded, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        guarded, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM)
     )
     log.close()
     return Child(process, log_path, _offset=offset)

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qvltune.redact import redact
 
@@ -82,15 +82,21 @@ def _read_notes(path: Path) -> dict[str, Any]:
     return out
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGKILL if this recorder dies (so a killed recorder never leaves a
-    rank running on a GPU; Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``sig`` when its parent dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so a lost parent never leaves a rank running on a GPU. Used for the
+    launcher under ``qvltune train`` (SIGTERM: the ranks checkpoint) and for the worker under its
+    recorder here (SIGKILL: the recorder is gone, nothing is left to record)."""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    def preexec() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # not Linux: the process group is still stopped on every path qvltune controls
+
+    return preexec
 
 
 def run_and_record(argv: list[str], record: Path, identity: dict[str, Any]) -> int:
@@ -101,7 +107,7 @@ def run_and_record(argv: list[str], record: Path, identity: dict[str, Any]) -> i
     notes.unlink(missing_ok=True)
     started = time.time()
     received: dict[str, Any] | None = None
-    child = subprocess.Popen(argv, env={**os.environ, NOTE_ENV: str(notes)}, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(argv, env={**os.environ, NOTE_ENV: str(notes)}, preexec_fn=die_with_parent(signal.SIGKILL))
 
     def forward(signum, frame):
         nonlocal received

@@ -23,7 +23,7 @@ from qvltune.launch import Child, build_launch, format_command, free_port, maste
 from qvltune.metrics import MetricsTailer, MetricsWriter, read_all
 from qvltune.phases import PhaseClock, parent_env, process_started
 from qvltune.rank import RankFailure, clear_records, first_failure, read_records
-from qvltune.checkpoints import STOP_FILE, checkpoints, latest_complete_checkpoint
+from qvltune.checkpoints import STOP_FILE, checkpoints, last_checkpoint_text, latest_complete_checkpoint
 from qvltune.zero import write_deepspeed_config, zero3_stats
 
 
@@ -128,14 +128,9 @@ def rank_failure(run_dir: Path, outcome: Outcome, *, node: int | None = None, no
     failure = first_failure(read_records(run_dir, node))
     if failure is not None and write_end:
         MetricsWriter(run_dir / "metrics.jsonl").write(
-            "end", status="rank_failed", step=outcome.state.step, message=failure.describe(nodes), last_checkpoint=_last_checkpoint(run_dir), **failure.as_record()
+            "end", status="rank_failed", step=outcome.state.step, message=failure.describe(nodes), last_checkpoint=last_checkpoint_text(run_dir), **failure.as_record()
         )
     return failure
-
-
-def _last_checkpoint(run_dir: Path) -> str | None:
-    c = latest_complete_checkpoint(run_dir)
-    return str(c) if c else None
 
 
 def resume_state(cfg: RunConfig, metrics: Path) -> tuple[DashboardState, MetricsTailer]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch  # noqa: E402
 
 from qvltune.checkpoint_writer import fsync_tree
-from qvltune.checkpoints import is_complete, latest_complete_checkpoint
+from qvltune.checkpoints import is_complete, last_checkpoint_text, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError
 from qvltune.errors import UserError
@@ -311,11 +311,11 @@ def run(run_dir: Path, resume: bool) -> int:
         trainer.checkpointer.settle()  # a save in flight may still complete (and become the resume point)
         status, message, hint = explain_failure(e, cfg, trainer, run_dir)
         if writer:
-            writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=_last(run_dir))
+            writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=last_checkpoint_text(run_dir))
         raise UserError(message, hint) from None
     step = trainer.state.global_step
     if callback.nonfinite_step is not None:
-        last = _last(run_dir)
+        last = last_checkpoint_text(run_dir)
         if writer:
             skipped = f" after {callback.skipped} skipped step(s) (optim.max_skipped_steps)" if callback.skipped else ""
             writer.write("end", status="nan", step=callback.nonfinite_step, message=f"loss became NaN/inf at step {callback.nonfinite_step}{skipped}", last_checkpoint=last)
@@ -323,7 +323,7 @@ def run(run_dir: Path, resume: bool) -> int:
         return EXIT_NAN
     if callback.stopped_by_request:
         if writer:
-            writer.write("end", status="interrupted", step=step, message="stopped on request; checkpoint saved", last_checkpoint=_last(run_dir))
+            writer.write("end", status="interrupted", step=step, message="stopped on request; checkpoint saved", last_checkpoint=last_checkpoint_text(run_dir))
         return EXIT_INTERRUPTED
     _begin(writer, "saving the final model")
     final = save_final(trainer, processor, cfg, run_dir)
@@ -334,7 +334,7 @@ def run(run_dir: Path, resume: bool) -> int:
         # logged epoch lags the end of training; the summary needs both.
         writer.write(
             "end", status="completed", step=step, epoch=trainer.state.epoch, train_loss=result.training_loss,
-            final=str(final), last_checkpoint=_last(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note,
+            final=str(final), last_checkpoint=last_checkpoint_text(run_dir), skipped_steps=callback.skipped, message=f"{step} steps, final model saved" + note,
         )
     return 0
 
@@ -368,7 +368,7 @@ def _compile_errors(cfg: RunConfig) -> tuple[type[BaseException], ...]:
 def explain_failure(e: BaseException, cfg: RunConfig, trainer, run_dir: Path) -> tuple[str, str, str]:
     """(status, one-line message, hint) for the failures a user can act on."""
     step = trainer.state.global_step
-    last = _last(run_dir)
+    last = last_checkpoint_text(run_dir)
     if isinstance(e, torch.OutOfMemoryError):
         return "oom", f"GPU out of memory at step {step + 1}: {str(e).splitlines()[0][:160]}", oom_advice(cfg)
     if isinstance(e, _compile_errors(cfg)):
@@ -391,11 +391,6 @@ def explain_failure(e: BaseException, cfg: RunConfig, trainer, run_dir: Path) ->
             "free disk space (or fix permissions) under output_dir, then qvltune train CONFIG --resume",
         )
     return "error", f"I/O error at step {step + 1}: {e}", "check the files and folders the run uses, then --resume"
-
-
-def _last(run_dir: Path) -> str | None:
-    c = latest_complete_checkpoint(run_dir)
-    return str(c) if c else None
 
 
 def _install_stop_handlers(callback) -> None:
