@@ -30,7 +30,7 @@ from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import parameter_groups
 from qvltune.phases import format_phases
-from qvltune.stalls import GC_EVERY_STEPS, GcTimer, StallDetector, collect, compiled_graphs
+from qvltune.stalls import GcSchedule, GcTimer, StallDetector, compiled_graphs
 
 
 def is_main() -> bool:
@@ -238,7 +238,7 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             self.stall_detector, self.gc_timer = StallDetector(), GcTimer()
             self.last_step_end: float | None = None
             self.between_steps = 0.0  # seconds of eval / save / collection since the last step's end
-            self.graphs = 0  # torch.compile graphs so far: a stall with new ones was a recompilation
+            self.gc_schedule = GcSchedule()  # also counts torch.compile's graphs: a stall with new ones was a recompilation
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.clock is not None:  # the Trainer built DeepSpeed's engine (and restored a checkpoint)
@@ -310,12 +310,10 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             if self.last_step_end is not None:
                 stall = self.stall_detector.observe(state.global_step, now - self.last_step_end - self.between_steps, gc_seconds)
                 if stall and writer:
-                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.graphs)
-            self.graphs = graphs
-            self.between_steps = 0.0
-            if state.global_step % min(args.logging_steps, GC_EVERY_STEPS) == 0:
-                self.between_steps += collect()  # the training loop's garbage, at a step boundary (qvltune.stalls)
-                self.gc_timer.take()
+                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.gc_schedule.graphs)
+            # At a step boundary: freeze what a compile made, or collect the loop's garbage (qvltune.stalls).
+            self.between_steps = self.gc_schedule.after_step(state.global_step, graphs)
+            self.gc_timer.take()
             self.last_step_end = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 
 from qvltune.dashboard import format_line
-from qvltune.stalls import MIN_HISTORY, GcTimer, StallDetector, collect, quiet_gc
+from qvltune.stalls import MIN_HISTORY, GcSchedule, GcTimer, StallDetector, collect, quiet_gc
 
 
 def test_a_step_over_twice_the_median_is_a_stall_and_the_first_step_never_counts():
@@ -47,3 +47,21 @@ def test_quiet_gc_takes_the_setup_out_of_every_later_collection():
 def test_the_stall_line_names_what_explains_it():
     line = format_line({"kind": "stall", "step": 40, "seconds": 18.0, "median_s": 6.0, "ratio": 3.0, "gc_seconds": 0.0, "data_wait_s": 11.5, "new_graphs": 2, "count": 3})
     assert line == "stalls: 3, the last at step 40: 18.0 s, 3.0x the median step (6.00 s); waited 11.5 s for data; 2 recompilation(s)"
+
+
+def test_what_a_compile_makes_is_frozen_and_collections_wait_for_their_step():
+    schedule = GcSchedule(every=50)
+    try:
+        quiet_gc()
+        compiled = [[i] for i in range(100_000)]  # torch.compile's graphs, guards and code: alive for the run
+        assert len(gc.get_objects()) >= len(compiled)
+        schedule.after_step(1, graphs=4)  # the first step compiled four graphs
+        assert len(gc.get_objects()) < 1_000  # no later collection walks them
+        more = [[i] for i in range(10_000)]  # a step that made no graph: nothing frozen, no collection yet
+        frozen = gc.get_freeze_count()
+        assert schedule.after_step(2, graphs=4) == 0.0 and gc.get_freeze_count() == frozen
+        assert schedule.after_step(50, graphs=4) > 0  # the regular collection, at a step boundary
+        schedule.after_step(51, graphs=5)  # a recompilation: frozen again
+        assert gc.get_freeze_count() >= frozen + len(more)
+    finally:
+        gc.unfreeze()
