@@ -120,6 +120,12 @@ def flow(shape: str, work: Path, out: Path, samples: int, steps: int) -> dict:
     data = flow_data(work, shape, samples)
     train_file, eval_file = split_eval(data, max(8, samples // 40))
     row: dict = {"shape": shape}
+    partial = out / f"flow-{shape}.partial.json"  # the row so far: a call's time limit keeps what finished
+
+    def keep(row: dict) -> dict:
+        partial.write_text(json.dumps(row, indent=2))
+        return row
+
     row["check_data_exit"], row["check_data_s"], _ = cli(log, "check-data", train_file, "--model", model, "--json")
     plan_dir = work / f"flow-{shape}"
     shutil.rmtree(plan_dir, ignore_errors=True)
@@ -145,7 +151,8 @@ def flow(shape: str, work: Path, out: Path, samples: int, steps: int) -> dict:
         row["to_start_record_s"] = phases.pop("start_time") - t0
         row.update(phases)
     if code != 0:
-        return row
+        return keep(row)
+    keep(row)
     merged = work / f"merged-{shape}"
     row["merge_exit"], row["merge_s"], _ = cli(log, "merge", run_dir, "--out", merged, "--force")
     provenance = merged / "qvltune-merge.json"
@@ -153,15 +160,17 @@ def flow(shape: str, work: Path, out: Path, samples: int, steps: int) -> dict:
         lg = json.loads(provenance.read_text())["logits"]
         row.update(merge_ok=lg["ok"], merge_fp32_rms=lg["merge_rms"], merge_fp32_ratio=lg["merge_ratio"], merge_saved_rms=lg["saved_rms"], merge_cast_rms=lg["cast_rms"],
                    merge_saved_ratio=lg["ratio"], merge_unmerged_rms=lg["unmerged_rms"], merge_training_effect=lg["training_effect"])
+    keep(row)
     code, row["eval_s"], stdout = cli(log, "eval", merged, "--data", eval_file, "--json")
     row["eval_exit"] = code
     if code == 0:
         report = json.loads(stdout)
         row["eval_loss"] = report["loss"]
         row["eval_accuracy"] = report["accuracy"]
+    keep(row)
     row["predict_exit"], row["predict_s"], _ = cli(log, "predict", merged, "--data", eval_file, "--limit", "8", "--json")
     row["run_dir"] = str(run_dir)
-    return row
+    return keep(row)
 
 
 def synthetic_adapter(base: Path, dest: Path, strategy: str, components: dict) -> Path:
