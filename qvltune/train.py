@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qvltune import console
-from qvltune.config import RunConfig, check_against_hardware, check_against_model, dump_config
+from qvltune.config import RunConfig, dump_config
+from qvltune.config_checks import check_against_hardware, check_against_model
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
 from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qvltune.catalog import builtin_config
-from qvltune.config import check_conflicts, check_against_model
+from qvltune.config_checks import check_against_model, check_conflicts
 from qvltune.estimate import GiB, DatasetSummary, Machine, model_stats
 from qvltune.plan import (
     DEFAULT_EFFECTIVE_BATCH,

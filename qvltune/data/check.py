@@ -214,7 +214,7 @@ class CheckOptions:
 
     @classmethod
     def for_run(cls, d: Any, processor: Any) -> CheckOptions:
-        """A run's ``data`` section (``qvltune.config.DataConfig``), counted exactly with its processor."""
+        """A run's ``data`` section (``qvltune.config_sections.DataConfig``), counted exactly with its processor."""
         return cls(
             image_root=Path(d.image_root) if d.image_root else None, processor=processor, max_seq_length=d.max_seq_length,
             allow_outside_root=d.allow_media_outside_root, video=d.video_sampling(), thinking_turns=d.thinking_turns, image_pixel_limit=d.image_pixel_limit,

@@ -73,7 +73,7 @@ class Rung:
 
 
 # The guide's "ZeRO Stage 2 ... Stage 3 ... Stage 3 + CPU offload", cheapest first. ZeRO-3 is never
-# used for the MoE model (config.check_against_model: every expert gathered each step hangs or
+# used for the MoE model (config_checks.check_against_model: every expert gathered each step hangs or
 # crawls); ZeRO-2 with optimizer offload is its last resort.
 DENSE_LADDER = (Rung(2), Rung(3), Rung(3, True), Rung(3, True, True))
 MOE_LADDER = (Rung(2), Rung(2, True))
