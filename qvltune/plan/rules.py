@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass
 
 from qvltune.catalog import size_of
-from qvltune.estimate import GiB, DatasetSummary, Machine, ModelStats
+from qvltune.estimate_inputs import DatasetSummary, Machine
+from qvltune.model_stats import ModelStats
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_TOKEN_PIXELS, TOKEN_PIXELS
 from qvltune.plan.answers import Answers
 from qvltune.plan import reasons
 from qvltune.tiny import BUILTIN_TINY, TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from qvltune.units import GiB
 
 # The guide: "Effective batch size = 1 x 8 x 8 GPUs = 64" (scripts/sft_7b.sh).
 DEFAULT_EFFECTIVE_BATCH = 64
