@@ -201,7 +201,7 @@ def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
         return str(q if q.is_absolute() else (base / q)) + sep + pct
 
     def anchor_entry(entry: str) -> str:
-        from qvltune.data.formats import split_settings
+        from qvltune.data.mixture import split_settings
 
         head, settings = split_settings(entry.strip())
         if "image_root" in settings:
@@ -210,7 +210,7 @@ def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
         return anchor(head) + (f"[{inner}]" if settings else "")
 
     def anchor_spec(spec):
-        from qvltune.data.formats import _split_entries
+        from qvltune.data.mixture import _split_entries
 
         if isinstance(spec, str):
             return ",".join(anchor_entry(s) for s in _split_entries(spec) if s.strip())

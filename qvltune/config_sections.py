@@ -63,7 +63,7 @@ class SourceConfig(_Strict):
 
 def _check_mixture(value):
     """A mixture string or list parses (per-source settings included); the value is kept as written."""
-    from qvltune.data.formats import parse_mixture
+    from qvltune.data.mixture import parse_mixture
 
     if value is not None:
         parse_mixture(value if isinstance(value, str) else [v.model_dump() if isinstance(v, SourceConfig) else v for v in value])

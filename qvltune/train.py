@@ -30,7 +30,7 @@ from qvltune.zero import write_deepspeed_config, zero3_stats
 
 def missing_data_files(cfg: RunConfig) -> list[str]:
     """``data.train`` / ``data.eval`` files that do not exist (mixtures: every part), as messages."""
-    from qvltune.data.formats import parse_mixture
+    from qvltune.data.mixture import parse_mixture
 
     problems = []
     for field in ("train", "eval"):

@@ -19,9 +19,10 @@ from qvltune.data.boxes import BoxStats
 from qvltune.data.check_parts import _fold, _parts
 from qvltune.data.check_record import _check_item, _Settings, _Source
 from qvltune.data.files import records_at
-from qvltune.data.formats import DatasetSpec, Problem, parse_mixture
 from qvltune.data.index_cache import MediaTable
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
+from qvltune.data.mixture import DatasetSpec, parse_mixture
+from qvltune.data.record import Problem
 from qvltune.data.tokenize import Encoder
 from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
