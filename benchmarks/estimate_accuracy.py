@@ -189,8 +189,10 @@ def case_config(case: Case, model_dir: Path, data: Path, seq: int, work: Path, s
 
 
 def predict(case: Case, cfg, seq: int, trained: int, gpu: str, gpu_memory: float | None) -> Any:
-    from qvltune.estimate import Machine, Workload, estimate, model_stats
+    from qvltune.estimate import estimate
+    from qvltune.estimate_inputs import Machine, Workload
     from qvltune.hardware import planned_gpus
+    from qvltune.model_stats import model_stats
 
     stats = model_stats(model_config(case.size))
     g = planned_gpus(gpu, case.gpus, gpu_memory)[0]

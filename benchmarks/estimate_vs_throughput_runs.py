@@ -19,8 +19,11 @@ import multi_gpu as mg
 
 from qvltune.config import parse_config
 from qvltune.data.check import CheckOptions, check_dataset
-from qvltune.estimate import GiB, Machine, estimate, model_stats, summarize_report, workload_for
+from qvltune.estimate import estimate
+from qvltune.estimate_inputs import Machine, summarize_report, workload_for
 from qvltune.model import load_processor
+from qvltune.model_stats import model_stats
+from qvltune.units import GiB
 
 WORK = Path("/tmp/qvltune-estimate-cmp")
 

@@ -132,8 +132,9 @@ def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, st
     """The run config `qvltune init` writes for this model, data and one H200 (the planner decides
     the packed row length, gradient checkpointing, ZeRO stage and accumulation)."""
     from qvltune.cli.estimate import dataset_summary, load_stats
-    from qvltune.estimate import GiB, Machine
+    from qvltune.estimate_inputs import Machine
     from qvltune.plan import Answers, make_plan, pixel_budget
+    from qvltune.units import GiB
 
     answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch, stage=stage)
     lo, hi, _ = pixel_budget(answers)
@@ -245,7 +246,7 @@ def run_qvltune(name: str, cfg: dict, work: Path, out: Path, warmup: int = 4) ->
 
 def summarise_steps(metrics: Path, warmup: int, weights: Path) -> dict:
     """llamafactory_run.py's per-step counts: real tokens/s and samples/s over the steps after warm-up."""
-    from qvltune.estimate import model_stats
+    from qvltune.model_stats import model_stats
 
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     steady = [r for r in recs if r["step"] > warmup]

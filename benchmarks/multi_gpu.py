@@ -67,7 +67,10 @@ def variant_doc(name: str, base: dict, work: Path, steps: int, save_steps: int |
 def predicted_gib(doc: dict, model: Path, gpus: int) -> float:
     """qvltune.estimate's peak allocated per GPU for this config (what max_memory_allocated reads)."""
     from qvltune.config import parse_config
-    from qvltune.estimate import GiB, Machine, estimate, model_stats, workload_for
+    from qvltune.estimate import estimate
+    from qvltune.estimate_inputs import Machine, workload_for
+    from qvltune.model_stats import model_stats
+    from qvltune.units import GiB
 
     cfg = parse_config(doc)
     machine = Machine("NVIDIA H200", int(139.8 * GiB), gpus, 1, 256 * GiB, 989.0, True)

@@ -23,8 +23,11 @@ from pathlib import Path
 
 from qvltune.catalog import builtin_config
 from qvltune.config import parse_config
-from qvltune.estimate import GiB, Machine, Workload, estimate, model_stats
+from qvltune.estimate import estimate
+from qvltune.estimate_inputs import Machine, Workload
+from qvltune.model_stats import model_stats
 from qvltune.scaling import GATHER_SECONDS, MULTI_RANK_OVERHEAD, OFFLOAD_SECONDS_PER_PARAM, Network, StepInputs, compute_rate_from_run, step_time, zero3_gathers
+from qvltune.units import GiB
 
 RESULTS = Path(__file__).parent / "results"
 H200 = Network.for_gpu("NVIDIA H200")
@@ -54,8 +57,8 @@ def sizes(size: str, strategy: str, stage: int, checkpointing: bool = False, row
 def per_module_gathers(stats, cfg) -> int:
     """Modules ZeRO-3 gathered one by one before block gathers: every module holding parameters
     (each linear, norm, embedding, and each LoRA A and B)."""
-    from qvltune.estimate import meta_model
     from qvltune.catalog import builtin_config as bc
+    from qvltune.model_stats import meta_model
 
     model = meta_model(bc(cfg.model.path))
     direct = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))

@@ -68,7 +68,8 @@ H200 = dict(gpu_name="NVIDIA H200", gpu_memory_gib=139.8, host_ram_gib=128)
 
 
 def h200():
-    from qvltune.estimate import GiB, Machine
+    from qvltune.estimate_inputs import Machine
+    from qvltune.units import GiB
 
     return Machine(H200["gpu_name"], int(H200["gpu_memory_gib"] * GiB), 1, 1, int(H200["host_ram_gib"] * GiB), 989.0, True)
 
@@ -131,7 +132,7 @@ def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, st
     """The planner's config for one H200 with ``variant``'s stage, ZeRO-3 settings and compile;
     ``checkpointing="on"`` checkpoints activations in every variant (see the module's docstring)."""
     from qvltune.config import parse_config
-    from qvltune.estimate import model_stats, resolve_model_config
+    from qvltune.model_stats import model_stats, resolve_model_config
     from qvltune.zero import Zero3Sizes, zero3_tuning
 
     stage = 2 if variant.startswith("z2") else 3

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qvltune.hardware import GiB, GpuInfo
+from qvltune.hardware import GpuInfo
+from qvltune.units import GiB
 
 MIN_PYTHON = (3, 10)
 MIN_TORCH = (2, 4)

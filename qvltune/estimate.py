@@ -3,7 +3,9 @@
 No weights are read: ``qvltune.model_stats`` counts parameters per component and finds every linear
 layer LoRA would adapt on a model built on the meta device. Everything else is arithmetic on those
 counts, the run config and the machine, so the estimate is a pure function
-(``estimate``) tested by tables of cases and used by the planner to search ZeRO stages.
+(``estimate``) tested by tables of cases and used by the planner to search ZeRO stages. This
+module owns that model (its calibration constants, its terms, the ``Estimate``); its inputs (the
+machine, the dataset summary, the worst micro-batch) are built in qvltune.estimate_inputs.
 
 Per GPU, the peak of ``torch.cuda.max_memory_allocated`` is modelled as
 
@@ -28,11 +30,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qvltune.config import COMPONENTS, RunConfig
-from qvltune.model_stats import ModelStats, _adapted_inputs, lora_params, meta_model, model_stats, resolve_model_config  # noqa: F401 (re-exported: the estimator's inputs)
-from qvltune.pixels import TOKEN_PIXELS
+from qvltune.estimate_inputs import Machine, Workload, workload_for
+from qvltune.model_stats import ModelStats, _adapted_inputs, lora_params
+from qvltune.units import GiB, format_count
 from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
-
-GiB = 1024**3
 
 # ----------------------------------------------------------------------------------------------
 # Calibration constants (bytes unless said otherwise)
@@ -122,139 +123,6 @@ SAFETY_MARGIN = 0.10
 ASSUMED_MFU = 0.35
 OFFLOAD_OPTIMIZER_SPEED = 0.7
 OFFLOAD_PARAMS_SPEED = 0.5
-# Packed rows without a dataset to measure: text tokens assumed beside each image.
-TEXT_TOKENS_PER_IMAGE_SAMPLE = 64
-
-
-# ----------------------------------------------------------------------------------------------
-# The machine and the work
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where the run goes: identical GPUs on each node (or CPU processes when gpus_per_node is 0)."""
-
-    gpu_name: str | None
-    gpu_memory: int  # bytes per GPU (the smallest of the node's)
-    gpus_per_node: int
-    nodes: int = 1
-    host_ram: int | None = None  # bytes per node
-    peak_tflops: float | None = None
-    bf16: bool = True
-    cpu_processes: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.gpus_per_node * self.nodes if self.gpus_per_node else self.cpu_processes
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.gpus_per_node == 0
-
-    def label(self) -> str:
-        if self.is_cpu:
-            return f"CPU ({self.cpu_processes} process{'es' if self.cpu_processes > 1 else ''})"
-        nodes = f" x {self.nodes} nodes" if self.nodes > 1 else ""
-        return f"{self.gpus_per_node} x {self.gpu_name} ({self.gpu_memory / GiB:.0f} GiB){nodes}"
-
-    @classmethod
-    def from_inventory(cls, inv: Any, nodes: int = 1, gpu_count: int | None = None, cpu_processes: int = 1) -> Machine:
-        """From ``hardware.Inventory`` (GPUs of this node; other nodes assumed identical)."""
-        gpus = list(inv.gpus)
-        host_ram = inv.host.ram_total if inv.host else None
-        if not gpus:
-            return cls(None, host_ram or 0, 0, 1, host_ram, None, False, cpu_processes)
-        if gpu_count is not None:
-            gpus = gpus[:gpu_count] if gpu_count <= len(gpus) else gpus + [gpus[-1]] * (gpu_count - len(gpus))
-        smallest = min(gpus, key=lambda g: g.memory_total)
-        return cls(smallest.name, smallest.memory_total, len(gpus), nodes, host_ram, smallest.peak_tflops, all(g.bf16 for g in gpus))
-
-    def with_gpus(self, gpus_per_node: int) -> Machine:
-        from dataclasses import replace
-
-        return replace(self, gpus_per_node=gpus_per_node)
-
-
-@dataclass(frozen=True)
-class DatasetSummary:
-    """What the estimator and planner need from ``check-data``'s report."""
-
-    records: int
-    p50: int
-    p99: int
-    longest: int
-    mean: float
-    tokens: int  # per epoch
-    image_tokens: int  # per epoch (included in tokens)
-    max_images_per_record: int
-    suggested_max_seq_length: int | None
-    trained_tokens: int = 0  # labelled (answer) tokens per epoch
-
-    @property
-    def image_share(self) -> float:
-        return self.image_tokens / self.tokens if self.tokens else 0.0
-
-
-def summarize_report(report: Any, min_pixels: int, max_pixels: int) -> DatasetSummary:
-    """A ``DatasetSummary`` from ``qvltune.data.check.Report`` at the given pixel budget."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    image_tokens = 0
-    for w, h in report.image_sizes:
-        try:
-            rh, rw = smart_resize(h, w, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
-            image_tokens += (rh // 32) * (rw // 32)
-        except ValueError:  # extreme aspect ratios are reported by check-data itself
-            pass
-    lengths = report.lengths
-    return DatasetSummary(
-        records=len(lengths),
-        p50=report.percentile(50),
-        p99=report.percentile(99),
-        longest=max(lengths, default=0),
-        mean=sum(lengths) / len(lengths) if lengths else 0.0,
-        tokens=sum(lengths),
-        image_tokens=image_tokens,
-        max_images_per_record=max((k for k, v in report.images_per_record.items() if v), default=0),
-        suggested_max_seq_length=report.suggested_max_seq_length(),
-        trained_tokens=report.trained_tokens,
-    )
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The tokens one GPU processes per micro-batch (the peak is set by the largest batch)."""
-
-    tokens: int  # text + image tokens of one micro-batch (rows x max_seq_length)
-    image_tokens: int  # LLM image tokens among them (x merge^2 = vision patches)
-    rows: int
-    tokens_per_epoch: int | None = None
-    mean_sample_tokens: float | None = None
-    assumption: str = ""
-    label_share: float = 1.0  # labelled (answer) tokens / tokens; 1.0 = the worst case when unknown
-
-
-def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload:
-    """The worst micro-batch the run can see: ``per_device_batch`` rows of ``max_seq_length`` tokens
-    (a longer record is refused), holding as many image tokens as the pixel budget and the data allow."""
-    rows, seq = cfg.optim.per_device_batch, cfg.data.max_seq_length
-    if cfg.stage == "dpo":  # a pair is two sequences: two rows, or packed rows of whole pairs (qvltune.preference.data)
-        rows, seq = (rows, 2 * seq) if cfg.data.packing else (2 * rows, seq)
-    # Packed rows fill up to max_seq_length; padded rows are as long as the batch's longest record.
-    longest = min(seq, data.longest) if data and data.longest and not cfg.data.packing else seq
-    tokens = rows * longest
-    max_image = cfg.data.pixel_budget()[1] // TOKEN_PIXELS
-    if cfg.data.packing:
-        share = data.image_share if data and data.tokens else max_image / (max_image + TEXT_TOKENS_PER_IMAGE_SAMPLE)
-        image = int(tokens * share)
-        why = f"packed rows of {seq} tokens, {share:.0%} image tokens" + (" (from the dataset)" if data else " (assumed: no dataset)")
-    else:
-        per_record = data.max_images_per_record if data else 1
-        image = rows * min(longest, per_record * max_image)
-        why = f"{rows} row(s) of up to {longest} tokens with {per_record} image(s) of up to {max_image} tokens each" + ("" if data else " (assumed: no dataset)")
-    # Labelled share: the answers' fraction, doubled for safety (one batch can hold the long answers).
-    label_share = min(1.0, 2 * data.trained_tokens / data.tokens) if data and data.tokens and data.trained_tokens else 1.0
-    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,23 +406,3 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
 
 def overhead_term(est: Estimate) -> Term:
     return Term("framework overhead", est.overhead, f"CUDA context + NCCL ({CUDA_CONTEXT_BYTES / GiB:.1f} GiB) + {FRAGMENTATION:.0%} allocator fragmentation")
-
-
-def format_count(n: float) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k" if n >= 1e3 else f"{n:.0f}"
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / GiB:,.1f} GiB"
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-GiB = 1024**3
+from qvltune.units import GiB
 
 # Dense bf16 tensor-core peaks (datasheet, TFLOP/s) by name fragment, for MFU. Unknown GPUs get no MFU.
 PEAK_BF16_TFLOPS = [

@@ -58,7 +58,7 @@ def read_hostfile(path: Path) -> dict[str, int]:
 def paths_to_check(cfg: Any | None, cwd: Path) -> dict[str, str]:
     """label -> absolute path that must exist on every host: the folder DeepSpeed's runner cds into,
     the Python it runs, the data files, the image root, a local model folder, the run folder's parent."""
-    from qvltune.data.formats import parse_mixture
+    from qvltune.data.mixture import parse_mixture
 
     out = {"working folder": str(cwd), "python": sys.executable}
     if cfg is None:

@@ -24,8 +24,10 @@ from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from qvltune.data.boxes import first_box, iou
 from qvltune.data.files import read_items
-from qvltune.data.formats import SHAPE_HF, Media, Message, Record, parse_mixture, parse_record
+from qvltune.data.formats import SHAPE_HF, parse_record
 from qvltune.data.media import MediaError
+from qvltune.data.mixture import parse_mixture
+from qvltune.data.record import Media, Message, Record
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError
 from qvltune.errors import UserError
 from qvltune.tiny import model_not_found, resolve_model_path

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from qvltune import console
-from qvltune.config import RunConfig, check_against_hardware, check_against_model, dump_config
+from qvltune.config import RunConfig, dump_config
+from qvltune.config_checks import check_against_hardware, check_against_model
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
 from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
@@ -29,7 +30,7 @@ from qvltune.zero import write_deepspeed_config, zero3_stats
 
 def missing_data_files(cfg: RunConfig) -> list[str]:
     """``data.train`` / ``data.eval`` files that do not exist (mixtures: every part), as messages."""
-    from qvltune.data.formats import parse_mixture
+    from qvltune.data.mixture import parse_mixture
 
     problems = []
     for field in ("train", "eval"):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qvltune.config import check_against_hardware, check_against_model, load_config, parse_config
+from qvltune.config import load_config, parse_config
+from qvltune.config_checks import check_against_hardware, check_against_model
 from qvltune.errors import UserError
 from qvltune.hardware import GpuInfo
 from qvltune.zero import deepspeed_config

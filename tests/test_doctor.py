@@ -10,7 +10,8 @@ from fake_nvml import H200, V100, FakeNvml
 
 from qvltune.cli import main
 from qvltune.doctor import Facts, blockers, collect_facts, run_checks
-from qvltune.hardware import GiB, GpuInfo
+from qvltune.hardware import GpuInfo
+from qvltune.units import GiB
 
 
 def gpu(name="NVIDIA H200", cc="9.0", used=0, total=140 * GiB, index=0):

@@ -9,20 +9,10 @@ import pytest
 
 from qvltune.catalog import QWEN3_VL_CONFIGS, builtin_config, size_of
 from qvltune.config import parse_config
-from qvltune.estimate import (
-    ASSUMED_MFU,
-    CUDA_CONTEXT_BYTES,
-    OPTIMIZER_STATE_BYTES,
-    GiB,
-    Machine,
-    estimate,
-    lora_params,
-    model_stats,
-    resolve_model_config,
-    summarize_report,
-    workload_for,
-)
-from qvltune.model_stats import _config_object
+from qvltune.estimate import ASSUMED_MFU, CUDA_CONTEXT_BYTES, OPTIMIZER_STATE_BYTES, estimate
+from qvltune.estimate_inputs import Machine, summarize_report, workload_for
+from qvltune.model_stats import _config_object, lora_params, model_stats, resolve_model_config
+from qvltune.units import GiB
 
 H200 = Machine("NVIDIA H200", 143771 * 1024**2, 1, 1, 128 * GiB, 989.0)
 A100x8 = Machine("NVIDIA A100-SXM4-80GB", 80 * GiB, 8, 1, 1024 * GiB, 312.0)
@@ -166,7 +156,7 @@ def test_flops_per_token_is_the_workers_rule(tiny_model_dir):
 @pytest.mark.parametrize("size", ["8B", "30B-A3B"])
 def test_released_shapes_count_the_parameters_a_token_passes_through(size):
     """MFU's 6N: all LLM weights of a dense model; of the MoE, the 8 of 128 experts a token is routed to."""
-    from qvltune.estimate import meta_model
+    from qvltune.model_stats import meta_model
     from qvltune.worker import llm_flops_per_token
 
     model = meta_model(builtin_config(size))

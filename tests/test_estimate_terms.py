@@ -12,7 +12,10 @@ import pytest
 
 from qvltune.catalog import builtin_config
 from qvltune.config import parse_config
-from qvltune.estimate import CUDA_CONTEXT_BYTES, FRAGMENTATION, GiB, Machine, Workload, estimate, model_stats
+from qvltune.estimate import CUDA_CONTEXT_BYTES, FRAGMENTATION, estimate
+from qvltune.estimate_inputs import Machine, Workload
+from qvltune.model_stats import model_stats
+from qvltune.units import GiB
 
 H, Q, KV, I, L = 4096, 32 * 128, 8 * 128, 12288, 36
 TOKENS = 8192

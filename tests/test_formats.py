@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from qvltune.data.files import read_items
-from qvltune.data.formats import Media, RawItem, parse_mixture, parse_record, sample_indices
+from qvltune.data.formats import parse_record
+from qvltune.data.mixture import parse_mixture, sample_indices
+from qvltune.data.record import Media, RawItem
 
 
 def parse(value, file="d.jsonl"):

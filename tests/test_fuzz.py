@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from qvltune.config import parse_config
 from qvltune.data.check import CheckOptions, check_dataset
 from qvltune.data.files import read_items
-from qvltune.data.formats import RawItem, parse_record
+from qvltune.data.formats import parse_record
+from qvltune.data.record import RawItem
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.errors import UserError
 

@@ -78,7 +78,7 @@ def test_benchmark_shapes_are_the_released_models_with_the_tiny_tokens(tmp_path)
     """Each shape has its released parameter count; its special-token ids are the tiny tokenizer's."""
     import json
 
-    from qvltune.estimate import model_stats
+    from qvltune.model_stats import model_stats
     from qvltune.tiny import tiny_model_path
 
     tiny = json.loads((tiny_model_path() / "config.json").read_text())
@@ -126,7 +126,7 @@ def test_llamafactory_step_counts_real_tokens_and_samples(tmp_path, bench_inputs
 
 def test_zero3_variants_change_only_the_stage_settings_and_compile(bench_inputs):
     from qvltune.catalog import builtin_config
-    from qvltune.estimate import model_stats
+    from qvltune.model_stats import model_stats
     from qvltune.zero import Zero3Sizes, zero3_tuning
 
     model, data, work = bench_inputs

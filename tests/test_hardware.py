@@ -6,8 +6,9 @@ import pytest
 from fake_nvml import H200, MACHINES, V100, FakeNvml, NoNvml
 
 from qvltune import hardware
-from qvltune.estimate import Machine
-from qvltune.hardware import GiB, detect_gpus, inventory, known_gpu, peak_tflops, planned_gpus, planned_inventory
+from qvltune.estimate_inputs import Machine
+from qvltune.hardware import detect_gpus, inventory, known_gpu, peak_tflops, planned_gpus, planned_inventory
+from qvltune.units import GiB
 
 
 @pytest.mark.parametrize(

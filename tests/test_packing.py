@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import write_image
-from qvltune.data.formats import RawItem, parse_record
+from qvltune.data.formats import parse_record
 from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, pack_bins, padding_fraction
+from qvltune.data.record import RawItem
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 
 # fp32 on CPU: the packed and unpacked forwards differ only by summation order.

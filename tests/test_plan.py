@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from qvltune.catalog import builtin_config
-from qvltune.config import check_conflicts, check_against_model
-from qvltune.estimate import GiB, DatasetSummary, Machine, model_stats
+from qvltune.config_checks import check_against_model, check_conflicts
+from qvltune.estimate_inputs import DatasetSummary, Machine
+from qvltune.model_stats import model_stats
+from qvltune.units import GiB
 from qvltune.plan import (
     DEFAULT_EFFECTIVE_BATCH,
     FIXED_PIXELS,
@@ -47,7 +49,7 @@ def stats(size):
 def plan(machine="1xH200", size="8B", data=DATA, **answers):
     model = "builtin:tiny" if size == "tiny" else f"Qwen/Qwen3-VL-{size}-Instruct"
     if size == "tiny":
-        from qvltune.estimate import resolve_model_config
+        from qvltune.model_stats import resolve_model_config
 
         st = model_stats(resolve_model_config("builtin:tiny")[0])
     else:

@@ -7,10 +7,11 @@ import re
 
 import pytest
 
-from qvltune.estimate import DatasetSummary, format_bytes
+from qvltune.estimate_inputs import DatasetSummary
+from qvltune.pixels import TOKEN_PIXELS
 from qvltune.plan import Answers, effective_batch_target, make_plan
 from qvltune.plan.reasons import vision_phrase
-from qvltune.pixels import TOKEN_PIXELS
+from qvltune.units import format_bytes
 from test_plan import DATA, MACHINES, SHORT, stats
 
 # The demo data as check-data summarises it: 100 records of ~34 tokens (the case).
@@ -42,7 +43,7 @@ CASES = [
 def plan_of(machine, size, data, answers):
     model = "builtin:tiny" if size == "tiny" else f"Qwen/Qwen3-VL-{size}-Instruct"
     if size == "tiny":
-        from qvltune.estimate import model_stats, resolve_model_config
+        from qvltune.model_stats import model_stats, resolve_model_config
 
         st = model_stats(resolve_model_config("builtin:tiny")[0])
     else:

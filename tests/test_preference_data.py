@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import write_image, write_jsonl
-from qvltune.data.formats import RawItem
 from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex
+from qvltune.data.record import RawItem
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 from qvltune.preference.data import EncodedPair, PairCollator, check_pairs, is_preference_data
 from qvltune.preference.formats import parse_pair

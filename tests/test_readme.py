@@ -112,7 +112,7 @@ def test_other_samples_use_the_renderers_wording(command, wording):
 def test_the_guide_is_named_and_the_tiny_model_counted_once():
     text = README.read_text()
     assert "Fine-Tuning Overview: Training Qwen3-VL" in text
-    from qvltune.estimate import model_stats, resolve_model_config
+    from qvltune.model_stats import model_stats, resolve_model_config
 
     total = model_stats(resolve_model_config("builtin:tiny")[0]).total
     counts = set(re.findall(r"(\d+\.\d) M parameters", text))

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from qvltune.cli import app
 from qvltune.dashboard import DashboardState, render
-from qvltune.estimate import DatasetSummary, Machine, model_stats, resolve_model_config
+from qvltune.estimate_inputs import DatasetSummary, Machine
 from qvltune.hardware import GpuInfo
+from qvltune.model_stats import model_stats, resolve_model_config
 from qvltune.plan import Answers, make_plan
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import write_image, write_jsonl
 from qvltune.cli import main
-from qvltune.data.formats import DatasetSpec, parse_mixture
+from qvltune.data.mixture import DatasetSpec, parse_mixture
 
 
 def run_cli(args, capsys):
@@ -34,7 +34,7 @@ def test_mixture_strings_and_lists_carry_settings():
     ]
     assert parse_mixture(["a.jsonl%20", {"path": "b.jsonl", "weight": 30, "min_image_tokens": 4}])[1] == DatasetSpec(Path("b.jsonl"), 30.0, None, 4096, None)
     # a config's list of sources prints back as one command-line argument that parses the same
-    from qvltune.data.formats import mixture_text
+    from qvltune.data.mixture import mixture_text
 
     mixed = ["a.jsonl%20", {"path": "b.jsonl", "weight": 30, "max_image_tokens": 16, "image_root": "imgs"}]
     assert mixture_text(mixed) == "a.jsonl%20,b.jsonl%30[image_root=imgs,max_pixels=16384]"

@@ -9,7 +9,8 @@ import copy
 import pytest
 
 from conftest import write_image, write_jsonl
-from qvltune.data.formats import RawItem, parse_record
+from qvltune.data.formats import parse_record
+from qvltune.data.record import RawItem
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder
 
 # Written from the behaviour documented for the Qwen3 / Qwen3-VL Thinking chat templates: the index of

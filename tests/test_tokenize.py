@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image
-from qvltune.data.formats import RawItem, parse_record
+from qvltune.data.formats import parse_record
+from qvltune.data.record import RawItem
 from qvltune.data.tokenize import IGNORE_INDEX, Encoder, TemplateError, configure_processor, render_segments
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image, write_jsonl
-from qvltune.data.formats import RawItem, parse_record
+from qvltune.data.formats import parse_record
+from qvltune.data.record import RawItem
 from qvltune.data.tokenize import Encoder
 from qvltune.data.video import VideoSampling, file_indices, list_indices
 

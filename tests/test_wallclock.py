@@ -7,7 +7,10 @@ import pytest
 
 from qvltune.catalog import builtin_config
 from qvltune.config import parse_config
-from qvltune.estimate import GiB, Machine, Workload, estimate, model_stats
+from qvltune.estimate import estimate
+from qvltune.estimate_inputs import Machine, Workload
+from qvltune.model_stats import model_stats
+from qvltune.units import GiB
 from qvltune.wallclock import COMPILE_COLD_S, DISK_WRITE_BPS, HOST_COPY_BPS, trained_state_bytes, wall_clock
 
 H200 = Machine("NVIDIA H200", 140 * GiB, 1, 1, 256 * GiB, 989.0, True)

@@ -8,7 +8,7 @@ import pytest
 from qvltune.catalog import builtin_config
 from qvltune.config import RunConfig, parse_config
 from qvltune.errors import UserError
-from qvltune.estimate import model_stats
+from qvltune.model_stats import model_stats
 from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, Zero3Sizes, deepspeed_config, zero3_tuning
 
 LIVE = int(STAGE3_MAX_LIVE_PARAMETERS)
@@ -63,8 +63,8 @@ def test_released_shapes_keep_weights_partitioned_and_small_tensors_whole(size, 
 
 def test_sizes_are_read_off_the_model(tiny_model_dir):
     """Zero3Sizes.of (from config.json alone) against the tiny model with LoRA applied."""
-    from qvltune.estimate import resolve_model_config
     from qvltune.model import apply_strategy, load_model
+    from qvltune.model_stats import resolve_model_config
 
     cfg = RunConfig.model_validate({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": "mixed", "components": {"vision": "lora"}, "lora": {"rank": 8}})
     z = Zero3Sizes.of(model_stats(resolve_model_config(str(tiny_model_dir))[0]), cfg)
@@ -102,8 +102,9 @@ def test_deepspeed_json_carries_the_settings():
 def test_the_planner_writes_the_settings_it_explains():
     """Under ZeRO-3 (32B on 8 A100s) the plan's config carries zero3_tuning's values; one GPU never
     plans ZeRO-3 without offloading the parameters (it would partition nothing)."""
-    from qvltune.estimate import GiB, Machine
+    from qvltune.estimate_inputs import Machine
     from qvltune.plan import Answers, make_plan
+    from qvltune.units import GiB
 
     a100x8 = Machine("NVIDIA A100-SXM4-80GB", 80 * GiB, 8, 1, 1024 * GiB, 312.0, True)
     answers = Answers(model="Qwen/Qwen3-VL-32B-Instruct", strategy="mixed")
@@ -120,7 +121,9 @@ def test_the_planner_writes_the_settings_it_explains():
 def test_the_estimator_counts_the_reduce_bucket_zero3_allocates():
     """ZeRO-3 allocates one reduce buffer of reduce_bucket_size elements (stage3.py): the estimate
     counts the size the JSON carries (one 8B full decoder layer's parameters, or the config's)."""
-    from qvltune.estimate import GiB, Machine, estimate
+    from qvltune.estimate import estimate
+    from qvltune.estimate_inputs import Machine
+    from qvltune.units import GiB
 
     stats = model_stats(builtin_config("8B"))
     two = Machine("NVIDIA H200", int(139.8 * GiB), 2, 1, 256 * GiB, 989.0, True)

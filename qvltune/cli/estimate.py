@@ -26,7 +26,8 @@ def command(
 ) -> int:
     """Estimate GPU memory (weights, gradients, optimizer states, activations), host memory and time per epoch."""
     from qvltune.config import load_config
-    from qvltune.estimate import Machine, estimate, workload_for
+    from qvltune.estimate import estimate
+    from qvltune.estimate_inputs import Machine, workload_for
 
     cfg = load_config(config)
     stats, source = load_stats(cfg.model.path, cfg.model.trust_remote_code)
@@ -100,7 +101,7 @@ def _config_gpu_count(cfg) -> int | None:
 
 
 def load_stats(path: str, trust_remote_code: bool = False):
-    from qvltune.estimate import model_stats, resolve_model_config
+    from qvltune.model_stats import model_stats, resolve_model_config
 
     config, source = resolve_model_config(path, trust_remote_code)
     try:
@@ -127,7 +128,7 @@ _SUMMARIES: dict[tuple, Any] = {}
 def dataset_summary(train: str | list[str], image_root: str | None, min_pixels: int, max_pixels: int, quiet: bool = False):
     """Token statistics of the training data (check-data's estimated counts; cached per process)."""
     from qvltune.data.check import CheckOptions, check_dataset
-    from qvltune.estimate import summarize_report
+    from qvltune.estimate_inputs import summarize_report
 
     key = (str(train), image_root, min_pixels, max_pixels)
     if key in _SUMMARIES:
@@ -168,7 +169,8 @@ def render_memory(est, machine, console=None) -> None:
     """The per-GPU breakdown, one term per line (notes say where each number comes from). A table,
     so a note wraps between words within its column at any width."""
     from qvltune import console as output
-    from qvltune.estimate import format_bytes, overhead_term
+    from qvltune.estimate import overhead_term
+    from qvltune.units import format_bytes
 
     out = console or output.out
     where = "process" if machine.is_cpu else "GPU"
@@ -202,7 +204,7 @@ def format_flops(flops: float) -> str:
 
 
 def render_estimate(est, machine, epochs: float | None = None) -> None:
-    from qvltune.estimate import format_bytes, format_duration
+    from qvltune.units import format_bytes, format_duration
 
     out = console.out
     out.print(render_params(est))
@@ -237,7 +239,7 @@ def render_wall_clock(clock) -> None:
     """The whole run around the steady time (qvltune.wallclock)."""
     if clock is None:
         return
-    from qvltune.estimate import format_duration
+    from qvltune.units import format_duration
 
     parts = [f"start-up ~{clock.startup_s:.0f} s", f"first step ~{clock.compile_cold_s:.0f} s (~{clock.compile_warm_s:.0f} s with the compile cache)" if clock.compile_cold_s else None]
     if clock.saves:
@@ -253,7 +255,8 @@ def render_wall_clock(clock) -> None:
 
 
 def render_fit(est, machine, gpus: list) -> None:
-    from qvltune.estimate import SAFETY_MARGIN, format_bytes
+    from qvltune.estimate import SAFETY_MARGIN
+    from qvltune.units import format_bytes
 
     out = console.out
     if machine.is_cpu:

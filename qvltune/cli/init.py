@@ -78,7 +78,7 @@ def command(
 
 def _init(o: SimpleNamespace) -> int:
     from qvltune import wizard
-    from qvltune.estimate import Machine
+    from qvltune.estimate_inputs import Machine
     from qvltune.plan import ANSWER_FLAGS, make_plan, parse_answers, pixel_budget, recommend_model
 
     flags = {
@@ -318,7 +318,7 @@ def _data_line(summary) -> str:
 
 def _footer(plan) -> list[str]:
     """Memory verdict, batch and time: the lines both the compact and the full plan end with."""
-    from qvltune.estimate import format_bytes, format_duration
+    from qvltune.units import format_bytes, format_duration
 
     est, cfg = plan.estimate, plan.config
     where = "process" if plan.machine.is_cpu else "GPU"

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from qvltune.data.formats import SHAPE_QWEN, Problem, Record
+from qvltune.data.formats import SHAPE_QWEN
+from qvltune.data.record import Problem, Record
 
 SCALE = 1000  # Qwen3-VL's relative coordinate range: 0..1000 on each axis
 KEYS = {"bbox_2d": 4, "point_2d": 2}

@@ -19,9 +19,10 @@ from qvltune.data.boxes import BoxStats
 from qvltune.data.check_parts import _fold, _parts
 from qvltune.data.check_record import _check_item, _Settings, _Source
 from qvltune.data.files import records_at
-from qvltune.data.formats import DatasetSpec, Problem, parse_mixture
 from qvltune.data.index_cache import MediaTable
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
+from qvltune.data.mixture import DatasetSpec, parse_mixture
+from qvltune.data.record import Problem
 from qvltune.data.tokenize import Encoder
 from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
@@ -214,7 +215,7 @@ class CheckOptions:
 
     @classmethod
     def for_run(cls, d: Any, processor: Any) -> CheckOptions:
-        """A run's ``data`` section (``qvltune.config.DataConfig``), counted exactly with its processor."""
+        """A run's ``data`` section (``qvltune.config_sections.DataConfig``), counted exactly with its processor."""
         return cls(
             image_root=Path(d.image_root) if d.image_root else None, processor=processor, max_seq_length=d.max_seq_length,
             allow_outside_root=d.allow_media_outside_root, video=d.video_sampling(), thinking_turns=d.thinking_turns, image_pixel_limit=d.image_pixel_limit,

@@ -12,7 +12,7 @@ from pathlib import Path
 from qvltune.data.boxes import BoxStats
 from qvltune.data.check_record import _check_item, _Settings, _Source
 from qvltune.data.files import count_part, jsonl_parts, read_items, read_part
-from qvltune.data.formats import Problem
+from qvltune.data.record import Problem
 
 
 @dataclass

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qvltune.data.boxes import BoxStats, check_record as check_boxes
-from qvltune.data.formats import Problem, Record, parse_record
+from qvltune.data.formats import parse_record
 from qvltune.data.index_cache import media_files, stamp
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, TINY_IMAGE_SIDE, ImageInfo, MediaError, VideoInfo, probe_image, probe_video, resolve
+from qvltune.data.record import Problem, Record
 from qvltune.data.tokenize import Encoder, TemplateError, estimate_tokens
 from qvltune.data.video import VideoSampling, frames_that_fit
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from qvltune.data.check import CheckOptions, check_dataset
 from qvltune.data.files import read_items
-from qvltune.data.formats import Problem, Record, mixture_text, parse_mixture, parse_record, sample_indices
+from qvltune.data.formats import parse_record
+from qvltune.data.mixture import mixture_text, parse_mixture, sample_indices
+from qvltune.data.record import Problem, Record
 from qvltune.data.tokenize import Encoded, Encoder, view_of
 from qvltune.data.video import configure_video_processor
 from qvltune.errors import UserError

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from qvltune.data.formats import Problem, RawItem
+from qvltune.data.record import Problem, RawItem
 
 # One record (a JSONL line, or one element of a JSON list) may be at most this large. SFT records
 # are text plus media paths: even a 100k-token conversation is well under 1 MiB; 32 MiB leaves room

@@ -12,16 +12,18 @@ the counts must match exactly. A video is a video file, a folder of frames, or a
 
 Parsing never stops at the first problem: every problem of a record is reported with its file,
 line (JSONL) or index (JSON list) and field, so one pass of ``check-data`` finds them all.
+
+This module owns the shapes: detecting a record's shape and parsing it. The ``Record`` it yields is
+qvltune.data.record's; mixtures of files are qvltune.data.mixture's.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from qvltune.data.record import Media, Message, Problem, RawItem, Record
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -35,120 +37,6 @@ SHAPE_HF = "hf-chat"
 # assistant by default (the official recipe's pitfall).
 _QWEN_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
-
-Severity = Literal["error", "warning"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset, located precisely enough to fix it."""
-
-    severity: Severity
-    file: str
-    line: int | None  # 1-based line in the file (JSONL, or where a JSON list element starts)
-    index: int | None  # 0-based record index
-    field: str  # e.g. "conversations[1].value"; "" for the whole record
-    message: str
-    fix: str = ""
-    code: str = ""  # a stable machine-readable kind, e.g. "missing-media"
-    path: str = ""  # the media file concerned, kept out of ``message`` so that one problem shared by many records reads as one
-
-    def text(self) -> str:
-        """What is wrong, with the file it concerns."""
-        return f"{self.message}: {self.path}" if self.path else self.message
-
-    def where(self) -> str:
-        loc = self.file
-        if self.line is not None:
-            loc += f":{self.line}"
-        if self.index is not None:
-            loc += f" (record {self.index})"
-        if self.field:
-            loc += f" {self.field}"
-        return loc
-
-    def __str__(self) -> str:
-        text = f"{self.where()}: {self.text()}"
-        return f"{text} — {self.fix}" if self.fix else text
-
-
-@dataclass(frozen=True)
-class Media:
-    """One image or video referenced by a record, as written in the file."""
-
-    kind: Literal["image", "video"]
-    source: str | tuple[str, ...]  # a path, or for videos possibly a list of frame paths
-    field: str  # where it was written, for messages
-
-
-@dataclass
-class Message:
-    role: Literal["system", "user", "assistant"]
-    parts: list[str | Media]  # text and media, in order
-    # An assistant turn's reasoning given apart from its answer (a turn's "reasoning_content" field);
-    # Thinking templates render it as <think>...</think> where they keep it.
-    reasoning: str | None = None
-
-    def text(self) -> str:
-        return "".join(p for p in self.parts if isinstance(p, str))
-
-    def to_chat(self) -> dict[str, Any]:
-        """The HF content-list message that chat templates render."""
-        content = []
-        for part in self.parts:
-            if isinstance(part, Media):
-                content.append({"type": part.kind})
-            elif part:
-                content.append({"type": "text", "text": part})
-        msg: dict[str, Any] = {"role": self.role, "content": content}
-        if self.reasoning is not None:
-            msg["reasoning_content"] = self.reasoning
-        return msg
-
-
-@dataclass
-class Record:
-    file: str
-    index: int
-    line: int | None
-    shape: str
-    messages: list[Message]
-    raw: dict[str, Any] = field(repr=False, default_factory=dict)
-    # A view of a record for chat templates that rewrite earlier turns (Thinking models): only the
-    # last assistant turn is trained; see qvltune.data.tokenize.record_views.
-    train_last_only: bool = False
-
-    @property
-    def media(self) -> list[Media]:
-        return [p for m in self.messages for p in m.parts if isinstance(p, Media)]
-
-    @property
-    def images(self) -> list[Media]:
-        return [m for m in self.media if m.kind == "image"]
-
-    @property
-    def videos(self) -> list[Media]:
-        return [m for m in self.media if m.kind == "video"]
-
-    def chat(self) -> list[dict[str, Any]]:
-        return [m.to_chat() for m in self.messages]
-
-    def where(self) -> str:
-        return f"{self.file}:{self.line}" if self.line is not None else f"{self.file}[{self.index}]"
-
-
-# ----------------------------------------------------------------------------------------------
-# Raw items: what qvltune.data.files.read_items yields (JSONL, JSON lists, gzip, encodings)
-
-
-@dataclass
-class RawItem:
-    index: int
-    line: int | None
-    value: Any
-    problem: Problem | None = None  # set when the item could not be read at all
-    progress: float = 0.0  # fraction of the file (as stored) read so far
-    offset: int = -1  # byte offset of its line in a plain JSONL file (-1: gzip or JSON list), to read it back alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,138 +272,3 @@ def _check_turns(messages: list[Message], shape: str, c: _Collector) -> None:
             c.error(f"{turns_key}[{i}]", "empty answer", "write the expected answer", "empty-answer")
         elif msg.role == "user" and not msg.text().strip() and not any(isinstance(p, Media) for p in msg.parts):
             c.error(f"{turns_key}[{i}]", "empty user turn", "write the question", "empty-turn")
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets and mixtures
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One source of a mixture and its own settings (None: the run's or command's setting)."""
-
-    path: Path
-    percent: float = 100.0  # how much of the file to use per epoch; > 100 repeats records
-    image_root: Path | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-
-    def text(self) -> str:
-        """The source in the mixture-string form: ``path%percent[settings]``."""
-        settings = ",".join(f"{k}={v}" for k, v in (("image_root", self.image_root), ("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None)
-        pct = f"%{self.percent:g}" if self.percent != 100 else ""
-        return f"{self.path}{pct}" + (f"[{settings}]" if settings else "")
-
-
-def mixture_text(spec: Any) -> str:
-    """A mixture (string, or a config's list of sources) as one command-line argument."""
-    return ",".join(s.text() for s in parse_mixture(spec))
-
-
-# Per-source settings a mixture entry may carry: "a.jsonl%50[max_image_tokens=256,image_root=imgs]",
-# or the same keys in a config's list of sources (with "path" and "weight").
-SOURCE_KEYS = ("image_root", "min_pixels", "max_pixels", "min_image_tokens", "max_image_tokens")
-
-
-def _split_entries(spec: str) -> list[str]:
-    """Split a mixture string on the commas outside [...] (settings hold commas too)."""
-    out, depth, current = [], 0, ""
-    for ch in spec:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth = max(0, depth - 1)
-        if ch == "," and depth == 0:
-            out.append(current)
-            current = ""
-        else:
-            current += ch
-    return out + [current]
-
-
-def split_settings(entry: str) -> tuple[str, dict[str, str]]:
-    """``"a.jsonl%50[k=v,k2=v2]"`` -> ("a.jsonl%50", {"k": "v", "k2": "v2"})."""
-    settings: dict[str, str] = {}
-    if not (entry.endswith("]") and "[" in entry):
-        return entry, settings
-    head, _, inner = entry[:-1].partition("[")
-    for pair in (p.strip() for p in inner.split(",")):
-        if not pair:
-            continue
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise ValueError(f"bad setting {pair!r} in {entry!r}: write key=value")
-        settings[key.strip()] = value.strip()
-    return head, settings
-
-
-def _source_settings(entry: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Validated per-source settings -> DatasetSpec keyword arguments (token budgets in pixels)."""
-    from qvltune.pixels import resolve_pixels
-
-    unknown = sorted(set(settings) - set(SOURCE_KEYS))
-    if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r} in {entry!r} (known: {', '.join(SOURCE_KEYS)})")
-    numbers = {}
-    for key in SOURCE_KEYS[1:]:
-        value = settings.get(key)
-        if value is None:
-            continue
-        try:
-            numbers[key] = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key} in {entry!r} must be a whole number (got {value!r})") from None
-    lo, hi = resolve_pixels(numbers.get("min_pixels"), numbers.get("max_pixels"), numbers.get("min_image_tokens"), numbers.get("max_image_tokens"))
-    root = settings.get("image_root")
-    return {"image_root": Path(str(root)) if root else None, "min_pixels": lo, "max_pixels": hi}
-
-
-def _percent(entry: str, pct: Any) -> float:
-    try:
-        percent = float(pct)
-    except (TypeError, ValueError):
-        raise ValueError(f"bad sampling percentage in {entry!r}: write it as FILE%50") from None
-    if not 0 < percent <= 1000:
-        raise ValueError(f"sampling percentage in {entry!r} must be in (0, 1000]")
-    return percent
-
-
-def parse_mixture(spec: str | list[str | dict[str, Any]]) -> list[DatasetSpec]:
-    """The sources of a mixture and their settings.
-
-    ``"a.jsonl%50,b.jsonl"``: files and sampling percentages; an entry may carry its own settings in
-    brackets, ``"a.jsonl%50[max_image_tokens=256,image_root=imgs]"``. A list holds such strings or
-    mappings ``{"path": ..., "weight": 50, "image_root": ..., "max_image_tokens": 256, ...}``."""
-    entries = spec if isinstance(spec, list) else _split_entries(spec)
-    out: list[DatasetSpec] = []
-    for entry in entries:
-        if hasattr(entry, "model_dump"):  # a config's SourceConfig
-            entry = entry.model_dump()
-        if isinstance(entry, dict):
-            entry = {k: v for k, v in entry.items() if v is not None}
-            name = str(entry.get("path", ""))
-            if not name:
-                raise ValueError(f"a source without a path: {entry!r}")
-            weight = entry.pop("weight", 100.0)
-            settings = {k: v for k, v in entry.items() if k != "path"}
-            out.append(DatasetSpec(Path(name), _percent(name, weight), **_source_settings(name, settings)))
-            continue
-        entry = entry.strip()
-        if not entry:
-            continue
-        head, settings = split_settings(entry)
-        path, _, pct = head.rpartition("%") if "%" in head else (head, "", "")
-        percent = _percent(entry, pct) if pct else 100.0
-        out.append(DatasetSpec(Path(path), percent, **_source_settings(entry, settings)))
-    if not out:
-        raise ValueError("no dataset given")
-    return out
-
-
-def sample_indices(n: int, percent: float, seed: int) -> list[int]:
-    """A seeded sample of ``percent`` % of ``range(n)``: whole repeats above 100 %, then a random subset."""
-    rng = random.Random(seed)
-    whole, frac = divmod(percent / 100.0, 1.0)
-    out = list(range(n)) * int(whole)
-    out += sorted(rng.sample(range(n), round(frac * n)))
-    return out

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qvltune.data.formats import Problem, parse_mixture
+from qvltune.data.mixture import parse_mixture
+from qvltune.data.record import Problem
 
 CACHE_DIR = ".qvltune-index"
 FORMAT = 2  # bump when the cached document changes

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qvltune.data.formats import Problem
+from qvltune.data.record import Problem
 
 GROUP_FROM = 4  # this many problems sharing a message read as one line
 EXAMPLES = 3  # locations named in a grouped line

@@ -26,10 +26,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from qvltune.data.formats import Media, Record
+from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
+from qvltune.data.record import Media, Record
 from qvltune.data.video import VideoSampling, configure_video_processor
 from qvltune.data.video import metadata as video_metadata
-from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT, ImageInfo, MediaError, VideoInfo, load_image, load_video, probe_image, probe_video, resolve
 
 IGNORE_INDEX = -100
 

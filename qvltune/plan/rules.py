@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass
 
 from qvltune.catalog import size_of
-from qvltune.estimate import GiB, DatasetSummary, Machine, ModelStats
+from qvltune.estimate_inputs import DatasetSummary, Machine
+from qvltune.model_stats import ModelStats
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_TOKEN_PIXELS, TOKEN_PIXELS
 from qvltune.plan.answers import Answers
 from qvltune.plan import reasons
 from qvltune.tiny import BUILTIN_TINY, TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from qvltune.units import GiB
 
 # The guide: "Effective batch size = 1 x 8 x 8 GPUs = 64" (scripts/sft_7b.sh).
 DEFAULT_EFFECTIVE_BATCH = 64
@@ -73,7 +75,7 @@ class Rung:
 
 
 # The guide's "ZeRO Stage 2 ... Stage 3 ... Stage 3 + CPU offload", cheapest first. ZeRO-3 is never
-# used for the MoE model (config.check_against_model: every expert gathered each step hangs or
+# used for the MoE model (config_checks.check_against_model: every expert gathered each step hangs or
 # crawls); ZeRO-2 with optimizer offload is its last resort.
 DENSE_LADDER = (Rung(2), Rung(3), Rung(3, True), Rung(3, True, True))
 MOE_LADDER = (Rung(2), Rung(2, True))

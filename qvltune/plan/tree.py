@@ -1,8 +1,8 @@
 """The decision tree ``qvltune init`` walks: (answers, machine, model, dataset) -> run config + why.
 
-Pure: the machine comes as an ``estimate.Machine`` (from the NVML inventory or ``--gpu`` flags),
-the model as ``estimate.ModelStats`` (its config.json built on the meta device), the dataset as an
-``estimate.DatasetSummary`` (check-data's report). Every branch records a ``Decision`` whose reason
+Pure: the machine comes as an ``estimate_inputs.Machine`` (from the NVML inventory or ``--gpu`` flags),
+the model as ``model_stats.ModelStats`` (its config.json built on the meta device), the dataset as an
+``estimate_inputs.DatasetSummary`` (check-data's report). Every branch records a ``Decision`` whose reason
 is built (``qvltune.plan.reasons``) from the same numbers that chose its value.
 """
 
@@ -14,10 +14,13 @@ from typing import Any
 
 from qvltune.catalog import KNOWN_MODELS, builtin_config
 from qvltune.config import STRATEGY_PRESETS, RunConfig, parse_config
-from qvltune.estimate import SAFETY_MARGIN, DatasetSummary, Estimate, Machine, ModelStats, estimate, format_bytes, model_stats, workload_for
+from qvltune.estimate import SAFETY_MARGIN, Estimate, estimate
+from qvltune.estimate_inputs import DatasetSummary, Machine, workload_for
+from qvltune.model_stats import ModelStats, model_stats
 from qvltune.pixels import TOKEN_PIXELS
 from qvltune.plan import reasons
 from qvltune.plan.answers import Answers
+from qvltune.units import format_bytes
 from qvltune.plan.rules import *  # noqa: F403 (the constants and small decisions the tree walks)
 from qvltune.plan.rules import builtin_param_count, compiles, ladder, unit_of
 from qvltune.tiny import BUILTIN_TINY

@@ -28,8 +28,9 @@ from qvltune.data.check import CheckOptions, Report, dataset_specs, percentile
 from qvltune.data.check_record import _check_item, _Settings, _Source
 from qvltune.data.dataset import RecordStore
 from qvltune.data.files import read_items
-from qvltune.data.formats import Problem, mixture_text, parse_mixture, sample_indices
+from qvltune.data.mixture import mixture_text, parse_mixture, sample_indices
 from qvltune.data.packing import BatchStats
+from qvltune.data.record import Problem
 from qvltune.data.tokenize import Encoded, Encoder
 from qvltune.errors import UserError
 from qvltune.preference.formats import Pair, is_preference, parse_pair, sft_items

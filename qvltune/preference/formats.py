@@ -10,7 +10,7 @@ Two layouts are accepted, detected per record:
    in the prompt) or conversational (lists of ``{"role", "content"}`` messages; a content part
    ``{"type": "image"}`` takes the next item of ``images``, as TRL's vision datasets write it).
 
-Each pair becomes two ordinary records (``qvltune.data.formats.Record``): the prompt followed by the
+Each pair becomes two ordinary records (``qvltune.data.record.Record``): the prompt followed by the
 chosen answer, and the prompt followed by the rejected one, both training only their last turn. They
 are parsed by the SFT parser itself (so every rule of the data contract holds, media only in the
 prompt included), and its problems are reported under the preference record's own field names
@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from qvltune.data.formats import Problem, RawItem, Record, parse_record
+from qvltune.data.formats import parse_record
+from qvltune.data.record import Problem, RawItem, Record
 
 LAYOUT_SHAREGPT = "sharegpt-preference"
 LAYOUT_TRL = "trl-preference"
