@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from qvltune.config import RunConfig
 
-# Components that can be LoRA-adapted, and which can be trained fully beside LoRA adapters (peft's
-# modules_to_save keeps a trainable copy, so only the small parts qualify).
-LORA_CAPABLE = {"vision", "llm"}
+# Components that can be trained fully beside LoRA adapters (peft's modules_to_save keeps a
+# trainable copy, so only the small parts qualify).
 FULL_BESIDE_LORA = {"merger", "deepstack", "lm_head"}
 # Attention implementations that keep packed samples apart (block-diagonal mask or varlen kernels).
 PACKING_SAFE_ATTENTION = {"auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "varlen"}
