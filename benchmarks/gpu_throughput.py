@@ -128,18 +128,26 @@ def make_data(dest: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft") -> dict:
-    """The run config `qvltune init` writes for this model, data and one H200 (the planner decides
-    the packed row length, gradient checkpointing, ZeRO stage and accumulation)."""
+H200_MEMORY_GIB = 139.8  # what NVML reports for one H200 (141 GB)
+
+
+def planned(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft", gpu_memory_gib: float = H200_MEMORY_GIB):
+    """The plan `qvltune init` makes for this model, data and one H200 (the planner decides the
+    packed row length, gradient checkpointing, ZeRO stage and accumulation). ``gpu_memory_gib``: an
+    H200 with only that much memory, as `qvltune init --gpu H200 --gpu-memory GB` plans it."""
     from qvltune.cli.estimate import dataset_summary, load_stats
     from qvltune.estimate import GiB, Machine
     from qvltune.plan import Answers, make_plan, pixel_budget
 
     answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch, stage=stage)
     lo, hi, _ = pixel_budget(answers)
-    machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, 128 * GiB, 989.0, True)
-    plan = make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True))
-    return plan.doc
+    machine = Machine("NVIDIA H200", int(gpu_memory_gib * GiB), 1, 1, 128 * GiB, 989.0, True)
+    return make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True))
+
+
+def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft") -> dict:
+    """The run config `qvltune init` writes for this model, data and one H200."""
+    return planned(model, data, strategy, effective_batch, stage).doc
 
 
 def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, profile: bool, stage: int | None, effective_batch: int) -> dict:
