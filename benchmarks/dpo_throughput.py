@@ -334,6 +334,7 @@ def table(rows: list[dict], known: list[dict] | None = None) -> str:
     peak as multiples of the faster successful peer's of the same shape and strategy among ``known``
     (default: the rows)."""
     known = rows if known is None else known
+    # A CPU run measures no peak ("-").
     lines = ["| variant | pairs/s | real tok/s | peak GiB | planned GiB | pairs/s vs peer | peak vs peer | wall s | exit |", "|---|---|---|---|---|---|---|---|---|"]
     compared: dict[str, str] = {}
     for r in rows:
@@ -349,9 +350,10 @@ def table(rows: list[dict], known: list[dict] | None = None) -> str:
             if peer and "pairs_per_s" in r:
                 compared[shape_strategy] = peer["variant"]
                 vs_pairs = f"{r['pairs_per_s'] / peer['pairs_per_s']:.2f}x"
-                vs_peak = f"{r['mem_peak_gb'] / peer['mem_peak_gb']:.2f}x" if r.get("mem_peak_gb") and peer.get("mem_peak_gb") else "-"  # no peak on a CPU
+                vs_peak = f"{r['mem_peak_gb'] / peer['mem_peak_gb']:.2f}x" if r.get("mem_peak_gb") and peer.get("mem_peak_gb") else "-"
         if "pairs_per_s" in r:
-            lines.append(f"| {name} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {r.get('mem_peak_gb') or 0:.1f} | {planned_gib} | {vs_pairs} | {vs_peak} | {r['wall_s']} | {r['exit']} |")
+            peak = f"{r['mem_peak_gb']:.1f}" if r.get("mem_peak_gb") else "-"
+            lines.append(f"| {name} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {peak} | {planned_gib} | {vs_pairs} | {vs_peak} | {r['wall_s']} | {r['exit']} |")
         else:
             lines.append(f"| {name} | failed: {str(r.get('error', '?'))[:160]} | | | {planned_gib} | | | {r['wall_s']} | {r['exit']} |")
     if compared:

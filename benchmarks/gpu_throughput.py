@@ -58,6 +58,7 @@ def make_model_folder(dest: Path, shape: str) -> Path:
     from transformers import AutoConfig, AutoProcessor
 
     from qvltune.catalog import builtin_config
+    from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from qvltune.tiny import tiny_model_path
 
     if (dest / "config.json").exists():
@@ -70,6 +71,11 @@ def make_model_folder(dest: Path, shape: str) -> Path:
         doc[key] = tok.convert_tokens_to_ids(token)
     doc.pop("architectures")
     config = AutoConfig.for_model(doc.pop("model_type"), **doc)
+    # The tiny model's processor caps images at 65,536 pixels (64 tokens). A peer that calls the
+    # processor without a pixel budget (LLaMA-Factory resizes to its image_max_pixels, then calls the
+    # processor as saved) would train on images of <= 64 tokens where qvltune's runs see the
+    # planner's budget (up to 1024 tokens): the folder's processor gets that budget.
+    processor.image_processor.size = {"shortest_edge": DEFAULT_MIN_PIXELS, "longest_edge": DEFAULT_MAX_PIXELS}
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(dest)
     processor.save_pretrained(dest)

@@ -176,6 +176,12 @@ def test_dpo_benchmark_runs_the_planners_dpo_config_and_peers_on_the_same_pairs(
     cfg = parse_config(bench.qvltune_config("q", model, data, tmp_path, "mixed", 6, 32))
     assert cfg.stage == "dpo" and cfg.preference().reference == "adapter_off" and cfg.data.packing
     assert cfg.optim.learning_rate < 1e-4  # the planner's DPO rate
+    # LLaMA-Factory calls the folder's processor as saved: its pixel budget must be the one qvltune's
+    # run uses (the tiny model's processor would cap every image at 64 tokens).
+    from transformers import AutoProcessor
+
+    size = AutoProcessor.from_pretrained(model).image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == cfg.data.pixel_budget()
     lf = bench.peer_spec("llamafactory", model, data, tmp_path / "runs" / "lf", "mixed", 6, (1, 2), 4096)
     assert lf["args"]["stage"] == "dpo" and lf["args"]["pref_beta"] == cfg.preference().beta
     # mixed trains what qvltune's mixed trains beside LoRA: the merger and the three DeepStack mergers
