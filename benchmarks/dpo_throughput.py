@@ -249,11 +249,17 @@ def run_matched(name: str, shape: str, strategy: str, model: Path, data: Path, k
         return {"variant": name, "wall_s": 0.0, "exit": None, "error": f"no peer peak memory for {shape}-{strategy}: run a peer first (same --work) or give --match-memory-gb GB"}
     gib, source = budget
     plan = qvltune_plan(model, data, strategy, args.effective_batch, gpu_memory_gib=gib)
-    info = {"memory_budget_gb": gib, "budget_from": source, "planned_peak_gb": plan.estimate.per_gpu / GiB}
+    info = {"memory_budget_gb": gib, "budget_from": source, "planned_peak_gb": plan.estimate.per_gpu / GiB, "zero": zero_label(plan.doc)}
     if not plan.fits:
         return {"variant": name, "wall_s": 0.0, "exit": None, **info, "error": f"no plan fits {gib:.1f} GiB (the planner's smallest needs {info['planned_peak_gb']:.1f} GiB)"}
     cfg = qvltune_config(name, model, data, args.work, strategy, args.steps, args.effective_batch, cpu=shape == "tiny", plan=plan)
     return {**run_variant("qvltune", name, shape, strategy, model, data, cfg, args), **info}
+
+
+def zero_label(cfg: dict) -> str:
+    """The ZeRO setting of a run config, e.g. ``ZeRO-2`` or ``ZeRO-3 + offload``."""
+    ds = cfg["deepspeed"]
+    return f"ZeRO-{ds['stage']}" + (" + offload" if ds.get("offload_optimizer") or ds.get("offload_params") else "")
 
 
 def earlier_rows(work: Path) -> list[dict]:
@@ -317,7 +323,7 @@ def run_all(args: argparse.Namespace, shapes: list[str], strategies: list[str], 
                     else:
                         row = run_variant(variant, name, shape, strategy, model, data, cfg, args)
                     if variant == "qvltune":
-                        row.update(memory_budget_gb=H200_MEMORY_GIB, planned_peak_gb=plan.estimate.per_gpu / GiB)
+                        row.update(memory_budget_gb=H200_MEMORY_GIB, planned_peak_gb=plan.estimate.per_gpu / GiB, zero=zero_label(cfg))
                 except Exception as e:  # noqa: BLE001 - a variant that cannot start is a row too; the others still run
                     row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": None, "error": f"{type(e).__name__}: {e}"}
                 rows.append(row)
@@ -342,7 +348,7 @@ def table(rows: list[dict], known: list[dict] | None = None) -> str:
         if r.get("image_patches") == 0 and "pairs_per_s" in r:
             name += " (no image reached the model)"
         if "memory_budget_gb" in r:
-            plan = f": {r['row_tokens']:,}-token rows, batch {r['batch']}{', checkpointed' if r['checkpointing'] else ''}" if "row_tokens" in r else ""
+            plan = f": {r['row_tokens']:,}-token rows, batch {r['batch']}{', checkpointed' if r['checkpointing'] else ''}, {r.get('zero', 'ZeRO-2')}" if "row_tokens" in r else ""
             name += f" (planned to {r['memory_budget_gb']:.1f} GiB{plan})"
             planned_gib = f"{r['planned_peak_gb']:.1f}"
             shape_strategy = r["variant"].rsplit("-dpo-", 1)[0]
