@@ -3,7 +3,7 @@
 Real-size Qwen3-VL shapes (2B, 8B, the 30B-A3B MoE) are built from their released configs
 (qvltune's catalog) with random bf16 weights (`model.random_init`), with the tiny model's tokenizer
 and processors (token ids below its 769-token vocabulary; the 151,936-row embedding and lm_head are
-real size). The data is shaped like real fine-tuning data: images from 352x352 to 1280x960 under
+real size; the image processor's size set to the default pixel budget, 49-1024 tokens). The data is shaped like real fine-tuning data: images from 352x352 to 1280x960 under
 the default variable budget (49-784 tokens), prompts of tens to hundreds of tokens, answers of 8 to
 1000 tokens, 10% text-only records.
 
