@@ -12,6 +12,13 @@ off in all three):
 - qvltune:       `qvltune train` with the config `qvltune init --stage dpo` writes for this model and
                  data on one H200 (packed rows of whole pairs, varlen attention, the fused answer-only
                  DPO head, compile as planned), run for --steps optimizer steps.
+- qvltune-matched: the same, planned for an H200 with only the faster successful peer's measured
+                 peak memory (same shape and strategy) as its memory, as `qvltune init --stage dpo
+                 --gpu H200 --gpu-memory GB` plans it: the planner keeps its own 10% margin below that
+                 budget, so it takes shorter rows or gradient checkpointing where the full H200's rows
+                 would not fit. The budget: --match-memory-gb, else the peer's row from this call or
+                 from an earlier call with the same --work (its results.json); the variant runs after
+                 the peers of its shape and strategy.
 - trl:           TRL 0.24's DPOTrainer (LLaMA-Factory's pinned stack), its defaults: padded chosen +
                  rejected concatenated in one batch, full-vocabulary logits, gradient checkpointing,
                  per-device batch 4 pairs (benchmarks/dpo_peer_run.py). TRL 0.24 cannot train Qwen3-VL
@@ -25,11 +32,13 @@ is in that set), each in its own process; a forward pre-hook counts the real tok
 patch rows of each trained forward (not the reference's, which runs without gradients) from the
 attention mask (benchmarks/llamafactory_run.py's StepTimer), and pairs = rows / 2.
 
-Reported: pairs/s and real (non-pad) tokens/s over the steps after --warmup, and peak GPU memory; a
-variant that fails is a row with its error, and the table prints even when the call is cut
-(SIGTERM). The target (issue 19): qvltune >= 2.5x the faster peer's pairs/s at no higher peak memory.
+Reported: pairs/s and real (non-pad) tokens/s over the steps after --warmup, peak GPU memory, the
+planner's estimate of it for qvltune's rows, and qvltune's pairs/s and peak as multiples of the
+faster successful peer's; a variant that fails is a row with its error, and the table prints even
+when the call is cut (SIGTERM). The target (issue 19): qvltune >= 2.5x the faster peer's pairs/s at
+no higher peak memory.
 
-    python benchmarks/dpo_throughput.py --out $OUT --llamafactory-site /tmp/lfsite [--shapes 2b,8b] [--strategies lora,mixed] [--variants qvltune,trl,llamafactory] [--steps 16]
+    python benchmarks/dpo_throughput.py --out $OUT --llamafactory-site /tmp/lfsite [--shapes 2b,8b] [--strategies lora,mixed] [--variants qvltune,qvltune-matched,trl,llamafactory] [--steps 16] [--match-memory-gb GB]
 
 ``--shapes tiny`` is the script's own check on CPU, not a measurement: the built-in tiny model (its
 own fp32 weights), small images and answers of a few words, one process; only what a CPU forces
@@ -41,6 +50,7 @@ differs from the GPU path (fp32, unfused Adam, no compile, no data workers):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import signal
@@ -50,10 +60,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_throughput import IMAGE_SIZES, SHAPES, make_model_folder, peer_env, planned_doc, run_qvltune, save_image, summarise_steps, words, write_weights  # noqa: E402
+from gpu_throughput import H200_MEMORY_GIB, IMAGE_SIZES, SHAPES, make_model_folder, peer_env, planned, run_qvltune, save_image, summarise_steps, words, write_weights  # noqa: E402
 
 BETA = 0.1
-VARIANTS = ["qvltune", "trl", "llamafactory"]
+VARIANTS = ["qvltune", "qvltune-matched", "trl", "llamafactory"]
+PEERS = ["trl", "llamafactory"]
 PEER_PAIRS = 4  # pairs per device batch for the peers (their padded batches)
 
 
@@ -79,10 +90,16 @@ def make_pairs(dest: Path, n: int, seed: int = 0, tiny: bool = False) -> Path:
     return path
 
 
-def qvltune_config(name: str, model: Path, data: Path, work: Path, strategy: str, steps: int, effective_batch: int, cpu: bool = False) -> dict:
-    """What `qvltune init --stage dpo` plans for this model and data on one H200, run for ``steps``
-    (``cpu``: with only what a CPU forces changed)."""
-    doc = planned_doc(model, data, strategy, effective_batch, stage="dpo")
+def qvltune_plan(model: Path, data: Path, strategy: str, effective_batch: int, gpu_memory_gib: float = H200_MEMORY_GIB):
+    """The plan of `qvltune init --stage dpo` for this model and data on one H200 (``gpu_memory_gib``:
+    one given only that much memory, `init --gpu H200 --gpu-memory GB`)."""
+    return planned(model, data, strategy, effective_batch, stage="dpo", gpu_memory_gib=gpu_memory_gib)
+
+
+def qvltune_config(name: str, model: Path, data: Path, work: Path, strategy: str, steps: int, effective_batch: int, cpu: bool = False, plan=None) -> dict:
+    """The config of ``plan`` (by default what `qvltune init --stage dpo` plans for this model and
+    data on one H200), run for ``steps`` (``cpu``: with only what a CPU forces changed)."""
+    doc = copy.deepcopy((plan or qvltune_plan(model, data, strategy, effective_batch)).doc)
     doc.update(name=name, output_dir=str(work / "runs"), schedule={"log_steps": 2, "eval_steps": 100000, "save_steps": None}, launch={"gpus": 1})
     doc["model"] = {**doc["model"], "random_init": True}
     doc["data"] = {**doc["data"], "eval_split": 0.0, "num_workers": 4}
@@ -205,6 +222,52 @@ def run_variant(variant: str, name: str, shape: str, strategy: str, model: Path,
     return run_peer(name, spec, args.work, weights, args.llamafactory_site, args.out / f"{name}.log", args.warmup)
 
 
+def faster_peer(shape_strategy: str, rows: list[dict]) -> dict | None:
+    """The successful peer row of ``shape_strategy`` (e.g. ``2b-lora``) with the most pairs/s; of rows
+    of one name the last counts (a later call's). A peer whose forwards got no image is no comparison."""
+    latest = {r["variant"]: r for r in rows}
+    peers = [latest[n] for n in (f"{shape_strategy}-dpo-{p}" for p in PEERS) if n in latest]
+    done = [r for r in peers if r.get("exit") == 0 and r.get("pairs_per_s") and r.get("image_patches") != 0]
+    return max(done, key=lambda r: r["pairs_per_s"], default=None)
+
+
+def memory_budget(shape_strategy: str, rows: list[dict], given: float | None) -> tuple[float, str] | None:
+    """(GiB, where from) qvltune-matched is planned to: ``given`` (--match-memory-gb), else the faster
+    successful peer's measured peak; None when there is neither (a CPU run measures no peak)."""
+    if given is not None:
+        return given, "--match-memory-gb"
+    peer = faster_peer(shape_strategy, rows)
+    return (peer["mem_peak_gb"], peer["variant"]) if peer and peer.get("mem_peak_gb") else None
+
+
+def run_matched(name: str, shape: str, strategy: str, model: Path, data: Path, known: list[dict], args: argparse.Namespace) -> dict:
+    """qvltune-matched's row: the plan for an H200 of the peer's peak memory, run like qvltune's."""
+    from qvltune.estimate import GiB
+
+    budget = memory_budget(f"{shape}-{strategy}", known, args.match_memory_gb)
+    if budget is None:
+        return {"variant": name, "wall_s": 0.0, "exit": None, "error": f"no peer peak memory for {shape}-{strategy}: run a peer first (same --work) or give --match-memory-gb GB"}
+    gib, source = budget
+    plan = qvltune_plan(model, data, strategy, args.effective_batch, gpu_memory_gib=gib)
+    info = {"memory_budget_gb": gib, "budget_from": source, "planned_peak_gb": plan.estimate.per_gpu / GiB, "zero": zero_label(plan.doc)}
+    if not plan.fits:
+        return {"variant": name, "wall_s": 0.0, "exit": None, **info, "error": f"no plan fits {gib:.1f} GiB (the planner's smallest needs {info['planned_peak_gb']:.1f} GiB)"}
+    cfg = qvltune_config(name, model, data, args.work, strategy, args.steps, args.effective_batch, cpu=shape == "tiny", plan=plan)
+    return {**run_variant("qvltune", name, shape, strategy, model, data, cfg, args), **info}
+
+
+def zero_label(cfg: dict) -> str:
+    """The ZeRO setting of a run config, e.g. ``ZeRO-2`` or ``ZeRO-3 + offload``."""
+    ds = cfg["deepspeed"]
+    return f"ZeRO-{ds['stage']}" + (" + offload" if ds.get("offload_optimizer") or ds.get("offload_params") else "")
+
+
+def earlier_rows(work: Path) -> list[dict]:
+    """The rows earlier calls with this --work recorded (the peers qvltune-matched can be planned to)."""
+    path = work / "results.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -218,6 +281,7 @@ def main() -> None:
     ap.add_argument("--effective-batch", type=int, default=32, help="pairs per optimizer step given to the planner")
     ap.add_argument("--max-length", type=int, default=4096, help="the peers' cutoff per sequence (prompt + one answer); qvltune's max_seq_length is the planner's")
     ap.add_argument("--llamafactory-site", type=Path, help="folder holding LLaMA-Factory 0.9.5, TRL 0.24 and their pinned stack")
+    ap.add_argument("--match-memory-gb", type=float, help="the GPU memory (GiB) qvltune-matched is planned to, for every shape and strategy of the call; default: the faster peer's measured peak of the same shape and strategy, from this call or an earlier one with the same --work")
     args = ap.parse_args()
     shapes, strategies, variants = (v.split(",") for v in (args.shapes, args.strategies, args.variants))
     for bad, known, flag in ((set(shapes) - {"tiny", *SHAPES}, ["tiny", *SHAPES], "--shapes"), (set(strategies) - {"lora", "mixed"}, ["lora", "mixed"], "--strategies"), (set(variants) - set(VARIANTS), VARIANTS, "--variants")):
@@ -225,44 +289,81 @@ def main() -> None:
             ap.error(f"{flag}: unknown {', '.join(sorted(bad))} (known: {', '.join(known)})")
     if set(variants) - {"qvltune"} and not args.llamafactory_site:
         ap.error("--llamafactory-site is needed for the trl and llamafactory variants (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
+    if args.match_memory_gb is not None and args.match_memory_gb <= 0:
+        ap.error("--match-memory-gb: give the memory in GiB, e.g. 28.8")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_rows(args.work)
     rows: list[dict] = []
     # A call cut by its time limit (SIGTERM) still prints what finished (results.json has it too).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     try:
-        run_all(args, shapes, strategies, variants, rows)
+        run_all(args, shapes, strategies, variants, rows, earlier)
     finally:
-        print("\n" + table(rows), flush=True)
+        print("\n" + table(rows, earlier + rows), flush=True)
 
 
-def run_all(args: argparse.Namespace, shapes: list[str], strategies: list[str], variants: list[str], rows: list[dict]) -> None:
+def run_all(args: argparse.Namespace, shapes: list[str], strategies: list[str], variants: list[str], rows: list[dict], earlier: list[dict]) -> None:
+    from qvltune.estimate import GiB
+
     for shape in shapes:
         tiny = shape == "tiny"
         data = make_pairs(args.work / ("tiny-data" if tiny else "data"), args.pairs, tiny=tiny)
         model = model_for(shape, args.work)
         for strategy in strategies:
-            cfg = qvltune_config(f"{shape}-{strategy}-dpo-qvltune", model, data, args.work, strategy, args.steps, args.effective_batch, cpu=tiny)
-            for variant in variants:
+            plan = qvltune_plan(model, data, strategy, args.effective_batch)
+            cfg = qvltune_config(f"{shape}-{strategy}-dpo-qvltune", model, data, args.work, strategy, args.steps, args.effective_batch, cpu=tiny, plan=plan)
+            # qvltune-matched last: it is planned to the memory the peers measure.
+            for variant in sorted(variants, key=lambda v: v == "qvltune-matched"):
                 name = f"{shape}-{strategy}-dpo-{variant}"
                 t0 = time.time()
                 try:
-                    row = run_variant(variant, name, shape, strategy, model, data, cfg, args)
+                    if variant == "qvltune-matched":
+                        row = run_matched(name, shape, strategy, model, data, earlier + rows, args)
+                    else:
+                        row = run_variant(variant, name, shape, strategy, model, data, cfg, args)
+                    if variant == "qvltune":
+                        row.update(memory_budget_gb=H200_MEMORY_GIB, planned_peak_gb=plan.estimate.per_gpu / GiB, zero=zero_label(cfg))
                 except Exception as e:  # noqa: BLE001 - a variant that cannot start is a row too; the others still run
                     row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": None, "error": f"{type(e).__name__}: {e}"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                (args.out / "results.json").write_text(json.dumps(rows, indent=2))  # after every run: a cut call keeps what finished
+                # After every run (a cut call keeps what finished); --work's copy keeps the earlier calls'
+                # rows too, for a later call's qvltune-matched.
+                (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+                (args.work / "results.json").write_text(json.dumps(list({r["variant"]: r for r in earlier + rows}.values()), indent=2))
 
 
-def table(rows: list[dict]) -> str:
-    """The Markdown table of the rows; a failed variant shows its error (the last line of its log)."""
-    lines = ["| variant | pairs/s | real tok/s | peak GiB | wall s | exit |", "|---|---|---|---|---|---|"]
+def table(rows: list[dict], known: list[dict] | None = None) -> str:
+    """The Markdown table of the rows; a failed variant shows its error (the last line of its log).
+    qvltune's rows name the memory they were planned to and their plan, and give their pairs/s and
+    peak as multiples of the faster successful peer's of the same shape and strategy among ``known``
+    (default: the rows)."""
+    known = rows if known is None else known
+    # A CPU run measures no peak ("-").
+    lines = ["| variant | pairs/s | real tok/s | peak GiB | planned GiB | pairs/s vs peer | peak vs peer | wall s | exit |", "|---|---|---|---|---|---|---|---|---|"]
+    compared: dict[str, str] = {}
     for r in rows:
+        name, planned_gib, vs_pairs, vs_peak = r["variant"], "", "", ""
+        if r.get("image_patches") == 0 and "pairs_per_s" in r:
+            name += " (no image reached the model)"
+        if "memory_budget_gb" in r:
+            plan = f": {r['row_tokens']:,}-token rows, batch {r['batch']}{', checkpointed' if r['checkpointing'] else ''}, {r.get('zero', 'ZeRO-2')}" if "row_tokens" in r else ""
+            name += f" (planned to {r['memory_budget_gb']:.1f} GiB{plan})"
+            planned_gib = f"{r['planned_peak_gb']:.1f}"
+            shape_strategy = r["variant"].rsplit("-dpo-", 1)[0]
+            peer = faster_peer(shape_strategy, known)
+            if peer and "pairs_per_s" in r:
+                compared[shape_strategy] = peer["variant"]
+                vs_pairs = f"{r['pairs_per_s'] / peer['pairs_per_s']:.2f}x"
+                vs_peak = f"{r['mem_peak_gb'] / peer['mem_peak_gb']:.2f}x" if r.get("mem_peak_gb") and peer.get("mem_peak_gb") else "-"
         if "pairs_per_s" in r:
-            name = r["variant"] + (" (no image reached the model)" if r.get("image_patches") == 0 else "")
-            lines.append(f"| {name} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {r.get('mem_peak_gb') or 0:.1f} | {r['wall_s']} | {r['exit']} |")
+            peak = f"{r['mem_peak_gb']:.1f}" if r.get("mem_peak_gb") else "-"
+            lines.append(f"| {name} | {r['pairs_per_s']:.2f} | {r.get('tokens_per_s', 0):,.0f} | {peak} | {planned_gib} | {vs_pairs} | {vs_peak} | {r['wall_s']} | {r['exit']} |")
         else:
-            lines.append(f"| {r['variant']} | failed: {str(r.get('error', '?'))[:160]} | | | {r['wall_s']} | {r['exit']} |")
+            lines.append(f"| {name} | failed: {str(r.get('error', '?'))[:160]} | | | {planned_gib} | | | {r['wall_s']} | {r['exit']} |")
+    if compared:
+        lines.append("\nvs peer: against " + ", ".join(compared.values()) + " (the faster successful peer)")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 Real-size Qwen3-VL shapes (2B, 8B, the 30B-A3B MoE) are built from their released configs
 (qvltune's catalog) with random bf16 weights (`model.random_init`), with the tiny model's tokenizer
 and processors (token ids below its 769-token vocabulary; the 151,936-row embedding and lm_head are
-real size). The data is shaped like real fine-tuning data: images from 352x352 to 1280x960 under
+real size; the image processor's size set to the default pixel budget, 49-1024 tokens). The data is shaped like real fine-tuning data: images from 352x352 to 1280x960 under
 the default variable budget (49-784 tokens), prompts of tens to hundreds of tokens, answers of 8 to
 1000 tokens, 10% text-only records.
 
@@ -58,6 +58,7 @@ def make_model_folder(dest: Path, shape: str) -> Path:
     from transformers import AutoConfig, AutoProcessor
 
     from qvltune.catalog import builtin_config
+    from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from qvltune.tiny import tiny_model_path
 
     if (dest / "config.json").exists():
@@ -70,6 +71,11 @@ def make_model_folder(dest: Path, shape: str) -> Path:
         doc[key] = tok.convert_tokens_to_ids(token)
     doc.pop("architectures")
     config = AutoConfig.for_model(doc.pop("model_type"), **doc)
+    # The tiny model's processor caps images at 65,536 pixels (64 tokens). A peer that calls the
+    # processor without a pixel budget (LLaMA-Factory resizes to its image_max_pixels, then calls the
+    # processor as saved) would train on images of <= 64 tokens where qvltune's runs see the
+    # planner's budget (up to 1024 tokens): the folder's processor gets that budget.
+    processor.image_processor.size = {"shortest_edge": DEFAULT_MIN_PIXELS, "longest_edge": DEFAULT_MAX_PIXELS}
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(dest)
     processor.save_pretrained(dest)
@@ -128,9 +134,13 @@ def make_data(dest: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft") -> dict:
-    """The run config `qvltune init` writes for this model, data and one H200 (the planner decides
-    the packed row length, gradient checkpointing, ZeRO stage and accumulation)."""
+H200_MEMORY_GIB = 139.8  # what NVML reports for one H200 (141 GB)
+
+
+def planned(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft", gpu_memory_gib: float = H200_MEMORY_GIB):
+    """The plan `qvltune init` makes for this model, data and one H200 (the planner decides the
+    packed row length, gradient checkpointing, ZeRO stage and accumulation). ``gpu_memory_gib``: an
+    H200 with only that much memory, as `qvltune init --gpu H200 --gpu-memory GB` plans it."""
     from qvltune.cli.estimate import dataset_summary, load_stats
     from qvltune.estimate_inputs import Machine
     from qvltune.plan import Answers, make_plan, pixel_budget
@@ -138,9 +148,13 @@ def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, st
 
     answers = Answers(model=str(model), data=str(data), strategy=strategy, resolution="variable", effective_batch=effective_batch, stage=stage)
     lo, hi, _ = pixel_budget(answers)
-    machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, 128 * GiB, 989.0, True)
-    plan = make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True))
-    return plan.doc
+    machine = Machine("NVIDIA H200", int(gpu_memory_gib * GiB), 1, 1, 128 * GiB, 989.0, True)
+    return make_plan(answers, machine, load_stats(str(model))[0], dataset_summary(str(data), None, lo, hi, quiet=True))
+
+
+def planned_doc(model: Path, data: Path, strategy: str, effective_batch: int, stage: str = "sft") -> dict:
+    """The run config `qvltune init` writes for this model, data and one H200."""
+    return planned(model, data, strategy, effective_batch, stage).doc
 
 
 def run_config(name: str, model: Path, data: Path, out: Path, strategy: str, variant: str, steps: int, profile: bool, stage: int | None, effective_batch: int) -> dict:

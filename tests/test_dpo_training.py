@@ -176,6 +176,12 @@ def test_dpo_benchmark_runs_the_planners_dpo_config_and_peers_on_the_same_pairs(
     cfg = parse_config(bench.qvltune_config("q", model, data, tmp_path, "mixed", 6, 32))
     assert cfg.stage == "dpo" and cfg.preference().reference == "adapter_off" and cfg.data.packing
     assert cfg.optim.learning_rate < 1e-4  # the planner's DPO rate
+    # LLaMA-Factory calls the folder's processor as saved: its pixel budget must be the one qvltune's
+    # run uses (the tiny model's processor would cap every image at 64 tokens).
+    from transformers import AutoProcessor
+
+    size = AutoProcessor.from_pretrained(model).image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == cfg.data.pixel_budget()
     lf = bench.peer_spec("llamafactory", model, data, tmp_path / "runs" / "lf", "mixed", 6, (1, 2), 4096)
     assert lf["args"]["stage"] == "dpo" and lf["args"]["pref_beta"] == cfg.preference().beta
     # mixed trains what qvltune's mixed trains beside LoRA: the merger and the three DeepStack mergers
@@ -214,7 +220,51 @@ IndexError: list index out of range
             {"variant": "2b-lora-dpo-llamafactory", "wall_s": 60.0, "exit": 0, "pairs_per_s": 1.5, "tokens_per_s": 3000.0, "mem_peak_gb": 20.0, "image_patches": 0}]
     text = bench.table(rows)
     assert "| 2b-lora-dpo-trl | failed: IndexError: list index out of range (lfsite/" in text
-    assert "| 2b-lora-dpo-llamafactory (no image reached the model) | 1.50 | 3,000 | 20.0 | 60.0 | 0 |" in text
+    assert "| 2b-lora-dpo-llamafactory (no image reached the model) | 1.50 | 3,000 | 20.0 |  |  |  | 60.0 | 0 |" in text
+
+
+def test_dpo_benchmark_matched_variant_is_planned_within_the_faster_peers_peak(tmp_path, monkeypatch):
+    """qvltune-matched: the planner given the faster successful peer's measured peak as the H200's
+    memory plans within it (its own margin below), where the full H200's rows would not fit, and that
+    plan is what runs."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import dpo_throughput as bench
+
+    from qvltune.estimate import SAFETY_MARGIN, GiB
+
+    model = bench.make_model_folder(tmp_path / "model-2b", "2b")
+    data = bench.make_pairs(tmp_path / "data", 30)
+    # The budget: the faster successful peer's peak (not the smaller peak), a failed peer or one whose
+    # forwards got no image is no comparison, --match-memory-gb wins, a CPU run measures none.
+    lf = {"variant": "2b-lora-dpo-llamafactory", "exit": 0, "pairs_per_s": 5.25, "mem_peak_gb": 28.8, "image_patches": 10}
+    trl = {"variant": "2b-lora-dpo-trl", "exit": 0, "pairs_per_s": 3.0, "mem_peak_gb": 20.0, "image_patches": 10}
+    assert bench.memory_budget("2b-lora", [trl, lf], None) == (28.8, "2b-lora-dpo-llamafactory")
+    assert bench.memory_budget("2b-lora", [{**trl, "pairs_per_s": 6.0, "image_patches": 0}, lf], None)[0] == 28.8
+    assert bench.memory_budget("2b-lora", [{"variant": "2b-lora-dpo-trl", "exit": 1, "error": "IndexError"}, lf], None)[0] == 28.8
+    assert bench.memory_budget("2b-mixed", [trl, lf], None) is None
+    assert bench.memory_budget("2b-lora", [trl, lf], 25.0) == (25.0, "--match-memory-gb")
+    assert bench.memory_budget("tiny-lora", [{**lf, "variant": "tiny-lora-dpo-llamafactory", "mem_peak_gb": 0}], None) is None
+
+    ran = []
+    monkeypatch.setattr(bench, "run_variant", lambda variant, name, *a: ran.append(a[-2]) or {"variant": name, "exit": 0, "pairs_per_s": 9.0, "mem_peak_gb": 24.0, "row_tokens": a[-2]["data"]["max_seq_length"], "batch": "1x1", "checkpointing": a[-2]["optim"]["gradient_checkpointing"], "wall_s": 1.0})
+    args = argparse.Namespace(match_memory_gb=None, effective_batch=32, work=tmp_path, steps=6)
+    row = bench.run_matched("2b-lora-dpo-qvltune-matched", "2b", "lora", model, data, [trl, lf], args)
+    full = bench.qvltune_plan(model, data, "lora", 32)
+    assert full.estimate.per_gpu > 28.8 * GiB  # the full H200's plan would not fit the peer's memory
+    assert row["memory_budget_gb"] == 28.8 and row["planned_peak_gb"] <= 28.8 * (1 - SAFETY_MARGIN)
+    planned = (ran[0]["data"]["max_seq_length"], ran[0]["optim"]["gradient_checkpointing"])
+    assert planned != (full.doc["data"]["max_seq_length"], full.doc["optim"]["gradient_checkpointing"])
+    assert parse_config(ran[0]).stage == "dpo" and ran[0]["name"] == "2b-lora-dpo-qvltune-matched"
+    text = bench.table([row], [trl, lf, row])
+    assert f"| 2b-lora-dpo-qvltune-matched (planned to 28.8 GiB: {planned[0]:,}-token rows" in text
+    assert "| 1.71x | 0.83x |" in text and "against 2b-lora-dpo-llamafactory" in text
+    # no peer peak and no --match-memory-gb: a row saying what to give, nothing run
+    row = bench.run_matched("2b-mixed-dpo-qvltune-matched", "2b", "mixed", model, data, [], args)
+    assert "give --match-memory-gb GB" in row["error"] and len(ran) == 1
 
 
 def test_init_plans_dpo_for_preference_data_and_starts_from_a_run(tmp_path, pref_data, monkeypatch):
