@@ -17,7 +17,7 @@ from qvltune.checkpoints import COMPLETE_MARKER, is_complete, latest_complete_ch
 
 def _snapshot(writer: CheckpointWriter, target, name, tensor):
     """What SnapshotEngine.save leaves: a host copy and its path."""
-    writer.snapshots.append(({"t": tensor.clone()}, str(target / name), True))
+    writer.snapshots.append(({"t": tensor.clone()}, str(target / name), checkpoint_writer._torch_save))
 
 
 def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
@@ -27,7 +27,7 @@ def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
     rank0 = CheckpointWriter(0, 2, on_complete=lambda *a: done.append(a))
     rank1 = CheckpointWriter(1, 2)
     _snapshot(rank0, target, "rank0.pt", torch.ones(3))
-    rank0.start(4, target, blocking_seconds=0.5)
+    rank0.start(4, target, blocking_seconds=0.5, parts={"model files": 0.4})
     time.sleep(0.3)
     assert (target / "rank0.pt").exists() and (target / RANK_DONE.format(0)).exists()
     assert not is_complete(target) and not done  # rank 1 has not written its part yet
@@ -37,8 +37,8 @@ def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
     rank0.wait()
     assert is_complete(target) and torch.load(target / "rank1.pt")["t"].equal(torch.zeros(2))
     assert not list(target.glob(".saved-rank-*"))  # the coordination files are gone
-    step, path, blocking, background = done[0]
-    assert (step, path, blocking) == (4, target, 0.5) and background > 0
+    step, path, blocking, background, parts = done[0]
+    assert (step, path, blocking, parts) == (4, target, 0.5, {"model files": 0.4}) and background > 0
 
 
 def test_training_goes_on_while_the_write_is_slow_and_a_crash_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -52,6 +52,7 @@ def test_training_goes_on_while_the_write_is_slow_and_a_crash_keeps_the_previous
     monkeypatch.setattr(checkpoint_writer, "fsync_tree", lambda p: (gate.wait(10), real_sync(p)))
     writer = CheckpointWriter(0, 1)
     engine = checkpoint_writer._snapshot_engine_class()(writer, None)  # what DeepSpeed's save_checkpoint calls
+    writer.begin()
     weights, groups = torch.arange(4.0), [{"lr": 1.0}]
     engine.save({"t": weights, "param_groups": groups}, str(target / "optim.pt"))
     started = time.time()
@@ -106,6 +107,7 @@ def test_snapshots_only_while_a_checkpoint_is_saved(tmp_path):
     original = TorchCheckpointEngine()
     engine = SimpleNamespace(checkpoint_engine=original)
     writer = CheckpointWriter(0, 1)
+    writer.begin()
     with writer.capturing(engine):
         engine.checkpoint_engine.save({"t": torch.ones(2)}, str(tmp_path / "x.pt"))
         assert engine.checkpoint_engine is not original and not (tmp_path / "x.pt").exists()
