@@ -65,12 +65,13 @@ class HostBuffers:
         return self._busy.locked()
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``'s values in the next host buffer (contiguous, same shape and dtype)."""
+        """``tensor``'s values in the next host buffer (same shape, dtype and layout: the files are
+        byte for byte those of ``tensor.to("cpu")``)."""
         if not self.busy:
             raise RuntimeError("HostBuffers.copy outside a save (call begin() first)")
         i, self.next = self.next, self.next + 1
         buf = self.buffers[i] if i < len(self.buffers) else None
-        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != _layout(tensor):
             buf = self._allocate(tensor, replacing=buf)
             if i < len(self.buffers):
                 self.buffers[i] = buf
@@ -94,7 +95,12 @@ class HostBuffers:
         pin = tensor.is_cuda and self.pinned_bytes + size <= self.limit
         if pin:
             self.pinned_bytes += size
-        return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+        return torch.empty_like(tensor, device="cpu", pin_memory=pin)  # its layout, as tensor.to("cpu") keeps it
+
+
+def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The strides a host copy of ``tensor`` gets (``empty_like``: kept when dense, else contiguous)."""
+    return torch.empty_like(tensor, device="meta").stride()
 
 
 def host_copy(item, buffers: HostBuffers | None = None):

@@ -114,3 +114,89 @@ def test_snapshots_only_while_a_checkpoint_is_saved(tmp_path):
     assert engine.checkpoint_engine is original and len(writer.snapshots) == 1  # the final model is saved by DeepSpeed's own engine
     with CheckpointWriter(0, 1, enabled=False).capturing(engine):
         assert engine.checkpoint_engine is original
+
+
+def _state(weights, moments):
+    """The shape of a DeepSpeed state dict: nested containers, a view, a scalar tensor, a torch.Size."""
+    return {
+        "module": {"w": weights, "w_t": weights.t()},
+        "optimizer": {"state": {0: {"exp_avg": moments, "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1.0, "params": [0]}]},
+        "shapes": torch.Size([3, 4]),
+    }
+
+
+def test_buffers_reused_from_save_to_save_write_the_bytes_fresh_copies_would(tmp_path):
+    """Host buffers are reused (the same memory at every save) and each file is byte for byte what
+    torch.save of fresh host copies writes, also after training changed the values between saves."""
+    from qvltune.host_buffers import host_copy
+
+    writer = CheckpointWriter(0, 1)
+    engine = checkpoint_writer._snapshot_engine_class()(writer, None)
+    engine.zipfile_serialization = True  # torch's format (the legacy one names storages by their address)
+    weights, moments = torch.arange(12.0).reshape(3, 4), torch.ones(5)
+    first_pointers = None
+    for step in (2, 4, 6):
+        target = tmp_path / f"checkpoint-{step}"
+        target.mkdir()
+        writer.begin()
+        engine.save(_state(weights, moments), str(target / "optim.pt"))
+        pointers = [b.data_ptr() for b in writer.buffers.buffers]
+        writer.start(step, target, blocking_seconds=0.0)
+        weights.add_(1)  # the next step changes the live tensors while the file is written
+        moments.mul_(2)
+        writer.wait()
+        fresh = tmp_path / f"fresh-{step}" / "optim.pt"  # the same name: torch's zip records are named after the file
+        fresh.parent.mkdir()
+        checkpoint_writer._torch_save(host_copy(_state(weights - 1, moments / 2)), str(fresh), engine.zipfile_serialization)
+        assert (target / "optim.pt").read_bytes() == fresh.read_bytes(), step
+        first_pointers = first_pointers or pointers
+        assert pointers == first_pointers and len(pointers) == 4  # reused, one per tensor
+
+
+def test_a_save_cannot_take_the_buffers_while_the_previous_write_reads_them(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real_save = checkpoint_writer._torch_save
+    monkeypatch.setattr(checkpoint_writer, "_torch_save", lambda obj, path, zipfile=True: (gate.wait(10), real_save(obj, path, zipfile)))
+    writer = CheckpointWriter(0, 1)
+    engine = checkpoint_writer._snapshot_engine_class()(writer, None)
+    target = tmp_path / "checkpoint-2"
+    target.mkdir()
+    writer.begin()
+    engine.save({"t": torch.ones(3)}, str(target / "optim.pt"))
+    writer.start(2, target, blocking_seconds=0.0)
+    with pytest.raises(RuntimeError, match="still in use"):
+        writer.begin()  # a save that did not wait for the previous write would overwrite what it writes
+    gate.set()
+    writer.wait()
+    writer.begin()  # free again once written
+    assert torch.load(target / "optim.pt")["t"].equal(torch.ones(3))
+
+
+def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
+    """snapshot_adapter (the adapter's tensors alone, written by the thread) writes the files peft's
+    save_pretrained writes from the whole model's state dict, byte for byte: the LoRA weights and the
+    mixed strategy's fully trained merger and DeepStack mergers (modules_to_save)."""
+    from qvltune.config import parse_config
+    from qvltune.model import apply_strategy, load_model
+
+    cfg = parse_config({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "d.jsonl"}, "strategy": "mixed", "optim": {"bf16": False}})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # trained: LoRA B is no longer zero, the mergers moved
+    model.save_pretrained(str(tmp_path / "peft"))
+    writer = CheckpointWriter(0, 1)
+    target = tmp_path / "checkpoint-2"
+    writer.begin()
+    checkpoint_writer.snapshot_adapter(writer, model, target)
+    writer.start(2, target, blocking_seconds=0.0)
+    writer.wait()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (target / name).read_bytes() == (tmp_path / "peft" / name).read_bytes(), name
+    from safetensors.torch import load_file
+
+    names = load_file(str(target / "adapter_model.safetensors"))
+    assert any("lora_B" in k for k in names) and any("merger" in k and "lora_" not in k for k in names)
+    assert not model.peft_config["default"].inference_mode  # the training model's config is left as it was
