@@ -6,8 +6,12 @@ moments of every trained parameter (``*_optim_states.pt``) and the trained modul
 cost training 20 s. Here DeepSpeed's ``save_checkpoint`` runs as usual, but through
 ``SnapshotEngine`` (a DeepSpeed ``CheckpointEngine``, its documented extension point): ``save``
 copies the state dict to host memory and returns; a thread then writes the copies, syncs the folder
-and only then lets the checkpoint be marked complete. The Trainer's own small files (the adapter,
-scheduler, RNG and trainer state) are written as before, synchronously; the thread syncs them too.
+and only then lets the checkpoint be marked complete. Under ZeRO-1/2 a LoRA/mixed checkpoint's adapter
+goes the same way (``snapshot_adapter``: its tensors alone, where the Trainer would first copy the
+whole model to host memory). The snapshots go into host buffers kept from save to save
+(qvltune.host_buffers: pinned on a GPU). The Trainer's other small files (scheduler, RNG, trainer
+state) are written as before, synchronously; the thread syncs them too. ``SaveParts`` times where
+the wait goes (the ``save`` record's ``parts``).
 
 DeepSpeed's own asynchronous engines do not fit: its ``DecoupledCheckpointEngine`` hands the live
 tensors to a writer process and waits for the write before the next optimizer step (so a save still

@@ -12,7 +12,9 @@ each time, so the i-th tensor finds the i-th buffer of its shape and dtype (a ne
 Only one save is ever in flight (the next one waits for the previous write: CheckpointWriter.wait),
 so the buffers are free again when the next save begins; ``begin`` refuses them while a write may
 still read them. Pinned memory cannot be swapped out: at most ``pin_limit`` bytes are pinned (a
-share of the node's RAM split among its ranks), the rest are pageable buffers, reused all the same.
+share of the node's RAM split among its ranks, counted in the power-of-two blocks torch's pinned
+allocator hands out), the rest are pageable buffers, reused all the same. The first save allocates
+(and pins) them: it waits longer than the saves after it.
 """
 
 from __future__ import annotations
@@ -90,12 +92,18 @@ class HostBuffers:
 
     def _allocate(self, tensor: torch.Tensor, replacing: torch.Tensor | None) -> torch.Tensor:
         if replacing is not None and replacing.is_pinned():
-            self.pinned_bytes -= replacing.numel() * replacing.element_size()
-        size = tensor.numel() * tensor.element_size()
+            self.pinned_bytes -= pinned_size(replacing.numel() * replacing.element_size())
+        size = pinned_size(tensor.numel() * tensor.element_size())
         pin = tensor.is_cuda and self.pinned_bytes + size <= self.limit
         if pin:
             self.pinned_bytes += size
         return torch.empty_like(tensor, device="cpu", pin_memory=pin)  # its layout, as tensor.to("cpu") keeps it
+
+
+def pinned_size(nbytes: int) -> int:
+    """The pinned memory a buffer of ``nbytes`` takes: torch's pinned-memory allocator rounds every
+    block up to a power of two, so that is what counts against the cap."""
+    return 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
 
 
 def _layout(tensor: torch.Tensor) -> tuple[int, ...]:

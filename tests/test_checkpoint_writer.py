@@ -200,3 +200,15 @@ def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
     names = load_file(str(target / "adapter_model.safetensors"))
     assert any("lora_B" in k for k in names) and any("merger" in k and "lora_" not in k for k in names)
     assert not model.peft_config["default"].inference_mode  # the training model's config is left as it was
+
+
+def test_pinned_snapshot_memory_is_capped_per_rank_and_counted_as_allocated():
+    """A quarter of the node's RAM split among its ranks, counted in the power-of-two blocks torch's
+    pinned-memory allocator hands out (a 3 GiB buffer takes 4 GiB)."""
+    import os
+
+    from qvltune.host_buffers import PINNED_SHARE, pin_limit, pinned_size
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert pin_limit(1) == int(ram * PINNED_SHARE) and pin_limit(4) == int(ram * PINNED_SHARE) // 4
+    assert pinned_size(3 * 2**30) == 4 * 2**30 and pinned_size(4096) == 4096 and pinned_size(4097) == 8192
