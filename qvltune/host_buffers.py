@@ -29,9 +29,9 @@ PINNED_SHARE = 0.25  # of the node's RAM, split among the ranks of the node, at 
 
 def pin_limit(local_ranks: int | None = None) -> int:
     """Bytes of host memory this rank may pin for snapshots: ``PINNED_SHARE`` of the node's RAM
-    divided among its ranks (``LOCAL_WORLD_SIZE``)."""
+    divided among its ranks (``LOCAL_SIZE`` from DeepSpeed's launcher, ``LOCAL_WORLD_SIZE`` from torchrun)."""
     if local_ranks is None:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

@@ -202,7 +202,7 @@ def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
     assert not model.peft_config["default"].inference_mode  # the training model's config is left as it was
 
 
-def test_pinned_snapshot_memory_is_capped_per_rank_and_counted_as_allocated():
+def test_pinned_snapshot_memory_is_capped_per_rank_and_counted_as_allocated(monkeypatch):
     """A quarter of the node's RAM split among its ranks, counted in the power-of-two blocks torch's
     pinned-memory allocator hands out (a 3 GiB buffer takes 4 GiB)."""
     import os
@@ -211,4 +211,6 @@ def test_pinned_snapshot_memory_is_capped_per_rank_and_counted_as_allocated():
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert pin_limit(1) == int(ram * PINNED_SHARE) and pin_limit(4) == int(ram * PINNED_SHARE) // 4
+    monkeypatch.setenv("LOCAL_SIZE", "8")  # what DeepSpeed's launcher tells each rank
+    assert pin_limit() == int(ram * PINNED_SHARE) // 8
     assert pinned_size(3 * 2**30) == 4 * 2**30 and pinned_size(4096) == 4096 and pinned_size(4097) == 8192
