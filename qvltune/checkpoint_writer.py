@@ -74,7 +74,7 @@ def write_marker(target: Path, step: int) -> None:
 class SaveParts:
     """Where the time training waited for one save went: named parts (``with parts.part(name)``,
     repeated parts add up); ``record(total)`` lists them in order, the rest of the total as ``other``.
-    The ``save`` and ``checkpoint`` records carry it; the run log prints it (dashboard.event_line)."""
+    The ``save`` and ``checkpoint`` records carry it; the run log prints it (dashboard.save_parts_text)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, float] = {}
