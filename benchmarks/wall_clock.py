@@ -117,6 +117,7 @@ def summarize(records: list[dict], wall_s: float, started: float) -> dict:
         "stalls": [{k: s[k] for k in ("step", "seconds", "ratio", "gc_seconds")} for s in stalls],
         "save_blocking_s": [round(s.get("seconds") or 0, 2) for s in saves],
         "save_background_s": [round(done[s["step"]].get("background_seconds") or 0, 2) if s["step"] in done else None for s in saves],
+        "save_parts": [s.get("parts") or {} for s in saves],  # where each save's blocking time went
         "eval_s": [round(e.get("seconds") or 0, 2) for e in evals],
         "steady_total_s": steady_total,
         "wall_vs_steady": wall_s / steady_total if steady_total else None,

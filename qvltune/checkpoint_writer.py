@@ -6,8 +6,12 @@ moments of every trained parameter (``*_optim_states.pt``) and the trained modul
 cost training 20 s. Here DeepSpeed's ``save_checkpoint`` runs as usual, but through
 ``SnapshotEngine`` (a DeepSpeed ``CheckpointEngine``, its documented extension point): ``save``
 copies the state dict to host memory and returns; a thread then writes the copies, syncs the folder
-and only then lets the checkpoint be marked complete. The Trainer's own small files (the adapter,
-scheduler, RNG and trainer state) are written as before, synchronously; the thread syncs them too.
+and only then lets the checkpoint be marked complete. Under ZeRO-1/2 a LoRA/mixed checkpoint's adapter
+goes the same way (``snapshot_adapter``: its tensors alone, where the Trainer would first copy the
+whole model to host memory). The snapshots go into host buffers kept from save to save
+(qvltune.host_buffers: pinned on a GPU). The Trainer's other small files (scheduler, RNG, trainer
+state) are written as before, synchronously; the thread syncs them too. ``SaveParts`` times where
+the wait goes (the ``save`` record's ``parts``).
 
 DeepSpeed's own asynchronous engines do not fit: its ``DecoupledCheckpointEngine`` hands the live
 tensors to a writer process and waits for the write before the next optimizer step (so a save still
@@ -23,6 +27,7 @@ collectives (that would race the training's); ranks meet through the files in th
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -31,7 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from qvltune.checkpoints import COMPLETE_MARKER
+from qvltune.host_buffers import HostBuffers, host_copy
 
 RANK_DONE = ".saved-rank-{}"
 
@@ -63,14 +71,39 @@ def write_marker(target: Path, step: int) -> None:
         os.close(fd)
 
 
+class SaveParts:
+    """Where the time training waited for one save went: named parts (``with parts.part(name)``,
+    repeated parts add up); ``record(total)`` lists them in order, the rest of the total as ``other``.
+    The ``save`` and ``checkpoint`` records carry it; the run log prints it (dashboard.save_parts_text)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str):
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.time() - started
+
+    def record(self, total: float) -> dict[str, float]:
+        out = {name: round(seconds, 3) for name, seconds in self.parts.items()}
+        rest = total - sum(self.parts.values())
+        if rest >= 0.0005:
+            out["other"] = round(rest, 3)
+        return out
+
+
 @dataclass
 class Pending:
     """One checkpoint's background part on this rank."""
 
     step: int
     target: Path
-    files: list[tuple[object, str, bool]]  # (host copy, path, DeepSpeed's serialization choice)
+    files: list[tuple[object, str, Callable]]  # (host copy, path, write(copy, path))
     blocking_seconds: float
+    parts: dict[str, float] = field(default_factory=dict)  # SaveParts.record of the blocking part
     thread: threading.Thread | None = None
     error: BaseException | None = None
     background_seconds: float | None = None
@@ -82,12 +115,13 @@ class CheckpointWriter:
 
     ``capturing(engine)`` routes a DeepSpeed engine's checkpoint files through host-memory snapshots;
     ``start(...)`` writes them in a thread; ``wait()`` joins the save in flight and raises its error.
-    ``on_complete(step, target, blocking_s, background_s)`` runs on rank 0 once the marker is written."""
+    ``on_complete(step, target, blocking_s, background_s, parts)`` runs on rank 0 once the marker is written."""
 
     def __init__(self, rank: int, world: int, enabled: bool = True, on_complete: Callable | None = None, rotate: Callable | None = None, poll: float = 0.05):
         self.rank, self.world, self.enabled = rank, world, enabled
         self.on_complete, self.rotate, self.poll = on_complete, rotate, poll
-        self.snapshots: list[tuple[object, str, bool]] = []  # filled by SnapshotEngine.save during a save
+        self.snapshots: list[tuple[object, str, Callable]] = []  # filled during a save (SnapshotEngine.save, snapshot_adapter)
+        self.buffers = HostBuffers()  # the snapshots' host memory, reused from save to save
         self.current: Pending | None = None
         self.failed: Pending | None = None  # a background save that raised, until reported
         self._stop = threading.Event()
@@ -117,10 +151,15 @@ class CheckpointWriter:
 
     # -- one save --------------------------------------------------------------------------------
 
-    def start(self, step: int, target: Path, blocking_seconds: float) -> None:
+    def begin(self) -> None:
+        """A save begins taking snapshots (after ``wait``: the previous write released the buffers)."""
+        self.snapshots = []
+        self.buffers.begin()
+
+    def start(self, step: int, target: Path, blocking_seconds: float, parts: dict[str, float] | None = None) -> None:
         """Write what this save snapshot (in a thread when enabled), sync, and mark the checkpoint
-        complete once every rank has (rank 0)."""
-        job = Pending(step, Path(target), self.snapshots, blocking_seconds)
+        complete once every rank has (rank 0). ``parts``: where ``blocking_seconds`` went."""
+        job = Pending(step, Path(target), self.snapshots, blocking_seconds, parts or {})
         self.snapshots = []
         self.current = job
         if not self.enabled:
@@ -133,6 +172,7 @@ class CheckpointWriter:
     def discard(self) -> None:
         """Forget the snapshots of a save that failed before it could start writing."""
         self.snapshots = []
+        self.buffers.release()
 
     def wait(self, raise_errors: bool = True) -> Pending | None:
         """Join the save in flight; raise its error (once) unless told not to. Returns it."""
@@ -172,23 +212,23 @@ class CheckpointWriter:
             raise job.error
 
     def _write(self, job: Pending) -> None:
-        import torch
-
         started = time.time()
         try:
-            for obj, path, zipfile in job.files:
-                torch.save(obj, path, _use_new_zipfile_serialization=zipfile)
-            job.files.clear()  # free the host copies as soon as they are on disk
+            for obj, path, write in job.files:
+                write(obj, path)
+            job.files.clear()
+            self.buffers.release()  # the next save may overwrite them
             fsync_tree(job.target)  # this rank's files, the Trainer's synchronous ones included
             (job.target / RANK_DONE.format(self.rank)).write_text("")
             if self.rank == 0:
                 self._commit(job)
             job.background_seconds = time.time() - started
             if self.rank == 0 and self.on_complete is not None:
-                self.on_complete(job.step, job.target, job.blocking_seconds, job.background_seconds)
+                self.on_complete(job.step, job.target, job.blocking_seconds, job.background_seconds, job.parts)
         except BaseException as e:  # noqa: BLE001 - reported in the training thread
             job.error = e
         finally:
+            self.buffers.release()
             job.done.set()
 
     def _commit(self, job: Pending) -> None:
@@ -205,28 +245,44 @@ class CheckpointWriter:
             self.rotate()
 
 
+def _torch_save(obj, path: str, zipfile: bool = True) -> None:
+    torch.save(obj, path, _use_new_zipfile_serialization=zipfile)
+
+
+def _safetensors_save(state: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, path, metadata={"format": "pt"})  # as peft's save_pretrained writes it
+
+
+def snapshot_adapter(writer: CheckpointWriter, peft_model, output_dir: Path) -> None:
+    """A checkpoint's adapter files (``adapter_config.json``, ``adapter_model.safetensors``: the LoRA
+    weights and the fully trained ``modules_to_save``), as peft's ``save_pretrained`` writes them, with
+    the weights copied to host memory here and written by ``writer``'s thread.
+
+    Under ZeRO-1/2 the Trainer would first copy the whole model's state dict to host memory
+    (accelerate's ``get_state_dict``: 16 GB for 8B, on every rank) only for peft to keep the adapter's
+    part of it; this copies only that part (peft's own selection, ``get_peft_model_state_dict``, of
+    the live tensors). The model card (README.md) peft adds is left to the final model.
+    Not for ZeRO-3, whose partitioned weights must be gathered first (the Trainer's own path)."""
+    from peft.utils import get_peft_model_state_dict
+
+    name = peft_model.active_adapter
+    config = peft_model.peft_config[name]
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)  # views of the live tensors: no copy yet
+    host = {key: writer.buffers.copy(tensor) for key, tensor in state.items()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if config.base_model_name_or_path is None:  # as peft's save_pretrained fills it
+        config.base_model_name_or_path = peft_model.base_model.model.__dict__.get("name_or_path", None) or None
+    inference_mode, config.inference_mode = config.inference_mode, True  # the saved config is for inference, as peft writes it
+    try:
+        config.save_pretrained(str(output_dir))
+    finally:
+        config.inference_mode = inference_mode
+    writer.snapshots.append((host, str(output_dir / "adapter_model.safetensors"), _safetensors_save))
+
+
 _ENGINE = None
-
-
-def host_copy(item):
-    """A copy of ``item`` with every tensor cloned to host memory and every container rebuilt as its
-    own type. By hand rather than DeepSpeed's ``clone_tensors_for_torch_save``: that one turns every
-    tuple subclass into a plain tuple, and ZeRO-3's saved ``param_shapes`` (``torch.Size``) then break
-    ``zero_to_fp32`` (``shape.numel()``), so a checkpoint could not be gathered from its shards."""
-    import torch
-
-    if torch.is_tensor(item):
-        return item.detach().to("cpu", copy=True)
-    if isinstance(item, torch.Size):
-        return item  # immutable, holds no tensor
-    if isinstance(item, dict):
-        return type(item)((k, host_copy(v)) for k, v in item.items())
-    if isinstance(item, list):
-        return [host_copy(v) for v in item]
-    if isinstance(item, tuple):
-        values = [host_copy(v) for v in item]
-        return type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
-    return item
 
 
 def _snapshot_engine_class():
@@ -248,7 +304,8 @@ def _snapshot_engine_class():
         def save(self, state_dict, path: str):
             # A copy of every tensor on the host, and of every container (the optimizer's param groups
             # are dicts the scheduler changes at the next step); a GPU tensor is copied off the device.
-            self.writer.snapshots.append((host_copy(state_dict), path, self.zipfile_serialization))
+            write = functools.partial(_torch_save, zipfile=self.zipfile_serialization)
+            self.writer.snapshots.append((host_copy(state_dict, self.writer.buffers), path, write))
 
         def preserves_storage_sharing(self):
             return False  # DeepSpeed would clone module states itself first: save() copies everything once

@@ -303,6 +303,13 @@ def stall_line(record: dict[str, Any]) -> str:
     )
 
 
+def save_parts_text(parts: dict | None) -> str:
+    """``: model files 0.4 s, DeepSpeed state to host 1.2 s`` (where a save's wait went; parts under
+    0.05 s left out)."""
+    shown = [f"{name} {seconds:.1f} s" for name, seconds in (parts or {}).items() if seconds >= 0.05]
+    return ": " + ", ".join(shown) if shown else ""
+
+
 def format_line(record: dict[str, Any]) -> str | None:
     """One plain line per record for logs and non-TTY output."""
     kind = record.get("kind")
@@ -327,7 +334,7 @@ def format_line(record: dict[str, Any]) -> str | None:
     if kind == "checkpoint":
         times = ""
         if record.get("background_seconds") is not None:
-            times = f" (training waited {record.get('seconds') or 0:.1f} s; written beside it in {record['background_seconds']:.1f} s)"
+            times = f" (training waited {record.get('seconds') or 0:.1f} s{save_parts_text(record.get('parts'))}; written beside it in {record['background_seconds']:.1f} s)"
         return f"checkpoint saved: {record.get('path')}{times}"
     if kind == "phase":
         return f"{record.get('name')} ..."

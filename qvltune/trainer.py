@@ -12,6 +12,7 @@ The classes are built inside functions so that importing this module does not im
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from qvltune.checkpoint_writer import CheckpointWriter
+from qvltune.checkpoint_writer import CheckpointWriter, SaveParts, snapshot_adapter
 from qvltune.checkpoints import STOP_FILE, checkpoints, is_complete
 from qvltune.config import RunConfig
 from qvltune.data.packing import BatchStats
@@ -70,6 +71,8 @@ def make_trainer_class():
             self.nonfinite: torch.Tensor | None = None
             self.loss_head = install_loss_head(unwrap(self.model)) if run_cfg.optim.fused_loss else None
             self.saving_step: int | None = None
+            self.save_parts: SaveParts | None = None  # while a checkpoint is saved
+            self.save_record: dict[str, float] = {}  # the last save's SaveParts.record
             self.data_wait = 0.0  # seconds spent fetching batches since the last step's end
             self.checkpointer = CheckpointWriter(
                 self.args.process_index, self.args.world_size, enabled=run_cfg.schedule.async_save, rotate=lambda: self._rotate(Path(self.args.output_dir))
@@ -174,25 +177,69 @@ def make_trainer_class():
 
         def _save_checkpoint(self, model, trial):
             """Training waits for the state's copy in host memory; qvltune.checkpoint_writer writes
-            it in the background and marks the checkpoint complete when every rank's files are synced."""
+            it in the background and marks the checkpoint complete when every rank's files are synced.
+            ``save_parts`` times where the wait goes (the ``save`` record's ``parts``)."""
             run_dir = Path(self.args.output_dir)
             started = time.time()
-            self.finish_saves()  # one save in flight: the previous one is complete (or raises here)
+            parts = self.save_parts = SaveParts()
+            with parts.part("previous save"):
+                self.finish_saves()  # one save in flight: the previous one is complete (or raises here)
             self.saving_step = self.state.global_step  # read by explain_failure if the save fails
             target = run_dir / f"checkpoint-{self.state.global_step}"
             if self.args.should_save and target.exists() and not is_complete(target):
                 shutil.rmtree(target)  # leftovers of an interrupted save at this step
-            self.accelerator.wait_for_everyone()
+            with parts.part("ranks meet"):
+                self.accelerator.wait_for_everyone()
+            self.checkpointer.begin()
             try:
                 with self.checkpointer.capturing(self.model_wrapped):  # DeepSpeed's files: snapshots, written by a thread
                     super()._save_checkpoint(model, trial)
+                with parts.part("host copies finish"):
+                    self.checkpointer.buffers.synchronize()  # one wait for every queued device-to-host copy
             except BaseException:
                 self.checkpointer.discard()
                 raise
-            self.accelerator.wait_for_everyone()  # every rank's synchronous part is on disk before the marker can be
+            finally:
+                self.save_parts = None
+            with parts.part("ranks meet"):
+                self.accelerator.wait_for_everyone()  # every rank's synchronous part is on disk before the marker can be
             self.save_seconds = time.time() - started  # what training waited for
-            self.checkpointer.start(self.state.global_step, target, self.save_seconds)
+            self.save_record = parts.record(self.save_seconds)
+            self.checkpointer.start(self.state.global_step, target, self.save_seconds, self.save_record)
             self.saving_step = None
+
+        def _save_part(self, name: str):
+            """Time a part of the checkpoint being saved (nothing outside a checkpoint: the final model)."""
+            return self.save_parts.part(name) if self.save_parts is not None else contextlib.nullcontext()
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            with self._save_part("model files"):
+                if self.save_parts is not None and self._adapter_snapshot():
+                    # A checkpoint's adapter: copied to host memory here, written by the checkpoint's thread.
+                    if self.args.should_save:
+                        snapshot_adapter(self.checkpointer, self.accelerator.unwrap_model(self.model), Path(output_dir))
+                        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as the Trainer's _save
+                    return
+                super().save_model(output_dir, _internal_call)
+
+        def _adapter_snapshot(self) -> bool:
+            """Whether a checkpoint's model files are a peft adapter whose weights are whole on every
+            rank (not ZeRO-3: its partitions are gathered by the Trainer's own path) and saved as peft
+            saves them by default (one adapter with a task type): checkpoint_writer.snapshot_adapter."""
+            from peft import PeftModel
+
+            peft_model = self.accelerator.unwrap_model(self.model)
+            return (
+                isinstance(peft_model, PeftModel)
+                and self.run_cfg.deepspeed.stage != 3
+                and len(peft_model.peft_config) == 1
+                and peft_model.peft_config[peft_model.active_adapter].task_type is not None
+            )
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            # Under DeepSpeed: its save_checkpoint, whose files SnapshotEngine copies to host memory.
+            with self._save_part("DeepSpeed state to host"):
+                super()._save_optimizer_and_scheduler(output_dir)
 
         def finish_saves(self, raise_errors: bool = True):
             """Wait for the checkpoint being written (the next save, the end of training, a failure);
@@ -364,7 +411,13 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             self.between_steps += getattr(self.trainer, "save_seconds", None) or 0.0
             if writer:
                 # Training goes on; the ``checkpoint`` record follows when the write is complete.
-                writer.write("save", step=state.global_step, path=str(run_dir / f"checkpoint-{state.global_step}"), seconds=getattr(self.trainer, "save_seconds", None))
+                writer.write(
+                    "save",
+                    step=state.global_step,
+                    path=str(run_dir / f"checkpoint-{state.global_step}"),
+                    seconds=getattr(self.trainer, "save_seconds", None),
+                    parts=getattr(self.trainer, "save_record", None),
+                )
 
     return QvlCallback()
 

@@ -277,8 +277,8 @@ def run(run_dir: Path, resume: bool) -> int:
         dpo_callback.trainer = trainer
     callback.clock, callback.compiles = clock, cfg.optim.compile  # it writes the phases record at the first step's end
     if writer:  # rank 0's background writer reports each checkpoint once it is marked complete
-        trainer.checkpointer.on_complete = lambda step, target, blocking, background: writer.write(
-            "checkpoint", step=step, path=str(target), seconds=blocking, background_seconds=background
+        trainer.checkpointer.on_complete = lambda step, target, blocking, background, parts: writer.write(
+            "checkpoint", step=step, path=str(target), seconds=blocking, background_seconds=background, parts=parts
         )
     t = _mark(clock, "datasets and trainer")
     _install_stop_handlers(callback)

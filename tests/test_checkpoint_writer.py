@@ -17,7 +17,7 @@ from qvltune.checkpoints import COMPLETE_MARKER, is_complete, latest_complete_ch
 
 def _snapshot(writer: CheckpointWriter, target, name, tensor):
     """What SnapshotEngine.save leaves: a host copy and its path."""
-    writer.snapshots.append(({"t": tensor.clone()}, str(target / name), True))
+    writer.snapshots.append(({"t": tensor.clone()}, str(target / name), checkpoint_writer._torch_save))
 
 
 def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
@@ -27,7 +27,7 @@ def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
     rank0 = CheckpointWriter(0, 2, on_complete=lambda *a: done.append(a))
     rank1 = CheckpointWriter(1, 2)
     _snapshot(rank0, target, "rank0.pt", torch.ones(3))
-    rank0.start(4, target, blocking_seconds=0.5)
+    rank0.start(4, target, blocking_seconds=0.5, parts={"model files": 0.4})
     time.sleep(0.3)
     assert (target / "rank0.pt").exists() and (target / RANK_DONE.format(0)).exists()
     assert not is_complete(target) and not done  # rank 1 has not written its part yet
@@ -37,8 +37,8 @@ def test_the_marker_waits_for_every_rank_and_comes_last(tmp_path):
     rank0.wait()
     assert is_complete(target) and torch.load(target / "rank1.pt")["t"].equal(torch.zeros(2))
     assert not list(target.glob(".saved-rank-*"))  # the coordination files are gone
-    step, path, blocking, background = done[0]
-    assert (step, path, blocking) == (4, target, 0.5) and background > 0
+    step, path, blocking, background, parts = done[0]
+    assert (step, path, blocking, parts) == (4, target, 0.5, {"model files": 0.4}) and background > 0
 
 
 def test_training_goes_on_while_the_write_is_slow_and_a_crash_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -52,6 +52,7 @@ def test_training_goes_on_while_the_write_is_slow_and_a_crash_keeps_the_previous
     monkeypatch.setattr(checkpoint_writer, "fsync_tree", lambda p: (gate.wait(10), real_sync(p)))
     writer = CheckpointWriter(0, 1)
     engine = checkpoint_writer._snapshot_engine_class()(writer, None)  # what DeepSpeed's save_checkpoint calls
+    writer.begin()
     weights, groups = torch.arange(4.0), [{"lr": 1.0}]
     engine.save({"t": weights, "param_groups": groups}, str(target / "optim.pt"))
     started = time.time()
@@ -106,9 +107,110 @@ def test_snapshots_only_while_a_checkpoint_is_saved(tmp_path):
     original = TorchCheckpointEngine()
     engine = SimpleNamespace(checkpoint_engine=original)
     writer = CheckpointWriter(0, 1)
+    writer.begin()
     with writer.capturing(engine):
         engine.checkpoint_engine.save({"t": torch.ones(2)}, str(tmp_path / "x.pt"))
         assert engine.checkpoint_engine is not original and not (tmp_path / "x.pt").exists()
     assert engine.checkpoint_engine is original and len(writer.snapshots) == 1  # the final model is saved by DeepSpeed's own engine
     with CheckpointWriter(0, 1, enabled=False).capturing(engine):
         assert engine.checkpoint_engine is original
+
+
+def _state(weights, moments):
+    """The shape of a DeepSpeed state dict: nested containers, a view, a scalar tensor, a torch.Size."""
+    return {
+        "module": {"w": weights, "w_t": weights.t()},
+        "optimizer": {"state": {0: {"exp_avg": moments, "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1.0, "params": [0]}]},
+        "shapes": torch.Size([3, 4]),
+    }
+
+
+def test_buffers_reused_from_save_to_save_write_the_bytes_fresh_copies_would(tmp_path):
+    """Host buffers are reused (the same memory at every save) and each file is byte for byte what
+    torch.save of fresh host copies writes, also after training changed the values between saves."""
+    from qvltune.host_buffers import host_copy
+
+    writer = CheckpointWriter(0, 1)
+    engine = checkpoint_writer._snapshot_engine_class()(writer, None)
+    engine.zipfile_serialization = True  # torch's format (the legacy one names storages by their address)
+    weights, moments = torch.arange(12.0).reshape(3, 4), torch.ones(5)
+    first_pointers = None
+    for step in (2, 4, 6):
+        target = tmp_path / f"checkpoint-{step}"
+        target.mkdir()
+        writer.begin()
+        engine.save(_state(weights, moments), str(target / "optim.pt"))
+        pointers = [b.data_ptr() for b in writer.buffers.buffers]
+        writer.start(step, target, blocking_seconds=0.0)
+        weights.add_(1)  # the next step changes the live tensors while the file is written
+        moments.mul_(2)
+        writer.wait()
+        fresh = tmp_path / f"fresh-{step}" / "optim.pt"  # the same name: torch's zip records are named after the file
+        fresh.parent.mkdir()
+        checkpoint_writer._torch_save(host_copy(_state(weights - 1, moments / 2)), str(fresh), engine.zipfile_serialization)
+        assert (target / "optim.pt").read_bytes() == fresh.read_bytes(), step
+        first_pointers = first_pointers or pointers
+        assert pointers == first_pointers and len(pointers) == 4  # reused, one per tensor
+
+
+def test_a_save_cannot_take_the_buffers_while_the_previous_write_reads_them(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real_save = checkpoint_writer._torch_save
+    monkeypatch.setattr(checkpoint_writer, "_torch_save", lambda obj, path, zipfile=True: (gate.wait(10), real_save(obj, path, zipfile)))
+    writer = CheckpointWriter(0, 1)
+    engine = checkpoint_writer._snapshot_engine_class()(writer, None)
+    target = tmp_path / "checkpoint-2"
+    target.mkdir()
+    writer.begin()
+    engine.save({"t": torch.ones(3)}, str(target / "optim.pt"))
+    writer.start(2, target, blocking_seconds=0.0)
+    with pytest.raises(RuntimeError, match="still in use"):
+        writer.begin()  # a save that did not wait for the previous write would overwrite what it writes
+    gate.set()
+    writer.wait()
+    writer.begin()  # free again once written
+    assert torch.load(target / "optim.pt")["t"].equal(torch.ones(3))
+
+
+def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
+    """snapshot_adapter (the adapter's tensors alone, written by the thread) writes the files peft's
+    save_pretrained writes from the whole model's state dict, byte for byte: the LoRA weights and the
+    mixed strategy's fully trained merger and DeepStack mergers (modules_to_save)."""
+    from qvltune.config import parse_config
+    from qvltune.model import apply_strategy, load_model
+
+    cfg = parse_config({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "d.jsonl"}, "strategy": "mixed", "optim": {"bf16": False}})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # trained: LoRA B is no longer zero, the mergers moved
+    model.save_pretrained(str(tmp_path / "peft"))
+    writer = CheckpointWriter(0, 1)
+    target = tmp_path / "checkpoint-2"
+    writer.begin()
+    checkpoint_writer.snapshot_adapter(writer, model, target)
+    writer.start(2, target, blocking_seconds=0.0)
+    writer.wait()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (target / name).read_bytes() == (tmp_path / "peft" / name).read_bytes(), name
+    from safetensors.torch import load_file
+
+    names = load_file(str(target / "adapter_model.safetensors"))
+    assert any("lora_B" in k for k in names) and any("merger" in k and "lora_" not in k for k in names)
+    assert not model.peft_config["default"].inference_mode  # the training model's config is left as it was
+
+
+def test_pinned_snapshot_memory_is_capped_per_rank_and_counted_as_allocated(monkeypatch):
+    """A quarter of the node's RAM split among its ranks, counted in the power-of-two blocks torch's
+    pinned-memory allocator hands out (a 3 GiB buffer takes 4 GiB)."""
+    import os
+
+    from qvltune.host_buffers import PINNED_SHARE, pin_limit, pinned_size
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert pin_limit(1) == int(ram * PINNED_SHARE) and pin_limit(4) == int(ram * PINNED_SHARE) // 4
+    monkeypatch.setenv("LOCAL_SIZE", "8")  # what DeepSpeed's launcher tells each rank
+    assert pin_limit() == int(ram * PINNED_SHARE) // 8
+    assert pinned_size(3 * 2**30) == 4 * 2**30 and pinned_size(4096) == 4096 and pinned_size(4097) == 8192

@@ -64,3 +64,13 @@ def test_metrics_writer_and_tailer_only_complete_lines(tmp_path):
         f.write(', "loss": 1.0}\n')
     assert [r["step"] for r in tailer.read_new()] == [2]
     assert json.loads(path.read_text().splitlines()[0])["kind"] == "train"
+
+
+def test_a_checkpoint_line_says_where_the_wait_went():
+    record = {
+        "kind": "checkpoint", "step": 6, "path": "runs/x/checkpoint-6", "seconds": 1.32, "background_seconds": 4.9,
+        "parts": {"previous save": 0.0, "ranks meet": 0.01, "model files": 0.6, "DeepSpeed state to host": 0.7, "other": 0.01},
+    }
+    line = format_line(record)
+    assert line == "checkpoint saved: runs/x/checkpoint-6 (training waited 1.3 s: model files 0.6 s, DeepSpeed state to host 0.7 s; written beside it in 4.9 s)"
+    assert format_line({**record, "parts": None}) == "checkpoint saved: runs/x/checkpoint-6 (training waited 1.3 s; written beside it in 4.9 s)"

@@ -40,3 +40,24 @@ def test_fused_loss_on_cuda_matches_full_logits():
     assert abs(ours.item() - ref.item()) / ref.item() < 1e-3
     assert torch.nn.functional.cosine_similarity(gh.flatten(), hidden.grad.float().flatten(), dim=0) > 0.999
     assert torch.nn.functional.cosine_similarity(gw.flatten(), weight.grad.float().flatten(), dim=0) > 0.999
+
+
+def test_snapshot_buffers_pin_up_to_their_cap_and_are_reused():
+    """Checkpoint snapshots (qvltune.host_buffers): pinned host buffers up to the cap, pageable past
+    it; non-blocking copies hold the device's values after one synchronisation; the next save reuses
+    the same memory."""
+    from qvltune.host_buffers import HostBuffers
+
+    a, b = torch.randn(1024, device="cuda"), torch.randn(4096, device="cuda")
+    buffers = HostBuffers(pin_limit_bytes=a.numel() * a.element_size())
+    buffers.begin()
+    ca, cb = buffers.copy(a), buffers.copy(b)
+    buffers.synchronize()
+    assert ca.is_pinned() and not cb.is_pinned() and buffers.pinned_bytes == 4096
+    assert ca.equal(a.cpu()) and cb.equal(b.cpu())
+    buffers.release()
+    a.add_(1)
+    buffers.begin()
+    again = buffers.copy(a)
+    buffers.synchronize()
+    assert again.data_ptr() == ca.data_ptr() and again.equal(a.cpu()) and buffers.pinned_bytes == 4096

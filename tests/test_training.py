@@ -137,6 +137,12 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     assert evals and all(r["eval_ppl"] > 1 for r in evals)
     assert (rd / "loss.png").exists() and (rd / "ds_config.json").exists() and (rd / "launch.sh").exists()
     assert (rd / "checkpoint-4" / "qvltune-complete").exists()
+    # The checkpoint's adapter (copied alone and written by the save's thread: checkpoint_writer.
+    # snapshot_adapter) is byte for byte the final one (the Trainer's own save) of the same weights.
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (rd / "checkpoint-4" / name).read_bytes() == (final / name).read_bytes(), name
+    save = next(r for r in records if r["kind"] == "save")  # where the save's wait went
+    assert {"model files", "DeepSpeed state to host", "ranks meet"} <= set(save["parts"]) and sum(save["parts"].values()) == pytest.approx(save["seconds"], abs=0.01)
     assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
     # The start-up, phase by phase, from the command to the first step's end (qvltune.phases).
     phases = next(r for r in records if r["kind"] == "phases")
