@@ -19,7 +19,7 @@ from qvltune import console
 from qvltune.config import RunConfig, check_against_hardware, check_against_model, dump_config
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
-from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
+from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, one_node_launch, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, MetricsWriter, read_all
 from qvltune.data_ready import DATA_READY, mark_data_ready, pending_env
 from qvltune.phases import PhaseClock, parent_env, process_started
@@ -318,9 +318,13 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     if resume and latest_complete_checkpoint(cfg.run_dir) is None:
         console.note(f"no complete checkpoint in {cfg.run_dir}: starting from the beginning")
     prepare_folder(cfg, resume=resume, force=force)
-    argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
+    runner_argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
+    # One node: DeepSpeed's launcher started directly, as its runner would start it (one Python and
+    # torch start less; qvltune.launch.one_node_launch). launch.sh keeps both forms.
+    argv = one_node_launch(runner_argv) or runner_argv
     command = format_command(argv, env)
-    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + command + "\n")
+    same = f"# The same as DeepSpeed's runner form:\n#   {format_command(runner_argv, env)}\n" if argv != runner_argv else ""
+    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + same + command + "\n")
     with open(cfg.run_dir / "train.log", "a") as log:
         log.write(f"qvltune: launching: {command}\n")
     if verbose:
