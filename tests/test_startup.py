@@ -157,3 +157,24 @@ def test_a_failed_data_check_stops_the_ranks_already_started(tmp_path, monkeypat
         time.sleep(0.2)
     assert not any(str(rd) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])), "the launched rank is still running"
     assert not (rd / "rank-read-the-data").exists() and not (rd / DATA_READY).exists()
+
+
+@pytest.mark.slow
+def test_a_bad_record_stops_a_run_whose_deepspeed_already_started(tmp_path, demo_data):
+    """The whole command: DeepSpeed is launched before the data check ends; a record whose image is
+    missing is still the run's one clear error (exit 1, file and line), and no rank is left."""
+    from test_faults import no_workers_left
+    from test_training import run_dir, train, write_config
+
+    data = tmp_path / "data"
+    images = [write_image(data / f"{i}.png", (64, 48), (i * 20, 0, 0)) for i in range(12)]
+    records = [{"image": p.name, "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": f"red {i}"}]} for i, p in enumerate(images)]
+    records[6]["image"] = "gone.png"
+    write_jsonl(data / "train.jsonl", records)
+    config = write_config(tmp_path, demo_data, "late-bad", data={"train": str(data / "train.jsonl"), "eval": None})
+    result = train(config)
+    rd = run_dir(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "train.jsonl:7" in result.stderr and "gone.png" in result.stderr and "Traceback" not in result.stderr
+    assert "deepspeed.launcher.launch" in (rd / "launch.sh").read_text()  # it had been launched
+    assert no_workers_left(rd) and not (rd / "data_index.json").exists()
