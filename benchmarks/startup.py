@@ -9,6 +9,7 @@ the phases before the model (the data check, the launcher, the imports, the proc
 what a user waits for and the first step is short.
 
     python benchmarks/startup.py --out $OUT --before /path/to/other/tree [--runs 5] [--samples 600]
+    python benchmarks/startup.py --out $OUT --launcher-only [--runs 7]   # the launcher phase alone
 
 `--before` is another source tree of qvltune (its root, e.g. `git archive main | tar -x -C DIR`);
 the tree this script lives in is `after`. Prints a table of median seconds per phase and the ratio
@@ -37,7 +38,8 @@ HERE = Path(__file__).resolve().parent.parent
 def qvltune(tree: Path, *args: str, log: Path) -> tuple[int, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "200"}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "qvltune", *map(str, args)], capture_output=True, text=True, env=env)
+    # cwd: `python -m` puts the current folder first on sys.path, for the ranks too
+    proc = subprocess.run([sys.executable, "-m", "qvltune", *map(str, args)], capture_output=True, text=True, env=env, cwd=tree)
     seconds = time.time() - t0
     with open(log, "a") as f:
         f.write(f"$ PYTHONPATH={tree} qvltune {' '.join(map(str, args))}\n{proc.stdout}{proc.stderr}\n[exit {proc.returncode}, {seconds:.1f} s]\n\n")
@@ -74,19 +76,65 @@ def phases_of(config: Path) -> dict | None:
     record = next((r for r in records if r.get("kind") == "phases"), None)
     if record is None:
         return None
-    return {"to_first_step": record["to_first_step"], **{p["name"] + (" (in parallel)" if p.get("parallel") else ""): p["seconds"] for p in record["phases"]}}
+    return summary(record)
+
+
+def summary(record: dict) -> dict:
+    """A phases record as {phase: seconds}, with ``model and data ready``: from the command until the
+    weights are loaded and the data index is ready (the consecutive phases up to the wait for the
+    data index, or the model load; pure)."""
+    names = [p["name"] for p in record["phases"]]
+    last = "waiting for the data index" if "waiting for the data index" in names else "model load"
+    upto = names.index(last) + 1 if last in names else len(names)
+    ready = sum(p["seconds"] for p in record["phases"][:upto] if not p.get("parallel"))
+    row = {"to_first_step": record["to_first_step"], "model and data ready": round(ready, 3)}
+    row.update({p["name"] + (" (in parallel)" if p.get("parallel") else ""): p["seconds"] for p in record["phases"]})
+    return row
+
+
+PROBE = "import sys, time; open(sys.argv[-1], 'w').write(repr(time.time()))"
+
+
+def launcher_only(runs: int, work: Path) -> dict[str, list[float]]:
+    """Seconds from starting DeepSpeed's runner (``deepspeed --num_gpus 1 ...``), or its per-node
+    launcher directly (``qvltune.launch.one_node_launch``), to the first line of the rank's module:
+    the launcher phase alone, without a data check beside it."""
+    from qvltune.launch import deepspeed_launcher, one_node_launch
+
+    probe = work / "probe_rank.py"
+    probe.write_text(PROBE.replace("; ", "\n") + "\n")
+    out: dict[str, list[float]] = {"runner": [], "direct": []}
+    for i in range(runs):
+        for form in ("runner", "direct") if i % 2 == 0 else ("direct", "runner"):
+            stamp = work / f"probe-{form}-{i}"
+            argv = [*deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(29650 + i), "--module", "probe_rank", str(stamp)]
+            argv = one_node_launch(argv) if form == "direct" else argv
+            t0 = time.time()
+            subprocess.run(argv, cwd=work, env={**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1"}, capture_output=True, check=True)
+            out[form].append(round(float(stamp.read_text()) - t0, 3))
+            print(json.dumps({"form": form, "run": i, "seconds": out[form][-1]}), flush=True)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--before", type=Path, required=True, help="the other source tree (its root)")
+    ap.add_argument("--before", type=Path, help="the other source tree (its root)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qvltune-startup"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--samples", type=int, default=600)
+    ap.add_argument("--launcher-only", action="store_true", help="time only the launcher: DeepSpeed's runner against its launcher started directly")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.launcher_only:
+        seconds = launcher_only(args.runs, args.work)
+        (args.out / "launcher.json").write_text(json.dumps(seconds, indent=2))
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        print(f"\nlauncher to the rank's first line, median of {args.runs}: runner {med['runner']:.2f} s, direct {med['direct']:.2f} s ({med['direct'] / med['runner']:.2f}x)")
+        return
+    if args.before is None:
+        ap.error("--before is required (unless --launcher-only)")
     log = args.out / "startup.log"
     config = prepare(args.work, args.samples, log)
     trees = {"before": args.before.resolve(), "after": HERE}
