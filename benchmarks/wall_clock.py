@@ -75,6 +75,9 @@ def mix_data(work: Path, shape: str, mix: str, samples: int) -> tuple[Path, list
     if shape == "tiny":
         from qvltune.tiny import make_demo_dataset
 
+        existing = work / "demo-data" / "train.jsonl"
+        if existing.exists():  # written again, every image would be new to the index cache
+            return existing, []
         return make_demo_dataset(work / "demo-data", n_train=samples, n_eval=8, seed=1)[0], []
     if mix == "issue":
         return make_issue_data(work / "data-issue", samples), ["--resolution", "variable", "--max-image-tokens", str(ISSUE_MAX_IMAGE_TOKENS)]
