@@ -19,7 +19,7 @@ from conftest import write_image, write_jsonl
 from qvltune.config import parse_config
 from qvltune.data_ready import DATA_READY, PENDING_ENV, mark_data_ready, wait_for_data
 from qvltune.errors import UserError
-from qvltune.launch import build_launch, one_node_launch
+from qvltune.launch import build_launch, master_port_of, one_node_launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +66,8 @@ def test_the_direct_launch_is_what_deepspeeds_runner_would_start(tmp_path, monke
     direct = one_node_launch(argv)
     assert direct is not None and "deepspeed.launcher.launch" in direct
     assert direct == runner_command(argv, monkeypatch)
+    # The run's shared-memory buffers are found by this port after the run (remove_shm_buffers).
+    assert master_port_of(direct) == master_port_of(argv) == 29777
 
 
 def test_commands_that_need_the_runner_keep_it(tmp_path):
