@@ -11,8 +11,9 @@ gpu_flow.py; `tiny`: the tiny model on the CPU) and mix:
 
 `init --yes --strategy mixed --epochs 1` writes the config (log_steps set to 1 so every step is
 timed; everything else as planned), then `train --no-live --force` runs it: `cold` with an empty
-compile cache, `warm` with the cache the cold run filled (the data index cache beside the data is
-warm in both: `check-data` ran first). Prints per run: the phases to the first step, steady
+compile cache, `warm` with the cache the cold run filled. (`check-data` runs first, as a user's first
+step, but does not write the data index cache: its settings are not the run's. The first `train` on
+the data fills it and later ones reuse it.) Prints per run: the phases to the first step, steady
 median/mean real tok/s, the slowest step against the median (and stall records), each save's
 blocking and background time, eval time, and the whole command against its steady steps.
 
@@ -74,6 +75,9 @@ def mix_data(work: Path, shape: str, mix: str, samples: int) -> tuple[Path, list
     if shape == "tiny":
         from qvltune.tiny import make_demo_dataset
 
+        existing = work / "demo-data" / "train.jsonl"
+        if existing.exists():  # written again, every image would be new to the index cache
+            return existing, []
         return make_demo_dataset(work / "demo-data", n_train=samples, n_eval=8, seed=1)[0], []
     if mix == "issue":
         return make_issue_data(work / "data-issue", samples), ["--resolution", "variable", "--max-image-tokens", str(ISSUE_MAX_IMAGE_TOKENS)]
@@ -135,7 +139,7 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
     name = f"wall-{shape}-{mix}"
     config = plan_dir / "qvltune.yaml"
     if not config.exists():
-        gpu_flow.cli(log, "check-data", data, "--model", model, "--json")  # fills the data index cache, as a user's first step does
+        gpu_flow.cli(log, "check-data", data, "--model", model, "--json")  # a user's first step (it leaves no index cache: the first train fills it)
         code, _, _ = gpu_flow.cli(log, "init", "--yes", "--model", model, "--data", data, "--strategy", "mixed", "--epochs", "1", "--out", plan_dir, "--name", name, *init_args)
         if code != 0:
             return {"shape": shape, "mix": mix, "run": run, "error": f"init failed (see {log.name})"}

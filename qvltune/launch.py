@@ -70,6 +70,52 @@ def build_launch(
     return argv, launch_env(gpu_count, processes, cpu_count)
 
 
+RUNNER_FLAGS = {"--num_gpus", "--include", "--master_port"}  # what build_launch gives DeepSpeed's runner on one node
+
+
+def one_node_launch(argv: list[str]) -> list[str] | None:
+    """The command DeepSpeed's runner would start for a one-node ``build_launch`` command: its
+    per-node launcher (``deepspeed.launcher.launch``, which starts and watches the ranks) with the
+    runner's own arguments for it (the slots as base64 JSON ``--world_info``, its default log
+    settings). None when the runner is needed (a hostfile: nodes reached over ssh).
+
+    Why: on one node the runner does only this translation, in a Python process of its own that
+    imports torch and DeepSpeed first (1.5-2 s on the 2-core CPU, more on a GPU machine where torch
+    loads the CUDA libraries and the runner counts the GPUs), before the launcher imports them
+    again. Starting the launcher directly saves that process; the launcher, its rank handling and
+    its exit codes stay DeepSpeed's. tests/test_launch_direct.py checks the result against the
+    command DeepSpeed's own runner builds from ``argv``."""
+    import base64
+    import json
+
+    script = Path(sys.executable).with_name("deepspeed")
+    prefixes = ([str(script)], [sys.executable, "-m", "deepspeed.launcher.runner"])
+    prefix = next((p for p in prefixes if argv[: len(p)] == p), None)
+    if prefix is None:
+        return None
+    rest = argv[len(prefix) :]
+    options: dict[str, str] = {}
+    while rest and rest[0] in RUNNER_FLAGS:
+        options[rest[0]] = rest[1]
+        rest = rest[2:]
+    if not rest or rest[0] != "--module" or len(rest) < 2 or "--master_port" not in options:
+        return None  # a hostfile or a flag this translation does not know: the runner decides
+    if "--include" in options:
+        host, _, ids = options["--include"].partition(":")
+        if host != "localhost" or not ids:
+            return None
+        slots = [int(i) for i in ids.split(",")]
+    elif "--num_gpus" in options:
+        slots = list(range(int(options["--num_gpus"])))
+    else:
+        return None
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": slots}).encode()).decode()
+    return [
+        sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=127.0.0.1",
+        f"--master_port={options['--master_port']}", "--module", "--enable_each_rank_log=None", "--log_level=info", *rest[1:],
+    ]
+
+
 def processes_per_node(cfg: RunConfig, gpu_count: int) -> int:
     """Ranks on one node: the CPU process count without GPUs, else the GPUs asked for."""
     gpus = cfg.launch.gpus
@@ -154,8 +200,10 @@ SHM_DIR = Path("/dev/shm")
 
 
 def master_port_of(argv: list[str]) -> int | None:
-    """The --master_port of a deepspeed launcher command (``build_launch`` always sets one)."""
-    return int(argv[argv.index("--master_port") + 1]) if "--master_port" in argv else None
+    """The --master_port of a deepspeed runner or launcher command (``build_launch`` always sets one)."""
+    if "--master_port" in argv:
+        return int(argv[argv.index("--master_port") + 1])
+    return next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--master_port=")), None)
 
 
 def remove_shm_buffers(master_port: int, rank: int | None = None, shm_dir: Path = SHM_DIR) -> int:

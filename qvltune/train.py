@@ -20,8 +20,9 @@ from qvltune.config import RunConfig, dump_config
 from qvltune.config_checks import check_against_hardware, check_against_model
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
-from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, remove_shm_buffers, start
+from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, one_node_launch, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, MetricsWriter, read_all
+from qvltune.data_ready import DATA_READY, mark_data_ready, pending_env
 from qvltune.phases import PhaseClock, parent_env, process_started
 from qvltune.rank import RankFailure, clear_records, first_failure, read_records
 from qvltune.checkpoints import STOP_FILE, checkpoints, last_checkpoint_text, latest_complete_checkpoint
@@ -64,9 +65,14 @@ def validate(cfg: RunConfig, gpus: list[Any]) -> None:
 
 def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[str, Any]:
     """Create the run folder (config, ZeRO JSON, data index); refuse to clobber a previous run."""
-    from qvltune.data.dataset import prepare_data
-    from qvltune.model import load_processor
+    prepare_folder(cfg, resume=resume, force=force)
+    return prepare_index(cfg)
 
+
+def prepare_folder(cfg: RunConfig, *, resume: bool, force: bool = False) -> None:
+    """The run folder with what the ranks read first (config, ZeRO JSON); refuse to clobber a
+    previous run. An earlier attempt's data index goes: the ranks wait for this attempt's
+    (``data_ready``), never read the last one."""
     run_dir = cfg.run_dir
     existing = checkpoints(run_dir) if run_dir.exists() else []
     if existing and not resume:
@@ -82,6 +88,18 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     write_deepspeed_config(cfg, run_dir / "ds_config.json", zero3_stats(cfg))
+    for name in (DATA_READY, "data_index.json", "skipped.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def prepare_index(cfg: RunConfig) -> dict[str, Any]:
+    """Check every record and media file of the run's data (or reuse the index cache's checks),
+    write the data index, then the ``data_ready`` mark the ranks wait for (with how long it took)."""
+    from qvltune.data.dataset import prepare_data
+    from qvltune.model import load_processor
+
+    started = time.time()
+    run_dir = cfg.run_dir
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
     if cfg.stage == "dpo":  # preference pairs: checked and counted by qvltune.preference
@@ -101,6 +119,7 @@ def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[st
             for s in index.skipped:
                 f.write(json.dumps(s) + "\n")
         console.warn(f"skipping {len(index.skipped)} bad record(s) (data.on_bad_sample: skip); listed in {run_dir / 'skipped.jsonl'}")
+    mark_data_ready(run_dir, time.time() - started)
     return {"train": len(index.train), "eval": len(index.eval), "skipped": len(index.skipped)}
 
 
@@ -299,22 +318,34 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     clock.mark("config check")
     if resume and latest_complete_checkpoint(cfg.run_dir) is None:
         console.note(f"no complete checkpoint in {cfg.run_dir}: starting from the beginning")
-    with console.status("checking every record and media file of the data"):
-        counts = prepare_run(cfg, resume=resume, force=force)
-    clock.mark("data check and index")
-    console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
-    argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
+    prepare_folder(cfg, resume=resume, force=force)
+    runner_argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
+    # One node: DeepSpeed's launcher started directly, as its runner would start it (one Python and
+    # torch start less; qvltune.launch.one_node_launch). launch.sh keeps both forms.
+    argv = one_node_launch(runner_argv) or runner_argv
     command = format_command(argv, env)
-    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + command + "\n")
+    same = f"# The same as DeepSpeed's runner form:\n#   {format_command(runner_argv, env)}\n" if argv != runner_argv else ""
+    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + same + command + "\n")
     with open(cfg.run_dir / "train.log", "a") as log:
         log.write(f"qvltune: launching: {command}\n")
     if verbose:
         console.note(f"launching: {command}")
-    console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
     state, tailer = resume_state(cfg, cfg.run_dir / "metrics.jsonl")
     # The parent's phases go to the ranks, not into launch.sh: the recorded command stays reproducible.
     clear_records(cfg.run_dir)
-    child = start(argv, {**env, **parent_env(clock)}, cfg.run_dir / "train.log", cfg.run_dir)
+    # DeepSpeed starts now and the data is checked beside it (qvltune.data_ready): the ranks' start-up
+    # (Python, torch, the process group, the weights) no longer waits behind the check, and no rank
+    # reads the data index before the check below has written it.
+    child = start(argv, {**env, **parent_env(clock), **pending_env()}, cfg.run_dir / "train.log", cfg.run_dir)
+    try:
+        with console.status("checking every record and media file of the data (DeepSpeed starts beside it)"):
+            counts = prepare_index(cfg)
+    except BaseException:  # a failed check (or Ctrl-C): the ranks stop before they read any data
+        child.terminate(timeout=10)
+        remove_shm_buffers(master_port_of(argv))
+        raise
+    console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
+    console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
     try:
         outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None, state=state, tailer=tailer)
     finally:

@@ -15,6 +15,7 @@ from qvltune.config import RunConfig
 from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data, source_encoders
 from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import Encoder
+from qvltune.data_ready import wait_for_data
 from qvltune.model import component_of, load_processor
 from qvltune.trainer import unwrap, world_size
 
@@ -25,6 +26,7 @@ def prepare_data_side(cfg: RunConfig, run_dir: Path):
     started = time.time()
     lo, hi = cfg.data.pixel_budget()
     processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    wait_for_data(run_dir)  # qvltune train may still be checking the data (qvltune.data_ready)
     if cfg.stage == "dpo":  # preference pairs: their rows are planned with the datasets (qvltune.preference)
         from qvltune.preference import worker as dpo
 

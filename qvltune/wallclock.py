@@ -20,6 +20,8 @@ from qvltune.config import RunConfig
 
 # Start-up before the weights load: the CLI, the data check of a cached index, the deepspeed
 # launcher and the ranks' imports, the process group (the real-size flow: ~20 s of ~36-50 s).
+# Measured before the data check ran beside the launcher and the runner's own start was cut
+# (benchmarks/RESULTS.md, "Time to the model"; on the CPU 0.73x): kept until the H200 measures it.
 STARTUP_FIXED_S = 20.0
 WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
 # torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes):

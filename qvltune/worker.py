@@ -40,6 +40,7 @@ from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, last_checkpoint_text, latest_complete_checkpoint
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError
+from qvltune.data_ready import wait_for_data
 from qvltune.errors import UserError
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
@@ -235,6 +236,9 @@ def run(run_dir: Path, resume: bool) -> int:
         )
         loaded = time.time()
         processor, index, train_groups, eval_groups, data_seconds = data_work.result()  # its UserError, if any, is raised here
+    checked = wait_for_data(run_dir)  # set (already) when qvltune train checked the data beside the launcher
+    if checked is not None:
+        clock.add("data check and index (qvltune train, beside the launcher)", checked)
     clock.add("processor, data index and packing (beside the model load)", data_seconds)
     clock.mark("model load", loaded)
     _mark(clock, "waiting for the data index")  # usually nothing (hidden under 0.05 s)

@@ -60,3 +60,19 @@ def test_summarize_reads_the_phases_steps_saves_evals_and_stalls():
     assert s["save_blocking_s"] == [1.5] and s["save_background_s"] == [12.0] and s["eval_s"] == [5.0]
     assert s["stalls"] == [{"step": 6, "seconds": 9.0, "ratio": 4.5, "gc_seconds": 0.0}]
     assert s["tok_s_median"] == pytest.approx(10006.5) and s["wall_vs_steady"] == pytest.approx(150.0 / 20.0)
+
+
+def test_startup_bench_counts_the_wait_for_the_data_not_the_check_beside_it():
+    import startup
+
+    record = {"to_first_step": 20.0, "phases": [
+        {"name": "qvltune start (CLI, config, GPUs)", "seconds": 1.0},
+        {"name": "launcher (DeepSpeed launcher, Python start)", "seconds": 2.0},
+        {"name": "data check and index (qvltune train, beside the launcher)", "seconds": 9.0, "parallel": True},
+        {"name": "model load", "seconds": 3.0},
+        {"name": "waiting for the data index", "seconds": 4.0},  # the check outlasted the ranks' start
+        {"name": "first step", "seconds": 10.0},
+    ]}
+    row = startup.summary(record)
+    assert row["model and data ready"] == 10.0  # 1 + 2 + 3 + 4: the parallel check only through the wait
+    assert row["data check and index (qvltune train, beside the launcher) (in parallel)"] == 9.0
