@@ -242,7 +242,7 @@ def memory_budget(shape_strategy: str, rows: list[dict], given: float | None) ->
 
 def run_matched(name: str, shape: str, strategy: str, model: Path, data: Path, known: list[dict], args: argparse.Namespace) -> dict:
     """qvltune-matched's row: the plan for an H200 of the peer's peak memory, run like qvltune's."""
-    from qvltune.estimate import GiB
+    from qvltune.units import GiB
 
     budget = memory_budget(f"{shape}-{strategy}", known, args.match_memory_gb)
     if budget is None:
@@ -287,7 +287,7 @@ def main() -> None:
     for bad, known, flag in ((set(shapes) - {"tiny", *SHAPES}, ["tiny", *SHAPES], "--shapes"), (set(strategies) - {"lora", "mixed"}, ["lora", "mixed"], "--strategies"), (set(variants) - set(VARIANTS), VARIANTS, "--variants")):
         if bad:
             ap.error(f"{flag}: unknown {', '.join(sorted(bad))} (known: {', '.join(known)})")
-    if set(variants) - {"qvltune"} and not args.llamafactory_site:
+    if set(variants) & set(PEERS) and not args.llamafactory_site:
         ap.error("--llamafactory-site is needed for the trl and llamafactory variants (LLaMA-Factory 0.9.5 and TRL 0.24 with their pinned stack)")
     if args.match_memory_gb is not None and args.match_memory_gb <= 0:
         ap.error("--match-memory-gb: give the memory in GiB, e.g. 28.8")
@@ -304,7 +304,7 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace, shapes: list[str], strategies: list[str], variants: list[str], rows: list[dict], earlier: list[dict]) -> None:
-    from qvltune.estimate import GiB
+    from qvltune.units import GiB
 
     for shape in shapes:
         tiny = shape == "tiny"

@@ -1,5 +1,5 @@
-"""Sizes, counts and durations as a user reads them (``12.3 GiB``, ``7.62 B``, ``41 min``): the one
-place that writes them, so the estimate, the plan and every command agree.
+"""Sizes, counts and durations as a user reads them (``12.3 GiB``, ``7.62 B``, ``41 min``), as the
+estimate, the plan and the doctor write them, so that they agree.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def test_dpo_benchmark_matched_variant_is_planned_within_the_faster_peers_peak(t
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import dpo_throughput as bench
 
-    from qvltune.estimate import SAFETY_MARGIN, GiB
+    from qvltune.estimate import SAFETY_MARGIN
+    from qvltune.units import GiB
 
     model = bench.make_model_folder(tmp_path / "model-2b", "2b")
     data = bench.make_pairs(tmp_path / "data", 30)
