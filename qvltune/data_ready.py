@@ -25,6 +25,8 @@ import os
 import time
 from pathlib import Path
 
+import psutil
+
 from qvltune.errors import UserError
 
 DATA_READY = "data_ready.json"
@@ -41,16 +43,6 @@ def mark_data_ready(run_dir: Path, seconds: float) -> None:
 def pending_env() -> dict[str, str]:
     """What the parent hands the ranks when it launches them before its data check ends."""
     return {PENDING_ENV: str(os.getpid())}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process of that id: it exists
-        return True
-    return True
 
 
 def wait_for_data(run_dir: Path, environ: dict[str, str] | None = None, poll: float = 0.05) -> float | None:
@@ -70,6 +62,6 @@ def wait_for_data(run_dir: Path, environ: dict[str, str] | None = None, poll: fl
             return float(json.loads(ready.read_text())["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        if not _alive(parent):
+        if not psutil.pid_exists(parent):
             raise UserError(f"qvltune train (process {parent}) ended before it finished checking the data in {run_dir}", "run qvltune train again")
         time.sleep(poll)
