@@ -12,8 +12,10 @@ The hand-over is two files in the run folder: ``data_index.json`` (written atomi
 ``qvltune.train.prepare_index``), then ``data_ready.json`` with how long the check took, written
 only after it. ``qvltune.train.prepare_folder`` removes both before the launch, so a rank can never
 take an earlier attempt's index for this one's. The ranks wait only when ``qvltune train`` tells
-them to (``QVLTUNE_DATA_PENDING``: its process id); a rank started by hand (launch.sh) prepares the
-data itself as before.
+them to (``QVLTUNE_DATA_PENDING``: its process id), which it does only on one node, where every
+rank is a child of the launcher it started; with a hostfile (ranks started over ssh, which passes
+that variable on to none of them) it writes the index before the launch. A rank started by hand
+(launch.sh) prepares the data itself as before.
 
 Torch-free: the parent imports it.
 """

@@ -5,13 +5,11 @@ no launch (where the weights load, eval rows built like training rows)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -233,7 +231,6 @@ def test_a_rank_stops_waiting_when_qvltune_train_is_gone(tmp_path):
 
 RANK_STAND_IN = """
 import sys, time
-from pathlib import Path
 from qvltune.data_ready import wait_for_data
 wait_for_data(Path(sys.argv[1]))
 Path(sys.argv[1], "rank-read-the-data").write_text("yes")
