@@ -12,8 +12,10 @@ The hand-over is two files in the run folder: ``data_index.json`` (written atomi
 ``qvltune.train.prepare_index``), then ``data_ready.json`` with how long the check took, written
 only after it. ``qvltune.train.prepare_folder`` removes both before the launch, so a rank can never
 take an earlier attempt's index for this one's. The ranks wait only when ``qvltune train`` tells
-them to (``QVLTUNE_DATA_PENDING``: its process id); a rank started by hand (launch.sh) prepares the
-data itself as before.
+them to (``QVLTUNE_DATA_PENDING``: its process id), which it does only on one node, where every
+rank is a child of the launcher it started; with a hostfile (ranks started over ssh, which passes
+that variable on to none of them) it writes the index before the launch. A rank started by hand
+(launch.sh) prepares the data itself as before.
 
 Torch-free: the parent imports it.
 """
@@ -24,6 +26,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import psutil
 
 from qvltune.errors import UserError
 
@@ -43,16 +47,6 @@ def pending_env() -> dict[str, str]:
     return {PENDING_ENV: str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process of that id: it exists
-        return True
-    return True
-
-
 def wait_for_data(run_dir: Path, environ: dict[str, str] | None = None, poll: float = 0.05) -> float | None:
     """In a rank, before it reads the data index: when ``qvltune train`` is still checking the data,
     wait for its ``data_ready`` mark and return how long its check took; None when nothing was
@@ -70,6 +64,6 @@ def wait_for_data(run_dir: Path, environ: dict[str, str] | None = None, poll: fl
             return float(json.loads(ready.read_text())["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        if not _alive(parent):
+        if not psutil.pid_exists(parent):
             raise UserError(f"qvltune train (process {parent}) ended before it finished checking the data in {run_dir}", "run qvltune train again")
         time.sleep(poll)

@@ -1,7 +1,9 @@
 """The ``deepspeed`` launcher command for a run (pure), and running it as a child process.
 
-``build_launch`` is a pure function of the config and the machine, so ``--print-command`` prints
-exactly what ``qvltune train`` runs, and tests check it without launching anything.
+``build_launch`` (DeepSpeed's runner form) and ``one_node_launch`` (on one node, the per-node
+launcher the runner would start) are pure functions of the config and the machine, so
+``--print-command`` prints exactly what ``qvltune train`` runs (``one_node_launch(argv) or argv``),
+and tests check it without launching anything.
 """
 
 from __future__ import annotations
@@ -71,27 +73,31 @@ def build_launch(
 
 
 RUNNER_FLAGS = {"--num_gpus", "--include", "--master_port"}  # what build_launch gives DeepSpeed's runner on one node
+# DeepSpeed's runner reads this hostfile when none is given (deepspeed.launcher.runner.DLTS_HOSTFILE;
+# not imported: that imports torch) and then starts the ranks on its hosts, over ssh: several nodes.
+RUNNER_DEFAULT_HOSTFILE = Path("/job/hostfile")
 
 
 def one_node_launch(argv: list[str]) -> list[str] | None:
     """The command DeepSpeed's runner would start for a one-node ``build_launch`` command: its
     per-node launcher (``deepspeed.launcher.launch``, which starts and watches the ranks) with the
     runner's own arguments for it (the slots as base64 JSON ``--world_info``, its default log
-    settings). None when the runner is needed (a hostfile: nodes reached over ssh).
+    settings). None when the runner is needed: a hostfile, given or the runner's default
+    (``RUNNER_DEFAULT_HOSTFILE``, which makes it start nodes over ssh).
 
     Why: on one node the runner does only this translation, in a Python process of its own that
     imports torch and DeepSpeed first (1.5-2 s on the 2-core CPU, more on a GPU machine where torch
     loads the CUDA libraries and the runner counts the GPUs), before the launcher imports them
     again. Starting the launcher directly saves that process; the launcher, its rank handling and
-    its exit codes stay DeepSpeed's. tests/test_launch_direct.py checks the result against the
-    command DeepSpeed's own runner builds from ``argv``."""
+    its exit codes stay DeepSpeed's. tests/test_startup.py checks the result against the command
+    DeepSpeed's own runner builds from ``argv``."""
     import base64
     import json
 
     script = Path(sys.executable).with_name("deepspeed")
     prefixes = ([str(script)], [sys.executable, "-m", "deepspeed.launcher.runner"])
     prefix = next((p for p in prefixes if argv[: len(p)] == p), None)
-    if prefix is None:
+    if prefix is None or RUNNER_DEFAULT_HOSTFILE.exists():
         return None
     rest = argv[len(prefix) :]
     options: dict[str, str] = {}
@@ -146,6 +152,13 @@ def launch_env(gpu_count: int, processes: int, cpu_count: int | None = None) -> 
 def format_command(argv: list[str], env: dict[str, str]) -> str:
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
     return (prefix + " " if prefix else "") + shlex.join(argv)
+
+
+def command_text(argv: list[str], runner_argv: list[str], env: dict[str, str]) -> str:
+    """The command that runs, for launch.sh and ``--print-command``: when it is DeepSpeed's launcher
+    started directly (``one_node_launch``), the runner form it stands for comes first, as a comment."""
+    same = f"# The same as DeepSpeed's runner form:\n#   {format_command(runner_argv, env)}\n" if argv != runner_argv else ""
+    return same + format_command(argv, env)
 
 
 def free_port() -> int:

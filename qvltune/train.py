@@ -20,7 +20,7 @@ from qvltune.config import RunConfig, dump_config
 from qvltune.config_checks import check_against_hardware, check_against_model
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
-from qvltune.launch import Child, build_launch, format_command, free_port, master_port_of, one_node_launch, remove_shm_buffers, start
+from qvltune.launch import Child, build_launch, command_text, format_command, free_port, master_port_of, one_node_launch, remove_shm_buffers, start
 from qvltune.metrics import MetricsTailer, MetricsWriter, read_all
 from qvltune.data_ready import DATA_READY, mark_data_ready, pending_env
 from qvltune.phases import PhaseClock, parent_env, process_started
@@ -88,7 +88,9 @@ def prepare_folder(cfg: RunConfig, *, resume: bool, force: bool = False) -> None
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     write_deepspeed_config(cfg, run_dir / "ds_config.json", zero3_stats(cfg))
-    for name in (DATA_READY, "data_index.json", "skipped.jsonl"):
+    # skipped.jsonl stays: it also lists what the earlier attempt's ranks skipped in training;
+    # prepare_index rewrites it when this attempt's check skips records.
+    for name in (DATA_READY, "data_index.json"):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -121,6 +123,12 @@ def prepare_index(cfg: RunConfig) -> dict[str, Any]:
         console.warn(f"skipping {len(index.skipped)} bad record(s) (data.on_bad_sample: skip); listed in {run_dir / 'skipped.jsonl'}")
     mark_data_ready(run_dir, time.time() - started)
     return {"train": len(index.train), "eval": len(index.eval), "skipped": len(index.skipped)}
+
+
+def check_data(cfg: RunConfig, status: str) -> dict[str, Any]:
+    """``prepare_index`` behind a status line."""
+    with console.status(status):
+        return prepare_index(cfg)
 
 
 @dataclass
@@ -322,10 +330,17 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     runner_argv, env = launch_command(cfg, len(gpus), resume, master_port=cfg.launch.master_port or free_port())
     # One node: DeepSpeed's launcher started directly, as its runner would start it (one Python and
     # torch start less; qvltune.launch.one_node_launch). launch.sh keeps both forms.
-    argv = one_node_launch(runner_argv) or runner_argv
+    direct = one_node_launch(runner_argv)
+    argv = direct or runner_argv
+    # The data is checked beside the launcher only when every rank is a child of it on this machine
+    # and so sees QVLTUNE_DATA_PENDING: the runner starts the ranks of a hostfile over ssh, passing on
+    # only some variables, and ranks that never heard of the pending check would run their own.
+    beside = direct is not None
+    if not beside:
+        counts = check_data(cfg, "checking every record and media file of the data")
+        clock.mark("data check and index")
     command = format_command(argv, env)
-    same = f"# The same as DeepSpeed's runner form:\n#   {format_command(runner_argv, env)}\n" if argv != runner_argv else ""
-    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + same + command + "\n")
+    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + command_text(argv, runner_argv, env) + "\n")
     with open(cfg.run_dir / "train.log", "a") as log:
         log.write(f"qvltune: launching: {command}\n")
     if verbose:
@@ -333,17 +348,17 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
     state, tailer = resume_state(cfg, cfg.run_dir / "metrics.jsonl")
     # The parent's phases go to the ranks, not into launch.sh: the recorded command stays reproducible.
     clear_records(cfg.run_dir)
-    # DeepSpeed starts now and the data is checked beside it (qvltune.data_ready): the ranks' start-up
-    # (Python, torch, the process group, the weights) no longer waits behind the check, and no rank
-    # reads the data index before the check below has written it.
-    child = start(argv, {**env, **parent_env(clock), **pending_env()}, cfg.run_dir / "train.log", cfg.run_dir)
-    try:
-        with console.status("checking every record and media file of the data (DeepSpeed starts beside it)"):
-            counts = prepare_index(cfg)
-    except BaseException:  # a failed check (or Ctrl-C): the ranks stop before they read any data
-        child.terminate(timeout=10)
-        remove_shm_buffers(master_port_of(argv))
-        raise
+    # On one node DeepSpeed starts now and the data is checked beside it (qvltune.data_ready): the
+    # ranks' start-up (Python, torch, the process group, the weights) no longer waits behind the
+    # check, and no rank reads the data index before the check below has written it.
+    child = start(argv, {**env, **parent_env(clock), **(pending_env() if beside else {})}, cfg.run_dir / "train.log", cfg.run_dir)
+    if beside:
+        try:
+            counts = check_data(cfg, "checking every record and media file of the data (DeepSpeed starts beside it)")
+        except BaseException:  # a failed check (or Ctrl-C): the ranks stop before they read any data
+            child.terminate(timeout=10)
+            remove_shm_buffers(master_port_of(argv))
+            raise
     console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
     console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
     try:

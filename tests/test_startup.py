@@ -1,25 +1,73 @@
 """Time to the first step (issue 21): what ``qvltune train`` overlaps and cuts before the ranks train,
 and what each cut must keep -- the data check before any rank reads the data, DeepSpeed's own
-launcher with the arguments its runner would give it."""
+launcher with the arguments its runner would give it; and the worker's start-up choices that need
+no launch (where the weights load, eval rows built like training rows)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from conftest import write_image, write_jsonl
+from qvltune import launch as launch_mod
 from qvltune.config import parse_config
 from qvltune.data_ready import DATA_READY, PENDING_ENV, mark_data_ready, wait_for_data
 from qvltune.errors import UserError
 from qvltune.launch import build_launch, master_port_of, one_node_launch
+from qvltune.model import load_model
+from qvltune.worker import weights_device
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the weights load, and the eval rows
+
+
+def _cfg(**deepspeed):
+    return parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "x.jsonl"}, "deepspeed": deepspeed})
+
+
+def test_weights_load_straight_to_the_ranks_gpu_except_where_deepspeed_places_them():
+    assert weights_device(_cfg(stage=2), cuda=True, local_rank=3) == torch.device("cuda", 3)
+    assert weights_device(_cfg(stage=0), cuda=True, local_rank=0) == torch.device("cuda", 0)
+    assert weights_device(_cfg(stage=2), cuda=False, local_rank=0) is None  # CPU runs: the host
+    assert weights_device(_cfg(stage=3), cuda=True, local_rank=1) is None  # zero.Init partitions at load
+    assert weights_device(_cfg(stage=3, offload_params=True), cuda=True, local_rank=1) is None
+
+
+def test_a_device_map_load_gives_the_same_weights(tiny_model_dir):
+    plain = load_model(str(tiny_model_dir), dtype="float32")
+    placed = load_model(str(tiny_model_dir), dtype="float32", device=torch.device("cpu"))
+    a, b = plain.state_dict(), placed.state_dict()
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) and b[k].device.type == "cpu" for k in a)
+
+
+def test_eval_rows_are_packed_and_collated_exactly_like_training_rows(tmp_path, demo_data, tiny_model_dir):
+    """Evaluation runs the fast path: packed rows from the same plan, the same collator (varlen
+    sample boundaries, no 4-D mask), hence the same compiled layers and attention kernels."""
+    from qvltune.training_data import build_datasets, prepare_data_side
+
+    train, evals = demo_data
+    cfg = parse_config({
+        "name": "x", "output_dir": str(tmp_path), "model": {"path": str(tiny_model_dir), "attn_implementation": "varlen"},
+        "data": {"train": str(train), "eval": str(evals), "packing": True, "max_seq_length": 512},
+    })
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    processor, index, train_groups, eval_groups, _ = prepare_data_side(cfg, run_dir)
+    model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="varlen")
+    _, train_set, eval_set, collator = build_datasets(cfg, run_dir, model, processor, index, train_groups, eval_groups)
+    assert len(eval_set) < len(index.eval)  # several held-out samples per row
+    train_batch, eval_batch = collator([train_set[0], train_set[1]]), collator([eval_set[0], eval_set[1]])
+    assert set(train_batch) == set(eval_batch)
+    assert "cu_seq_lens_q" in eval_batch and eval_batch.get("attention_mask") is None
+    assert len(eval_batch["cu_seq_lens_q"]) - 1 >= sum(len(eval_set[i]) for i in range(2))  # a segment per sample (and per row end padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +125,22 @@ def test_commands_that_need_the_runner_keep_it(tmp_path):
     assert one_node_launch(["torchrun", "--nproc_per_node", "2", "x.py"]) is None
 
 
+def test_the_runners_default_hostfile_keeps_the_runner(tmp_path, monkeypatch):
+    """DeepSpeed's runner reads /job/hostfile when no hostfile is given, and then starts nodes over
+    ssh: with that file there, the one-node translation would run a different job."""
+    from deepspeed.launcher.runner import DLTS_HOSTFILE
+
+    assert str(launch_mod.RUNNER_DEFAULT_HOSTFILE) == DLTS_HOSTFILE
+    cfg = parse_config({"name": "x", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "launch": {"gpus": "all"}})
+    argv, _ = build_launch(cfg, run_dir=tmp_path, gpu_count=8, master_port=29777)
+    hostfile = tmp_path / "job" / "hostfile"
+    monkeypatch.setattr(launch_mod, "RUNNER_DEFAULT_HOSTFILE", hostfile)
+    assert one_node_launch(argv) is not None  # not there: one node
+    hostfile.parent.mkdir()
+    hostfile.write_text("worker-0 slots=8\nworker-1 slots=8\n")
+    assert one_node_launch(argv) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # The data check beside the launcher
 
@@ -106,6 +170,49 @@ def test_a_rank_waits_for_this_attempts_data_never_an_earlier_ones(tmp_path, dem
     assert wait_for_data(rd, {}) is None  # started by hand: nothing to wait for
 
 
+def test_resume_keeps_the_list_of_samples_skipped_in_training(tmp_path, demo_data):
+    """skipped.jsonl also lists what the earlier attempt's ranks skipped while training: a resumed
+    attempt keeps it (prepare_index rewrites it only when its own check skips records)."""
+    from qvltune.train import prepare_folder
+
+    cfg = parse_config({"name": "r", "output_dir": str(tmp_path / "runs"), "model": {"path": "builtin:tiny"}, "data": {"train": str(demo_data[0])}})
+    rd = cfg.run_dir
+    rd.mkdir(parents=True)
+    (rd / "skipped.jsonl").write_text('{"file": "train.jsonl", "line": 3, "reason": "image unreadable"}\n')
+    prepare_folder(cfg, resume=True)
+    assert (rd / "skipped.jsonl").read_text().count("\n") == 1
+
+
+class LaunchSeen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("launch, beside", [({"cpu_processes": 2}, True), ({"hostfile": "hosts", "nodes": 2}, False)])
+def test_the_data_is_checked_beside_the_launcher_only_where_the_ranks_are_its_children(tmp_path, demo_data, monkeypatch, launch, beside):
+    """One node: the launcher starts first, its ranks told to wait (QVLTUNE_DATA_PENDING). A hostfile:
+    DeepSpeed's runner starts the ranks over ssh, which passes that variable on to none of them, so
+    the data index is written before the launch and nothing is pending. (What the launch would
+    start is captured: several nodes cannot exist here.)"""
+    from qvltune import train as train_mod
+
+    cfg = parse_config({
+        "name": "w", "output_dir": str(tmp_path / "runs"), "model": {"path": "builtin:tiny"}, "launch": launch,
+        "data": {"train": str(demo_data[0]), "eval_split": 0.0, "index_cache": False}, "optim": {"bf16": False, "optimizer": "adamw_torch"},
+    })
+    seen = {}
+
+    def start(argv, env, log_path, run_dir):
+        seen.update(argv=argv, pending=PENDING_ENV in env, index=(run_dir / "data_index.json").exists(), ready=(run_dir / DATA_READY).exists())
+        raise LaunchSeen
+
+    monkeypatch.setattr(train_mod, "start", start)
+    with pytest.raises(LaunchSeen):
+        train_mod.run_training(cfg, resume=False, live=False, gpus=[])
+    assert ("deepspeed.launcher.launch" in seen["argv"]) == beside
+    assert seen["pending"] == beside
+    assert seen["index"] == seen["ready"] == (not beside)  # a hostfile's ranks find this attempt's index
+
+
 def test_a_rank_stops_waiting_when_qvltune_train_is_gone(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     got = []
@@ -124,7 +231,6 @@ def test_a_rank_stops_waiting_when_qvltune_train_is_gone(tmp_path):
 
 RANK_STAND_IN = """
 import sys, time
-from pathlib import Path
 from qvltune.data_ready import wait_for_data
 wait_for_data(Path(sys.argv[1]))
 Path(sys.argv[1], "rank-read-the-data").write_text("yes")
@@ -134,8 +240,9 @@ time.sleep(60)
 
 def test_a_failed_data_check_stops_the_ranks_already_started(tmp_path, monkeypatch):
     """The launcher starts before the check: when the check fails, its error is the run's, and the
-    ranks are stopped before any of them reads the data. (The launched command is a stand-in rank
-    running the real wait: DeepSpeed itself is started by the slow suite.)"""
+    ranks are stopped before any of them reads the data. (The launched command -- chosen as for a
+    real run: one node, DeepSpeed's launcher directly -- is replaced by a stand-in rank running the
+    real wait: DeepSpeed itself is started by the slow suite.)"""
     from qvltune import train as train_mod
 
     data = tmp_path / "data"
@@ -150,10 +257,19 @@ def test_a_failed_data_check_stops_the_ranks_already_started(tmp_path, monkeypat
         "optim": {"bf16": False, "optimizer": "adamw_torch"},
     })
     rd = cfg.run_dir
-    monkeypatch.setattr(train_mod, "launch_command", lambda *a, **k: ([sys.executable, "-c", RANK_STAND_IN, str(rd)], {"PYTHONPATH": os.pathsep.join(sys.path)}))
+    real_start = train_mod.start
+    launched = []
+
+    def start(argv, env, log_path, run_dir):
+        launched.append(argv)
+        stand_in = [sys.executable, "-c", RANK_STAND_IN, str(rd)]
+        return real_start(stand_in, {**env, "PYTHONPATH": os.pathsep.join(sys.path)}, log_path, run_dir)
+
+    monkeypatch.setattr(train_mod, "start", start)
     with pytest.raises(UserError) as e:
         train_mod.run_training(cfg, resume=False, live=False, gpus=[])
     assert "train.jsonl:2" in e.value.message and "missing.png" in e.value.message
+    assert launched and "deepspeed.launcher.launch" in launched[0]  # launched before the check ended
     deadline = time.time() + 15
     while time.time() < deadline and any(str(rd) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
         time.sleep(0.2)

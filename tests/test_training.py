@@ -109,6 +109,10 @@ def test_print_command(tmp_path, demo_data):
     assert out.returncode == 0
     assert "--module qvltune.rank --run-dir" in out.stdout and "deepspeed" in out.stdout
     assert not run_dir(config).exists()  # printing launches nothing
+    # What qvltune train runs on one node (DeepSpeed's launcher directly), the runner form as a comment.
+    comment, runner, command = out.stdout.splitlines()[:3]
+    assert comment == "# The same as DeepSpeed's runner form:" and runner.startswith("#   ") and "--num_gpus 1" in runner
+    assert "-m deepspeed.launcher.launch --world_info=" in command and command.endswith(" qvltune.rank --run-dir " + str(run_dir(config).resolve()))
 
 
 def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):

@@ -54,13 +54,14 @@ def print_commands(cfg, node, gpu_count: int, resume: bool) -> None:
     """The launcher command, or with several nodes started one by one, each node's."""
     from dataclasses import replace
 
-    from qvltune.launch import format_command
+    from qvltune.launch import command_text, format_command, one_node_launch
     from qvltune.nodes import NODES_DIR, node_launch
     from qvltune.train import launch_command
 
     if node is None:
-        argv, env = launch_command(cfg, gpu_count, resume)
-        console.out.print(format_command(argv, env), markup=False)
+        runner_argv, env = launch_command(cfg, gpu_count, resume)
+        # What qvltune train runs: on one node DeepSpeed's launcher directly (as in launch.sh).
+        console.out.print(command_text(one_node_launch(runner_argv) or runner_argv, runner_argv, env), markup=False)
         console.note(f"(the run folder {cfg.run_dir} must hold config.yaml; `qvltune train` prepares it)")
         return
     hostfile = ""
