@@ -8,7 +8,17 @@ ZeRO-2, one process, a checkpoint every 2 steps. Prints per checkpoint what trai
 (the parts: the model/adapter files, DeepSpeed's state copied to host memory, the ranks meeting,
 the other Trainer files) and the background write, and the sizes of the files written.
 
-    python benchmarks/save_breakdown.py --out /tmp/save-breakdown/result.json [--work /tmp/save-breakdown] [--steps 6]
+    python benchmarks/save_breakdown.py --out /tmp/save-breakdown/result.json [--work /tmp/save-breakdown] [--steps 6] [--before SRC_TREE]
+
+`--before` runs the same measurement with another source tree of qvltune (its root; this script's
+tree otherwise), as benchmarks/startup.py does. RESULTS.md's "before" is this tree with the save's
+two cuts switched off by benchmarks/save_cuts_off.patch (the checkpoint's adapter through the
+Trainer's own save_model: accelerate's get_state_dict of the whole model, then peft's save; DeepSpeed's
+state into fresh pageable copies instead of the reused buffers); the parts are still timed:
+
+    git worktree add --detach /tmp/save-before HEAD      # or: git archive HEAD | tar -x -C /tmp/save-before
+    git -C /tmp/save-before apply benchmarks/save_cuts_off.patch
+    python benchmarks/save_breakdown.py --before /tmp/save-before --out /tmp/save-breakdown/before-0.json
 
 The machine is shared and has 2 cores: compare the shares, not the seconds.
 """
@@ -24,6 +34,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+HERE = Path(__file__).resolve().parents[1]  # this script's source tree
 
 # The scaled model: Qwen3-VL's geometry, sizes between the tiny model and 2B.
 TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8, head_dim=64)
@@ -91,12 +103,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/save-breakdown"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--before", type=Path, help="run another source tree of qvltune (its root) instead of this one")
     args = parser.parse_args()
+    tree = (args.before or HERE).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     model = model_folder(args.work / "model")
     config = write_config(args.work, model, args.steps, args.processes)
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", "--force"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    # cwd: `python -m` puts the current folder first on sys.path, for the ranks too
+    env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "qvltune", "train", str(config), "--no-live", "--force"], capture_output=True, text=True, env=env, cwd=tree)
     if result.returncode != 0:
         sys.exit(result.stdout[-3000:] + result.stderr[-3000:])
     run = args.work / "runs" / "save"
@@ -110,7 +126,8 @@ def main() -> None:
         path = Path(r["path"])
         saves.append({"step": r["step"], "blocking_s": r["seconds"], "background_s": r["background_seconds"], "parts": r.get("parts") or {}, "bytes": sizes(path) if path.exists() else None})
     summary = {
-        "command": f"python benchmarks/save_breakdown.py --out {args.out} --steps {args.steps} --processes {args.processes}",
+        "command": f"python benchmarks/save_breakdown.py --out {args.out} --steps {args.steps} --processes {args.processes}" + (f" --before {args.before}" if args.before else ""),
+        "tree": str(tree),
         "model": {"text": TEXT, "vision": VISION},
         "run_s": round(time.time() - started, 1),
         "median_step_s": step_s[len(step_s) // 2] if step_s else None,

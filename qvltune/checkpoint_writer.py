@@ -169,6 +169,10 @@ class CheckpointWriter:
         job.thread = threading.Thread(target=self._write, args=(job,), name=f"qvltune-save-{step}", daemon=True)
         job.thread.start()
 
+    def free_buffers(self) -> None:
+        """After training's last checkpoint is written (``wait``): give the host buffers back."""
+        self.buffers.free()
+
     def discard(self) -> None:
         """Forget the snapshots of a save that failed before it could start writing."""
         self.snapshots = []
@@ -217,7 +221,6 @@ class CheckpointWriter:
             for obj, path, write in job.files:
                 write(obj, path)
             job.files.clear()
-            self.buffers.release()  # the next save may overwrite them
             fsync_tree(job.target)  # this rank's files, the Trainer's synchronous ones included
             (job.target / RANK_DONE.format(self.rank)).write_text("")
             if self.rank == 0:
@@ -228,6 +231,8 @@ class CheckpointWriter:
         except BaseException as e:  # noqa: BLE001 - reported in the training thread
             job.error = e
         finally:
+            # Once, here: the next save may overwrite the buffers. Not earlier (release is
+            # check-then-release: a second one could free a lock the next save took).
             self.buffers.release()
             job.done.set()
 

@@ -14,7 +14,9 @@ so the buffers are free again when the next save begins; ``begin`` refuses them 
 still read them. Pinned memory cannot be swapped out: at most ``pin_limit`` bytes are pinned (a
 share of the node's RAM split among its ranks, counted in the power-of-two blocks torch's pinned
 allocator hands out), the rest are pageable buffers, reused all the same. The first save allocates
-(and pins) them: it waits longer than the saves after it.
+(and pins) them: it waits longer than the saves after it. They are held from save to save for the
+whole of training; ``free`` gives them back once its last checkpoint is written (before the final
+model is saved: under ZeRO-3 rank 0 gathers the whole 16-bit model in host memory then).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class HostBuffers:
         i, self.next = self.next, self.next + 1
         buf = self.buffers[i] if i < len(self.buffers) else None
         if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != _layout(tensor):
-            buf = self._allocate(tensor, replacing=buf)
+            buf = self._allocate(tensor)
             if i < len(self.buffers):
                 self.buffers[i] = buf
             else:
@@ -90,14 +92,35 @@ class HostBuffers:
             torch.cuda.synchronize()
             self.pending_device_copies = False
 
-    def _allocate(self, tensor: torch.Tensor, replacing: torch.Tensor | None) -> torch.Tensor:
-        if replacing is not None and replacing.is_pinned():
-            self.pinned_bytes -= pinned_size(replacing.numel() * replacing.element_size())
-        size = pinned_size(tensor.numel() * tensor.element_size())
-        pin = tensor.is_cuda and self.pinned_bytes + size <= self.limit
-        if pin:
-            self.pinned_bytes += size
+    def free(self) -> None:
+        """Give the buffers back (training's last checkpoint is written): the pageable ones to the
+        allocator, the pinned ones through torch's pinned-memory cache, emptied here."""
+        if self.busy:
+            raise RuntimeError("checkpoint snapshot buffers are still in use by a save's write")
+        self.buffers, self.next, self.pending_device_copies = [], 0, False
+        empty_host_cache()
+        self.pinned_bytes = 0
+
+    def _allocate(self, tensor: torch.Tensor) -> torch.Tensor:
+        pin = tensor.is_cuda and self._reserve(pinned_size(tensor.numel() * tensor.element_size()))
         return torch.empty_like(tensor, device="cpu", pin_memory=pin)  # its layout, as tensor.to("cpu") keeps it
+
+    def _reserve(self, size: int) -> bool:
+        """Count ``size`` pinned bytes against the cap; False (pageable instead) past it. A replaced
+        pinned buffer gives nothing back: torch's pinned-memory allocator keeps its block cached (it
+        stays pinned) until ``free`` empties the cache."""
+        if self.pinned_bytes + size > self.limit:
+            return False
+        self.pinned_bytes += size
+        return True
+
+
+def empty_host_cache() -> None:
+    """Return the unused blocks of torch's pinned-memory cache to the system (a private torch call,
+    ``torch._C._host_emptyCache``: guarded, a torch without it keeps its cache)."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 def pinned_size(nbytes: int) -> int:

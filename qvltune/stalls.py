@@ -17,7 +17,9 @@ them 28 ms on the development CPU; more at real size), so ``GcSchedule`` freezes
 step that compiled. Between those, it collects every ``GC_EVERY_STEPS`` steps at a step boundary,
 outside the timed part of a step, so the young generations stay small: not every log step, since
 with one log per step (short runs) a collection per step cost a measurable share of each step.
-Automatic collection stays on: data loader workers (forked later) need it.
+Automatic collection stays on: data loader workers (forked later) need it. Frozen objects are never
+collected, even once unreachable (a batch in a reference cycle alive at a freeze keeps its tensors):
+``thaw_gc`` unfreezes and collects them once training ends, before the final model is saved.
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ def quiet_gc() -> None:
     module docstring)."""
     gc.collect()
     gc.freeze()
+
+
+def thaw_gc() -> float:
+    """Training ended: unfreeze what ``quiet_gc`` and ``GcSchedule`` froze and collect it once (what
+    became unreachable since, e.g. a batch's tensors in a reference cycle, is freed). Its seconds."""
+    gc.unfreeze()
+    return collect()
 
 
 def collect() -> float:

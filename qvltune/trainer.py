@@ -182,27 +182,28 @@ def make_trainer_class():
             run_dir = Path(self.args.output_dir)
             started = time.time()
             parts = self.save_parts = SaveParts()
-            with parts.part("previous save"):
-                self.finish_saves()  # one save in flight: the previous one is complete (or raises here)
-            self.saving_step = self.state.global_step  # read by explain_failure if the save fails
-            target = run_dir / f"checkpoint-{self.state.global_step}"
-            if self.args.should_save and target.exists() and not is_complete(target):
-                shutil.rmtree(target)  # leftovers of an interrupted save at this step
-            with parts.part("ranks meet"):
-                self.accelerator.wait_for_everyone()
-            self.checkpointer.begin()
-            try:
-                with self.checkpointer.capturing(self.model_wrapped):  # DeepSpeed's files: snapshots, written by a thread
-                    super()._save_checkpoint(model, trial)
-                with parts.part("host copies finish"):
-                    self.checkpointer.buffers.synchronize()  # one wait for every queued device-to-host copy
-            except BaseException:
-                self.checkpointer.discard()
-                raise
+            try:  # save_parts is set for this save only: a later save_model (the final one) must not take the snapshot path
+                with parts.part("previous save"):
+                    self.finish_saves()  # one save in flight: the previous one is complete (or raises here)
+                self.saving_step = self.state.global_step  # read by explain_failure if the save fails
+                target = run_dir / f"checkpoint-{self.state.global_step}"
+                if self.args.should_save and target.exists() and not is_complete(target):
+                    shutil.rmtree(target)  # leftovers of an interrupted save at this step
+                with parts.part("ranks meet"):
+                    self.accelerator.wait_for_everyone()
+                self.checkpointer.begin()
+                try:
+                    with self.checkpointer.capturing(self.model_wrapped):  # DeepSpeed's files: snapshots, written by a thread
+                        super()._save_checkpoint(model, trial)
+                    with parts.part("host copies finish"):
+                        self.checkpointer.buffers.synchronize()  # one wait for every queued device-to-host copy
+                    with parts.part("ranks meet"):
+                        self.accelerator.wait_for_everyone()  # every rank's synchronous part is on disk before the marker can be
+                except BaseException:
+                    self.checkpointer.discard()  # nothing will write the snapshots: the buffers are free again
+                    raise
             finally:
                 self.save_parts = None
-            with parts.part("ranks meet"):
-                self.accelerator.wait_for_everyone()  # every rank's synchronous part is on disk before the marker can be
             self.save_seconds = time.time() - started  # what training waited for
             self.save_record = parts.record(self.save_seconds)
             self.checkpointer.start(self.state.global_step, target, self.save_seconds, self.save_record)
@@ -214,8 +215,9 @@ def make_trainer_class():
 
         def save_model(self, output_dir=None, _internal_call=False):
             with self._save_part("model files"):
-                if self.save_parts is not None and self._adapter_snapshot():
-                    # A checkpoint's adapter: copied to host memory here, written by the checkpoint's thread.
+                if self.save_parts is not None and self.checkpointer.buffers.busy and self._adapter_snapshot():
+                    # A checkpoint's adapter (this save took the host buffers: begin()): copied to host
+                    # memory here, written by the checkpoint's thread.
                     if self.args.should_save:
                         snapshot_adapter(self.checkpointer, self.accelerator.unwrap_model(self.model), Path(output_dir))
                         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as the Trainer's _save

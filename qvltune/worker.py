@@ -47,7 +47,7 @@ from qvltune.nodes import check_shared_run_dir
 from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table, transformer_blocks
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.rank import note as rank_note
-from qvltune.stalls import quiet_gc
+from qvltune.stalls import quiet_gc, thaw_gc
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.training_data import build_datasets, prepare_data_side, row_padding
 from qvltune.zero import deepspeed_config, zero3_leaf_blocks, zero3_stats
@@ -317,6 +317,11 @@ def run(run_dir: Path, resume: bool) -> int:
         if writer:
             writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=last_checkpoint_text(run_dir))
         raise UserError(message, hint) from None
+    # Training is over and its last checkpoint written: what it held for the rest of the run goes
+    # before the final save (under ZeRO-3 rank 0 gathers the whole 16-bit model in host memory):
+    # the snapshot buffers, and what the step-boundary freezes kept from the collector.
+    trainer.checkpointer.free_buffers()
+    thaw_gc()
     step = trainer.state.global_step
     if callback.nonfinite_step is not None:
         last = last_checkpoint_text(run_dir)

@@ -153,10 +153,13 @@ def test_buffers_reused_from_save_to_save_write_the_bytes_fresh_copies_would(tmp
         assert pointers == first_pointers and len(pointers) == 4  # reused, one per tensor
 
 
-def test_a_save_cannot_take_the_buffers_while_the_previous_write_reads_them(tmp_path, monkeypatch):
-    gate = threading.Event()
-    real_save = checkpoint_writer._torch_save
-    monkeypatch.setattr(checkpoint_writer, "_torch_save", lambda obj, path, zipfile=True: (gate.wait(10), real_save(obj, path, zipfile)))
+@pytest.mark.parametrize("held_in", ["_torch_save", "fsync_tree"])
+def test_a_save_cannot_take_the_buffers_while_the_previous_write_reads_them(tmp_path, monkeypatch, held_in):
+    """Refused while the files are written and while they are synced: the buffers are released once,
+    when the write's thread ends."""
+    reached, gate = threading.Event(), threading.Event()
+    real = getattr(checkpoint_writer, held_in)
+    monkeypatch.setattr(checkpoint_writer, held_in, lambda *a, **k: (reached.set(), gate.wait(10), real(*a, **k)))
     writer = CheckpointWriter(0, 1)
     engine = checkpoint_writer._snapshot_engine_class()(writer, None)
     target = tmp_path / "checkpoint-2"
@@ -164,12 +167,71 @@ def test_a_save_cannot_take_the_buffers_while_the_previous_write_reads_them(tmp_
     writer.begin()
     engine.save({"t": torch.ones(3)}, str(target / "optim.pt"))
     writer.start(2, target, blocking_seconds=0.0)
+    assert reached.wait(10)  # the write's thread is there
     with pytest.raises(RuntimeError, match="still in use"):
         writer.begin()  # a save that did not wait for the previous write would overwrite what it writes
     gate.set()
     writer.wait()
     writer.begin()  # free again once written
+    assert writer.buffers.busy  # and this save's hold is its own
     assert torch.load(target / "optim.pt")["t"].equal(torch.ones(3))
+
+
+def test_host_buffers_are_freed_after_training_and_the_pinned_cap_counts_every_block_held():
+    """free() gives every buffer back and empties torch's pinned-memory cache; a pinned block is
+    counted against the cap until then (a replaced buffer's block stays cached by torch)."""
+    import weakref
+
+    from qvltune.host_buffers import HostBuffers
+
+    writer = CheckpointWriter(0, 1)
+    buffers = writer.buffers
+    buffers.begin()
+    held = [weakref.ref(buffers.copy(t)) for t in (torch.ones(1000), torch.zeros(3, 4))]
+    with pytest.raises(RuntimeError, match="still in use"):
+        writer.free_buffers()  # never under a write
+    buffers.release()
+    assert all(r() is not None for r in held)  # kept from save to save
+    writer.free_buffers()
+    assert buffers.buffers == [] and buffers.pinned_bytes == 0 and all(r() is None for r in held)
+    buffers.begin()  # a later save (none in the worker) would allocate again
+    assert buffers.copy(torch.ones(2)).equal(torch.ones(2))
+    buffers.release()
+
+    capped = HostBuffers(pin_limit_bytes=8192)  # the accounting a GPU's pinned copies go through
+    assert capped._reserve(3000) and capped.pinned_bytes == 3000
+    assert capped._reserve(4096) and not capped._reserve(2000)  # past the cap: pageable
+    assert capped.pinned_bytes == 7096  # nothing is given back before free()
+    capped.free()
+    assert capped.pinned_bytes == 0 and capped._reserve(8192)
+
+
+def test_a_failed_save_leaves_the_final_model_to_the_trainers_own_save(tmp_path, tiny_model_dir):
+    """A checkpoint save that raised (here: the previous save's write failed) leaves no save in
+    progress behind: the final model's save_model writes the adapter files themselves, not host
+    copies for a checkpoint thread that never runs."""
+    from transformers import TrainingArguments
+
+    from qvltune.checkpoint_writer import SaveParts
+    from qvltune.config import parse_config
+    from qvltune.model import apply_strategy, load_model
+    from qvltune.trainer import make_trainer_class
+
+    cfg = parse_config({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "d.jsonl"}, "strategy": "lora", "optim": {"bf16": False}})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"), cfg)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], per_device_train_batch_size=1)
+    trainer = make_trainer_class()(model=model, args=args, run_cfg=cfg)
+    assert trainer._adapter_snapshot()  # a checkpoint of this model would take the snapshot path
+    previous = tmp_path / "run" / "checkpoint-2"  # its write fails: the folder is gone
+    trainer.checkpointer.snapshots.append(({"t": torch.ones(1)}, str(previous / "optim.pt"), checkpoint_writer._torch_save))
+    trainer.checkpointer.start(2, previous, blocking_seconds=0.0)
+    with pytest.raises(RuntimeError, match="does not exist"):
+        trainer._save_checkpoint(trainer.model, None)  # raised by finish_saves, before the buffers are taken
+    assert trainer.save_parts is None
+    for name, save_parts in (("final", None), ("final-2", SaveParts())):
+        trainer.save_parts = save_parts  # set without this save taking the buffers: not a checkpoint's save either
+        trainer.save_model(str(tmp_path / name))
+        assert (tmp_path / name / "adapter_model.safetensors").exists() and (tmp_path / name / "adapter_config.json").exists(), name
 
 
 def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):

@@ -61,3 +61,10 @@ def test_snapshot_buffers_pin_up_to_their_cap_and_are_reused():
     again = buffers.copy(a)
     buffers.synchronize()
     assert again.data_ptr() == ca.data_ptr() and again.equal(a.cpu()) and buffers.pinned_bytes == 4096
+    buffers.release()
+    buffers.begin()  # a new shape replaces the pinned buffer: torch keeps its block cached, still counted
+    smaller = buffers.copy(torch.randn(512, device="cuda"))
+    assert not smaller.is_pinned() and buffers.pinned_bytes == 4096
+    buffers.release()
+    buffers.free()  # after training: given back, the cache emptied
+    assert buffers.buffers == [] and buffers.pinned_bytes == 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from qvltune.dashboard import format_line
-from qvltune.stalls import MIN_HISTORY, GcSchedule, GcTimer, StallDetector, collect, quiet_gc
+from qvltune.stalls import MIN_HISTORY, GcSchedule, GcTimer, StallDetector, collect, quiet_gc, thaw_gc
 
 
 def test_a_step_over_twice_the_median_is_a_stall_and_the_first_step_never_counts():
@@ -63,5 +64,30 @@ def test_what_a_compile_makes_is_frozen_and_collections_wait_for_their_step():
         assert schedule.after_step(50, graphs=4) > 0  # the regular collection, at a step boundary
         schedule.after_step(51, graphs=5)  # a recompilation: frozen again
         assert gc.get_freeze_count() >= frozen + len(more)
+    finally:
+        gc.unfreeze()
+
+
+def test_a_batch_in_a_reference_cycle_frozen_at_a_compiling_step_is_freed_at_the_runs_end():
+    """Objects a step made that are still alive at a freeze (the step compiled) are never collected
+    while frozen, even once unreachable: a batch in a reference cycle would keep its tensors for the
+    run. thaw_gc (training's end, before the final save) frees them."""
+
+    class Batch:  # a batch that refers to itself (e.g. through a hook or a closure)
+        pass
+
+    schedule = GcSchedule(every=50)
+    try:
+        quiet_gc()
+        batch = Batch()
+        batch.self = batch
+        alive = weakref.ref(batch)
+        schedule.after_step(1, graphs=3)  # the step compiled: everything alive is frozen, the batch too
+        del batch
+        schedule.after_step(50, graphs=3)  # the regular collection does not reach it
+        gc.collect()
+        assert alive() is not None
+        thaw_gc()
+        assert alive() is None
     finally:
         gc.unfreeze()

@@ -146,7 +146,10 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (rd / "checkpoint-4" / name).read_bytes() == (final / name).read_bytes(), name
     save = next(r for r in records if r["kind"] == "save")  # where the save's wait went
-    assert {"model files", "DeepSpeed state to host", "ranks meet"} <= set(save["parts"]) and sum(save["parts"].values()) == pytest.approx(save["seconds"], abs=0.01)
+    parts = save["parts"]
+    assert {"model files", "DeepSpeed state to host", "ranks meet"} <= set(parts)
+    timed = parts["model files"] + parts["DeepSpeed state to host"]
+    assert parts["model files"] > 0 and parts["DeepSpeed state to host"] > 0 and parts.get("other", 0.0) < timed  # the named parts are where the wait went
     assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
     # The start-up, phase by phase, from the command to the first step's end (qvltune.phases).
     phases = next(r for r in records if r["kind"] == "phases")
