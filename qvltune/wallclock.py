@@ -29,7 +29,7 @@ WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (byte
 # kernels and the joint graph come from disk (CPU: 57 s -> 6 s, benchmarks/compile_cache.py).
 COMPILE_COLD_S = 90.0
 COMPILE_WARM_FRACTION = 0.15
-HOST_COPY_BPS = 6.0e9  # device -> pageable host memory copy of the trained state
+HOST_COPY_BPS = 6.0e9  # device -> host copy of the trained state into the reused buffers (pageable figure; pinned is faster: to calibrate on a GPU)
 DISK_WRITE_BPS = 1.0e9  # torch.save + fsync to a local disk
 OPTIMIZER_BYTES = 12  # fp32 master weight + two Adam moments per trained parameter
 WEIGHT_BYTES = 2  # bf16 trained weights (the adapter / module states)
