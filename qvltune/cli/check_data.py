@@ -129,6 +129,7 @@ def check_config(config: Path, given: dict, *, workers: int | None, deep: bool, 
     for c in checks:
         out.print()
         out.print(f"[bold]{c.field}[/]")
+        c.report.files = [_shown(f) for f in c.report.files]  # the config's paths are absolute: shown from here
         render(c.report, lo, hi, strict)
         if c.report.errors and cfg.data.on_bad_sample == "skip":
             out.print(f"qvltune train skips the {len(c.report.errors)} failed record(s) (data.on_bad_sample: skip)")
@@ -143,9 +144,17 @@ def check_config(config: Path, given: dict, *, workers: int | None, deep: bool, 
     elif notes:
         out.print(f"index cache: written for these settings; `qvltune train {config}` checks the data again unless the config says the same")
     else:
-        folders = sorted({str(p.parent) for p in written})
+        folders = sorted({_shown(str(p.parent)) for p in written})
         out.print(f"index cache: written to {', '.join(folders)}; `qvltune train {config}` reuses these checks and counts", highlight=False)
     return 0 if ok else 1
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working folder when it is under it (as the user would type it)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 class _progress:

@@ -148,7 +148,7 @@ class CheckedData:
     cache_file: Path | None = None  # the index cache entry read or written; None: none (off, or not writable)
 
 
-def check_run_data(spec: str | list[str], processor: Any, d, *, reuse: bool = True, workers: int | None = None, deep: bool = False, progress=None) -> CheckedData:
+def check_run_data(spec: str | list[str], processor: Any, d, *, reuse: bool = True, workers: int | None = None, deep: bool = False, progress=None, model_name: str | None = None) -> CheckedData:
     """Check and count a run's dataset or mixture as its ``data`` section ``d`` says, with the run's
     processor; write the index cache entry beside the data (``data.index_cache``).
 
@@ -159,11 +159,10 @@ def check_run_data(spec: str | list[str], processor: Any, d, *, reuse: bool = Tr
 
     from qvltune.data import index_cache
 
-    options = CheckOptions.for_run(d, processor)
-    if deep:
-        from dataclasses import replace
+    from dataclasses import replace
 
-        options = replace(options, deep=True)
+    # model_name only names the model in the report; deep (check-data --deep) decodes every image fully
+    options = replace(CheckOptions.for_run(d, processor), deep=deep, model_name=model_name)
     # The encoder sets the video sampling on the processor; set it first so the key sees what counting sees.
     configure_video_processor(processor, d.video_sampling())
     path = index_cache.cache_path(spec, index_cache.cache_key(spec, processor, cache_settings(d))) if d.index_cache else None

@@ -96,8 +96,8 @@ def check_run(cfg: RunConfig, processor: Any, *, workers: int | None = None, dee
                 from qvltune.data.check import CheckOptions
                 from qvltune.preference.data import check_pairs
 
-                out.append(SplitCheck(f"data.{field}", check_pairs(spec, replace(CheckOptions.for_run(cfg.data, processor), deep=deep)), None))
+                out.append(SplitCheck(f"data.{field}", check_pairs(spec, replace(CheckOptions.for_run(cfg.data, processor), deep=deep, model_name=cfg.model.path)), None))
                 continue
-            checked = check_run_data(spec, processor, cfg.data, reuse=False, workers=workers, deep=deep, progress=bar)
+            checked = check_run_data(spec, processor, cfg.data, reuse=False, workers=workers, deep=deep, progress=bar, model_name=cfg.model.path)
             out.append(SplitCheck(f"data.{field}", checked.report, checked.cache_file))
     return out
