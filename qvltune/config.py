@@ -167,11 +167,18 @@ def parse_config(doc: Any, source: str = "config") -> RunConfig:
         cfg = RunConfig.model_validate(doc)
     except ValidationError as e:
         problems = format_validation_error(e, RunConfig)
-        raise UserError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems), "fix the fields above; `qvltune init` writes a valid config") from None
+        raise UserError(_listed(source, problems, "problem"), "fix the " + ("field" if len(problems) == 1 else "fields above") + "; `qvltune init` writes a valid config") from None
     conflicts = check_conflicts(cfg)
     if conflicts:
-        raise UserError(f"{source}: {len(conflicts)} conflict(s):\n  " + "\n  ".join(conflicts), "fix the fields above") from None
+        raise UserError(_listed(source, conflicts, "conflict"), "fix the " + ("fields" if len(conflicts) == 1 else "fields above")) from None
     return cfg
+
+
+def _listed(source: str, problems: list[str], kind: str) -> str:
+    """One problem on one line (``run.yaml: data.max_seq_length: ...``); several listed under a count."""
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} {kind}(s):\n  " + "\n  ".join(problems)
 
 
 def load_config(path: str | Path) -> RunConfig:

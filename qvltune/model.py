@@ -106,6 +106,14 @@ def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels:
     return configure_processor(processor, min_pixels, max_pixels)
 
 
+def run_processor(cfg) -> Any:
+    """The processor a run counts and encodes with: its model's, at the data section's pixel budget.
+    ``qvltune train`` and ``check-data --config`` both take it from here, so their token counts (and
+    the index cache's key, which holds the processor's settings) are the same."""
+    lo, hi = cfg.data.pixel_budget()
+    return load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+
+
 def model_class(model_type: str):
     """The model class named by config.json's model_type (never guessed from the path)."""
     import transformers

@@ -98,12 +98,11 @@ def prepare_index(cfg: RunConfig) -> dict[str, Any]:
     """Check every record and media file of the run's data (or reuse the index cache's checks),
     write the data index, then the ``data_ready`` mark the ranks wait for (with how long it took)."""
     from qvltune.data.dataset import prepare_data
-    from qvltune.model import load_processor
+    from qvltune.model import run_processor
 
     started = time.time()
     run_dir = cfg.run_dir
-    lo, hi = cfg.data.pixel_budget()
-    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    processor = run_processor(cfg)
     if cfg.stage == "dpo":  # preference pairs: checked and counted by qvltune.preference
         from qvltune.preference.data import prepare_pairs
 

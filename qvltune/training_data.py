@@ -16,7 +16,7 @@ from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data, source_enc
 from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import Encoder
 from qvltune.data_ready import wait_for_data
-from qvltune.model import component_of, load_processor
+from qvltune.model import component_of, run_processor
 from qvltune.trainer import unwrap, world_size
 
 
@@ -24,8 +24,7 @@ def prepare_data_side(cfg: RunConfig, run_dir: Path):
     """(processor, data index, train rows, eval rows, seconds): everything before training that needs
     no model weights. Rows are the packing plan (lists of sample indices), one sample each unpacked."""
     started = time.time()
-    lo, hi = cfg.data.pixel_budget()
-    processor = load_processor(cfg.model.path, lo, hi, cfg.model.trust_remote_code)
+    processor = run_processor(cfg)  # the parent's (qvltune.train.prepare_index)
     wait_for_data(run_dir)  # qvltune train may still be checking the data (qvltune.data_ready)
     if cfg.stage == "dpo":  # preference pairs: their rows are planned with the datasets (qvltune.preference)
         from qvltune.preference import worker as dpo

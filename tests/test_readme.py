@@ -30,7 +30,7 @@ def blocks(text: str) -> list[re.Match]:
 
 def sample_folder(tmp: Path) -> None:
     """data/train.jsonl: 2,000 question-answer records about photos of four sizes, answers of 1 to
-    200 words (seeded); train.jsonl: five records, two of them with errors."""
+    200 words (seeded), and run.yaml, a run over it; train.jsonl: five records, two of them with errors."""
     import random
 
     rng = random.Random(0)
@@ -44,6 +44,9 @@ def sample_folder(tmp: Path) -> None:
             {"from": "gpt", "value": " ".join(rng.choice(words) for _ in range(int(rng.lognormvariate(3.5, 1.0)) % 200 + 1))}]}
         for _ in range(2000)
     ])
+    (tmp / "run.yaml").write_text(  # check-data --config: a run over data/train.jsonl
+        "name: photos\nmodel:\n  path: builtin:tiny\ndata:\n  train: data/train.jsonl\n  max_seq_length: 1024\n  max_image_tokens: 256\noptim:\n  bf16: false\n"
+    )
     for name, size in (("cat.jpg", (1280, 960)), ("a.jpg", (640, 480))):
         write_image(tmp / "images" / name, size)
     write_jsonl(tmp / "train.jsonl", [

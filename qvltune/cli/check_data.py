@@ -11,6 +11,7 @@ from qvltune import console
 from qvltune.data.check import CheckOptions, Report, check_dataset
 from qvltune.data.media import DEFAULT_IMAGE_PIXEL_LIMIT
 from qvltune.data.problems import group_problems
+from qvltune.data.run_check import FLAG_FIELDS
 from qvltune.data.video import VideoSampling
 from qvltune.errors import UserError
 from qvltune.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, TOKEN_PIXELS, resolve_pixels
@@ -19,7 +20,9 @@ MAX_LISTED = 200  # problem lines printed (after grouping); the rest are counted
 
 
 def command(
-    data: str = typer.Argument(..., metavar="DATA", help="Dataset file(s): a.jsonl, or a mixture a.jsonl%50,b.json"),
+    ctx: typer.Context,
+    data: str = typer.Argument(None, metavar="DATA", help="Dataset file(s): a.jsonl, or a mixture a.jsonl%50,b.json (with --config: instead of data.train)"),
+    config: Path = typer.Option(None, "--config", metavar="RUN.yaml", help="Check a run's data (train and eval) exactly as `qvltune train RUN.yaml` will, with all its data settings and model, and write the index cache it reuses. A flag given beside it overrides the config's field for this check."),
     image_root: Path = typer.Option(None, "--image-root", help="Folder that relative media paths resolve against (default: each dataset's folder)."),
     model: str = typer.Option(None, "--model", help="Model folder or Hub id (or builtin:tiny) for exact token counts with its chat template."),
     min_pixels: int = typer.Option(None, "--min-pixels", help="Smallest image area after resize, in pixels (Qwen3-VL: one token per 32x32)."),
@@ -32,7 +35,7 @@ def command(
     video_min_frames: int = typer.Option(2, "--video-min-frames", min=2, help="Fewest frames sampled from a video file."),
     video_max_frames: int = typer.Option(None, "--video-max-frames", min=2, help="Most frames per video (files and frame lists)."),
     video_max_tokens: int = typer.Option(None, "--video-max-tokens", min=1, help="LLM tokens per video, all frames (lowers the resolution of long videos)."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Check records in this many processes (large datasets; the report is the same)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Check records in this many processes (large datasets; the report is the same). With --config: as qvltune train (every core for data over 16 MB)."),
     deep: bool = typer.Option(False, "--deep", help="Decode every image fully (catches truncated files; slower)."),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept media paths outside the image root."),
     image_pixel_limit: int = typer.Option(DEFAULT_IMAGE_PIXEL_LIMIT, "--image-pixel-limit", min=1, help="Largest image (width x height as stored) to decode; bigger ones are refused as possible decompression bombs (default: Pillow's limit). Config: data.image_pixel_limit."),
@@ -40,6 +43,11 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
 ) -> int:
     """Find every problem in a multimodal dataset before any GPU time is spent."""
+    if config is not None:
+        given = {name: ctx.params[name] for name in FLAG_FIELDS if _given(ctx, name)}
+        return check_config(config, given, workers=workers if _given(ctx, "workers") else None, deep=deep, strict=strict, as_json=as_json)
+    if data is None:
+        raise typer.BadParameter("give a dataset file (DATA), or a run config (--config RUN.yaml)", param_hint="DATA")
     if thinking_turns not in ("each", "last"):
         raise typer.BadParameter(f"'{thinking_turns}' is not one of each, last", param_hint="--thinking-turns")
     try:
@@ -82,6 +90,71 @@ def command(
     else:
         render(report, lo, hi, strict)
     return 0 if report.ok(strict) else 1
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave this parameter (on the command line or in the environment), not its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def check_config(config: Path, given: dict, *, workers: int | None, deep: bool, strict: bool, as_json: bool) -> int:
+    """``check-data --config RUN.yaml``: the run's data checked as ``qvltune train`` checks it
+    (``qvltune.data.run_check``), each dataset's report, and where the index cache entry went."""
+    from qvltune.config import load_config
+    from qvltune.data.run_check import check_run, apply_overrides
+    from qvltune.model import run_processor
+
+    if given.get("thinking_turns", "each") not in ("each", "last"):
+        raise typer.BadParameter(f"'{given['thinking_turns']}' is not one of each, last", param_hint="--thinking-turns")
+    cfg, notes = apply_overrides(load_config(config), given, str(config))
+    processor = run_processor(cfg)
+    lo, hi = processor.image_processor.size["shortest_edge"], processor.image_processor.size["longest_edge"]
+    for note in notes:
+        console.note(note)
+    show = not as_json and not console.err.is_dumb_terminal and console.err.is_terminal
+    try:
+        checks = check_run(cfg, processor, workers=workers, deep=deep, progress=lambda: _progress(enabled=show))
+    except ValueError as e:  # a malformed mixture spec
+        raise UserError(str(e), "write mixtures as a.jsonl%50,b.jsonl") from None
+    ok = all(c.report.ok(strict) for c in checks)
+    if as_json:
+        docs = {}
+        for c in checks:
+            docs[c.field.split(".")[1]] = {**c.report.to_json(), "pixels": {"min": lo, "max": hi}, "index_cache": str(c.cache_file) if c.cache_file else None}
+        console.print_json({"config": str(config), "overrides": notes, **docs})
+        return 0 if ok else 1
+    out = console.out
+    out.print(f"checking the data of {config} as `qvltune train` will: model {cfg.model.path}, max_seq_length {cfg.data.max_seq_length}, thinking_turns {cfg.data.thinking_turns}", highlight=False)
+    for c in checks:
+        out.print()
+        out.print(f"[bold]{c.field}[/]")
+        c.report.files = [_shown(f) for f in c.report.files]  # the config's paths are absolute: shown from here
+        render(c.report, lo, hi, strict)
+        if c.report.errors and cfg.data.on_bad_sample == "skip":
+            out.print(f"qvltune train skips the {len(c.report.errors)} failed record(s) (data.on_bad_sample: skip)")
+    out.print()
+    written = [c.cache_file for c in checks if c.cache_file is not None]
+    if cfg.stage == "dpo":
+        out.print("index cache: none for preference data; qvltune train checks the pairs again")
+    elif not cfg.data.index_cache:
+        out.print("index cache: off (data.index_cache: false); qvltune train checks the data again")
+    elif len(written) < len(checks):
+        out.print("index cache: not written (the data's folder is not writable); qvltune train checks the data again")
+    elif notes:
+        out.print(f"index cache: written for these settings; `qvltune train {config}` checks the data again unless the config says the same")
+    else:
+        folders = sorted({_shown(str(p.parent)) for p in written})
+        out.print(f"index cache: written to {', '.join(folders)}; `qvltune train {config}` reuses these checks and counts", highlight=False)
+    return 0 if ok else 1
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working folder when it is under it (as the user would type it)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 class _progress:

@@ -173,7 +173,7 @@ def _init(o: SimpleNamespace) -> int:
     written = write_files(plan, answers, out_dir, full)
     console.out.print("wrote " + ", ".join(str(p) for p in written))
     config_path = out_dir / scaffold.CONFIG_NAME
-    console.out.print(f"next: qvltune estimate {config_path}   then: qvltune train {config_path}")
+    console.out.print(f"next: qvltune estimate {config_path}   then: qvltune check-data --config {config_path}   then: qvltune train {config_path}")
     if not plan.fits:
         console.warn("the plan does not fit this machine: see the options above before training")
     return 0

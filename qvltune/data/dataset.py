@@ -123,49 +123,79 @@ class DataIndex:
         return cls(Entries.from_doc(doc["train"]), Entries.from_doc(doc["eval"]), doc.get("skipped", []))
 
 
-def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[Entries, list[Problem], bool, int]:
-    """Every usable record of a dataset or mixture with its exact token count, after sampling;
-    whether it came from the index cache beside the data (``qvltune.data.index_cache``); how many
-    records of the cache were counted again because their media files changed."""
-    import os
-    from dataclasses import asdict as _asdict
+def cache_settings(d) -> dict[str, Any]:
+    """What of a run's ``data`` section the index cache's key holds (beside each source and the processor)."""
+    from dataclasses import asdict
 
-    import numpy as np
-
-    from qvltune.data import index_cache
-
-    d = cfg.data
-    settings = {
+    return {
         "image_root": d.image_root,
         "max_seq_length": d.max_seq_length,
         "allow_outside_root": d.allow_media_outside_root,
-        "video": _asdict(d.video_sampling()),
+        "video": asdict(d.video_sampling()),
         "thinking_turns": d.thinking_turns,
         "image_pixel_limit": d.image_pixel_limit,
     }
-    options = CheckOptions.for_run(d, processor)
-    cached = None
-    recounted = 0
+
+
+@dataclass
+class CheckedData:
+    """One dataset or mixture of a run, checked and counted (``check_run_data``)."""
+
+    index: Any  # index_cache.CachedIndex: usable samples, problems, media stamps
+    from_cache: bool  # taken from the index cache (then ``report`` is None)
+    recounted: int  # records of the cache checked again because their media changed
+    report: Any = None  # the check's full report (qvltune.data.check.Report) when the check ran
+    cache_file: Path | None = None  # the index cache entry read or written; None: none (off, or not writable)
+
+
+def check_run_data(spec: str | list[str], processor: Any, d, *, reuse: bool = True, workers: int | None = None, deep: bool = False, progress=None, model_name: str | None = None) -> CheckedData:
+    """Check and count a run's dataset or mixture as its ``data`` section ``d`` says, with the run's
+    processor; write the index cache entry beside the data (``data.index_cache``).
+
+    The one path of both ``qvltune train`` (``prepare_data``, ``reuse``: a cache entry is taken, its
+    changed media checked again) and ``check-data --config`` (``reuse=False``: everything checked,
+    with a report to show, and the entry written that train then finds)."""
+    import os
+
+    from qvltune.data import index_cache
+
+    from dataclasses import replace
+
+    # model_name only names the model in the report; deep (check-data --deep) decodes every image fully
+    options = replace(CheckOptions.for_run(d, processor), deep=deep, model_name=model_name)
     # The encoder sets the video sampling on the processor; set it first so the key sees what counting sees.
     configure_video_processor(processor, d.video_sampling())
-    # Stamped before the content is hashed: a file edited after this is refused by the data loader.
-    stamps = {str(s.path): index_cache.stamp(str(s.path)) for s in parse_mixture(spec)}
-    if d.index_cache:
-        path = index_cache.cache_path(spec, index_cache.cache_key(spec, processor, settings))
-        cached = index_cache.load(path)
+    path = index_cache.cache_path(spec, index_cache.cache_key(spec, processor, cache_settings(d))) if d.index_cache else None
+    cached = index_cache.load(path) if path is not None and reuse else None
     if cached is not None:
         stale = cached.media.stale()
+        recounted = 0
         if stale:  # media replaced, deleted or restored since: only those records are checked again
             cached.recount(stale, check_dataset(spec, options, only=stale, track_media=True))
             recounted = sum(len(v) for v in stale.values())
             index_cache.save(path, cached)
-        built = cached
-    else:
+        return CheckedData(cached, True, recounted, cache_file=path)
+    if workers is None:
         # Before training nothing else runs: the check uses every core (a million records: minutes, not tens of minutes).
         workers = min(8, os.cpu_count() or 1) if sum(s.path.stat().st_size for s in parse_mixture(spec)) > WORKERS_FROM_BYTES else 1
-        built = index_cache.CachedIndex.from_report(check_dataset(spec, options, workers=workers, track_media=True))
-        if d.index_cache:
-            index_cache.save(path, built)
+    report = check_dataset(spec, options, workers=workers, track_media=True, progress=progress)
+    built = index_cache.CachedIndex.from_report(report)
+    saved = path is not None and index_cache.save(path, built)
+    return CheckedData(built, False, 0, report, path if saved else None)
+
+
+def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> tuple[Entries, list[Problem], bool, int]:
+    """Every usable record of a dataset or mixture with its exact token count, after sampling;
+    whether it came from the index cache beside the data (``qvltune.data.index_cache``); how many
+    records of the cache were counted again because their media files changed."""
+    import numpy as np
+
+    from qvltune.data import index_cache
+
+    # Stamped before the content is hashed: a file edited after this is refused by the data loader.
+    stamps = {str(s.path): index_cache.stamp(str(s.path)) for s in parse_mixture(spec)}
+    checked = check_run_data(spec, processor, cfg.data)
+    built = checked.index
     problems = built.problems
     usable = Entries(built.files, built.usable)
     ids = {f: i for i, f in enumerate(built.files)}
@@ -175,7 +205,7 @@ def _checked_entries(spec: str | list[str], processor: Any, cfg, seed: int) -> t
         picked.append(per_file[np.asarray(sample_indices(len(per_file), s.percent, seed), dtype=np.int64)] if len(per_file) else per_file)
     entries = usable.take(np.concatenate(picked) if picked else [])
     entries.stamps = stamps
-    return entries, problems, cached is not None, recounted
+    return entries, problems, checked.from_cache, checked.recounted
 
 
 WORKERS_FROM_BYTES = 16 << 20  # smaller data is checked in one process (forking costs more than it saves)
