@@ -203,10 +203,10 @@ def checkpointing(on: bool, *, fits: bool = True, without: str | None = None, un
     return Reason("memory allows it off (faster)", "memory allows it: no recomputed forward pass (about a third more compute saved)")
 
 
-def compile_layers(zero3: bool = False) -> Reason:
-    if zero3:
-        return Reason("not yet under ZeRO-3", "compiled decoder layers have not yet completed a ZeRO-3 run on a GPU (the first one failed in the "
-                      "activation checkpoint's recompute; see benchmarks/RESULTS.md): layers run eagerly; `optim.compile: true` tries it")
+def compile_layers(offload_params: bool = False) -> Reason:
+    if offload_params:
+        return Reason("not with parameters offloaded", "compiled decoder layers have not been measured with ZeRO-3's parameters offloaded to the host "
+                      "(they have under ZeRO-2 and ZeRO-3 on the GPU; see benchmarks/RESULTS.md): layers run eagerly; `optim.compile: true` tries it")
     why = ("torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step; "
            "later runs and resumes reuse it from the compile cache in ~/.cache/qvltune/compile)")
     return Reason("fused kernels; ~1 min at step 1", why)

@@ -199,14 +199,14 @@ def choose_max_seq_length(answers: Answers, data: DatasetSummary | None) -> tupl
     return seq, how == "p99", reasons.max_seq_length(seq, how=how, longest=longest, p99=p99).why
 
 
-def compiles(machine: Machine, stage: int) -> bool:
-    """torch.compile the decoder layers on bf16-capable GPUs under ZeRO-0..2: it fuses the
-    element-wise kernels that leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the
-    compile would outlast a small run). Not planned under ZeRO-3: the first compiled ZeRO-3 run on
-    an H200 failed in the checkpoint's recompute (one graph per layer through DeepSpeed's linear;
-    `zero.deepspeed_config` now removes that cause), and a plan only holds what has run; set
-    `optim.compile: true` to try it."""
-    return not machine.is_cpu and machine.bf16 and stage != 3
+def compiles(machine: Machine, rung: Rung) -> bool:
+    """torch.compile the decoder layers on bf16-capable GPUs: it fuses the element-wise kernels that
+    leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the compile would outlast a
+    small run). Under ZeRO-3 too: with DeepSpeed's plain linear (`zero.deepspeed_config` sets it
+    when compiling) every layer shares one graph, and 2B mixed on an H200 ran at 1.01x ZeRO-2's
+    speed compiled against 0.63x eager. Not with the parameters offloaded to the host: no compiled
+    run has been measured there, and a plan only holds what has run (`optim.compile: true` tries it)."""
+    return not machine.is_cpu and machine.bf16 and not rung.offload_params
 
 
 def unit_of(machine: Machine) -> str:

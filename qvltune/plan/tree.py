@@ -133,7 +133,7 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
         "effective_batch": c.per_device_batch * grad_accum * W,
         "bf16": machine.bf16 and not machine.is_cpu,
         "gradient_checkpointing": c.checkpointing,
-        "compile": compiles(machine, c.rung.stage),
+        "compile": compiles(machine, c.rung),
     }
     doc["schedule"] = {"log_steps": min(10, every), "eval_steps": every, "save_steps": every, "save_total_limit": 3}
     doc["deepspeed"] = {"stage": c.rung.stage, "offload_optimizer": c.rung.offload_optimizer, "offload_params": c.rung.offload_params}
@@ -318,10 +318,10 @@ def _plan_for(
             decide("gradient checkpointing", "on", reasons.checkpointing(True, without=format_bytes(off.per_gpu), unit=unit))
         else:
             decide("gradient checkpointing", "off", reasons.checkpointing(False))
-        if compiles(machine, chosen.rung.stage):
+        if compiles(machine, chosen.rung):
             decide("compile", "on", reasons.compile_layers())
         elif machine.bf16 and not machine.is_cpu:
-            decide("compile", "off", reasons.compile_layers(zero3=True))
+            decide("compile", "off", reasons.compile_layers(offload_params=True))
     else:
         chosen = replace(chosen, rung=ladder(stats, machine)[-1], checkpointing=True)
         cfg, est = search.estimate(chosen)
