@@ -8,7 +8,10 @@ record are its inputs and it reproduces them exactly (one GPU, ZeRO-0..2: no com
 overhead). What it adds for several GPUs is checked here against the 2-GPU runs: three overheads are
 fitted on the current code's 2-GPU runs (`multi-gpu-run3.json`: compiled ZeRO-2, ZeRO-3 with block
 gathers, ZeRO-3 + offload; their values are qvltune.scaling's constants and this script re-derives
-them), and every other 2-GPU run is a prediction the model did not see. Model sizes come from the
+them), and every other 2-GPU run is a prediction the model did not see. ZeRO-3 runs its hooks on
+one GPU too: the one-H200 compiled ZeRO-3 runs (`zero3/*.json`, each beside the compiled ZeRO-2
+run of the same rows that gives its compute) fit how much of those hooks compiled layers hide (one
+run) and check it (the others). Model sizes come from the
 released configs (qvltune.catalog) through qvltune.estimate, exactly as `qvltune estimate` counts
 them.
 """
@@ -26,7 +29,7 @@ from qvltune.config import parse_config
 from qvltune.estimate import estimate
 from qvltune.estimate_inputs import Machine, Workload
 from qvltune.model_stats import model_stats
-from qvltune.scaling import GATHER_SECONDS, MULTI_RANK_OVERHEAD, OFFLOAD_SECONDS_PER_PARAM, Network, StepInputs, compute_rate_from_run, step_time, zero3_gathers
+from qvltune.scaling import COMPILED_HOOK_HIDING, GATHER_SECONDS, MULTI_RANK_OVERHEAD, OFFLOAD_SECONDS_PER_PARAM, Network, StepInputs, compute_rate_from_run, step_time, zero3_gathers
 from qvltune.units import GiB
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,6 +122,23 @@ def validation() -> tuple[list[dict], dict]:
     add("estimate-accuracy-2gpu", "8B full, 4k rows, checkpointing, ZeRO-2", replace(base, rate=rate), 2, acc["8b-full-z2-ckpt-2gpu"]["tokens_per_s"], True, "its compute (the model inverted)")
     add("estimate-accuracy-2gpu", "8B full, 4k rows, checkpointing, ZeRO-3", replace(base, rate=rate, stage=3), 2, acc["8b-full-z3-ckpt-2gpu"]["tokens_per_s"], False, "from the ZeRO-2 run's compute")
 
+    # One H200, compiled ZeRO-3 against compiled ZeRO-2 at the same rows (benchmarks/zero3_overhead.py):
+    # the ZeRO-2 run gives the compute, the model adds ZeRO-3's hooks less what compiled layers hide.
+    # 8B full (25 of 36 layers, the most that fit) fixes COMPILED_HOOK_HIDING; the others check it.
+    one_gpu = {r["name"]: r for f in ("zero3/2b-mixed.json", "zero3/2b-mixed-z3-compiled.json", "zero3/8b.json") for r in load(f) if r.get("tokens_per_s")}
+    for shape, size, strategy, layers, fitted in (("8b-full", "8B", "full", 25, True), ("8b-mixed", "8B", "mixed", None, False), ("2b-mixed", "2B", "mixed", None, False)):
+        z2r, z3r = one_gpu[f"{shape}-z2"], one_gpu[f"{shape}-z3"]
+        accum = int(z3r["rows"].split(" x ")[-1])
+        _, _, st, _ = sizes(size, strategy, 3, checkpointing=True)
+        inputs = StepInputs(z2r["tokens_per_s"], z3r["tokens_per_s"] * z3r["step_s"] / accum, accum, 0, 0, 3, False, True,
+                            zero3_gathers(layers or st.layers, st.vision_depth, st.deepstack), compiled=True)  # fmt: skip
+        if fitted:
+            micro = inputs.tokens_per_micro / inputs.rate
+            leftover = z3r["step_s"] / accum - micro  # the hooks' share the GPU did not hide, per micro-batch
+            constants["COMPILED_HOOK_HIDING"] = (3 * inputs.gathers * GATHER_SECONDS - leftover) / micro
+        label = f"{size} {strategy}{f', {layers} layers' if layers else ''}, {z3r['rows'].split(' x ')[0]}-token rows x {accum}, compiled ZeRO-3 (one GPU)"
+        add(f"zero3/{shape}", label, inputs, 1, z3r["tokens_per_s"], fitted, "its compute: the compiled ZeRO-2 run of the same rows")
+
     # The first ZeRO-3 implementation gathered every module one by one (replaced by block gathers).
     _, _, stats2, cfg2 = sizes("2B", "mixed", 3)
     n = per_module_gathers(stats2, cfg2)
@@ -153,7 +173,7 @@ def pick_config(size: str, strategy: str, gpus: int) -> tuple[int, bool, int]:
     machine = Machine("NVIDIA H200", int(139.8 * GiB), gpus, 1, None, H200_PEAK_TFLOPS, True)
     for stage, ckpt, rows in ((2, False, 8192), (2, True, 8192), (3, False, 8192), (3, True, 8192), (3, True, 4096)):
         cfg = parse_config({"name": "x", "model": {"path": f"Qwen/Qwen3-VL-{size}-Instruct"}, "data": {"train": "d.jsonl", "max_seq_length": rows, "packing": True},
-                            "strategy": strategy, "optim": {"gradient_checkpointing": ckpt, "bf16": True, "compile": stage < 3}, "deepspeed": {"stage": stage}})  # fmt: skip
+                            "strategy": strategy, "optim": {"gradient_checkpointing": ckpt, "bf16": True, "compile": True}, "deepspeed": {"stage": stage}})  # fmt: skip
         est = estimate(cfg, stats, machine, Workload(rows, int(rows * 0.28), 1, None, None, "rows", 0))
         if est.fits(machine.gpu_memory):
             return stage, ckpt, rows
@@ -169,18 +189,17 @@ def step_flops(size: str, strategy: str, stage: int, ckpt: bool, rows: int) -> f
 
 
 def predictions() -> list[dict]:
-    """8B: the measured one-GPU rate of 8B mixed (11,382 real tok/s compiled, 7,8k eager; gpu-run6);
-    8B full and 32B: that run's achieved FLOP rate applied to their own FLOPs per token
-    (the estimator's step FLOPs: LoRA vs full backward, checkpointing)."""
-    measured = {"compiled": 11382.0, "eager": 7800.0}  # 8B mixed, 8k rows, one H200 (RESULTS.md)
-    ref = {k: v * step_flops("8B", "mixed", 2, False, 8192) for k, v in measured.items()}  # FLOP/s achieved
+    """8B: the measured one-GPU rate of 8B mixed (11,382 real tok/s compiled; gpu-run6); 8B full and
+    32B: that run's achieved FLOP rate applied to their own FLOPs per token (the estimator's step
+    FLOPs: LoRA vs full backward, checkpointing). Compiled layers in every stage, as planned."""
+    measured = 11382.0  # 8B mixed, 8k rows, compiled, one H200 (RESULTS.md)
+    ref = measured * step_flops("8B", "mixed", 2, False, 8192)  # FLOP/s achieved
     out = []
     for size, strategy in (("8B", "mixed"), ("8B", "full"), ("32B", "mixed"), ("32B", "full")):
         stage, ckpt, rows = pick_config(size, strategy, 8)
-        mode = "compiled" if stage < 3 else "eager"  # the planner compiles under ZeRO-0..2 only
-        rate = measured[mode] if (size, strategy) == ("8B", "mixed") and not ckpt else ref[mode] / step_flops(size, strategy, stage, ckpt, rows)
+        rate = measured if (size, strategy) == ("8B", "mixed") and not ckpt else ref / step_flops(size, strategy, stage, ckpt, rows)
         total, trained, stats, _ = sizes(size, strategy, stage, ckpt, rows)
-        inputs = StepInputs(rate, rows, 1, total, trained, stage, False, ckpt, zero3_gathers(stats.layers, stats.vision_depth, stats.deepstack))
+        inputs = StepInputs(rate, rows, 1, total, trained, stage, False, ckpt, zero3_gathers(stats.layers, stats.vision_depth, stats.deepstack), compiled=True)
         for gpus in (8, 16, 64):
             nodes = max(1, gpus // 8)
             t = step_time(inputs, min(gpus, 8), nodes, H200)
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"validation": rows, "fitted_constants": constants, "one_gpu_runs": one_gpu_runs(), "predictions": preds}, indent=2))
         return 0
     print("constants re-derived from multi-gpu-run3 / estimate-accuracy-2gpu: " + ", ".join(f"{k} {v:.3g}" for k, v in constants.items()))
-    print(f"(in qvltune.scaling: MULTI_RANK_OVERHEAD {MULTI_RANK_OVERHEAD}, GATHER_SECONDS {GATHER_SECONDS}, OFFLOAD_SECONDS_PER_PARAM {OFFLOAD_SECONDS_PER_PARAM})")
+    print(f"(in qvltune.scaling: MULTI_RANK_OVERHEAD {MULTI_RANK_OVERHEAD}, GATHER_SECONDS {GATHER_SECONDS}, OFFLOAD_SECONDS_PER_PARAM {OFFLOAD_SECONDS_PER_PARAM}, COMPILED_HOOK_HIDING {COMPILED_HOOK_HIDING})")
     print(f"one-GPU runs on record: {one_gpu_runs()} (the model's inputs: reproduced exactly)\n")
     print("| run | config | GPUs | measured tok/s | predicted | error | |")
     print("|---|---|---|---|---|---|---|")

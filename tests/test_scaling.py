@@ -42,6 +42,19 @@ def test_communication_follows_the_zero_stage_and_the_network():
     assert Network.for_gpu("NVIDIA L40S").intra_gbs == 25.0 and Network.for_gpu("NVIDIA A100-SXM4-80GB").intra_gbs == 300.0
 
 
+def test_compiled_layers_hide_zero3_hooks_behind_long_enough_micro_batches():
+    """Eager, ZeRO-3's hooks add to the step on one GPU; compiled, they cost only what outlasts the
+    hidden share of a micro-batch's GPU time (none for long rows, the leftover for short ones)."""
+    from qvltune.scaling import COMPILED_HOOK_HIDING, GATHER_SECONDS
+
+    z3 = replace(STEP, stage=3)  # 8,192 tokens at 10k tok/s: 0.82 s of GPU time per micro-batch
+    hooks = 2 * z3.gathers * GATHER_SECONDS  # forward + backward, 72 gathers: 0.31 s per micro-batch
+    assert step_time(z3, 1, 1, H200).overhead == pytest.approx(2 * hooks)
+    assert step_time(replace(z3, compiled=True), 1, 1, H200).overhead == 0
+    short = replace(z3, compiled=True, tokens_per_micro=1024)  # 0.10 s of GPU time: mostly not hidden
+    assert step_time(short, 1, 1, H200).overhead == pytest.approx(2 * (hooks - COMPILED_HOOK_HIDING * 0.1024))
+
+
 def test_the_model_inverted_gives_back_the_rate():
     measured = step_time(STEP, 2, 1, H200).tokens_per_s
     assert compute_rate_from_run(measured, STEP, 2, 1, H200) == pytest.approx(10_000, rel=1e-6)
