@@ -205,8 +205,8 @@ def compiles(machine: Machine, rung: Rung) -> bool:
     small run). Under ZeRO-3 too: with DeepSpeed's plain linear (`zero.deepspeed_config` sets it
     when compiling) every layer shares one graph, and on one H200 compiled ZeRO-3 ran at 1.01x
     ZeRO-2's speed for 2B mixed (0.63x eager), 0.97x for 8B mixed and 0.89x for 8B full. Not with
-    the parameters offloaded to the host: no compiled
-    run has been measured there, and a plan only holds what has run (`optim.compile: true` tries it)."""
+    the parameters offloaded to the host: no compiled run has been measured there, and a plan only
+    holds what has run (`optim.compile: true` tries it)."""
     return not machine.is_cpu and machine.bf16 and not rung.offload_params
 
 
