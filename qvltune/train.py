@@ -26,7 +26,7 @@ from qvltune.data_ready import DATA_READY, mark_data_ready, pending_env
 from qvltune.phases import PhaseClock, parent_env, process_started
 from qvltune.rank import RankFailure, clear_records, first_failure, read_records
 from qvltune.checkpoints import STOP_FILE, checkpoints, last_checkpoint_text, latest_complete_checkpoint
-from qvltune.zero import write_deepspeed_config, zero3_stats
+from qvltune.zero import DS_CONFIG
 
 
 def missing_data_files(cfg: RunConfig) -> list[str]:
@@ -87,7 +87,9 @@ def prepare_folder(cfg: RunConfig, *, resume: bool, force: bool = False) -> None
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    write_deepspeed_config(cfg, run_dir / "ds_config.json", zero3_stats(cfg))
+    # The ZeRO JSON is rank 0's to write (qvltune.worker): the one DeepSpeed was given, never an
+    # earlier attempt's.
+    (run_dir / DS_CONFIG).unlink(missing_ok=True)
     # skipped.jsonl stays: it also lists what the earlier attempt's ranks skipped in training;
     # prepare_index rewrites it when this attempt's check skips records.
     for name in (DATA_READY, "data_index.json"):

@@ -50,7 +50,7 @@ from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc, thaw_gc
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.training_data import build_datasets, prepare_data_side, row_padding
-from qvltune.zero import deepspeed_config, zero3_leaf_blocks, zero3_stats
+from qvltune.zero import DS_CONFIG, deepspeed_config, write_deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
 EXIT_NAN = 3
@@ -60,7 +60,7 @@ EXIT_NAN = 3
 # The recipe
 
 
-def training_arguments(cfg: RunConfig, use_cpu: bool):
+def training_arguments(cfg: RunConfig, use_cpu: bool, ds_config: dict):
     from transformers import TrainingArguments
 
     o, s = cfg.optim, cfg.schedule
@@ -91,7 +91,7 @@ def training_arguments(cfg: RunConfig, use_cpu: bool):
         seed=o.seed,
         data_seed=o.seed,
         report_to=[] if s.report_to == "none" else [s.report_to],
-        deepspeed=deepspeed_config(cfg, zero3_stats(cfg)),  # ZeRO-3: settings from the model's sizes
+        deepspeed=ds_config,
         use_cpu=use_cpu,
         dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=not use_cpu,
@@ -213,7 +213,13 @@ def run(run_dir: Path, resume: bool) -> int:
         from qvltune.compile_cache import cache_size
 
         print(f"qvltune: compile cache {COMPILE_CACHE} ({cache_size(COMPILE_CACHE) / 2**20:,.0f} MiB already)", flush=True)
-    args = training_arguments(cfg, use_cpu)  # before the model, so ZeRO-3 partitions at load
+    ds_config = deepspeed_config(cfg, zero3_stats(cfg))  # ZeRO-3: settings from the model's sizes
+    if is_main():
+        # The JSON DeepSpeed is given, kept for the user. Written here, not by qvltune train: under
+        # ZeRO-3 its settings need the model built on the meta device, which cost the command ~15 s
+        # of importing torch and transformers before the launcher started (H200, 8B).
+        write_deepspeed_config(run_dir / DS_CONFIG, ds_config)
+    args = training_arguments(cfg, use_cpu, ds_config)  # before the model, so ZeRO-3 partitions at load
     _mark(clock, "process group and arguments")
 
     from transformers import set_seed

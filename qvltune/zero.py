@@ -131,9 +131,13 @@ def _hidden_states_require_grad(block, args):
     return None
 
 
-def write_deepspeed_config(cfg: RunConfig, path: Path, stats: ModelStats | None = None) -> Path:
+# The run folder's record of the DeepSpeed config the ranks were given (rank 0 writes it as it starts).
+DS_CONFIG = "ds_config.json"
+
+
+def write_deepspeed_config(path: Path, ds_config: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(deepspeed_config(cfg, stats), indent=2) + "\n")
+    path.write_text(json.dumps(ds_config, indent=2) + "\n")
     return path
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -23,6 +24,8 @@ from qvltune.errors import UserError
 from qvltune.launch import build_launch, master_port_of, one_node_launch
 from qvltune.model import load_model
 from qvltune.worker import weights_device
+
+REPO = Path(__file__).parents[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +171,27 @@ def test_a_rank_waits_for_this_attempts_data_never_an_earlier_ones(tmp_path, dem
     waiter.join(5)
     assert got == [1.25]
     assert wait_for_data(rd, {}) is None  # started by hand: nothing to wait for
+
+
+def test_the_command_prepares_a_zero3_run_without_torch(tmp_path, demo_data):
+    """ZeRO-3's settings need the model built on the meta device (torch, transformers): ~15 s of
+    the command's time before the launcher started on an H200 (8B). The run folder is prepared
+    without them now; rank 0 writes the ZeRO JSON it was given (test_training's ZeRO-3 run checks
+    it), and an earlier attempt's JSON is gone."""
+    rd = tmp_path / "runs" / "z3"
+    rd.mkdir(parents=True)
+    (rd / "ds_config.json").write_text('{"earlier": "attempt"}')
+    code = (
+        "import sys\n"
+        "from qvltune.config import parse_config\n"
+        "from qvltune.train import prepare_folder\n"
+        f"cfg = parse_config({{'name': 'z3', 'output_dir': {str(tmp_path / 'runs')!r}, 'model': {{'path': 'Qwen/Qwen3-VL-8B-Instruct'}}, 'data': {{'train': {str(demo_data[0])!r}}}, 'deepspeed': {{'stage': 3}}}})\n"
+        "prepare_folder(cfg, resume=True)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]" and not (rd / "ds_config.json").exists()
 
 
 def test_resume_keeps_the_list_of_samples_skipped_in_training(tmp_path, demo_data):

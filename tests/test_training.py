@@ -20,10 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from qvltune.config import parse_config
+from qvltune.config import load_config, parse_config
 from qvltune.launch import build_launch
 from qvltune.metrics import read_all
 from qvltune.model import component_of
+from qvltune.zero import deepspeed_config, zero3_stats
 
 pytestmark = pytest.mark.slow
 
@@ -181,6 +182,10 @@ def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, t
     result = train(config, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ZeRO-3 gathers 4 transformer blocks whole" in (run_dir(config) / "train.log").read_text()  # 2 decoder layers + 2 vision blocks
+    # The run folder's ZeRO JSON is what the ranks were given: ZeRO-3's settings from the model's sizes.
+    written = json.loads((run_dir(config) / "ds_config.json").read_text())
+    cfg = load_config(run_dir(config) / "config.yaml")
+    assert written == deepspeed_config(cfg, zero3_stats(cfg)) and isinstance(written["zero_optimization"]["stage3_prefetch_bucket_size"], int)
     final = run_dir(config) / "final"
     adapter = load_file(str(final / "adapter_model.safetensors"))
     base = tensors_by_component(tiny_model_dir / "model.safetensors")
