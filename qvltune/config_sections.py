@@ -146,8 +146,9 @@ class OptimConfig(_Strict):
     gradient_checkpointing: bool = True
     # Loss on answer tokens only, chunked, without full-vocabulary logits (qvltune.loss); false = plain logits.
     fused_loss: bool = True
-    # torch.compile each transformer block (language model and vision tower): fuses the many small
-    # element-wise kernels (norms, RoPE, activations, LoRA scaling) that make the step launch-bound.
+    # torch.compile each language-model decoder layer (qvltune.worker.compile_blocks; vision blocks stay
+    # eager): fuses the many small element-wise kernels (norms, RoPE, activations, LoRA scaling) that
+    # make the step launch-bound.
     compile: bool = False
     # On a NaN/inf loss: stop (naming the step and the last good checkpoint), or skip_step: DeepSpeed
     # already drops the update of a step whose gradients are not finite; count such steps, say so in
