@@ -13,7 +13,7 @@ Variants, each run through `qvltune train` (DeepSpeed ZeRO-2, the real launcher 
 - qvltune: the run config `qvltune init` writes for this model, data and one H200 (effective batch
            64 samples): packed rows of the length the planner picks (the longest that fits without
            gradient checkpointing), varlen attention, fused answer-only loss, compiled decoder
-           layers (the planner's choice on GPUs under ZeRO-0..2); run for --steps.
+           layers (the planner's choice on bf16 GPUs); run for --steps.
 - qvltune-eager / qvltune-compile: the same with `optim.compile` forced off / on.
 - qvltune-8k-checkpointed: qvltune's path with the plain recipe's memory settings (8k packed rows,
            gradient checkpointing on, eager), for peak memory at equal tokens per micro-batch.

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"validation": rows, "fitted_constants": constants, "one_gpu_runs": one_gpu_runs(), "predictions": preds}, indent=2))
         return 0
-    print("constants re-derived from multi-gpu-run3 / estimate-accuracy-2gpu: " + ", ".join(f"{k} {v:.3g}" for k, v in constants.items()))
+    print("constants re-derived from multi-gpu-run3 and zero3/8b: " + ", ".join(f"{k} {v:.3g}" for k, v in constants.items()))
     print(f"(in qvltune.scaling: MULTI_RANK_OVERHEAD {MULTI_RANK_OVERHEAD}, GATHER_SECONDS {GATHER_SECONDS}, OFFLOAD_SECONDS_PER_PARAM {OFFLOAD_SECONDS_PER_PARAM}, COMPILED_HOOK_HIDING {COMPILED_HOOK_HIDING})")
     print(f"one-GPU runs on record: {one_gpu_runs()} (the model's inputs: reproduced exactly)\n")
     print("| run | config | GPUs | measured tok/s | predicted | error | |")

@@ -64,15 +64,16 @@ def validate(cfg: RunConfig, gpus: list[Any]) -> None:
 
 
 def prepare_run(cfg: RunConfig, *, resume: bool, force: bool = False) -> dict[str, Any]:
-    """Create the run folder (config, ZeRO JSON, data index); refuse to clobber a previous run."""
+    """Create the run folder (config, data index; the ZeRO JSON is rank 0's); refuse to clobber a
+    previous run."""
     prepare_folder(cfg, resume=resume, force=force)
     return prepare_index(cfg)
 
 
 def prepare_folder(cfg: RunConfig, *, resume: bool, force: bool = False) -> None:
-    """The run folder with what the ranks read first (config, ZeRO JSON); refuse to clobber a
-    previous run. An earlier attempt's data index goes: the ranks wait for this attempt's
-    (``data_ready``), never read the last one."""
+    """The run folder with what the ranks read first (the config); refuse to clobber a previous
+    run. An earlier attempt's data index and ZeRO JSON go: the ranks wait for this attempt's
+    (``data_ready``), never read the last one, and rank 0 writes the JSON it was given."""
     run_dir = cfg.run_dir
     existing = checkpoints(run_dir) if run_dir.exists() else []
     if existing and not resume:

@@ -173,9 +173,10 @@ def test_a_rank_waits_for_this_attempts_data_never_an_earlier_ones(tmp_path, dem
     assert wait_for_data(rd, {}) is None  # started by hand: nothing to wait for
 
 
-def test_the_command_prepares_a_zero3_run_without_torch(tmp_path, demo_data):
+def test_the_command_prepares_a_zero3_run_without_torch(tmp_path, demo_data, tiny_model_dir):
     """ZeRO-3's settings need the model built on the meta device (torch, transformers): ~15 s of
-    the command's time before the launcher started on an H200 (8B). The run folder is prepared
+    the command's time before the launcher started on an H200 (8B). Everything ``qvltune train``
+    does before it starts the launcher (the config check, the run folder, the launch command) runs
     without them now; rank 0 writes the ZeRO JSON it was given (test_training's ZeRO-3 run checks
     it), and an earlier attempt's JSON is gone."""
     rd = tmp_path / "runs" / "z3"
@@ -184,9 +185,12 @@ def test_the_command_prepares_a_zero3_run_without_torch(tmp_path, demo_data):
     code = (
         "import sys\n"
         "from qvltune.config import parse_config\n"
-        "from qvltune.train import prepare_folder\n"
-        f"cfg = parse_config({{'name': 'z3', 'output_dir': {str(tmp_path / 'runs')!r}, 'model': {{'path': 'Qwen/Qwen3-VL-8B-Instruct'}}, 'data': {{'train': {str(demo_data[0])!r}}}, 'deepspeed': {{'stage': 3}}}})\n"
+        "from qvltune.launch import one_node_launch\n"
+        "from qvltune.train import launch_command, prepare_folder, validate\n"
+        f"cfg = parse_config({{'name': 'z3', 'output_dir': {str(tmp_path / 'runs')!r}, 'model': {{'path': {str(tiny_model_dir)!r}}}, 'data': {{'train': {str(demo_data[0])!r}}}, 'deepspeed': {{'stage': 3}}, 'launch': {{'cpu_processes': 2}}, 'optim': {{'bf16': False, 'optimizer': 'adamw_torch'}}}})\n"
+        "validate(cfg, [])\n"
         "prepare_folder(cfg, resume=True)\n"
+        "assert one_node_launch(launch_command(cfg, 0, False, master_port=29555)[0])\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)

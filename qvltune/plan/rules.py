@@ -204,9 +204,11 @@ def compiles(machine: Machine, rung: Rung) -> bool:
     leave the step launch-bound (benchmarks/RESULTS.md). Not on CPU (the compile would outlast a
     small run). Under ZeRO-3 too: with DeepSpeed's plain linear (`zero.deepspeed_config` sets it
     when compiling) every layer shares one graph, and on one H200 compiled ZeRO-3 ran at 1.01x
-    ZeRO-2's speed for 2B mixed (0.63x eager), 0.97x for 8B mixed and 0.89x for 8B full. Not with
-    the parameters offloaded to the host: no compiled run has been measured there, and a plan only
-    holds what has run (`optim.compile: true` tries it)."""
+    ZeRO-2's speed for 2B mixed (0.63x eager), 0.97x for 8B mixed and 0.89x for 8B full; with two
+    ranks it has run on the CPU only (the losses of the eager run to 5 digits), and the planner
+    plans ZeRO-3 without parameter offload only on several GPUs: the first multi-GPU run is the
+    check still to come. Not with the parameters offloaded to the host: no compiled run there
+    (`optim.compile: true` tries it)."""
     return not machine.is_cpu and machine.bf16 and not rung.offload_params
 
 
