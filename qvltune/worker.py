@@ -475,9 +475,25 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def exit_without_finalizing(code: int) -> None:
+    """End a finished CPU (gloo) rank: the exit handlers run, then the process ends without finalizing
+    its objects. DeepSpeed keeps gloo process groups that ``destroy_process_group`` cannot drop; freed
+    during finalization, gloo's threads can abort the process (SIGABRT, exit 134, "terminate called
+    without an active exception") after a completed run: seen once in the CPU suite (2 ranks, ZeRO-3)."""
+    import atexit
+
+    atexit._run_exitfuncs()  # what a normal exit runs first (torch's, the data loaders', loggers')
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy's: then `qvltune.worker` is the one
     # module holding the worker's functions (fault-injection tests patch it there).
     from qvltune.worker import main as _main
 
-    sys.exit(_main())
+    _code = _main()
+    if not torch.cuda.is_available():
+        exit_without_finalizing(_code)
+    sys.exit(_code)
