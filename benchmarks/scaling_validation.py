@@ -135,7 +135,8 @@ def validation() -> tuple[list[dict], dict]:
         if fitted:
             micro = inputs.tokens_per_micro / inputs.rate
             leftover = z3r["step_s"] / accum - micro  # the hooks' share the GPU did not hide, per micro-batch
-            constants["COMPILED_HOOK_HIDING"] = (3 * inputs.gathers * GATHER_SECONDS - leftover) / micro
+            hooks = step_time(replace(inputs, compiled=False), 1, 1, H200).overhead / accum  # their host time (the eager model)
+            constants["COMPILED_HOOK_HIDING"] = (hooks - leftover) / micro
         label = f"{size} {strategy}{f', {layers} layers' if layers else ''}, {z3r['rows'].split(' x ')[0]}-token rows x {accum}, compiled ZeRO-3 (one GPU)"
         add(f"zero3/{shape}", label, inputs, 1, z3r["tokens_per_s"], fitted, "its compute: the compiled ZeRO-2 run of the same rows")
 
