@@ -101,6 +101,7 @@ def steps_of(metrics: Path) -> dict:
     return {
         "to_first_step_s": phases["to_first_step"] if phases else None,
         "phases": {p["name"]: p["seconds"] for p in phases["phases"]} if phases else None,
+        "compile": phases.get("compile") if phases else None,
         "steps": train[-1]["step"] if train else 0,
         "first_step_s": train[0]["time"] - start["time"] if train else None,
         "steady_step_median_s": statistics.median(steady) if steady else None,

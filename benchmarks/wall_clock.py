@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gpu_flow  # noqa: E402
 import gpu_throughput as gt  # noqa: E402
 
+from qvltune.phases import format_compile  # noqa: E402
+
 SIZES = [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960)]
 ISSUE_MAX_IMAGE_TOKENS = 1200  # 1280x960 at 32x32 pixels per token: the largest image is not scaled down
 
@@ -112,6 +114,7 @@ def summarize(records: list[dict], wall_s: float, started: float) -> dict:
         "wall_s": round(wall_s, 1),
         "to_first_step_s": phases["to_first_step"] if phases else (round(first_step_end - started, 1) if first_step_end else None),
         "phases": {p["name"]: p["seconds"] for p in phases["phases"]} if phases else {},
+        "compile": (phases or {}).get("compile"),  # the first step's compile, split (qvltune.compile_cache)
         "steady_step_median_s": median,
         "tok_s_median": statistics.median(tok) if tok else None,
         "tok_s_mean": statistics.fmean(tok) if tok else None,
@@ -200,6 +203,8 @@ def main() -> None:
                 rows.append(row)
                 if row.get("phases"):
                     gpu_flow._table([{"unit": key, "phase": k, "seconds": v} for k, v in row["phases"].items()], ["unit", "phase", "seconds"])
+                if row.get("compile"):
+                    print(format_compile(row["compile"]), flush=True)
     gpu_flow._table(rows, KEYS)
 
 

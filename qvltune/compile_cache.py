@@ -96,3 +96,47 @@ def cache_size(root: Path | None = None) -> int:
             except OSError:
                 pass
     return total
+
+
+def compile_breakdown() -> dict[str, float | int] | None:
+    """Where this process's torch.compile time went so far, and what the caches above served; None
+    when nothing was compiled. Read from Dynamo's own timers and counters (without importing torch:
+    an uncompiled run has none), so the first step's ``phases`` record can split its compile:
+
+    - ``tracing_s``: Dynamo turning the layer's bytecode into a graph (and its guards); a warm cache
+      does not skip it;
+    - ``aot_s``: AOTAutograd tracing the joint forward/backward graph and partitioning it, or, on a
+      hit of its cache, loading both compiled halves;
+    - ``forward_s``, ``backward_s``: Inductor compiling each half into kernels, or loading them from
+      its own cache (0 when AOTAutograd's cache served them);
+    - ``kernels_wait_s``: of those, the time spent waiting for generated kernels to compile (Triton on
+      a GPU, C++ on the CPU: the part a warm cache removes);
+    - ``fx_hits``/``fx_misses`` (Inductor's graph cache), ``aot_hits``/``aot_misses`` (AOTAutograd's).
+
+    The backward is compiled inside the forward's compile here (AOTAutograd compiles it eagerly in
+    torch 2.11-2.14), so ``aot_s`` is the backend's time less both halves; timer names a torch
+    version lacks read as 0."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None or not utils.counters["stats"]["unique_graphs"]:
+        return None
+    seconds = {name: sum(times) for name, times in utils.compilation_time_metrics.items()}
+    dynamo = seconds.get("_compile.compile_inner", 0.0)
+    backend = seconds.get("OutputGraph.call_user_compiler", 0.0)
+    forward = seconds.get("compile_fx.<locals>.fw_compiler_base", 0.0)
+    backward = seconds.get("compile_fx.<locals>.bw_compiler", 0.0)
+    inductor, aot = utils.counters["inductor"], utils.counters["aot_autograd"]
+    return {
+        "graphs": int(utils.counters["stats"]["unique_graphs"]),
+        "tracing_s": round(max(0.0, dynamo - backend), 3),
+        "aot_s": round(max(0.0, backend - forward - backward), 3),
+        "forward_s": round(forward, 3),
+        "backward_s": round(backward, 3),
+        "kernels_wait_s": round(seconds.get("async_compile.wait", 0.0), 3),
+        "fx_hits": int(inductor["fxgraph_cache_hit"]),
+        "fx_misses": int(inductor["fxgraph_cache_miss"]),
+        "aot_hits": int(aot["autograd_cache_hit"]),
+        "aot_misses": int(aot["autograd_cache_miss"]),
+    }
+

@@ -89,10 +89,25 @@ def worker_clock(module_loaded: float, environ: dict[str, str] | None = None) ->
 
 
 def format_phases(record: dict[str, Any], width: int = 0) -> str:
-    """``time to first step 41.2 s: config check 0.8 · data check 3.1 · ...`` (one line)."""
+    """``time to first step 41.2 s: config check 0.8 · data check 3.1 · ...`` (one line; a second one
+    splits the first step's compile when the record has it)."""
     parts = []
     for p in record.get("phases", []):
         if p["seconds"] < 0.05 and not p.get("parallel"):
             continue
         parts.append(f"{p['name']} {p['seconds']:.1f}" + (" (in parallel)" if p.get("parallel") else ""))
-    return f"time to first step {record.get('to_first_step', 0):.1f} s: " + " · ".join(parts)
+    line = f"time to first step {record.get('to_first_step', 0):.1f} s: " + " · ".join(parts)
+    return line + ("\n  " + format_compile(record["compile"]) if record.get("compile") else "")
+
+
+def format_compile(breakdown: dict[str, Any]) -> str:
+    """The first step's compile (``qvltune.compile_cache.compile_breakdown``), one line:
+    ``compile: 1 graph; Dynamo tracing 1.2 s · AOTAutograd 2.0 · forward 13.6 · backward 7.7
+    (waiting for kernels 11.3) · cache: Inductor 0 of 2, AOTAutograd 0 of 2 hit``."""
+    b = breakdown
+    graphs = f"{b['graphs']} graph" + ("s" if b["graphs"] != 1 else "")
+    return (
+        f"compile: {graphs}; Dynamo tracing {b['tracing_s']:.1f} s · AOTAutograd {b['aot_s']:.1f} · forward {b['forward_s']:.1f}"
+        f" · backward {b['backward_s']:.1f} (waiting for kernels {b['kernels_wait_s']:.1f}) · cache: Inductor {b['fx_hits']} of"
+        f" {b['fx_hits'] + b['fx_misses']}, AOTAutograd {b['aot_hits']} of {b['aot_hits'] + b['aot_misses']} hit"
+    )

@@ -297,6 +297,10 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             clock, self.clock = self.clock, None
             clock.mark("first step (compiling)" if self.compiles else "first step")
             record = clock.record()
+            if self.compiles:  # split the first step's compile (tracing, graphs, kernels, cache hits)
+                from qvltune.compile_cache import compile_breakdown
+
+                record["compile"] = compile_breakdown()
             if writer:
                 writer.write("phases", **record)
             if is_main():

@@ -207,6 +207,7 @@ def run(run_dir: Path, resume: bool) -> int:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+    _mark(clock, "DeepSpeed and the process group")
     check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
     if cfg.optim.compile and is_main():  # reused by later runs and resumes (qvltune.compile_cache)
@@ -220,7 +221,7 @@ def run(run_dir: Path, resume: bool) -> int:
         # of importing torch and transformers before the launcher started (H200, 8B).
         write_deepspeed_config(run_dir / DS_CONFIG, ds_config)
     args = training_arguments(cfg, use_cpu, ds_config)  # before the model, so ZeRO-3 partitions at load
-    _mark(clock, "process group and arguments")
+    _mark(clock, "run config and training arguments (CUDA start)")
 
     from transformers import set_seed
 
