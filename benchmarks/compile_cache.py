@@ -1,7 +1,7 @@
 """First compiled step with a cold and a warm compile cache (qvltune.compile_cache), on this machine.
 
 Each run is a fresh process that builds the tiny Qwen3-VL (or --shape from gpu_throughput's shapes on
-a GPU), compiles its decoder layers as ``optim.compile`` does (qvltune.worker.compile_blocks) and
+a GPU), compiles its decoder layers as ``optim.compile`` does (qvltune.compiled_layers.compile_blocks) and
 times the first forward + backward of a packed batch, then the second (steady). The first run starts
 from an empty cache folder, the second reuses it, as a second `qvltune train` (or a resume) does.
 
@@ -27,7 +27,7 @@ import torch
 from torch._dynamo.utils import counters
 from qvltune.model import load_model
 from qvltune.tiny import tiny_model_path
-from qvltune.worker import compile_blocks
+from qvltune.compiled_layers import compile_blocks
 torch.manual_seed(0)
 model = load_model(str(tiny_model_path()), dtype="float32")
 model.train()

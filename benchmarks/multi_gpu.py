@@ -55,7 +55,7 @@ def variant_doc(name: str, base: dict, work: Path, steps: int, save_steps: int |
     doc["model"] = {**doc["model"], "random_init": False}
     doc["data"] = {**doc["data"], "eval_split": 0.0, "num_workers": 4}
     # Compiled decoder layers where the planner compiles them (every stage on bf16 GPUs; under ZeRO-3
-    # the layers' forward only, see worker.compile_blocks). Runs before that ran ZeRO-3 eager.
+    # the layers' forward only, see compiled_layers.compile_blocks). Runs before that ran ZeRO-3 eager.
     compiled = doc["optim"].get("compile", False)
     doc["optim"] = {**doc["optim"], "grad_accum": accum // gpus, "max_steps": steps, "warmup_ratio": 0.0, "compile": compiled}
     doc["optim"].pop("effective_batch", None)

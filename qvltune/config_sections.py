@@ -146,7 +146,7 @@ class OptimConfig(_Strict):
     gradient_checkpointing: bool = True
     # Loss on answer tokens only, chunked, without full-vocabulary logits (qvltune.loss); false = plain logits.
     fused_loss: bool = True
-    # torch.compile each language-model decoder layer (qvltune.worker.compile_blocks; vision blocks stay
+    # torch.compile each language-model decoder layer (qvltune.compiled_layers.compile_blocks; vision blocks stay
     # eager): fuses the many small element-wise kernels (norms, RoPE, activations, LoRA scaling) that
     # make the step launch-bound.
     compile: bool = False

@@ -68,7 +68,7 @@ FOREACH_STEP_TEMP_BYTES = 4
 #   SwiGLU: gate, silu(gate) and up (2i each), + the product (2i) when down_proj trains.
 # => full training: 16h + 12 q_dim + 10 kv_dim + 8i. LoRA (frozen base) saves fewer base inputs but
 # each adapted linear keeps its dropout output (2) and mask (1): 3 bytes per input element.
-# optim.compile (qvltune.worker.compile_blocks): inductor fuses each RMSNorm into one kernel that
+# optim.compile (qvltune.compiled_layers.compile_blocks): inductor fuses each RMSNorm into one kernel that
 # saves its bf16 input and per-token statistics instead of an fp32 copy (-4h per norm, two norms),
 # and SwiGLU's silu(gate) is recomputed in backward from the saved gate (-2i). Checked on the H200
 # against eager runs of the same configs (benchmarks/RESULTS.md).

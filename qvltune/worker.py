@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,13 +37,14 @@ import torch  # noqa: E402
 
 from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, last_checkpoint_text, latest_complete_checkpoint
+from qvltune.compiled_layers import compile_blocks, start_compile_workers
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError
 from qvltune.data_ready import wait_for_data
 from qvltune.errors import UserError
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
-from qvltune.model import DECODER_LAYER, apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table, transformer_blocks
+from qvltune.model import apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc, thaw_gc
@@ -145,47 +145,6 @@ def _mark(clock: PhaseClock, name: str) -> float:
     return _phase(name, since)
 
 
-def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = False) -> int:
-    """torch.compile every language-model decoder layer in place; returns how many were compiled.
-
-    One graph serves all layers (same code, parameters are graph inputs) and ``dynamic=True`` makes
-    it cover every packed-row length from the first step, so there is one compilation, not one per
-    length. Vision blocks stay eager: with sdpa their attention loops over the images of the batch in
-    Python (``lengths.tolist()``), so every new image count would be a graph break and a recompile.
-
-    ``zero3``: compile each layer's ``forward`` only. ``Module.compile`` compiles the whole call,
-    module hooks included, and ZeRO-3's gather/release hooks then run through dynamo as graph breaks
-    (DeepSpeed's fetch is ``compiler.disable``d, its release and backward hook are not traceable);
-    with the forward alone compiled the hooks run eagerly around the compiled graph.
-    """
-    import torch
-
-    layers = transformer_blocks(model, (DECODER_LAYER,))
-    allow_checkpointed_side_effects()
-    for layer in layers:
-        if zero3:
-            layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
-        else:
-            layer.compile(dynamic=True, backend=backend)
-    return len(layers)
-
-
-def allow_checkpointed_side_effects() -> None:
-    """Let dynamo trace a gradient-checkpointed decoder layer whose forward mutates Python state.
-
-    With activation checkpointing on (the default), a compiled layer's forward runs inside the
-    checkpoint operator, where dynamo refuses Python side effects it could not replay in the backward
-    recompute: it breaks the graph and the whole layer runs eagerly, so ``optim.compile`` silently
-    compiled nothing in training. transformers 5.25 made the ``kernels`` package a dependency, and
-    with it installed Qwen3-VL's text attention (``@use_kernelized_func``) sets and resets a
-    context variable around every call: a side effect with no net change, so not replaying it is
-    exact. This is dynamo's own switch for accepting that."""
-    import torch._dynamo.config as dynamo_config
-
-    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # older torch has no such switch
-        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-
-
 def weights_device(cfg: RunConfig, cuda: bool, local_rank: int) -> torch.device | None:
     """Where ``from_pretrained`` puts the weights: straight onto this rank's GPU under ZeRO-0..2 (no
     host copy for DeepSpeed to move afterwards); None (the host) without a GPU, under ZeRO-3 (its
@@ -210,6 +169,8 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "DeepSpeed and the process group")
     check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.optim.compile and not use_cpu:
+        start_compile_workers()
     if cfg.optim.compile and is_main():  # reused by later runs and resumes (qvltune.compile_cache)
         from qvltune.compile_cache import cache_size
 

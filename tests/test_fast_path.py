@@ -103,7 +103,7 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tmp_path, tin
 
     from qvltune.config import RunConfig
     from qvltune.model import apply_strategy, load_model
-    from qvltune.worker import compile_blocks
+    from qvltune.compiled_layers import compile_blocks
 
     torch.manual_seed(0)
     cfg = RunConfig.model_validate({"name": "c", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": "mixed", "lora": {"dropout": 0.0}})
@@ -149,7 +149,7 @@ def test_zero3_compiles_the_layer_forward_and_leaves_module_hooks_outside(tiny_m
     from torch._dynamo.utils import counters
 
     from qvltune.model import DECODER_LAYER, load_model, transformer_blocks
-    from qvltune.worker import compile_blocks
+    from qvltune.compiled_layers import compile_blocks
 
     calls = []
 
@@ -184,7 +184,7 @@ def test_compiled_decoder_layers_are_compiled_under_activation_checkpointing(tmp
 
     from qvltune.config import RunConfig
     from qvltune.model import apply_strategy, load_model
-    from qvltune.worker import compile_blocks
+    from qvltune.compiled_layers import compile_blocks
 
     cfg = RunConfig.model_validate({"name": "c", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": "lora"})
     model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32"), cfg)

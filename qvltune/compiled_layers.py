@@ -1,0 +1,74 @@
+"""torch.compile of the language model's decoder layers (``optim.compile``): which layers, how under
+each ZeRO stage, and the worker processes that compile their kernels.
+
+Where the compiled code is kept between runs is ``qvltune.compile_cache``; what the first step's
+compile cost, by part, is ``qvltune.compile_cache.compile_breakdown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qvltune.model import DECODER_LAYER, transformer_blocks
+
+
+def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = False) -> int:
+    """torch.compile every language-model decoder layer in place; returns how many were compiled.
+
+    One graph serves all layers (same code, parameters are graph inputs) and ``dynamic=True`` makes
+    it cover every packed-row length from the first step, so there is one compilation, not one per
+    length. Vision blocks stay eager: with sdpa their attention loops over the images of the batch in
+    Python (``lengths.tolist()``), so every new image count would be a graph break and a recompile.
+
+    ``zero3``: compile each layer's ``forward`` only. ``Module.compile`` compiles the whole call,
+    module hooks included, and ZeRO-3's gather/release hooks then run through dynamo as graph breaks
+    (DeepSpeed's fetch is ``compiler.disable``d, its release and backward hook are not traceable);
+    with the forward alone compiled the hooks run eagerly around the compiled graph.
+    """
+    import torch
+
+    layers = transformer_blocks(model, (DECODER_LAYER,))
+    allow_checkpointed_side_effects()
+    for layer in layers:
+        if zero3:
+            layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+        else:
+            layer.compile(dynamic=True, backend=backend)
+    return len(layers)
+
+
+def start_compile_workers() -> None:
+    """Start Inductor's kernel-compiling worker processes now, while the model loads.
+
+    Inductor starts them at its first compile and, until they answer, compiles each kernel in the
+    main process, one after another: on the H200 the 2B forward graph's kernels took 81 s that way,
+    the backward's 5 s once the workers were up. Started here, ~20 s before the first step, they are
+    ready when it compiles. ``use_process_pool`` also sends the small job whose answer marks them
+    ready (Inductor checks readiness without waiting, at each kernel). Private API of torch
+    2.11-2.14; a torch without it compiles as before. GPU only: the workers compile Triton kernels."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
+        from torch.utils._triton import has_triton_package
+    except ImportError:
+        return
+    if not has_triton_package():
+        return
+    maybe_warm_pool()  # honours TORCH_WARM_POOL=0
+    if hasattr(AsyncCompile, "use_process_pool"):
+        AsyncCompile.use_process_pool()
+
+
+def allow_checkpointed_side_effects() -> None:
+    """Let dynamo trace a gradient-checkpointed decoder layer whose forward mutates Python state.
+
+    With activation checkpointing on (the default), a compiled layer's forward runs inside the
+    checkpoint operator, where dynamo refuses Python side effects it could not replay in the backward
+    recompute: it breaks the graph and the whole layer runs eagerly, so ``optim.compile`` silently
+    compiled nothing in training. transformers 5.25 made the ``kernels`` package a dependency, and
+    with it installed Qwen3-VL's text attention (``@use_kernelized_func``) sets and resets a
+    context variable around every call: a side effect with no net change, so not replaying it is
+    exact. This is dynamo's own switch for accepting that."""
+    import torch._dynamo.config as dynamo_config
+
+    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # older torch has no such switch
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
