@@ -111,7 +111,9 @@ def compile_breakdown() -> dict[str, float | int] | None:
       its own cache (0 when AOTAutograd's cache served them);
     - ``kernels_wait_s``: of those, the time spent waiting for generated kernels to compile (Triton on
       a GPU, C++ on the CPU: the part a warm cache removes);
-    - ``fx_hits``/``fx_misses`` (Inductor's graph cache), ``aot_hits``/``aot_misses`` (AOTAutograd's).
+    - ``fx_hits``/``fx_misses`` (Inductor's graph cache), ``aot_hits``/``aot_misses`` (AOTAutograd's);
+    - ``timers``: Dynamo's 16 largest timers (nested, so they overlap), for what the parts above do
+      not name.
 
     The backward is compiled inside the forward's compile here (AOTAutograd compiles it eagerly in
     torch 2.11-2.14), so ``aot_s`` is the backend's time less both halves; timer names a torch
@@ -138,5 +140,6 @@ def compile_breakdown() -> dict[str, float | int] | None:
         "fx_misses": int(inductor["fxgraph_cache_miss"]),
         "aot_hits": int(aot["autograd_cache_hit"]),
         "aot_misses": int(aot["autograd_cache_miss"]),
+        "timers": {name: round(s, 3) for name, s in sorted(seconds.items(), key=lambda kv: -kv[1])[:16]},
     }
 
