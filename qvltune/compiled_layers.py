@@ -1,5 +1,5 @@
 """torch.compile of the language model's decoder layers (``optim.compile``): which layers, how under
-each ZeRO stage, and the worker processes that compile their kernels.
+each ZeRO stage, and what dynamo is allowed to trace in them.
 
 Where the compiled code is kept between runs is ``qvltune.compile_cache``; what the first step's
 compile cost, by part, is ``qvltune.compile_cache.compile_breakdown``.
@@ -35,27 +35,6 @@ def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = Fa
         else:
             layer.compile(dynamic=True, backend=backend)
     return len(layers)
-
-
-def start_compile_workers() -> None:
-    """Start Inductor's kernel-compiling worker processes now, while the model loads.
-
-    Inductor starts them at its first compile and, until they answer, compiles each kernel in the
-    main process, one after another: on the H200 the 2B forward graph's kernels took 81 s that way,
-    the backward's 5 s once the workers were up. Started here, ~20 s before the first step, they are
-    ready when it compiles. ``use_process_pool`` also sends the small job whose answer marks them
-    ready (Inductor checks readiness without waiting, at each kernel). Private API of torch
-    2.11-2.14; a torch without it compiles as before. GPU only: the workers compile Triton kernels."""
-    try:
-        from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
-        from torch.utils._triton import has_triton_package
-    except ImportError:
-        return
-    if not has_triton_package():
-        return
-    maybe_warm_pool()  # honours TORCH_WARM_POOL=0
-    if hasattr(AsyncCompile, "use_process_pool"):
-        AsyncCompile.use_process_pool()
 
 
 def allow_checkpointed_side_effects() -> None:

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, last_checkpoint_text, latest_complete_checkpoint
-from qvltune.compiled_layers import compile_blocks, start_compile_workers
+from qvltune.compiled_layers import compile_blocks
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError
 from qvltune.data_ready import wait_for_data
@@ -169,8 +169,6 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "DeepSpeed and the process group")
     check_shared_run_dir(run_dir)  # several nodes: one run folder for all
     cfg = load_config(run_dir / "config.yaml")
-    if cfg.optim.compile and not use_cpu:
-        start_compile_workers()
     if cfg.optim.compile and is_main():  # reused by later runs and resumes (qvltune.compile_cache)
         from qvltune.compile_cache import cache_size
 

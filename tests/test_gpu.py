@@ -69,17 +69,3 @@ def test_snapshot_buffers_pin_up_to_their_cap_and_are_reused():
     buffers.free()  # after training: given back, the cache emptied
     assert buffers.buffers == [] and buffers.pinned_bytes == 0
 
-
-def test_compile_workers_started_early_are_ready_for_the_first_compile():
-    """qvltune.compiled_layers.start_compile_workers: started while the model loads, Inductor's kernel
-    compilers are ready by the first step, so its kernels compile in parallel, not one by one in the
-    main process (which use_process_pool() False would mean)."""
-    from torch._inductor.async_compile import AsyncCompile
-
-    from qvltune.compiled_layers import start_compile_workers
-
-    start_compile_workers()
-    ready = AsyncCompile._ready_future  # the job whose answer marks the workers ready
-    assert ready is not None
-    ready.result(timeout=60)  # the model load and DeepSpeed's engine take about this long at 2B
-    assert AsyncCompile.use_process_pool()
