@@ -18,19 +18,24 @@ from dataclasses import dataclass, field
 
 from qvltune.config import RunConfig
 
-# Start-up before the weights load: the CLI, the data check of a cached index, the deepspeed
-# launcher and the ranks' imports, the process group (the real-size flow: ~20 s of ~36-50 s).
-# Measured before the data check ran beside the launcher and the runner's own start was cut
-# (benchmarks/RESULTS.md, "Time to the model"; on the CPU 0.73x): kept until the H200 measures it.
-STARTUP_FIXED_S = 20.0
+# Start-up besides the weights: the CLI, the launcher and the ranks' imports, the process group,
+# the run config and the Trainer's arguments (CUDA start), the strategy and adapters, DeepSpeed's
+# engine; the data check runs beside them. The 2B mixed runs on an H200 of benchmarks/RESULTS.md
+# ("Wall clock ... measured on the H200"): 31-40 s.
+STARTUP_FIXED_S = 35.0
 WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
-# torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes):
-# ~90 s cold for 2B and 8B on an H200; with the compile cache, Dynamo still traces the layer but the
-# kernels and the joint graph come from disk (CPU: 57 s -> 6 s, benchmarks/compile_cache.py).
-COMPILE_COLD_S = 90.0
-COMPILE_WARM_FRACTION = 0.15
-HOST_COPY_BPS = 6.0e9  # device -> host copy of the trained state into the reused buffers (pageable figure; pinned is faster: to calibrate on a GPU)
-DISK_WRITE_BPS = 1.0e9  # torch.save + fsync to a local disk
+# torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes),
+# on an H200: 92-122 s cold at 2B, 69-124 s at 8B, almost all of it Inductor generating the forward
+# graph's code in one Python thread. A second run with the compile cache (ZeRO-2, 2B mixed) still
+# took 70.5 s of a 92 s cold first step: 0.75 until that is understood (8B full under ZeRO-3, whose
+# layers compile without the module hooks: 9.0 of 24.9 s).
+COMPILE_COLD_S = 110.0
+COMPILE_WARM_FRACTION = 0.75
+# Device -> host copy of the trained state into the reused pinned buffers (2B mixed on an H200: 2.4
+# GB in 0.15-0.2 s); the first save also allocates and pins them (2.0-2.1 s for the same bytes).
+HOST_COPY_BPS = 12.0e9
+FIRST_SAVE_BPS = 1.2e9
+DISK_WRITE_BPS = 0.55e9  # torch.save + fsync beside training (the same runs: 2.4 GB in 3.6-4.5 s)
 OPTIMIZER_BYTES = 12  # fp32 master weight + two Adam moments per trained parameter
 WEIGHT_BYTES = 2  # bf16 trained weights (the adapter / module states)
 EVAL_COST = 1.0 / 3.0  # forward only: a third of a training step's compute per token
@@ -48,10 +53,12 @@ class WallClock:
     evals: int
     eval_s: float  # per evaluation
     assumptions: list[str] = field(default_factory=list)
+    first_save_extra_s: float = 0.0  # the first save's longer wait (it pins the reused host buffers)
 
     def total(self, cached: bool = False) -> float:
         first = self.compile_warm_s if cached else self.compile_cold_s
-        return self.steady_s + self.startup_s + first + self.saves * self.save_blocking_s + self.evals * self.eval_s
+        saves = self.saves * self.save_blocking_s + (self.first_save_extra_s if self.saves else 0.0)
+        return self.steady_s + self.startup_s + first + saves + self.evals * self.eval_s
 
     def ratio(self, cached: bool = False) -> float:
         """Whole run / steady steps (issue 21's target: <= 1.3)."""
@@ -80,17 +87,17 @@ def wall_clock(cfg: RunConfig, est, total_params: int, steps: int) -> WallClock 
     state = trained_state_bytes(est.trainable_params, est.world_size)
     write = state / DISK_WRITE_BPS
     if s.async_save:
-        blocking, background = state / HOST_COPY_BPS, write
+        blocking, background, first_extra = state / HOST_COPY_BPS, write, state / FIRST_SAVE_BPS - state / HOST_COPY_BPS
     else:
-        blocking, background = write, 0.0
+        blocking, background, first_extra = write, 0.0, 0.0
     compile_cold = COMPILE_COLD_S if cfg.optim.compile else 0.0
     startup = STARTUP_FIXED_S + total_params * WEIGHT_BYTES / WEIGHTS_LOAD_BPS
     notes = [
         f"start-up: {STARTUP_FIXED_S:.0f} s + the weights at {WEIGHTS_LOAD_BPS / 1e9:g} GB/s",
         (f"first step: ~{COMPILE_COLD_S:.0f} s of torch.compile, ~{COMPILE_COLD_S * COMPILE_WARM_FRACTION:.0f} s with the compile cache of an earlier run" if cfg.optim.compile else "first step: not compiled"),
-        f"checkpoints: {state / 1e9:,.1f} GB per rank; " + ("a host copy at {:g} GB/s, written at {:g} GB/s beside training".format(HOST_COPY_BPS / 1e9, DISK_WRITE_BPS / 1e9) if s.async_save else f"written at {DISK_WRITE_BPS / 1e9:g} GB/s while training waits (schedule.async_save: false)"),
+        f"checkpoints: {state / 1e9:,.1f} GB per rank; " + ("a host copy at {:g} GB/s ({:g} GB/s the first, which pins its buffers), written at {:g} GB/s beside training".format(HOST_COPY_BPS / 1e9, FIRST_SAVE_BPS / 1e9, DISK_WRITE_BPS / 1e9) if s.async_save else f"written at {DISK_WRITE_BPS / 1e9:g} GB/s while training waits (schedule.async_save: false)"),
     ]
-    return WallClock(steady, startup, compile_cold, compile_cold * COMPILE_WARM_FRACTION, saves, blocking, background, evals, eval_s, notes)
+    return WallClock(steady, startup, compile_cold, compile_cold * COMPILE_WARM_FRACTION, saves, blocking, background, evals, eval_s, notes, first_extra)
 
 
 def steps_per_epoch(cfg: RunConfig, est) -> int | None:

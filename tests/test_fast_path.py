@@ -101,9 +101,9 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tmp_path, tin
     rows of every length and sample count (no recompilation on a new batch shape)."""
     import torch._dynamo
 
+    from qvltune.compiled_layers import compile_blocks
     from qvltune.config import RunConfig
     from qvltune.model import apply_strategy, load_model
-    from qvltune.compiled_layers import compile_blocks
 
     torch.manual_seed(0)
     cfg = RunConfig.model_validate({"name": "c", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": "mixed", "lora": {"dropout": 0.0}})
@@ -209,3 +209,28 @@ def test_compiled_decoder_layers_are_compiled_under_activation_checkpointing(tmp
             torch._dynamo.reset()
     assert graphs, "the checkpointed decoder layers ran eagerly in training"
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_dynamo_analyses_a_compiled_decoder_layer_once(tiny_model_dir):
+    """With ``dynamic=True`` dynamo made the layer's Python floats (norm eps, scalings) symbolic,
+    then restarted its whole analysis to specialize them: every first step traced the layer twice
+    (qvltune.compiled_layers.specialize_python_floats). Inductor, as in training (the restart comes
+    from its passes); a forward without gradients keeps the compile short."""
+    import torch._dynamo
+    from torch._dynamo.utils import compilation_time_metrics
+
+    from qvltune.compiled_layers import compile_blocks
+    from qvltune.model import load_model
+
+    model = load_model(str(tiny_model_dir), dtype="float32")
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
+    torch._dynamo.reset()
+    try:
+        compile_blocks(model)
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 100, (1, 32)))
+        attempts = sorted(k for k in compilation_time_metrics if k.startswith("compile_attempt_"))
+    finally:
+        torch._dynamo.reset()
+    assert attempts == ["compile_attempt_0"], attempts

@@ -243,7 +243,8 @@ def render_wall_clock(clock) -> None:
 
     parts = [f"start-up ~{clock.startup_s:.0f} s", f"first step ~{clock.compile_cold_s:.0f} s (~{clock.compile_warm_s:.0f} s with the compile cache)" if clock.compile_cold_s else None]
     if clock.saves:
-        parts.append(f"{clock.saves} checkpoint(s) x ~{clock.save_blocking_s:.1f} s of training time")
+        first = f" (the first +{clock.first_save_extra_s:.0f} s: it pins its host buffers)" if clock.first_save_extra_s >= 0.5 else ""
+        parts.append(f"{clock.saves} checkpoint(s) x ~{clock.save_blocking_s:.1f} s of training time{first}")
     if clock.evals:
         parts.append(f"{clock.evals} eval(s) x ~{clock.eval_s:.0f} s")
     console.out.print(
