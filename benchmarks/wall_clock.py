@@ -128,6 +128,9 @@ def summarize(records: list[dict], wall_s: float, started: float) -> dict:
         "eval_s": [round(e.get("seconds") or 0, 2) for e in evals],
         "steady_total_s": steady_total,
         "wall_vs_steady": wall_s / steady_total if steady_total else None,
+        # After the last step: its eval and save, the final model, the ranks' exit, the command's end.
+        "last_step_to_end_record_s": round(end["time"] - train[-1]["time"], 1) if train and end.get("time") else None,
+        "end_record_to_exit_s": round(started + wall_s - end["time"], 1) if end.get("time") else None,
     }
 
 

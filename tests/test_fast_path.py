@@ -217,7 +217,7 @@ def test_dynamo_analyses_a_compiled_decoder_layer_once(tiny_model_dir):
     (qvltune.compiled_layers.specialize_python_floats). Inductor, as in training (the restart comes
     from its passes); a forward without gradients keeps the compile short."""
     import torch._dynamo
-    from torch._dynamo.utils import compilation_time_metrics
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     from qvltune.compiled_layers import compile_blocks
     from qvltune.model import load_model
@@ -226,11 +226,14 @@ def test_dynamo_analyses_a_compiled_decoder_layer_once(tiny_model_dir):
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False
     torch._dynamo.reset()
+    counters.clear()
     try:
         compile_blocks(model)
         with torch.no_grad():
             model(input_ids=torch.randint(0, 100, (1, 32)))
         attempts = sorted(k for k in compilation_time_metrics if k.startswith("compile_attempt_"))
+        graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
     assert attempts == ["compile_attempt_0"], attempts
+    assert graphs == 1  # the constants are the same in every layer: one graph still serves them all
