@@ -115,6 +115,7 @@ def summarize(records: list[dict], wall_s: float, started: float) -> dict:
         "to_first_step_s": phases["to_first_step"] if phases else (round(first_step_end - started, 1) if first_step_end else None),
         "phases": {p["name"]: p["seconds"] for p in phases["phases"]} if phases else {},
         "compile": (phases or {}).get("compile"),  # the first step's compile, split (qvltune.compile_cache)
+        "first_step": (phases or {}).get("first_step"),  # compiling, waiting for batches, the rest
         "steady_step_median_s": median,
         "tok_s_median": statistics.median(tok) if tok else None,
         "tok_s_mean": statistics.fmean(tok) if tok else None,

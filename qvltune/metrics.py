@@ -15,7 +15,8 @@ Rank 0 of the worker appends one JSON object per line; the parent tails the file
   phase, from ``qvltune train``'s start to the first step's end; see qvltune.phases),
   ``to_first_step`` (their sum, seconds), ``compile`` (when the layers are compiled: the first
   step's compile split into Dynamo, AOTAutograd, forward and backward kernels, with the caches'
-  hits; qvltune.compile_cache.compile_breakdown)
+  hits; qvltune.compile_cache.compile_breakdown), ``first_step`` (its ``compile_s``, ``data_s``: waiting
+  for its batches, ``rest_s``: the step's own work)
 - ``save`` (a checkpoint's blocking part ended, training goes on): ``step``, ``path``, ``seconds``
 - ``checkpoint`` (that checkpoint is complete: every file synced, the marker written): ``step``,
   ``path``, ``seconds`` (how long training waited for the save), ``background_seconds`` (the write

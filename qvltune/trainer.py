@@ -30,7 +30,7 @@ from qvltune.data.tokenize import IGNORE_INDEX
 from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import parameter_groups
-from qvltune.phases import format_phases
+from qvltune.phases import format_phases, split_first_step
 from qvltune.stalls import GcSchedule, GcTimer, StallDetector, compiled_graphs
 
 
@@ -297,10 +297,14 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             clock, self.clock = self.clock, None
             clock.mark("first step (compiling)" if self.compiles else "first step")
             record = clock.record()
+            compile_s = 0.0
             if self.compiles:  # split the first step's compile (tracing, graphs, kernels, cache hits)
                 from qvltune.compile_cache import compile_breakdown
 
                 record["compile"] = compile_breakdown()
+                if record["compile"]:
+                    compile_s = sum(record["compile"][k] for k in ("tracing_s", "aot_s", "forward_s", "backward_s"))
+            record["first_step"] = split_first_step(clock.phases[-1][1], compile_s, self.trainer.data_wait)
             if writer:
                 writer.write("phases", **record)
             if is_main():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from qvltune.phases import PARENT_ENV, PhaseClock, format_phases, parent_env, process_started, worker_clock
+from qvltune.phases import PARENT_ENV, PhaseClock, format_phases, parent_env, process_started, split_first_step, worker_clock
 
 
 def test_the_worker_continues_the_parents_clock():
@@ -45,6 +45,10 @@ def test_parallel_phases_are_listed_not_summed_and_the_line_is_readable():
     assert record["to_first_step"] == 40.0
     line = format_phases(record)
     assert line == "time to first step 40.0 s: model load 10.0 · data index (beside the model load) 4.0 (in parallel) · first step (compiling) 30.0"
+    # The first step split: its compile and its wait for batches, the rest is the step's own work.
+    record["first_step"] = split_first_step(30.0, compile_s=21.5, data_s=4.0)
+    assert record["first_step"] == {"compile_s": 21.5, "data_s": 4.0, "rest_s": 4.5}
+    assert format_phases(record).splitlines()[1] == "  first step: compiling 21.5 s · waiting for its batches 4.0 · the step itself 4.5"
 
 
 def test_process_started_is_this_process():
