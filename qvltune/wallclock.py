@@ -25,8 +25,8 @@ from qvltune.config import RunConfig
 STARTUP_FIXED_S = 35.0
 WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
 # torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes),
-# on an H200: 92-122 s cold at 2B, 69-124 s at 8B, almost all of it Inductor generating the forward
-# graph's code in one Python thread. A second run with the compile cache (ZeRO-2, 2B mixed) still
+# on an H200: 92-122 s cold at 2B (most of it Inductor generating the forward graph's code, in one
+# Python thread), 69-124 s at 8B. A second run with the compile cache (ZeRO-2, 2B mixed) still
 # took 70.5 s of a 92 s cold first step: 0.75 until that is understood (8B full under ZeRO-3, whose
 # layers compile without the module hooks: 9.0 of 24.9 s).
 COMPILE_COLD_S = 110.0
