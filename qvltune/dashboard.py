@@ -311,7 +311,8 @@ def save_parts_text(parts: dict | None) -> str:
 
 
 def format_line(record: dict[str, Any]) -> str | None:
-    """One plain line per record for logs and non-TTY output."""
+    """One plain line per record for logs and non-TTY output (the ``phases`` record: a line and its
+    indented detail lines)."""
     kind = record.get("kind")
     if kind == "train":
         mfu = f" mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""

@@ -90,14 +90,15 @@ def worker_clock(module_loaded: float, environ: dict[str, str] | None = None) ->
 
 def split_first_step(seconds: float, compile_s: float, data_s: float) -> dict[str, float]:
     """The first step's phase in parts: compiling (Dynamo and Inductor, all graphs), waiting for its
-    batches (the data loader's workers start with it), and the rest (the step's own work: its
-    forward and backward, the optimizer step, the first allocations)."""
+    batches (the Trainer's fetches: the data loader's first batches), and the rest (the step's own
+    work: its forward and backward, the optimizer step, the first allocations; and the data loader
+    starting its workers)."""
     return {"compile_s": round(compile_s, 3), "data_s": round(data_s, 3), "rest_s": round(max(0.0, seconds - compile_s - data_s), 3)}
 
 
 def format_phases(record: dict[str, Any], width: int = 0) -> str:
-    """``time to first step 41.2 s: config check 0.8 · data check 3.1 · ...`` (one line; more lines
-    split the first step and its compile when the record has them)."""
+    """``time to first step 41.2 s: config check 0.8 · data check 3.1 · ...``, then a line splitting
+    the first step and, with compiled layers, one splitting its compile (each indented by two spaces)."""
     parts = []
     for p in record.get("phases", []):
         if p["seconds"] < 0.05 and not p.get("parallel"):
@@ -106,7 +107,9 @@ def format_phases(record: dict[str, Any], width: int = 0) -> str:
     line = f"time to first step {record.get('to_first_step', 0):.1f} s: " + " · ".join(parts)
     split = record.get("first_step")
     if split:
-        line += f"\n  first step: compiling {split['compile_s']:.1f} s · waiting for its batches {split['data_s']:.1f} · the step itself {split['rest_s']:.1f}"
+        parts = [("compiling", split["compile_s"])] if record.get("compile") else []
+        parts += [("waiting for its batches", split["data_s"]), ("the step itself", split["rest_s"])]
+        line += "\n  first step: " + " · ".join(f"{name} {s:.1f}" + (" s" if i == 0 else "") for i, (name, s) in enumerate(parts))
     return line + ("\n  " + format_compile(record["compile"]) if record.get("compile") else "")
 
 

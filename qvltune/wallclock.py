@@ -33,6 +33,9 @@ COMPILE_COLD_S = 110.0
 COMPILE_WARM_FRACTION = 0.75
 # Device -> host copy of the trained state into the reused pinned buffers (2B mixed on an H200: 2.4
 # GB in 0.15-0.2 s); the first save also allocates and pins them (2.0-2.1 s for the same bytes).
+# Past the pinning cap (qvltune.host_buffers: a quarter of the node's RAM over its ranks) the
+# buffers are pageable and copies slower (~1 GB/s measured before): not modelled, so a state larger
+# than that share is underestimated here.
 HOST_COPY_BPS = 12.0e9
 FIRST_SAVE_BPS = 1.2e9
 DISK_WRITE_BPS = 0.55e9  # torch.save + fsync beside training (the same runs: 2.4 GB in 3.6-4.5 s)

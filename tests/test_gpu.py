@@ -68,4 +68,3 @@ def test_snapshot_buffers_pin_up_to_their_cap_and_are_reused():
     buffers.release()
     buffers.free()  # after training: given back, the cache emptied
     assert buffers.buffers == [] and buffers.pinned_bytes == 0
-

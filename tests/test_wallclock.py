@@ -11,7 +11,7 @@ from qvltune.estimate import estimate
 from qvltune.estimate_inputs import Machine, Workload
 from qvltune.model_stats import model_stats
 from qvltune.units import GiB
-from qvltune.wallclock import COMPILE_COLD_S, DISK_WRITE_BPS, FIRST_SAVE_BPS, HOST_COPY_BPS, trained_state_bytes, wall_clock
+from qvltune.wallclock import COMPILE_COLD_S, COMPILE_WARM_FRACTION, DISK_WRITE_BPS, FIRST_SAVE_BPS, HOST_COPY_BPS, trained_state_bytes, wall_clock
 
 H200 = Machine("NVIDIA H200", 140 * GiB, 1, 1, 256 * GiB, 989.0, True)
 
@@ -35,7 +35,7 @@ def test_background_saves_cost_a_host_copy_and_the_cache_cuts_the_first_step():
     assert clock.saves == 3 and clock.evals == 4  # steps 10, 20, 30 (+ an eval at the end)
     assert clock.save_blocking_s == pytest.approx(state / HOST_COPY_BPS) and clock.save_background_s == pytest.approx(state / DISK_WRITE_BPS)
     assert clock.first_save_extra_s == pytest.approx(state / FIRST_SAVE_BPS - state / HOST_COPY_BPS)  # the first save pins its buffers
-    assert clock.compile_cold_s == COMPILE_COLD_S and clock.compile_warm_s < COMPILE_COLD_S
+    assert clock.compile_cold_s == COMPILE_COLD_S and clock.compile_warm_s == pytest.approx(COMPILE_COLD_S * COMPILE_WARM_FRACTION)
     assert clock.total(cached=True) == pytest.approx(clock.total() - (clock.compile_cold_s - clock.compile_warm_s))
     assert clock.steady_s == est.seconds_per_epoch and clock.ratio() == pytest.approx(clock.total() / clock.steady_s)
 

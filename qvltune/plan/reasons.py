@@ -207,9 +207,9 @@ def compile_layers(offload_params: bool = False) -> Reason:
     if offload_params:
         return Reason("not with parameters offloaded", "compiled decoder layers have not been measured with ZeRO-3's parameters offloaded to the host "
                       "(they have under ZeRO-2 and ZeRO-3 on the GPU; see benchmarks/RESULTS.md): layers run eagerly; `optim.compile: true` tries it")
-    why = ("torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, about a minute, at the first step; "
+    why = ("torch.compile of each decoder layer fuses its small element-wise kernels (one compilation, 1-2 minutes on an H200, at the first step; "
            "later runs and resumes reuse it from the compile cache in ~/.cache/qvltune/compile)")
-    return Reason("fused kernels; ~1 min at step 1", why)
+    return Reason("fused kernels; 1-2 min at step 1", why)
 
 
 def effective_batch(eff: int, *, per_device: int, accum: int, world: int, cpu: bool, packing: bool, per_row: int, target: int, target_why: str, rows_target: int) -> Reason:
