@@ -215,14 +215,21 @@ def make_trainer_class():
 
         def save_model(self, output_dir=None, _internal_call=False):
             with self._save_part("model files"):
-                if self.save_parts is not None and self.checkpointer.buffers.busy and self._adapter_snapshot():
+                if not self._adapter_snapshot():
+                    super().save_model(output_dir, _internal_call)
+                elif self.save_parts is not None and self.checkpointer.buffers.busy:
                     # A checkpoint's adapter (this save took the host buffers: begin()): copied to host
                     # memory here, written by the checkpoint's thread.
                     if self.args.should_save:
                         snapshot_adapter(self.checkpointer, self.accelerator.unwrap_model(self.model), Path(output_dir))
                         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as the Trainer's _save
-                    return
-                super().save_model(output_dir, _internal_call)
+                else:
+                    # Any other save of the adapter (the final model; a synchronous checkpoint): the
+                    # Trainer's own _save, which is peft's save_pretrained of the adapter's tensors.
+                    # Its save_model under DeepSpeed would first copy the whole model's state dict to
+                    # host memory on every rank (4.3 GB at 2B, 17.5 GB at 8B) for peft to keep the
+                    # adapter's part of it: the same files.
+                    self._save(output_dir)
 
         def _adapter_snapshot(self) -> bool:
             """Whether a checkpoint's model files are a peft adapter whose weights are whole on every

@@ -264,6 +264,37 @@ def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
     assert not model.peft_config["default"].inference_mode  # the training model's config is left as it was
 
 
+def test_the_final_adapter_is_saved_without_the_whole_models_state_dict(tmp_path, tiny_model_dir, monkeypatch):
+    """The final model's adapter (outside a checkpoint) skips the Trainer's save_model, whose DeepSpeed
+    path copies the whole model's state dict to host memory first, and its files are byte for byte
+    what peft writes from that whole state dict: the LoRA weights and the mixed strategy's mergers."""
+    import transformers
+    from transformers import TrainingArguments
+
+    from qvltune.config import parse_config
+    from qvltune.model import apply_strategy, load_model
+    from qvltune.trainer import make_trainer_class
+
+    cfg = parse_config({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "d.jsonl"}, "strategy": "mixed", "optim": {"bf16": False}})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # trained: LoRA B is no longer zero, the mergers moved
+    trainer = make_trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[]), run_cfg=cfg)
+
+    def whole_model_path(*args, **kwargs):
+        raise AssertionError("the Trainer's save_model (the whole model's state dict under DeepSpeed)")
+
+    monkeypatch.setattr(transformers.Trainer, "save_model", whole_model_path)
+    trainer.save_model(str(tmp_path / "final"))
+    model.save_pretrained(str(tmp_path / "whole"), state_dict=model.state_dict())
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "final" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert (tmp_path / "final" / "training_args.bin").exists()
+
+
 def test_pinned_snapshot_memory_is_capped_per_rank_and_counted_as_allocated(monkeypatch):
     """A quarter of the node's RAM split among its ranks, counted in the power-of-two blocks torch's
     pinned-memory allocator hands out (a 3 GiB buffer takes 4 GiB)."""

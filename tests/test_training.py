@@ -155,13 +155,17 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     # The start-up, phase by phase, from the command to the first step's end (qvltune.phases).
     phases = next(r for r in records if r["kind"] == "phases")
     names = [p["name"] for p in phases["phases"]]
-    for expected in ("config check", "data check and index", "launcher", "imports", "process group", "model load", "DeepSpeed engine", "first step"):
+    for expected in ("config check", "data check and index", "launcher", "imports", "DeepSpeed and the process group", "run config and training arguments", "model load", "DeepSpeed engine", "first step"):
         assert any(n.startswith(expected) for n in names), (expected, names)
     imports = next(p["seconds"] for p in phases["phases"] if p["name"].startswith("imports"))
     assert imports > 0.3  # torch and transformers take seconds: counted here, not in the launcher's phase
     first_step = next(r for r in records if r["kind"] == "step")
     assert 0 < phases["to_first_step"] and phases["time"] <= first_step["time"]
     assert sum(p["seconds"] for p in phases["phases"] if not p.get("parallel")) == pytest.approx(phases["to_first_step"], abs=0.05)
+    # The first step split: nothing compiled here (compile is off on the CPU), its batches and its work.
+    split, first = phases["first_step"], next(p["seconds"] for p in phases["phases"] if p["name"].startswith("first step"))
+    assert "compile" not in phases and split["compile_s"] == 0 and split["data_s"] >= 0 and split["rest_s"] > 0
+    assert split["data_s"] + split["rest_s"] == pytest.approx(first, abs=0.01)
     assert "time to first step" in result.stdout and "time to first step" in (rd / "train.log").read_text()
 
 
