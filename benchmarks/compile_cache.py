@@ -25,14 +25,13 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 t0 = time.time()
-from qvltune.compile_cache import use_persistent_compile_cache
+from qvltune.compile_cache import compile_breakdown, use_persistent_compile_cache
 root = use_persistent_compile_cache()
 import torch
 from torch._dynamo.utils import compilation_time_metrics, counters
 from qvltune.model import load_model
 from qvltune.tiny import tiny_model_path
 from qvltune.compiled_layers import compile_blocks
-from qvltune.compile_cache import compile_breakdown
 torch.manual_seed(0)
 model = load_model(str(tiny_model_path()), dtype="float32")
 model.train()

@@ -130,13 +130,12 @@ def compile_breakdown() -> dict[str, float | int] | None:
     backend = seconds.get("OutputGraph.call_user_compiler", 0.0)
     forward = seconds.get("compile_fx.<locals>.fw_compiler_base", 0.0)
     backward = seconds.get("compile_fx.<locals>.bw_compiler", 0.0)
-    lazy = seconds.get("backward._backward_impl", 0.0)  # a backward compiled at its first call
-    lazy_backward = min(backward, lazy)
+    lazy = seconds.get("backward._backward_impl", 0.0)  # a backward compiled at its first call (holds bw_compiler)
     inductor, aot = utils.counters["inductor"], utils.counters["aot_autograd"]
     return {
         "graphs": int(utils.counters["stats"]["unique_graphs"]),
         "tracing_s": round(max(0.0, dynamo - backend), 3),
-        "aot_s": round(max(0.0, backend - forward - (backward - lazy_backward)) + (lazy - lazy_backward), 3),
+        "aot_s": round(max(0.0, backend + lazy - forward - backward), 3),  # the whole compile (dynamo + lazy) less the other parts
         "forward_s": round(forward, 3),
         "backward_s": round(backward, 3),
         "kernels_wait_s": round(seconds.get("async_compile.wait", 0.0), 3),

@@ -304,15 +304,15 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             clock, self.clock = self.clock, None
             clock.mark("first step (compiling)" if self.compiles else "first step")
             record = clock.record()
+            compile_s = 0.0
             if self.compiles:  # split the first step's compile (tracing, graphs, kernels, cache hits)
                 from qvltune.compile_cache import compile_breakdown, compile_seconds
 
                 # Nothing is compiled before the first step (only the decoder layers are, at their
                 # first call), so the process's compile so far is the first step's.
                 record["compile"] = compile_breakdown()
-                record["first_step"] = split_first_step(clock.phases[-1][1], compile_seconds(record["compile"]), self.trainer.data_wait)
-            else:
-                record["first_step"] = split_first_step(clock.phases[-1][1], 0.0, self.trainer.data_wait)
+                compile_s = compile_seconds(record["compile"])
+            record["first_step"] = split_first_step(clock.phases[-1][1], compile_s, self.trainer.data_wait)
             if writer:
                 writer.write("phases", **record)
             if is_main():

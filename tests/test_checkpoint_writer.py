@@ -234,10 +234,9 @@ def test_a_failed_save_leaves_the_final_model_to_the_trainers_own_save(tmp_path,
         assert (tmp_path / name / "adapter_model.safetensors").exists() and (tmp_path / name / "adapter_config.json").exists(), name
 
 
-def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
-    """snapshot_adapter (the adapter's tensors alone, written by the thread) writes the files peft's
-    save_pretrained writes from the whole model's state dict, byte for byte: the LoRA weights and the
-    mixed strategy's fully trained merger and DeepStack mergers (modules_to_save)."""
+def _trained_mixed_model(tiny_model_dir):
+    """(config, peft model) of the mixed strategy with every trained tensor moved: LoRA B no longer
+    zero, the merger and DeepStack mergers (modules_to_save) changed."""
     from qvltune.config import parse_config
     from qvltune.model import apply_strategy, load_model
 
@@ -248,6 +247,14 @@ def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))  # trained: LoRA B is no longer zero, the mergers moved
+    return cfg, model
+
+
+def test_a_checkpoint_adapter_is_what_peft_saves(tmp_path, tiny_model_dir):
+    """snapshot_adapter (the adapter's tensors alone, written by the thread) writes the files peft's
+    save_pretrained writes from the whole model's state dict, byte for byte: the LoRA weights and the
+    mixed strategy's fully trained merger and DeepStack mergers (modules_to_save)."""
+    _, model = _trained_mixed_model(tiny_model_dir)
     model.save_pretrained(str(tmp_path / "peft"))
     writer = CheckpointWriter(0, 1)
     target = tmp_path / "checkpoint-2"
@@ -271,17 +278,9 @@ def test_the_final_adapter_is_saved_without_the_whole_models_state_dict(tmp_path
     import transformers
     from transformers import TrainingArguments
 
-    from qvltune.config import parse_config
-    from qvltune.model import apply_strategy, load_model
     from qvltune.trainer import make_trainer_class
 
-    cfg = parse_config({"name": "t", "model": {"path": str(tiny_model_dir)}, "data": {"train": "d.jsonl"}, "strategy": "mixed", "optim": {"bf16": False}})
-    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"), cfg)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p))  # trained: LoRA B is no longer zero, the mergers moved
+    cfg, model = _trained_mixed_model(tiny_model_dir)
     trainer = make_trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[]), run_cfg=cfg)
 
     def whole_model_path(*args, **kwargs):
