@@ -96,21 +96,27 @@ PROBE = "import sys, time; open(sys.argv[-1], 'w').write(repr(time.time()))"
 
 
 def launcher_only(runs: int, work: Path) -> dict[str, list[float]]:
-    """Seconds from starting DeepSpeed's runner (``deepspeed --num_gpus 1 ...``), or its per-node
-    launcher directly (``qvltune.launch.one_node_launch``), to the first line of the rank's module:
-    the launcher phase alone, without a data check beside it."""
+    """Seconds from starting the ranks to the first line of the rank's module, three ways: DeepSpeed's
+    runner (``deepspeed --num_gpus 1 ...``), its per-node launcher directly
+    (``qvltune.launch.one_node_launch``), and qvltune's guard starting the ranks of that launcher
+    command itself (``qvltune.node_ranks``, what ``qvltune train`` runs on one node): the launcher
+    phase alone, without a data check beside it."""
     from qvltune.launch import deepspeed_launcher, one_node_launch
 
     probe = work / "probe_rank.py"
     probe.write_text(PROBE.replace("; ", "\n") + "\n")
-    out: dict[str, list[float]] = {"runner": [], "direct": []}
+    forms = ("runner", "direct", "ranks")
+    out: dict[str, list[float]] = {form: [] for form in forms}
     for i in range(runs):
-        for form in ("runner", "direct") if i % 2 == 0 else ("direct", "runner"):
+        for form in forms if i % 2 == 0 else forms[::-1]:
             stamp = work / f"probe-{form}-{i}"
             argv = [*deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(29650 + i), "--module", "probe_rank", str(stamp)]
-            argv = one_node_launch(argv) if form == "direct" else argv
+            if form != "runner":
+                argv = one_node_launch(argv)
+            if form == "ranks":
+                argv = [sys.executable, "-m", "qvltune.launch", str(work), *argv]
             t0 = time.time()
-            subprocess.run(argv, cwd=work, env={**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1"}, capture_output=True, check=True)
+            subprocess.run(argv, cwd=work, env={**os.environ, "PYTHONPATH": f"{work}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}, capture_output=True, check=True)
             out[form].append(round(float(stamp.read_text()) - t0, 3))
             print(json.dumps({"form": form, "run": i, "seconds": out[form][-1]}), flush=True)
     return out
@@ -123,7 +129,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qvltune-startup"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--samples", type=int, default=600)
-    ap.add_argument("--launcher-only", action="store_true", help="time only the launcher: DeepSpeed's runner against its launcher started directly")
+    ap.add_argument("--launcher-only", action="store_true", help="time only the launcher: DeepSpeed's runner, its launcher started directly, qvltune starting the ranks")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def main() -> None:
         seconds = launcher_only(args.runs, args.work)
         (args.out / "launcher.json").write_text(json.dumps(seconds, indent=2))
         med = {k: statistics.median(v) for k, v in seconds.items()}
-        print(f"\nlauncher to the rank's first line, median of {args.runs}: runner {med['runner']:.2f} s, direct {med['direct']:.2f} s ({med['direct'] / med['runner']:.2f}x)")
+        print(f"\nlauncher to the rank's first line, median of {args.runs}: " + ", ".join(f"{k} {v:.2f} s ({v / med['runner']:.2f}x)" for k, v in med.items()))
         return
     if args.before is None:
         ap.error("--before is required (unless --launcher-only)")

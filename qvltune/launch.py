@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qvltune.config import RunConfig
+from qvltune.node_ranks import LAUNCHER, NodeRanks, rank_commands
 from qvltune.rank import die_with_parent
 
 DEFAULT_MASTER_PORT = 29500
@@ -274,7 +275,15 @@ def guard(run_dir: Path, argv: list[str]) -> int:
     # changed" and rebuild the op at every start, one process at a time. The venv's tools go first.
     path = os.environ.get("PATH", "")
     here = os.path.dirname(sys.executable)
-    child = subprocess.Popen(argv, env={**os.environ, "PATH": path if path.split(os.pathsep)[0] == here else here + os.pathsep + path})
+    env = {**os.environ, "PATH": path if path.split(os.pathsep)[0] == here else here + os.pathsep + path}
+    # DeepSpeed's per-node launcher: its ranks started from here, without its process (node_ranks).
+    commands = rank_commands(argv)
+    child: NodeRanks | subprocess.Popen
+    if commands is not None:
+        child = NodeRanks(commands, env)
+        print(f"qvltune: started {child.describe()} as {LAUNCHER} would", flush=True)
+    else:
+        child = subprocess.Popen(argv, env=env)
 
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -81,7 +81,7 @@ def worker_clock(module_loaded: float, environ: dict[str, str] | None = None) ->
         clock = PhaseClock(since=float(parent["started"]), started=float(parent["started"]))
         clock.phases = [(str(n), float(s)) for n, s in parent["phases"]]
         clock.since = float(parent["launched"])
-        clock.mark("launcher (DeepSpeed launcher, Python start)", module_loaded)
+        clock.mark("launcher (rank processes, Python start)", module_loaded)
     except (ValueError, KeyError, TypeError):  # started by hand (launch.sh): from this process on
         clock = PhaseClock(since=module_loaded)
     clock.mark("imports (torch, transformers, qvltune)")

@@ -29,6 +29,11 @@ from qvltune.checkpoints import STOP_FILE, checkpoints, last_checkpoint_text, la
 from qvltune.zero import DS_CONFIG
 
 
+# On one node qvltune's guard starts the ranks this launcher command describes, without the
+# launcher's own process (qvltune.node_ranks); run by hand, the command itself does the same.
+LAUNCH_HEADER = "#!/usr/bin/env bash\n# The command qvltune train ran (on one node its ranks are started as this launcher would start them).\n"
+
+
 def missing_data_files(cfg: RunConfig) -> list[str]:
     """``data.train`` / ``data.eval`` files that do not exist (mixtures: every part), as messages."""
     from qvltune.data.mixture import parse_mixture
@@ -342,7 +347,7 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
         counts = check_data(cfg, "checking every record and media file of the data")
         clock.mark("data check and index")
     command = format_command(argv, env)
-    (cfg.run_dir / "launch.sh").write_text("#!/usr/bin/env bash\n# The exact command qvltune train ran.\n" + command_text(argv, runner_argv, env) + "\n")
+    (cfg.run_dir / "launch.sh").write_text(LAUNCH_HEADER + command_text(argv, runner_argv, env) + "\n")
     with open(cfg.run_dir / "train.log", "a") as log:
         log.write(f"qvltune: launching: {command}\n")
     if verbose:

@@ -145,6 +145,81 @@ def test_the_runners_default_hostfile_keeps_the_runner(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# The ranks without DeepSpeed's launcher process (qvltune.node_ranks)
+
+PROBE_RANK = """
+import json, os, sys
+before = json.loads(os.environ["PROBE_BEFORE"])
+changed = {k: v for k, v in os.environ.items() if before.get(k) != v and k != "PROBE_BEFORE"}
+out = os.path.join(sys.argv[-1], "rank" + os.environ["RANK"] + ".json")
+json.dump({"argv": sys.argv[1:-1], "env": changed, "exe": sys.executable}, open(out, "w"))
+"""
+
+
+def started_ranks(argv: list[str], work: Path, start) -> dict[str, dict]:
+    """What each rank process of a launcher command saw (its arguments, the variables it was given
+    on top of the caller's), with the ranks started by ``start(argv, env)``."""
+    out = work / f"seen-{len(list(work.glob('seen-*')))}"
+    out.mkdir()
+    (work / "probe_rank.py").write_text(PROBE_RANK)
+    env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1"}
+    env["PROBE_BEFORE"] = __import__("json").dumps(env)
+    assert start([*argv, str(out)], env) == 0
+    return {p.name: __import__("json").loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
+
+
+@pytest.mark.parametrize("world, node_rank", [({"localhost": [0, 1]}, 0), ({"node-a": [0, 1], "node-b": [2, 3]}, 1)])
+def test_the_ranks_are_started_as_deepspeeds_launcher_starts_them(tmp_path, world, node_rank):
+    """Each rank gets the arguments and variables the real launcher gives it (the launcher's own
+    torch import leaves inductor's /tmp cache folder in its environment: qvltune.compile_cache
+    counts that as unset, so the ranks lose nothing without it). Nodes of equal size, as qvltune
+    starts them: with unequal ones DeepSpeed's local ranks are the global rank modulo this node's
+    size, not the rank's place on its node."""
+    import base64
+    import json
+
+    from qvltune.node_ranks import NodeRanks, rank_commands
+
+    info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+    argv = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}", "--master_addr=10.1.2.3", "--master_port=29781"]
+    argv += [f"--node_rank={node_rank}"] if node_rank else []
+    argv += ["--module", "--enable_each_rank_log=None", "--log_level=info", "probe_rank", "--run-dir", "x"]
+    theirs = started_ranks(argv, tmp_path, lambda a, env: subprocess.run(a, env=env, cwd=tmp_path, capture_output=True, timeout=120).returncode)
+    for seen in theirs.values():
+        seen["env"].pop("TORCHINDUCTOR_CACHE_DIR", None)
+    ours = started_ranks(argv, tmp_path, lambda a, env: NodeRanks(rank_commands(a), env).wait())
+    assert ours == theirs and len(ours) == len(list(world.values())[node_rank]), (ours, theirs)
+    first = ours["rank2.json"] if node_rank else ours["rank0.json"]
+    assert first["env"]["LOCAL_RANK"] == "0" and first["argv"] == ["--local_rank=0", "--run-dir", "x"]
+
+
+def test_a_launcher_command_with_options_not_read_here_is_left_to_the_launcher():
+    from qvltune.node_ranks import rank_commands
+
+    base = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info=eyJsb2NhbGhvc3QiOiBbMF19", "--master_port=1"]
+    assert rank_commands(base + ["--module", "qvltune.rank"]) is not None
+    assert rank_commands(base + ["--bind_cores_to_rank", "--module", "qvltune.rank"]) is None  # numactl: the launcher's
+    assert rank_commands(base + ["--enable_each_rank_log=/logs", "--module", "qvltune.rank"]) is None
+    assert rank_commands(base + ["qvltune/worker.py"]) is None  # a script, not --module
+    assert rank_commands(["torchrun", "--nproc_per_node", "2", "x.py"]) is None
+
+
+def test_when_a_rank_fails_the_others_are_stopped_and_its_code_is_the_nodes(tmp_path):
+    """As DeepSpeed's launcher: the first failure's exit code, and the ranks still running are
+    stopped (SIGTERM to the process tree) instead of waiting on a peer that is gone."""
+    from qvltune.node_ranks import NodeRanks, RankCommand
+
+    (tmp_path / "hang.py").write_text("import time\ntime.sleep(60)\n")
+    hang = [sys.executable, str(tmp_path / "hang.py")]
+    ranks = NodeRanks([RankCommand(0, 0, hang, {}), RankCommand(1, 1, [sys.executable, "-c", "import sys; sys.exit(17)"], {})])
+    t = time.time()
+    assert ranks.wait() == 17 and time.time() - t < 10
+    assert ranks.processes[0].returncode == -15  # stopped, not left running
+    ranks = NodeRanks([RankCommand(0, 0, [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], {})])
+    assert ranks.wait() == 128 + 9  # a signal, as a shell reports it
+
+
+# ----------------------------------------------------------------------------------------------
 # The data check beside the launcher
 
 

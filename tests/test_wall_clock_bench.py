@@ -67,7 +67,7 @@ def test_startup_bench_counts_the_wait_for_the_data_not_the_check_beside_it():
 
     record = {"to_first_step": 20.0, "phases": [
         {"name": "qvltune start (CLI, config, GPUs)", "seconds": 1.0},
-        {"name": "launcher (DeepSpeed launcher, Python start)", "seconds": 2.0},
+        {"name": "launcher (rank processes, Python start)", "seconds": 2.0},
         {"name": "data check and index (qvltune train, beside the launcher)", "seconds": 9.0, "parallel": True},
         {"name": "model load", "seconds": 3.0},
         {"name": "waiting for the data index", "seconds": 4.0},  # the check outlasted the ranks' start
