@@ -112,6 +112,10 @@ def compile_breakdown() -> dict[str, float | int] | None:
     - ``kernels_wait_s``: of those, the time spent waiting for generated kernels to compile (Triton on
       a GPU, C++ on the CPU: the part a warm cache removes);
     - ``fx_hits``/``fx_misses`` (Inductor's graph cache), ``aot_hits``/``aot_misses`` (AOTAutograd's);
+    - ``kernels``: the kernels of the compiled graphs (generated, or loaded from Inductor's cache);
+      ``cxx_runs``/``cxx_s``: how often Inductor ran the C++ compiler, and for how long (on the CPU
+      for its kernels: 17 runs, 10.9 of an 11.5 s cold compile of the tiny model; on a GPU only for
+      host-side code, yet 24 s of a 91 s forward compile in an H200 run at 2B);
     - ``timers``: Dynamo's 16 largest timers (nested, so they overlap), for what the parts above do
       not name.
 
@@ -143,6 +147,9 @@ def compile_breakdown() -> dict[str, float | int] | None:
         "fx_misses": int(inductor["fxgraph_cache_miss"]),
         "aot_hits": int(aot["autograd_cache_hit"]),
         "aot_misses": int(aot["autograd_cache_miss"]),
+        "kernels": int(getattr(sys.modules.get("torch._inductor.metrics"), "generated_kernel_count", 0)),
+        "cxx_runs": len(utils.compilation_time_metrics.get("compile_file", ())),
+        "cxx_s": round(seconds.get("compile_file", 0.0), 3),
         "timers": {name: round(s, 3) for name, s in sorted(seconds.items(), key=lambda kv: -kv[1])[:16]},
     }
 

@@ -116,11 +116,13 @@ def format_phases(record: dict[str, Any], width: int = 0) -> str:
 def format_compile(breakdown: dict[str, Any]) -> str:
     """The first step's compile (``qvltune.compile_cache.compile_breakdown``), one line:
     ``compile: 1 graph; Dynamo tracing 1.2 s · AOTAutograd 2.0 · forward 13.6 · backward 7.7
-    (waiting for kernels 11.3) · cache: Inductor 0 of 2, AOTAutograd 0 of 2 hit``."""
+    (waiting for kernels 11.3) · cache: Inductor 0 of 2, AOTAutograd 0 of 2 hit · 45 kernels, C++
+    compiler 17 runs 10.9 s`` (the kernels part from a torch that counts them)."""
     b = breakdown
     graphs = f"{b['graphs']} graph" + ("s" if b["graphs"] != 1 else "")
+    generated = f" · {b['kernels']} kernels, C++ compiler {b['cxx_runs']} runs {b['cxx_s']:.1f} s" if "kernels" in b else ""
     return (
         f"compile: {graphs}; Dynamo tracing {b['tracing_s']:.1f} s · AOTAutograd {b['aot_s']:.1f} · forward {b['forward_s']:.1f}"
         f" · backward {b['backward_s']:.1f} (waiting for kernels {b['kernels_wait_s']:.1f}) · cache: Inductor {b['fx_hits']} of"
-        f" {b['fx_hits'] + b['fx_misses']}, AOTAutograd {b['aot_hits']} of {b['aot_hits'] + b['aot_misses']} hit"
+        f" {b['fx_hits'] + b['fx_misses']}, AOTAutograd {b['aot_hits']} of {b['aot_hits'] + b['aot_misses']} hit{generated}"
     )

@@ -55,6 +55,8 @@ def test_parallel_phases_are_listed_not_summed_and_the_line_is_readable():
         "  first step: compiling 21.5 s · waiting for its batches 4.0 · the step itself 4.5",
         "  compile: 1 graph; Dynamo tracing 1.5 s · AOTAutograd 2.0 · forward 14.0 · backward 4.0 (waiting for kernels 9.0) · cache: Inductor 0 of 2, AOTAutograd 0 of 1 hit",
     ]
+    record["compile"].update(kernels=45, cxx_runs=17, cxx_s=10.86)
+    assert format_phases(record).splitlines()[2].endswith("AOTAutograd 0 of 1 hit · 45 kernels, C++ compiler 17 runs 10.9 s")
 
 
 def test_process_started_is_this_process():
