@@ -155,7 +155,7 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     # The start-up, phase by phase, from the command to the first step's end (qvltune.phases).
     phases = next(r for r in records if r["kind"] == "phases")
     names = [p["name"] for p in phases["phases"]]
-    for expected in ("config check", "data check and index", "launcher", "imports", "DeepSpeed and the process group", "run config and training arguments", "model load", "DeepSpeed engine", "first step"):
+    for expected in ("config check", "data check and index", "launcher", "imports", "DeepSpeed and the process group", "run config and the Trainer's imports", "training arguments (CUDA start)", "model load", "DeepSpeed engine", "first step"):
         assert any(n.startswith(expected) for n in names), (expected, names)
     imports = next(p["seconds"] for p in phases["phases"] if p["name"].startswith("imports"))
     assert imports > 0.3  # torch and transformers take seconds: counted here, not in the launcher's phase
