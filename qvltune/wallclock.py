@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 from qvltune.config import RunConfig
 
-# Start-up besides the weights: the CLI, the launcher and the ranks' imports, the process group,
-# the run config and the Trainer's arguments (CUDA start), the strategy and adapters, DeepSpeed's
-# engine; the data check runs beside them. The 2B mixed runs on an H200 of benchmarks/RESULTS.md
-# ("Wall clock ... measured on the H200"): 31-40 s.
-STARTUP_FIXED_S = 35.0
+# Start-up besides the weights: the CLI, the ranks' start and imports, the process group, the run
+# config and the Trainer's arguments (CUDA start), the strategy and adapters, DeepSpeed's engine;
+# the data check runs beside them. The 2B mixed runs on an H200 of benchmarks/RESULTS.md ("Wall
+# clock ... measured on the H200"): 31-40 s, 6.4-7.3 s of it the launcher phase, mostly DeepSpeed's
+# launcher importing torch; qvltune now starts the ranks without that process (qvltune.node_ranks;
+# on the CPU that phase went from 1.5 to 0.2-0.3 s). 35 s less those ~5-6 s: to be measured there.
+STARTUP_FIXED_S = 30.0
 WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
 # torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes),
 # on an H200: 92-122 s cold at 2B (most of it Inductor generating the forward graph's code, in one
