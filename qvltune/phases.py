@@ -27,11 +27,13 @@ def process_started() -> float | None:
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 (starttime), counted after the ") "
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
+        ticks = int(fields[19])  # field 22 (starttime): clock ticks since boot, counted after the ") "
+        # How long ago that was, on the same clock (CLOCK_BOOTTIME), taken from the wall clock now.
+        # Not /proc/stat's btime: whole seconds, so a start up to 1 s too early (measured: 0.8 s of a
+        # 0.09 s Python start), and blind to the wall clock's adjustments since boot.
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc, or no CLOCK_BOOTTIME (not Linux)
         return None
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +63,14 @@ def test_parallel_phases_are_listed_not_summed_and_the_line_is_readable():
     assert format_phases(record).splitlines()[2].endswith("AOTAutograd 0 of 1 hit · 45 kernels, C++ compiler 17 runs 10.9 s")
 
 
-def test_process_started_is_this_process():
+def test_process_started_is_when_this_process_was_started():
+    """The command's own start-up (Python, imports) counts from the process's creation: within a
+    clock tick of it, not up to a second early (whole-second boot time) or late."""
     started = process_started()
     assert started is not None and started <= time.time() and time.time() - started < 24 * 3600
+    code = "import time; now = time.time(); from qvltune.phases import process_started; print(process_started(), now)"
+    for _ in range(3):
+        before = time.time()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        child_started, first_line = map(float, out.stdout.split())
+        assert before - 0.03 <= child_started <= first_line, (before, child_started, first_line)
