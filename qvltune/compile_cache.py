@@ -113,9 +113,10 @@ def compile_breakdown() -> dict[str, float | int] | None:
       a GPU, C++ on the CPU: the part a warm cache removes);
     - ``fx_hits``/``fx_misses`` (Inductor's graph cache), ``aot_hits``/``aot_misses`` (AOTAutograd's);
     - ``kernels``: the kernels of the compiled graphs (generated, or loaded from Inductor's cache);
-      ``cxx_runs``/``cxx_s``: how often Inductor ran the C++ compiler, and for how long (on the CPU
-      for its kernels: 17 runs, 10.9 of an 11.5 s cold compile of the tiny model; on a GPU only for
-      host-side code, yet 24 s of a 91 s forward compile in an H200 run at 2B);
+      ``cxx_runs``/``cxx_s``: how often this process ran the C++ compiler, and those runs' seconds
+      added up (runs on several threads overlap; on the 2-core CPU a cold compile of the tiny model:
+      17 runs, 10.9 s, of an 11.5 s compile; on a GPU only host-side code is C++, yet an H200 run at
+      2B spent 24 s of its 91 s forward compile there);
     - ``timers``: Dynamo's 16 largest timers (nested, so they overlap), for what the parts above do
       not name.
 

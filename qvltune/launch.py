@@ -236,11 +236,15 @@ def remove_shm_buffers(master_port: int, rank: int | None = None, shm_dir: Path 
 
 
 def describe_exit(code: int) -> str:
+    """A process's exit as Popen reports it (-N: signal N), or as the guard and a shell report a
+    signal (128 + N)."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if 128 < code < 128 + 65 and code - 128 in signal.Signals._value2member_map_:
+        return f"exit code {code}: 128 + {signal.Signals(code - 128).name}"
     return f"exit code {code}"
 
 
@@ -263,11 +267,12 @@ GUARD_GRACE_SECONDS = 60
 
 
 def guard(run_dir: Path, argv: list[str]) -> int:
-    """Run the launcher as a child and outlive nothing: the guard is the session leader between
-    ``qvltune train`` and the deepspeed runner, launcher and ranks. The kernel sends it SIGTERM when
-    ``qvltune train`` dies (PR_SET_PDEATHSIG, which the runner's own children would not inherit);
-    it then asks the ranks to checkpoint and stop (the STOP file), and after a grace period kills
-    whatever is left of its process group, so no rank keeps running on the GPUs."""
+    """Start the ranks (or, for a command ``qvltune.node_ranks`` does not read, the launcher) and
+    outlive nothing: the guard is the session leader between ``qvltune train`` and the ranks. The
+    kernel sends it SIGTERM when ``qvltune train`` dies (PR_SET_PDEATHSIG, which a runner's own
+    children would not inherit); it then asks the ranks to checkpoint and stop (the STOP file), and
+    after a grace period kills whatever is left of its process group, so no rank keeps running on
+    the GPUs. Ranks it starts itself also get SIGTERM if the guard dies (then they checkpoint)."""
     from qvltune.checkpoints import STOP_FILE
 
     # DeepSpeed builds its ops (the CPU all-reduce, CPU Adam) with whichever `ninja` is first on PATH;
@@ -276,14 +281,7 @@ def guard(run_dir: Path, argv: list[str]) -> int:
     path = os.environ.get("PATH", "")
     here = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": path if path.split(os.pathsep)[0] == here else here + os.pathsep + path}
-    # DeepSpeed's per-node launcher: its ranks started from here, without its process (node_ranks).
-    commands = rank_commands(argv)
-    child: NodeRanks | subprocess.Popen
-    if commands is not None:
-        child = NodeRanks(commands, env)
-        print(f"qvltune: started {child.describe()} as {LAUNCHER} would", flush=True)
-    else:
-        child = subprocess.Popen(argv, env=env)
+    child: NodeRanks | subprocess.Popen | None = None
 
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -292,14 +290,24 @@ def guard(run_dir: Path, argv: list[str]) -> int:
         except OSError:
             pass
         deadline = time.time() + GUARD_GRACE_SECONDS
-        while child.poll() is None and time.time() < deadline:
+        while child is not None and child.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         port = master_port_of(argv)
         if port is not None:  # nobody else is left to remove the ranks' shared memory
             remove_shm_buffers(port)
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
+    # Before anything starts, so no rank can be left behind by an early SIGTERM. A SIGINT sent to the
+    # whole group reaches the ranks themselves (each checkpoints); the guard keeps watching them.
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # a handler, not SIG_IGN: the ranks must not inherit it
+    # DeepSpeed's per-node launcher: its ranks started from here, without its process (node_ranks).
+    commands = rank_commands(argv)
+    if commands is not None:
+        child = NodeRanks(commands, env, preexec_fn=die_with_parent(signal.SIGTERM))
+        print(f"qvltune: started {child.describe()} as {LAUNCHER} would", flush=True)
+    else:
+        child = subprocess.Popen(argv, env=env)
     code = child.wait()
     return code if code >= 0 else 128 - code
 

@@ -1,8 +1,8 @@
 """One node's ranks, started and watched by ``qvltune train``'s guard instead of a launcher process.
 
-On one node ``qvltune train`` builds DeepSpeed's per-node launcher command
-(``python -m deepspeed.launcher.launch --world_info=... qvltune.rank ...``, ``qvltune.launch
-.one_node_launch``) and keeps it in ``launch.sh``. That launcher only sets each rank's variables,
+On one node ``qvltune train`` builds DeepSpeed's per-node launcher command (``python -u -m
+deepspeed.launcher.launch --world_info=... --module ... qvltune.rank --run-dir ...``,
+``qvltune.launch.one_node_launch``) and keeps it in ``launch.sh``. That launcher only sets each rank's variables,
 starts the ranks and tears them down when one fails, yet it imports DeepSpeed, and with it torch
 (and, on a GPU machine, the CUDA libraries), before it starts anything: ~2 s on the 2-core CPU, a
 large part of the 6-7 s "launcher" phase on the H200, on the critical path of every run
@@ -13,13 +13,15 @@ large part of the 6-7 s "launcher" phase on the H200, on the critical path of ev
   ``python -u -m qvltune.rank --local_rank=N ...`` with the variables DeepSpeed's launcher sets
   (``CUDA_VISIBLE_DEVICES``, ``MASTER_ADDR``/``PORT``, ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
   ``CROSS_RANK``/``SIZE``, ``LOCAL_SIZE``); tests/test_startup.py compares them with what the real
-  launcher starts. A flag it does not read makes it return None, and the guard runs the launcher.
+  launcher starts. A flag it does not read, or nodes of unequal size (where DeepSpeed's local rank
+  is the global rank modulo this node's size), makes it return None: the guard runs the launcher.
 - ``NodeRanks`` starts them and, when one fails, stops the others as the launcher does: SIGTERM to
   each rank's process tree, SIGKILL to what is left after ``TEARDOWN_SECONDS``. It polls ten times a
   second (the launcher: once), so a run's end reaches ``qvltune train`` sooner.
 
 Which rank failed first, and how, is still each rank's own record (``qvltune.rank``); the exit code
-here is the first failure seen, as the launcher's was.
+here is the first failure seen, as the launcher's was (for a rank killed by signal N, 128 + N as a
+shell says it, where DeepSpeed's launcher exited with 256 - N).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def rank_commands(argv: list[str]) -> list[RankCommand] | None:
         return None
     world: dict[str, list[int]] = json.loads(base64.urlsafe_b64decode(options["--world_info"]))
     nodes = list(world)
+    if len({len(slots) for slots in world.values()}) != 1:
+        return None
     node_rank = int(options.get("--node_rank", "0"))
     slots = world[nodes[node_rank]]
     first_rank = sum(len(world[n]) for n in nodes[:node_rank])
@@ -93,6 +97,19 @@ def rank_commands(argv: list[str]) -> list[RankCommand] | None:
     ]
 
 
+def within_visible(slots: str, visible: str) -> str:
+    """The ranks' ``CUDA_VISIBLE_DEVICES`` for the launcher's slots, when the one qvltune was given
+    names GPUs by UUID or MIG instance: the slots (``--num_gpus N`` gives 0..N-1) are positions in
+    that list, where DeepSpeed's launcher would make them physical GPU numbers and put the ranks on
+    other GPUs than the user's (or whole GPUs instead of MIG slices). Numeric lists are left alone:
+    ``build_launch`` passes their GPU numbers on as the slots (``--include``)."""
+    entries = [v.strip() for v in visible.split(",") if v.strip()]
+    ids = [int(i) for i in slots.split(",") if i]
+    if not entries or all(v.isdigit() for v in entries) or any(i >= len(entries) for i in ids):
+        return slots
+    return ",".join(entries[i] for i in ids)
+
+
 def _signal_tree(pid: int, sig: signal.Signals) -> None:
     """``sig`` to a process and all its descendants (the rank's worker, its data loader and compile
     workers), children first, as DeepSpeed's launcher stops a rank."""
@@ -115,13 +132,20 @@ class NodeRanks:
     the others are stopped, and the result is the first failure's exit code (128 + N for signal N),
     else 0."""
 
-    def __init__(self, commands: list[RankCommand], environ: dict[str, str] | None = None):
+    def __init__(self, commands: list[RankCommand], environ: dict[str, str] | None = None, preexec_fn=None):
         base = dict(os.environ if environ is None else environ)
-        # Importing DeepSpeed sets this in its launcher's environment, and so in every rank's:
-        # torch.cuda.is_available() then asks NVML instead of starting CUDA (DeepSpeed's reason:
-        # no CUDA context before its ranks fork). A value already set wins, as there.
+        # Importing DeepSpeed (0.19 does) sets this in its launcher's environment, and so in every
+        # rank's: torch.cuda.is_available() then asks NVML instead of starting CUDA (DeepSpeed's
+        # reason: no CUDA context before its ranks fork). A DeepSpeed that does not set it leaves
+        # the ranks to the CUDA runtime's own count: the same answer. A value already set wins.
         base.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-        self.processes = [subprocess.Popen(c.argv, env={**base, **c.env}) for c in commands]
+        visible = base.get("CUDA_VISIBLE_DEVICES", "")
+        self.processes = []
+        for c in commands:
+            env = {**base, **c.env}
+            if "CUDA_VISIBLE_DEVICES" in c.env:
+                env["CUDA_VISIBLE_DEVICES"] = within_visible(c.env["CUDA_VISIBLE_DEVICES"], visible)
+            self.processes.append(subprocess.Popen(c.argv, env=env, preexec_fn=preexec_fn))
         self.commands = commands
         self.failure: int | None = None
         self._stop_sent: float | None = None
@@ -137,7 +161,7 @@ class NodeRanks:
             if failed is not None:
                 self.failure = failed if failed >= 0 else 128 - failed
         if self.failure is not None and any(c is None for c in codes):
-            now = time.time()
+            now = time.monotonic()
             if self._stop_sent is None:
                 self._stop_sent = now
                 self._signal_running(signal.SIGTERM)

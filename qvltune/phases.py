@@ -122,7 +122,8 @@ def format_compile(breakdown: dict[str, Any]) -> str:
     compiler 17 runs 10.9 s`` (the kernels part from a torch that counts them)."""
     b = breakdown
     graphs = f"{b['graphs']} graph" + ("s" if b["graphs"] != 1 else "")
-    generated = f" · {b['kernels']} kernels, C++ compiler {b['cxx_runs']} runs {b['cxx_s']:.1f} s" if "kernels" in b else ""
+    runs = f"{b.get('cxx_runs', 0)} run" + ("s" if b.get("cxx_runs") != 1 else "")
+    generated = f" · {b['kernels']} kernels, C++ compiler {runs} {b['cxx_s']:.1f} s" if "kernels" in b else ""
     return (
         f"compile: {graphs}; Dynamo tracing {b['tracing_s']:.1f} s · AOTAutograd {b['aot_s']:.1f} · forward {b['forward_s']:.1f}"
         f" · backward {b['backward_s']:.1f} (waiting for kernels {b['kernels_wait_s']:.1f}) · cache: Inductor {b['fx_hits']} of"

@@ -23,7 +23,7 @@ from qvltune.config import RunConfig
 # the data check runs beside them. The 2B mixed runs on an H200 of benchmarks/RESULTS.md ("Wall
 # clock ... measured on the H200"): 31-40 s, 6.4-7.3 s of it the launcher phase, mostly DeepSpeed's
 # launcher importing torch; qvltune now starts the ranks without that process (qvltune.node_ranks;
-# on the CPU that phase went from 1.5 to 0.2-0.3 s). 35 s less those ~5-6 s: to be measured there.
+# on the CPU that phase went from 1.9 to 0.3 s). 35 s less those ~5-6 s: predicted, to be measured.
 STARTUP_FIXED_S = 30.0
 WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
 # torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes),

@@ -68,8 +68,8 @@ def test_a_second_worker_process_reuses_what_the_first_compiled_from_the_user_ca
         assert (b["fx_hits"], b["fx_misses"]) == (run["hit"], run["miss"]), run
     cold, warm = runs[0]["breakdown"], runs[1]["breakdown"]
     assert cold["forward_s"] > 0 and cold["backward_s"] > 0 and cold["aot_misses"] >= 1, runs
-    # On the CPU the kernels are C++: the compiler's runs are counted, inside the forward and backward.
-    assert cold["kernels"] > 0 and cold["cxx_runs"] >= 2 and 0 < cold["cxx_s"] <= cold["forward_s"] + cold["backward_s"], runs
+    # On the CPU the kernels are C++: the compiler's runs are counted (their seconds added up).
+    assert cold["kernels"] > 0 and cold["cxx_runs"] >= 2 and cold["cxx_s"] > 0, runs
     # Cold, the first call is all compiling: the parts hold all of it, also when (as here, static
     # shapes) the backward compiles at the first backward(), outside the forward's compile.
     assert runs[0]["parts"] >= 0.95 * runs[0]["first"], runs

@@ -61,6 +61,8 @@ def test_parallel_phases_are_listed_not_summed_and_the_line_is_readable():
     ]
     record["compile"].update(kernels=45, cxx_runs=17, cxx_s=10.86)
     assert format_phases(record).splitlines()[2].endswith("AOTAutograd 0 of 1 hit · 45 kernels, C++ compiler 17 runs 10.9 s")
+    record["compile"].update(cxx_runs=1, cxx_s=0.16)
+    assert format_phases(record).splitlines()[2].endswith(" · 45 kernels, C++ compiler 1 run 0.2 s")
 
 
 def test_process_started_is_when_this_process_was_started():

@@ -166,3 +166,11 @@ def test_the_parent_names_the_first_failed_rank_writes_the_end_record_and_exits_
     state.status = "oom"
     assert rank_failure(run_dir, Outcome(1, state, [], interrupted=False)) is None
     assert len([r for r in read_all(run_dir / "metrics.jsonl") if r["kind"] == "end"]) == 1
+
+
+def test_an_exit_is_described_with_its_signal_either_way_it_is_reported():
+    from qvltune.launch import describe_exit
+
+    assert describe_exit(-9) == "killed by SIGKILL"  # as Popen reports it
+    assert describe_exit(137) == "exit code 137: 128 + SIGKILL"  # as the guard and a shell report it
+    assert describe_exit(17) == "exit code 17" and describe_exit(0) == "exit code 0"

@@ -117,6 +117,9 @@ def test_the_direct_launch_is_what_deepspeeds_runner_would_start(tmp_path, monke
     direct = one_node_launch(argv)
     assert direct is not None and "deepspeed.launcher.launch" in direct
     assert direct == runner_command(argv, monkeypatch)
+    from qvltune.node_ranks import rank_commands
+
+    assert rank_commands(direct) is not None  # qvltune starts these ranks itself (not the launcher)
     # The run's shared-memory buffers are found by this port after the run (remove_shm_buffers).
     assert master_port_of(direct) == master_port_of(argv) == 29777
 
@@ -163,6 +166,7 @@ def started_ranks(argv: list[str], work: Path, start) -> dict[str, dict]:
     out.mkdir()
     (work / "probe_rank.py").write_text(PROBE_RANK)
     env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # set in this process by an earlier import of DeepSpeed
     env["PROBE_BEFORE"] = __import__("json").dumps(env)
     assert start([*argv, str(out)], env) == 0
     return {p.name: __import__("json").loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
@@ -191,9 +195,13 @@ def test_the_ranks_are_started_as_deepspeeds_launcher_starts_them(tmp_path, worl
     assert ours == theirs and len(ours) == len(list(world.values())[node_rank]), (ours, theirs)
     first = ours["rank2.json"] if node_rank else ours["rank0.json"]
     assert first["env"]["LOCAL_RANK"] == "0" and first["argv"] == ["--local_rank=0", "--run-dir", "x"]
+    assert first["env"]["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"  # what DeepSpeed's import leaves the launcher's ranks
 
 
 def test_a_launcher_command_with_options_not_read_here_is_left_to_the_launcher():
+    import base64
+    import json
+
     from qvltune.node_ranks import rank_commands
 
     base = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info=eyJsb2NhbGhvc3QiOiBbMF19", "--master_port=1"]
@@ -202,6 +210,19 @@ def test_a_launcher_command_with_options_not_read_here_is_left_to_the_launcher()
     assert rank_commands(base + ["--enable_each_rank_log=/logs", "--module", "qvltune.rank"]) is None
     assert rank_commands(base + ["qvltune/worker.py"]) is None  # a script, not --module
     assert rank_commands(["torchrun", "--nproc_per_node", "2", "x.py"]) is None
+    uneven = base64.urlsafe_b64encode(json.dumps({"a": [0, 1], "b": [0, 1, 2]}).encode()).decode()
+    assert rank_commands([*base[:4], f"--world_info={uneven}", "--master_port=1", "--module", "qvltune.rank"]) is None
+
+
+def test_ranks_run_on_the_users_gpus_when_they_are_named_by_uuid():
+    """``--num_gpus N`` slots are positions in a CUDA_VISIBLE_DEVICES of UUIDs or MIG instances, not
+    physical GPU numbers; numeric lists arrive as the GPU numbers themselves (``--include``)."""
+    from qvltune.node_ranks import within_visible
+
+    assert within_visible("0,1", "MIG-aa,MIG-bb,MIG-cc") == "MIG-aa,MIG-bb"
+    assert within_visible("1", "GPU-x, GPU-y") == "GPU-y"
+    assert within_visible("1,3", "1,3") == "1,3" and within_visible("0,1", "") == "0,1"
+    assert within_visible("2", "GPU-x") == "2"  # more slots than named GPUs: left as given
 
 
 def test_when_a_rank_fails_the_others_are_stopped_and_its_code_is_the_nodes(tmp_path):
@@ -217,6 +238,29 @@ def test_when_a_rank_fails_the_others_are_stopped_and_its_code_is_the_nodes(tmp_
     assert ranks.processes[0].returncode == -15  # stopped, not left running
     ranks = NodeRanks([RankCommand(0, 0, [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], {})])
     assert ranks.wait() == 128 + 9  # a signal, as a shell reports it
+
+
+def test_a_rank_that_ignores_sigterm_is_killed_with_its_children(tmp_path, monkeypatch):
+    """The teardown's second half: what SIGTERM did not stop is killed, process tree and all."""
+    from qvltune import node_ranks
+    from qvltune.node_ranks import NodeRanks, RankCommand
+
+    monkeypatch.setattr(node_ranks, "TEARDOWN_SECONDS", 1.0)
+    (tmp_path / "stubborn.py").write_text(
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    fail = [sys.executable, "-c", "import time, sys; time.sleep(1.5); sys.exit(3)"]
+    ranks = NodeRanks([RankCommand(0, 0, [sys.executable, str(tmp_path / "stubborn.py")], {}), RankCommand(1, 1, fail, {})])
+    t = time.time()
+    assert ranks.wait() == 3 and time.time() - t < 15
+    assert ranks.processes[0].returncode == -9
+    grandchild = int((tmp_path / "child.pid").read_text())
+    gone = not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert gone, "the rank's own child outlived the teardown"
 
 
 # ----------------------------------------------------------------------------------------------
