@@ -180,6 +180,13 @@ class Child:
     def poll(self) -> int | None:
         return self.process.poll()
 
+    def wait(self, timeout: float) -> int | None:
+        """Up to ``timeout`` seconds for the launcher to exit (a refresh interval that ends early)."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def read_output(self) -> list[str]:
         """New complete lines the child wrote since the last call."""
         try:

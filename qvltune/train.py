@@ -230,7 +230,7 @@ def supervise(
                         state.gpus, last_sample = nvml_sampler(), time.time()
                     tick()
                     view.update(render(state))
-                    time.sleep(refresh)
+                    child.wait(refresh)  # back at once when the ranks are done
                 _drain(tailer, state, None)
             console.err.print(render(state))
         else:
@@ -238,7 +238,7 @@ def supervise(
                 _drain(tailer, state, console.out)
                 child.read_output()
                 tick()
-                time.sleep(refresh)
+                child.wait(refresh)  # back at once when the ranks are done
             _drain(tailer, state, console.out)
     finally:
         for sig, handler in previous.items():
