@@ -3,7 +3,8 @@
 ``build_launch`` (DeepSpeed's runner form) and ``one_node_launch`` (on one node, the per-node
 launcher the runner would start) are pure functions of the config and the machine, so
 ``--print-command`` prints exactly what ``qvltune train`` runs (``one_node_launch(argv) or argv``),
-and tests check it without launching anything.
+and tests check it without launching anything. ``start`` runs it under ``guard``, which on one node
+starts the ranks of that launcher command itself (``qvltune.node_ranks``).
 """
 
 from __future__ import annotations
