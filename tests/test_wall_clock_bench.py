@@ -76,3 +76,25 @@ def test_startup_bench_counts_the_wait_for_the_data_not_the_check_beside_it():
     row = startup.summary(record)
     assert row["model and data ready"] == 10.0  # 1 + 2 + 3 + 4: the parallel check only through the wait
     assert row["data check and index (qvltune train, beside the launcher) (in parallel)"] == 9.0
+
+
+def test_what_inductor_generated_is_read_from_the_compile_cache(tmp_path):
+    """wall_clock.compiled_code: a real CPU compile's C++ kernels by name; Triton kernels (no GPU
+    here) from a module in Inductor's wrapper form."""
+    import os
+    import subprocess
+
+    code = "import torch\nf = torch.compile(lambda x: (x * 2).sin() + 1)\nf(torch.randn(8))\n"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cpu")}, check=True, capture_output=True, timeout=300)
+    cpu = wc.compiled_code(tmp_path / "cpu")
+    assert cpu["wrappers"] >= 1 and cpu["triton_kernels"] == 0 and cpu["cpp_sources"] >= 1
+    assert cpu["cpp_kernels"] and all(name.startswith("cpp_fused_") for name in cpu["cpp_kernels"]), cpu
+    gpu = tmp_path / "gpu" / "ab"
+    gpu.mkdir(parents=True)
+    (gpu / "cabc.py").write_text(
+        "async_compile = AsyncCompile()\n"
+        "triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '''\nsource\n''', device_str='cuda')\n"
+        "triton_red_fused_sum_1 = async_compile.triton('triton_red_fused_sum_1', '''\nsource\n''', device_str='cuda')\n"
+        "cpp_fused_copy_2 = async_compile.cpp_pybinding(['int64_t*'], '''\nsource\n''')\n"
+    )
+    assert wc.compiled_code(tmp_path / "gpu") == {"wrappers": 1, "triton_kernels": 2, "cpp_kernels": ["cpp_fused_copy_2"], "cpp_sources": 0}
