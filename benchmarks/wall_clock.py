@@ -15,7 +15,8 @@ compile cache, `warm` with the cache the cold run filled. (`check-data` runs fir
 step, but does not write the data index cache: its settings are not the run's. The first `train` on
 the data fills it and later ones reuse it.) Prints per run: the phases to the first step, steady
 median/mean real tok/s, the slowest step against the median (and stall records), each save's
-blocking and background time, eval time, and the whole command against its steady steps.
+blocking and background time, eval time, and the whole command against its steady steps; after a
+cold compiled unit, what Inductor generated (``generated``: Triton and C++ kernels).
 
     python benchmarks/wall_clock.py --out $OUT [--shapes 2b,8b] [--mixes bench,issue] [--runs cold,warm] [--samples 2400]
     python benchmarks/wall_clock.py --out $OUT --shapes tiny --samples 160 --max-steps 16 --compile on   # CPU
