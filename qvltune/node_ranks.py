@@ -2,11 +2,11 @@
 
 On one node ``qvltune train`` builds DeepSpeed's per-node launcher command (``python -u -m
 deepspeed.launcher.launch --world_info=... --module ... qvltune.rank --run-dir ...``,
-``qvltune.launch.one_node_launch``) and keeps it in ``launch.sh``. That launcher only sets each rank's variables,
-starts the ranks and tears them down when one fails, yet it imports DeepSpeed, and with it torch
-(and, on a GPU machine, the CUDA libraries), before it starts anything: ~2 s on the 2-core CPU, a
-large part of the 6-7 s "launcher" phase on the H200, on the critical path of every run
-(``torchrun`` imports torch too). The guard (``qvltune.launch.guard``, torch-free, already between
+``qvltune.launch.one_node_launch``) and keeps it in ``launch.sh``. That launcher only sets each
+rank's variables, starts the ranks and tears them down when one fails, yet it imports DeepSpeed,
+and with it torch (and, on a GPU machine, the CUDA libraries), before it starts anything: 1.5-2 s
+on the 2-core CPU, a large part of the 6-7 s "launcher" phase on the H200, on the critical path of
+every run (``torchrun`` imports torch too). The guard (``qvltune.launch.guard``, torch-free, already between
 ``qvltune train`` and the launcher) does the same work from the same command instead:
 
 - ``rank_commands`` reads the launcher command and returns what it would start: per local rank
