@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qvltune.config import RunConfig
 from qvltune.node_ranks import LAUNCHER, NodeRanks, rank_commands
-from qvltune.rank import die_with_parent
+from qvltune.rank import die_with_parent, shell_status
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -316,8 +316,7 @@ def guard(run_dir: Path, argv: list[str]) -> int:
         print(f"qvltune: started {child.describe()} as {LAUNCHER} would", flush=True)
     else:
         child = subprocess.Popen(argv, env=env)
-    code = child.wait()
-    return code if code >= 0 else 128 - code
+    return shell_status(child.wait())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from qvltune.rank import shell_status
+
 LAUNCHER = "deepspeed.launcher.launch"
 TEARDOWN_SECONDS = 30.0  # DeepSpeed's launcher waits as long for its ranks after SIGTERM
 POLL_SECONDS = 0.1
@@ -159,7 +161,7 @@ class NodeRanks:
         if self.failure is None:
             failed = next((c for c in codes if c not in (None, 0)), None)
             if failed is not None:
-                self.failure = failed if failed >= 0 else 128 - failed
+                self.failure = shell_status(failed)
         if self.failure is not None and any(c is None for c in codes):
             now = time.monotonic()
             if self._stop_sent is None:

@@ -99,6 +99,11 @@ def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     return preexec
 
 
+def shell_status(code: int) -> int:
+    """A Popen return code as a shell reports it: 128 + N for a process killed by signal N."""
+    return code if code >= 0 else 128 - code
+
+
 def run_and_record(argv: list[str], record: Path, identity: dict[str, Any]) -> int:
     """Run ``argv`` (the worker), pass on the signals this process gets, and write ``record`` when it
     ends. Returns its exit status as a shell would (128 + N for signal N)."""
@@ -134,7 +139,7 @@ def run_and_record(argv: list[str], record: Path, identity: dict[str, Any]) -> i
         **identity,
         "host": socket.gethostname(),
         "pid": child.pid,
-        "exit_code": code if code >= 0 else 128 - code,
+        "exit_code": shell_status(code),
         "signal": signal.Signals(-code).name if code < 0 and -code in signal.Signals._value2member_map_ else None,
         "error": redact(worker["error"]) if worker.get("error") else None,  # no token from an exception's text
         "received": min(seen, key=lambda r: r["time"]) if seen else None,

@@ -5,6 +5,8 @@ no launch (where the weights load, eval rows built like training rows)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -18,11 +20,13 @@ import torch
 
 from conftest import write_image, write_jsonl
 from qvltune import launch as launch_mod
+from qvltune import node_ranks
 from qvltune.config import parse_config
 from qvltune.data_ready import DATA_READY, PENDING_ENV, mark_data_ready, wait_for_data
 from qvltune.errors import UserError
 from qvltune.launch import build_launch, master_port_of, one_node_launch
 from qvltune.model import load_model
+from qvltune.node_ranks import NodeRanks, RankCommand, rank_commands, within_visible
 from qvltune.worker import weights_device
 
 REPO = Path(__file__).parents[1]
@@ -117,8 +121,6 @@ def test_the_direct_launch_is_what_deepspeeds_runner_would_start(tmp_path, monke
     direct = one_node_launch(argv)
     assert direct is not None and "deepspeed.launcher.launch" in direct
     assert direct == runner_command(argv, monkeypatch)
-    from qvltune.node_ranks import rank_commands
-
     assert rank_commands(direct) is not None  # qvltune starts these ranks itself (not the launcher)
     # The run's shared-memory buffers are found by this port after the run (remove_shm_buffers).
     assert master_port_of(direct) == master_port_of(argv) == 29777
@@ -167,9 +169,9 @@ def started_ranks(argv: list[str], work: Path, start) -> dict[str, dict]:
     (work / "probe_rank.py").write_text(PROBE_RANK)
     env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1"}
     env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # set in this process by an earlier import of DeepSpeed
-    env["PROBE_BEFORE"] = __import__("json").dumps(env)
+    env["PROBE_BEFORE"] = json.dumps(env)
     assert start([*argv, str(out)], env) == 0
-    return {p.name: __import__("json").loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
+    return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
 
 
 @pytest.mark.parametrize("world, node_rank", [({"localhost": [0, 1]}, 0), ({"node-a": [0, 1], "node-b": [2, 3]}, 1)])
@@ -179,11 +181,6 @@ def test_the_ranks_are_started_as_deepspeeds_launcher_starts_them(tmp_path, worl
     counts that as unset, so the ranks lose nothing without it). Nodes of equal size, as qvltune
     starts them: with unequal ones DeepSpeed's local ranks are the global rank modulo this node's
     size, not the rank's place on its node."""
-    import base64
-    import json
-
-    from qvltune.node_ranks import NodeRanks, rank_commands
-
     info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
     argv = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}", "--master_addr=10.1.2.3", "--master_port=29781"]
     argv += [f"--node_rank={node_rank}"] if node_rank else []
@@ -199,11 +196,6 @@ def test_the_ranks_are_started_as_deepspeeds_launcher_starts_them(tmp_path, worl
 
 
 def test_a_launcher_command_with_options_not_read_here_is_left_to_the_launcher():
-    import base64
-    import json
-
-    from qvltune.node_ranks import rank_commands
-
     base = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info=eyJsb2NhbGhvc3QiOiBbMF19", "--master_port=1"]
     assert rank_commands(base + ["--module", "qvltune.rank"]) is not None
     assert rank_commands(base + ["--bind_cores_to_rank", "--module", "qvltune.rank"]) is None  # numactl: the launcher's
@@ -217,8 +209,6 @@ def test_a_launcher_command_with_options_not_read_here_is_left_to_the_launcher()
 def test_ranks_run_on_the_users_gpus_when_they_are_named_by_uuid():
     """``--num_gpus N`` slots are positions in a CUDA_VISIBLE_DEVICES of UUIDs or MIG instances, not
     physical GPU numbers; numeric lists arrive as the GPU numbers themselves (``--include``)."""
-    from qvltune.node_ranks import within_visible
-
     assert within_visible("0,1", "MIG-aa,MIG-bb,MIG-cc") == "MIG-aa,MIG-bb"
     assert within_visible("1", "GPU-x, GPU-y") == "GPU-y"
     assert within_visible("1,3", "1,3") == "1,3" and within_visible("0,1", "") == "0,1"
@@ -228,8 +218,6 @@ def test_ranks_run_on_the_users_gpus_when_they_are_named_by_uuid():
 def test_when_a_rank_fails_the_others_are_stopped_and_its_code_is_the_nodes(tmp_path):
     """As DeepSpeed's launcher: the first failure's exit code, and the ranks still running are
     stopped (SIGTERM to the process tree) instead of waiting on a peer that is gone."""
-    from qvltune.node_ranks import NodeRanks, RankCommand
-
     (tmp_path / "hang.py").write_text("import time\ntime.sleep(60)\n")
     hang = [sys.executable, str(tmp_path / "hang.py")]
     ranks = NodeRanks([RankCommand(0, 0, hang, {}), RankCommand(1, 1, [sys.executable, "-c", "import sys; sys.exit(17)"], {})])
@@ -242,9 +230,6 @@ def test_when_a_rank_fails_the_others_are_stopped_and_its_code_is_the_nodes(tmp_
 
 def test_a_rank_that_ignores_sigterm_is_killed_with_its_children(tmp_path, monkeypatch):
     """The teardown's second half: what SIGTERM did not stop is killed, process tree and all."""
-    from qvltune import node_ranks
-    from qvltune.node_ranks import NodeRanks, RankCommand
-
     monkeypatch.setattr(node_ranks, "TEARDOWN_SECONDS", 1.0)
     (tmp_path / "stubborn.py").write_text(
         "import signal, subprocess, sys, time\n"

@@ -127,4 +127,6 @@ def report(outcome, cfg, config_path: Path) -> int:
     # That rank's own exit code (128 + N when signal N killed it), as a shell reports a failed command.
     if failure:
         return failure.exit_code
-    return (outcome.exit_code if outcome.exit_code >= 0 else 128 - outcome.exit_code) or 1
+    from qvltune.rank import shell_status
+
+    return shell_status(outcome.exit_code) or 1
