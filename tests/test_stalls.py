@@ -60,7 +60,10 @@ def test_what_a_compile_makes_is_frozen_and_collections_wait_for_their_step():
         assert len(gc.get_objects()) < 1_000  # no later collection walks them
         more = [[i] for i in range(10_000)]  # a step that made no graph: nothing frozen, no collection yet
         frozen = gc.get_freeze_count()
-        assert schedule.after_step(2, graphs=4) == 0.0 and gc.get_freeze_count() == frozen
+        assert schedule.after_step(2, graphs=4) == 0.0
+        # Not frozen: still in the generations a collection walks. (The freeze count alone is no
+        # test: a frozen object that dies leaves it, so it can fall while the step runs.)
+        assert len(gc.get_objects()) >= len(more) and gc.get_freeze_count() <= frozen
         assert schedule.after_step(50, graphs=4) > 0  # the regular collection, at a step boundary
         schedule.after_step(51, graphs=5)  # a recompilation: frozen again
         assert gc.get_freeze_count() >= frozen + len(more)
