@@ -87,9 +87,9 @@ def mix_data(work: Path, shape: str, mix: str, samples: int) -> tuple[Path, list
     return gt.make_data(work / "data-bench", samples), ["--resolution", "variable"]
 
 
-def summarize(records: list[dict], wall_s: float, started: float) -> dict:
+def summarize(records: list[dict], wall_s: float, started: float, ranks: list[dict] | None = None) -> dict:
     """The figures of one run from its metrics.jsonl records, ``wall_s`` the whole `qvltune train`
-    command and ``started`` when it began (pure)."""
+    command and ``started`` when it began, ``ranks`` its ranks' records (qvltune.rank) (pure)."""
     phases = next((r for r in records if r["kind"] == "phases"), None)
     train = [r for r in records if r["kind"] == "train"]
     saves = [r for r in records if r["kind"] == "save"]
@@ -133,7 +133,26 @@ def summarize(records: list[dict], wall_s: float, started: float) -> dict:
         # After the last step: its eval and save, the final model, the ranks' exit, the command's end.
         "last_step_to_end_record_s": round(end["time"] - train[-1]["time"], 1) if train and end.get("time") else None,
         "end_record_to_exit_s": round(started + wall_s - end["time"], 1) if end.get("time") else None,
+        "after_end_record": after_end_record(end.get("time"), started + wall_s, ranks or []),
     }
+
+
+def after_end_record(end: float | None, exited: float, ranks: list[dict]) -> dict | None:
+    """Where the time from rank 0's ``end`` record to the command's exit went, from the ranks' records:
+    the worker's return (the process group's end), its exit handlers, the process's own end (the
+    driver releasing the GPU), and qvltune train after the last rank (the loss plot, the summary)."""
+    first = next((r for r in ranks if r.get("rank") == 0), None)
+    if end is None or not first or not all(first.get(k) for k in ("returned", "exiting", "ended")):
+        return None
+    last = max(r["ended"] for r in ranks if r.get("ended"))
+    parts = {
+        "worker's return (process group)": first["returned"] - end,
+        "exit handlers": first["exiting"] - first["returned"],
+        "process end": first["ended"] - first["exiting"],
+        "other ranks' end": last - first["ended"],
+        "qvltune train after the ranks": exited - last,
+    }
+    return {k: round(v, 2) for k, v in parts.items()}
 
 
 def compiled_code(root: Path) -> dict:
@@ -189,7 +208,8 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
     code, seconds, _ = gpu_flow.cli(log, "train", config, "--no-live", "--force")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
     generated = compiled_code(cache / "compile") if run == "cold" and doc["optim"].get("compile") else None
-    return {"shape": shape, "mix": mix, "run": run, "exit": code, **summarize(records, seconds, started), "generated": generated, "config": {k: doc[k] for k in ("data", "optim", "schedule", "deepspeed")}}
+    ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("node*-rank*.json"))]
+    return {"shape": shape, "mix": mix, "run": run, "exit": code, **summarize(records, seconds, started, ranks), "generated": generated, "config": {k: doc[k] for k in ("data", "optim", "schedule", "deepspeed")}}
 
 
 KEYS = ["shape", "mix", "run", "exit", "steps", "wall_s", "to_first_step_s", "tok_s_median", "tok_s_mean", "slowest_step", "slowest_vs_median", "save_blocking_s", "save_background_s", "eval_s", "wall_vs_steady"]

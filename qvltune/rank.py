@@ -10,13 +10,15 @@ sees its exit status. So every rank's parent is this small recorder (no torch), 
 ``ranks/node<N>-rank<R>.json`` in the run folder when its worker ends:
 
     {"rank": 1, "local_rank": 1, "node": 0, "host": "...", "pid": 1234, "exit_code": 17,
-     "signal": null, "error": null, "received": null, "started": ..., "ended": ...}
+     "signal": null, "error": null, "received": null, "started": ..., "returned": ...,
+     "exiting": ..., "ended": ...}
 
 ``signal`` names the signal that killed the worker; ``received`` the signal (and when) that reached
 this rank before it ended -- the launcher's teardown, a scheduler, Ctrl-C twice -- which marks the
 rank as stopped, not as the cause; ``error`` is what the worker itself reported (an uncaught
 exception, or qvltune's own one-line error) through the note file it is handed in
-``QVLTUNE_RANK_NOTE``. ``qvltune train`` reads the records after the launcher exits
+``QVLTUNE_RANK_NOTE``; ``returned`` and ``exiting`` (null unless it got that far) when its main
+returned and when its exit handlers had run, so a slow exit shows where it went. ``qvltune train`` reads the records after the launcher exits
 (``first_failure``) to name the rank that failed first, with its own exit code.
 """
 
@@ -79,6 +81,8 @@ def _read_notes(path: Path) -> dict[str, Any]:
             out["error"] = doc["error"]  # the last one: the exception that ended the worker
         if "received" in doc and "received" not in out:  # the first signal is the one that stopped it
             out["received"] = {"signal": doc["received"], "time": doc["time"]}
+        if "exit" in doc:  # where the worker's exit went: when its main returned, when its exit handlers ended
+            out.setdefault("exit", {})[doc["exit"]] = doc["time"]
     return out
 
 
@@ -144,6 +148,8 @@ def run_and_record(argv: list[str], record: Path, identity: dict[str, Any]) -> i
         "error": redact(worker["error"]) if worker.get("error") else None,  # no token from an exception's text
         "received": min(seen, key=lambda r: r["time"]) if seen else None,
         "started": started,
+        "returned": worker.get("exit", {}).get("returned"),  # the worker's main returned (its work done)
+        "exiting": worker.get("exit", {}).get("handlers done"),  # its exit handlers ran; then the process ends
         "ended": ended,
     }
     tmp = record.with_name(f".{record.name}.tmp")

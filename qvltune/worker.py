@@ -442,13 +442,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_without_finalizing(code: int) -> None:
-    """End a finished CPU (gloo) rank: the exit handlers run, then the process ends without finalizing
-    its objects. DeepSpeed keeps gloo process groups that ``destroy_process_group`` cannot drop; freed
-    during finalization, gloo's threads can abort the process (SIGABRT, exit 134, "terminate called
-    without an active exception") after a completed run: seen once in the CPU suite (2 ranks, ZeRO-3)."""
+    """End a finished rank: the exit handlers run, then the process ends without finalizing its
+    objects (every file the run wrote is closed by then; the exit handlers flush the loggers).
+    Finalizing frees the whole run's objects one by one -- the model, the optimizer, the compiled
+    graphs -- which only the process's end needs to release. And on a CPU (gloo) it is unsafe:
+    DeepSpeed keeps gloo process groups that ``destroy_process_group`` cannot drop; freed during
+    finalization, gloo's threads can abort the process (SIGABRT, exit 134, "terminate called without
+    an active exception") after a completed run: seen once in the CPU suite (2 ranks, ZeRO-3).
+    The rank's record gets when the worker's main returned and when its exit handlers had run."""
     import atexit
 
+    rank_note("exit", "returned")
     atexit._run_exitfuncs()  # what a normal exit runs first (torch's, the data loaders', loggers')
+    rank_note("exit", "handlers done")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -459,7 +465,4 @@ if __name__ == "__main__":
     # module holding the worker's functions (fault-injection tests patch it there).
     from qvltune.worker import main as _main
 
-    _code = _main()
-    if not torch.cuda.is_available():
-        exit_without_finalizing(_code)
-    sys.exit(_code)
+    exit_without_finalizing(_main())

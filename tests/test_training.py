@@ -25,6 +25,7 @@ from qvltune.launch import build_launch
 from qvltune.metrics import read_all
 from qvltune.model import component_of
 from qvltune.zero import deepspeed_config, zero3_stats
+from qvltune.rank import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +153,11 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     timed = parts["model files"] + parts["DeepSpeed state to host"]
     assert parts["model files"] > 0 and parts["DeepSpeed state to host"] > 0 and parts.get("other", 0.0) < timed  # the named parts are where the wait went
     assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
+    # The rank's record says where its exit went: its main returned after the end record, then its
+    # exit handlers ran, then the process ended (qvltune.rank, worker.exit_without_finalizing).
+    (rank,) = read_records(rd)
+    end = next(r for r in reversed(records) if r["kind"] == "end")
+    assert rank["exit_code"] == 0 and end["time"] <= rank["returned"] <= rank["exiting"] <= rank["ended"], rank
     # The start-up, phase by phase, from the command to the first step's end (qvltune.phases).
     phases = next(r for r in records if r["kind"] == "phases")
     names = [p["name"] for p in phases["phases"]]

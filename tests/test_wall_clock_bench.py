@@ -60,6 +60,17 @@ def test_summarize_reads_the_phases_steps_saves_evals_and_stalls():
     assert s["save_blocking_s"] == [1.5] and s["save_background_s"] == [12.0] and s["eval_s"] == [5.0]
     assert s["stalls"] == [{"step": 6, "seconds": 9.0, "ratio": 4.5, "gc_seconds": 0.0}]
     assert s["tok_s_median"] == pytest.approx(10006.5) and s["wall_vs_steady"] == pytest.approx(150.0 / 20.0)
+    assert s["after_end_record"] is None  # no rank records given
+
+
+def test_the_time_after_the_end_record_is_split_by_the_ranks_records():
+    end = _records()[-1]["time"]
+    ranks = [{"rank": 0, "returned": end + 0.5, "exiting": end + 2.5, "ended": end + 3.0}, {"rank": 1, "returned": end + 0.6, "exiting": end + 2.0, "ended": end + 4.0}]
+    s = wc.summarize(_records(), wall_s=end + 5.5 - 1000.0, started=1000.0, ranks=ranks)
+    assert s["after_end_record"] == {
+        "worker's return (process group)": 0.5, "exit handlers": 2.0, "process end": 0.5, "other ranks' end": 1.0, "qvltune train after the ranks": 1.5
+    }
+    assert s["end_record_to_exit_s"] == pytest.approx(sum(s["after_end_record"].values()))
 
 
 def test_startup_bench_counts_the_wait_for_the_data_not_the_check_beside_it():
