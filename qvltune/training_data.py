@@ -3,7 +3,8 @@
 Two halves, split by whether they need the model. ``prepare_data_side`` (processor, data index,
 packing plan) needs no weights, so ``qvltune.worker`` runs it in a thread beside the model load;
 ``build_datasets`` (the datasets and the collator) reads the loaded model's config. DPO's versions
-of both live in ``qvltune.preference.worker`` and are called from here.
+of both live in ``qvltune.preference.worker`` and are called from here. ``close_data_loaders``
+stops the loaders' worker processes once training is over.
 """
 
 from __future__ import annotations
@@ -80,3 +81,23 @@ def row_padding(cfg: RunConfig, index, train_groups) -> dict:
     padded_rows = [rows[i : i + b] for i in range(0, len(rows), b)]
     unpacked = [tokens[i : i + b] for i in range(0, len(tokens), b)]
     return {"train_rows": len(train_groups), "padding": padding_fraction(padded_rows), "padding_unpacked": padding_fraction(unpacked)}
+
+
+def close_data_loaders(trainer) -> int:
+    """Stop the worker processes of the Trainer's data loaders; returns how many loaders had them.
+
+    The loaders keep their workers for the whole run (``dataloader_persistent_workers``), and only
+    the iterator's own shutdown tells them to stop. Left to torch's exit handler, which joins each
+    worker with a 5 s timeout before it kills it (pinned memory), the workers were never told: the
+    exit of an 8B run on the H200 (2 training and 2 eval workers) took 21 s. torch has no public call
+    for it; ``_shutdown_workers`` is what the iterator runs when it is deleted (its ``__del__``), and
+    the loaders are the Trainer's: the ones the Accelerator prepared, and the cached eval loaders."""
+    loaders = [*getattr(trainer.accelerator, "_dataloaders", []), *getattr(trainer, "_eval_dataloaders", {}).values()]
+    closed = 0
+    for loader in {id(x): x for x in loaders}.values():
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            closed += 1
+        loader._iterator = None
+    return closed

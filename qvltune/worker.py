@@ -49,7 +49,7 @@ from qvltune.phases import PhaseClock, worker_clock
 from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc, thaw_gc
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
-from qvltune.training_data import build_datasets, prepare_data_side, row_padding
+from qvltune.training_data import build_datasets, close_data_loaders, prepare_data_side, row_padding
 from qvltune.zero import DS_CONFIG, deepspeed_config, write_deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
@@ -289,6 +289,8 @@ def run(run_dir: Path, resume: bool) -> int:
         if writer:
             writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=last_checkpoint_text(run_dir))
         raise UserError(message, hint) from None
+    finally:
+        close_data_loaders(trainer)  # no batch is read after training; their exit would wait 5 s a worker
     # Training is over and its last checkpoint written: what it held for the rest of the run goes
     # before the final save (under ZeRO-3 rank 0 gathers the whole 16-bit model in host memory):
     # the snapshot buffers, and what the step-boundary freezes kept from the collector.

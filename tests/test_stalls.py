@@ -16,9 +16,9 @@ def test_a_step_over_twice_the_median_is_a_stall_and_the_first_step_never_counts
         assert d.observe(step, 1.0 + 0.01 * step) is None
     assert d.observe(10, 2.0) is None  # under 2x the median (~1.04 s)
     stall = d.observe(11, 18.0, gc_seconds=0.25)
-    assert stall == {"step": 11, "seconds": 18.0, "median_s": 1.045, "ratio": 17.22, "gc_seconds": 0.25, "count": 1}
+    assert stall == {"step": 11, "seconds": 18.0, "median_s": 1.035, "ratio": 17.39, "gc_seconds": 0.25, "count": 1}
     assert d.observe(12, 1.0) is None and d.observe(13, 9.0)["count"] == 2
-    assert format_line({"kind": "stall", **stall}) == "stall: 1, the last at step 11: 18.0 s, 17.2x the median step (1.04 s); GC 0.2 s of it"
+    assert format_line({"kind": "stall", **stall}) == "stall: 1, the last at step 11: 18.0 s, 17.4x the median step (1.03 s); GC 0.2 s of it"
 
 
 def test_no_stall_is_called_before_the_median_is_trusted():
@@ -94,3 +94,22 @@ def test_a_batch_in_a_reference_cycle_frozen_at_a_compiling_step_is_freed_at_the
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_the_data_loaders_workers_are_stopped_when_training_ends():
+    """Persistent workers live as long as their loader; told nothing, torch's exit handler waits 5 s
+    for each before it kills it (21 s at the end of an 8B run on the H200). close_data_loaders stops
+    them, for the Accelerator's loaders and the Trainer's cached eval loaders alike."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from qvltune.training_data import close_data_loaders
+
+    train, evals = (DataLoader(list(range(64)), batch_size=2, num_workers=2, persistent_workers=True) for _ in range(2))
+    next(iter(train)), next(iter(evals))  # mid-epoch: the workers are busy prefetching
+    workers = [*train._iterator._workers, *evals._iterator._workers]
+    assert all(w.is_alive() for w in workers)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(_dataloaders=[train]), _eval_dataloaders={"eval": evals})
+    assert close_data_loaders(trainer) == 2
+    assert not any(w.is_alive() for w in workers) and train._iterator is None and evals._iterator is None
