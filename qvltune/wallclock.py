@@ -20,19 +20,16 @@ from qvltune.config import RunConfig
 
 # Start-up besides the weights: the CLI, the ranks' start and imports, the process group, the run
 # config and the Trainer's arguments (CUDA start), the strategy and adapters, DeepSpeed's engine;
-# the data check runs beside them. The 2B mixed runs on an H200 of benchmarks/RESULTS.md ("Wall
-# clock ... measured on the H200"): 31-40 s, 6.4-7.3 s of it the launcher phase, mostly DeepSpeed's
-# launcher importing torch; qvltune now starts the ranks without that process (qvltune.node_ranks;
-# on the CPU that phase went from 1.9 to 0.3 s). 35 s less those ~5-6 s: predicted, to be measured.
-STARTUP_FIXED_S = 30.0
+# the data check runs beside them. Measured on an H200 (benchmarks/RESULTS.md, "The 2B and 8B
+# epochs"): 18-20 s before the first step less the weights' load, 2B and 8B mixed (the second run
+# of the same folder also removes the first's, 1-3 s).
+STARTUP_FIXED_S = 20.0
 WEIGHTS_LOAD_BPS = 2.0e9  # safetensors from a local disk, cold page cache (bytes/s)
-# torch.compile of the decoder layers at the first step (one graph for every layer, dynamic shapes),
-# on an H200: 92-122 s cold at 2B (most of it Inductor generating the forward graph's code, in one
-# Python thread), 69-124 s at 8B. A second run with the compile cache (ZeRO-2, 2B mixed) still
-# took 70.5 s of a 92 s cold first step: 0.75 until that is understood (8B full under ZeRO-3, whose
-# layers compile without the module hooks: 9.0 of 24.9 s).
-COMPILE_COLD_S = 110.0
-COMPILE_WARM_FRACTION = 0.75
+# What the first step costs beyond a steady one: torch.compile of the decoder layers (one graph for
+# every layer, dynamic shapes) and the first launch of every kernel. The same runs: 20.5 s at 2B and
+# 27.5 s at 8B with an empty compile cache; 6.0 and 5.6 s with the cache a first run filled.
+COMPILE_COLD_S = 25.0
+COMPILE_WARM_FRACTION = 0.25
 # Device -> host copy of the trained state into the reused pinned buffers (2B mixed on an H200: 2.4
 # GB in 0.15-0.2 s); the first save also allocates and pins them (2.0-2.1 s for the same bytes).
 # Past the pinning cap (qvltune.host_buffers: a quarter of the node's RAM over its ranks) the
@@ -44,6 +41,10 @@ DISK_WRITE_BPS = 0.55e9  # torch.save + fsync beside training (the same runs: 2.
 OPTIMIZER_BYTES = 12  # fp32 master weight + two Adam moments per trained parameter
 WEIGHT_BYTES = 2  # bf16 trained weights (the adapter / module states)
 EVAL_COST = 1.0 / 3.0  # forward only: a third of a training step's compute per token
+# After the last step and its checkpoint's background write: the final model (the adapter and the
+# processor), the ranks' exit and the command's end: the 2B and 8B runs, 0.5-0.9 s to the worker's
+# return and ~2.5 s for the command's end (loss plot, summary), the exit itself made short since.
+FINISH_S = 4.0
 
 
 @dataclass
@@ -59,11 +60,12 @@ class WallClock:
     eval_s: float  # per evaluation
     assumptions: list[str] = field(default_factory=list)
     first_save_extra_s: float = 0.0  # the first save's longer wait (it pins the reused host buffers)
+    finish_s: float = FINISH_S  # after the last step: its checkpoint's write ends, the final model, the exit
 
     def total(self, cached: bool = False) -> float:
         first = self.compile_warm_s if cached else self.compile_cold_s
         saves = self.saves * self.save_blocking_s + (self.first_save_extra_s if self.saves else 0.0)
-        return self.steady_s + self.startup_s + first + saves + self.evals * self.eval_s
+        return self.steady_s + self.startup_s + first + saves + self.evals * self.eval_s + self.finish_s
 
     def ratio(self, cached: bool = False) -> float:
         """Whole run / steady steps (issue 21's target: <= 1.3)."""
@@ -84,7 +86,7 @@ def wall_clock(cfg: RunConfig, est, total_params: int, steps: int) -> WallClock 
     steady = est.seconds_per_epoch * epochs
     total_steps = max(1, int(steps * epochs)) if steps else 1
     s = cfg.schedule
-    saves = total_steps // s.save_steps if s.save_steps else 0
+    saves = total_steps // s.save_steps + (total_steps % s.save_steps > 0) if s.save_steps else 0  # and one at the end
     evaluating = bool(cfg.data.eval or cfg.data.eval_split)
     evals = (total_steps // s.eval_steps + 1) if evaluating else 0  # and one at the end
     eval_share = cfg.data.eval_split if cfg.data.eval_split and not cfg.data.eval else 0.05
@@ -100,9 +102,12 @@ def wall_clock(cfg: RunConfig, est, total_params: int, steps: int) -> WallClock 
     notes = [
         f"start-up: {STARTUP_FIXED_S:.0f} s + the weights at {WEIGHTS_LOAD_BPS / 1e9:g} GB/s",
         (f"first step: ~{COMPILE_COLD_S:.0f} s of torch.compile, ~{COMPILE_COLD_S * COMPILE_WARM_FRACTION:.0f} s with the compile cache of an earlier run" if cfg.optim.compile else "first step: not compiled"),
+        f"the end: the last checkpoint's write, then ~{FINISH_S:.0f} s for the final model and the exit",
         f"checkpoints: {state / 1e9:,.1f} GB per rank; " + ("a host copy at {:g} GB/s ({:g} GB/s the first, which pins its buffers), written at {:g} GB/s beside training".format(HOST_COPY_BPS / 1e9, FIRST_SAVE_BPS / 1e9, DISK_WRITE_BPS / 1e9) if s.async_save else f"written at {DISK_WRITE_BPS / 1e9:g} GB/s while training waits (schedule.async_save: false)"),
     ]
-    return WallClock(steady, startup, compile_cold, compile_cold * COMPILE_WARM_FRACTION, saves, blocking, background, evals, eval_s, notes, first_extra)
+    # The last checkpoint's background write has nothing left to hide under: the run waits for it.
+    finish = FINISH_S + (background if saves else 0.0)
+    return WallClock(steady, startup, compile_cold, compile_cold * COMPILE_WARM_FRACTION, saves, blocking, background, evals, eval_s, notes, first_extra, finish)
 
 
 def steps_per_epoch(cfg: RunConfig, est) -> int | None:

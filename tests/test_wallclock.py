@@ -11,7 +11,7 @@ from qvltune.estimate import estimate
 from qvltune.estimate_inputs import Machine, Workload
 from qvltune.model_stats import model_stats
 from qvltune.units import GiB
-from qvltune.wallclock import COMPILE_COLD_S, COMPILE_WARM_FRACTION, DISK_WRITE_BPS, FIRST_SAVE_BPS, HOST_COPY_BPS, trained_state_bytes, wall_clock
+from qvltune.wallclock import COMPILE_COLD_S, COMPILE_WARM_FRACTION, DISK_WRITE_BPS, FINISH_S, FIRST_SAVE_BPS, HOST_COPY_BPS, trained_state_bytes, wall_clock
 
 H200 = Machine("NVIDIA H200", 140 * GiB, 1, 1, 256 * GiB, 989.0, True)
 
@@ -32,16 +32,18 @@ def test_background_saves_cost_a_host_copy_and_the_cache_cuts_the_first_step():
     clock, est = _clock()
     state = trained_state_bytes(est.trainable_params, 1)
     assert state == est.trainable_params * 14  # fp32 master + 2 moments + bf16 weights, one rank
-    assert clock.saves == 3 and clock.evals == 4  # steps 10, 20, 30 (+ an eval at the end)
+    assert clock.saves == 4 and clock.evals == 4  # steps 10, 20, 30 and 31, the end (an eval at the end too)
     assert clock.save_blocking_s == pytest.approx(state / HOST_COPY_BPS) and clock.save_background_s == pytest.approx(state / DISK_WRITE_BPS)
     assert clock.first_save_extra_s == pytest.approx(state / FIRST_SAVE_BPS - state / HOST_COPY_BPS)  # the first save pins its buffers
     assert clock.compile_cold_s == COMPILE_COLD_S and clock.compile_warm_s == pytest.approx(COMPILE_COLD_S * COMPILE_WARM_FRACTION)
     assert clock.total(cached=True) == pytest.approx(clock.total() - (clock.compile_cold_s - clock.compile_warm_s))
     assert clock.steady_s == est.seconds_per_epoch and clock.ratio() == pytest.approx(clock.total() / clock.steady_s)
+    assert clock.finish_s == pytest.approx(FINISH_S + state / DISK_WRITE_BPS)  # the last checkpoint's write is waited for
 
     sync, _ = _clock(async_save=False)
     assert sync.save_blocking_s == pytest.approx(state / DISK_WRITE_BPS) and sync.save_background_s == sync.first_save_extra_s == 0
-    assert sync.total() - clock.total() == pytest.approx(3 * state / DISK_WRITE_BPS - 2 * state / HOST_COPY_BPS - state / FIRST_SAVE_BPS)
+    assert sync.finish_s == FINISH_S
+    assert sync.total() - clock.total() == pytest.approx(3 * state / DISK_WRITE_BPS - 3 * state / HOST_COPY_BPS - state / FIRST_SAVE_BPS)
 
 
 def test_the_optimizer_state_is_split_over_the_ranks():

@@ -247,6 +247,7 @@ def render_wall_clock(clock) -> None:
         parts.append(f"{clock.saves} checkpoint(s) x ~{clock.save_blocking_s:.1f} s of training time{first}")
     if clock.evals:
         parts.append(f"{clock.evals} eval(s) x ~{clock.eval_s:.0f} s")
+    parts.append(f"the end ~{clock.finish_s:.0f} s (the last checkpoint's write, the final model, the exit)")
     console.out.print(
         f"whole run: ~{format_duration(clock.total())} (~{format_duration(clock.total(cached=True))} on a second run), {clock.ratio():.2f}x the steady steps: "
         + ", ".join(p for p in parts if p)
