@@ -428,3 +428,20 @@ def test_a_bad_record_stops_a_run_whose_deepspeed_already_started(tmp_path, demo
     assert "train.jsonl:7" in result.stderr and "gone.png" in result.stderr and "Traceback" not in result.stderr
     assert "deepspeed.launcher.launch" in (rd / "launch.sh").read_text()  # it had been launched
     assert no_workers_left(rd) and not (rd / "data_index.json").exists()
+
+
+def test_force_starts_a_fresh_run_folder_at_once_and_deletes_the_earlier_one_beside_it(tmp_path, demo_data):
+    from qvltune.train import prepare_folder
+
+    cfg = parse_config({"name": "r", "output_dir": str(tmp_path / "runs"), "model": {"path": "builtin:tiny"}, "data": {"train": str(demo_data[0])}})
+    rd = cfg.run_dir
+    (rd / "checkpoint-10").mkdir(parents=True)
+    (rd / "checkpoint-10" / "optimizer.pt").write_bytes(b"x" * 1000)
+    stale = rd.with_name(f".{rd.name}.deleting-1")  # left by an interrupted deletion
+    (stale / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(UserError):
+        prepare_folder(cfg, resume=False)  # no --force: the earlier run is kept
+    removing = prepare_folder(cfg, resume=False, force=True)
+    assert sorted(p.name for p in rd.iterdir()) == ["config.yaml"]  # this run's folder, at once
+    removing.join(10)
+    assert sorted(p.name for p in rd.parent.iterdir()) == ["r"]  # the earlier run and the stale sibling are gone
