@@ -11,7 +11,8 @@ gpu_flow.py; `tiny`: the tiny model on the CPU) and mix:
 
 `init --yes --strategy mixed --epochs 1` writes the config (log_steps set to 1 so every step is
 timed; everything else as planned), then `train --no-live --force` runs it: `cold` with an empty
-compile cache, `warm` with the cache the cold run filled. (`check-data` runs first, as a user's first
+compile cache and the weights evicted from the page cache (as on a machine that has not read them
+since boot), `warm` with the caches the cold run filled. (`check-data` runs first, as a user's first
 step, but does not write the data index cache: its settings are not the run's. The first `train` on
 the data fills it and later ones reuse it.) Prints per run: the phases to the first step, steady
 median/mean real tok/s, the slowest step against the median (and stall records), each save's
@@ -46,6 +47,7 @@ import gpu_flow  # noqa: E402
 import gpu_throughput as gt  # noqa: E402
 
 from qvltune.phases import format_compile  # noqa: E402
+from qvltune.weights_prefetch import weight_files  # noqa: E402
 
 SIZES = [(352, 352), (448, 448), (640, 480), (800, 600), (1024, 768), (1280, 960)]
 ISSUE_MAX_IMAGE_TOKENS = 1200  # 1280x960 at 32x32 pixels per token: the largest image is not scaled down
@@ -177,6 +179,21 @@ def compiled_code(root: Path) -> dict:
     return {"wrappers": wrappers, "triton_kernels": len(triton), "cpp_kernels": sorted(cpp), "cpp_sources": sum(1 for _ in root.rglob("*.cpp"))}
 
 
+def evict_page_cache(files: list[Path]) -> int:
+    """Drop ``files`` from the page cache (clean pages; no root needed), as on a machine that has not
+    read them since boot; returns their bytes."""
+    total = 0
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
 def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int, max_steps: int | None, compile_: str = "planned") -> dict:
     log = out / f"wall-{shape}-{mix}-{run}.log"
     model = gpu_flow.model_folder(work, shape)
@@ -184,6 +201,8 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
     cache = Path(os.environ["QVLTUNE_CACHE"])  # the compile cache lives here (qvltune.compile_cache)
     if run == "cold":
         shutil.rmtree(cache / "compile", ignore_errors=True)
+        evicted = evict_page_cache(weight_files(model))  # a cold machine's disk: the weights not in memory
+        print(f"cold: compile cache emptied, {evicted / 1e9:.1f} GB of weights evicted from the page cache", flush=True)
     plan_dir = work / f"plan-{shape}-{mix}"
     name = f"wall-{shape}-{mix}"
     config = plan_dir / "qvltune.yaml"

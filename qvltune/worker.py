@@ -21,6 +21,11 @@ import time
 _LOADED = getattr(sys.modules.get("__main__"), "_LOADED", None) or time.time()
 
 from qvltune.compile_cache import use_persistent_compile_cache  # noqa: E402 - torch-free
+from qvltune.weights_prefetch import start_for_worker  # noqa: E402 - torch-free
+
+# The weights are read into the page cache while torch and the rest import (qvltune.weights_prefetch).
+if __name__ == "__main__":
+    start_for_worker(sys.argv[1:])
 
 # Before torch is imported: inductor writes its /tmp default into the environment on first use (an
 # import of DeepSpeed is enough), after which a setting made later would look like the user's own.

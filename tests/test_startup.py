@@ -445,3 +445,27 @@ def test_force_starts_a_fresh_run_folder_at_once_and_deletes_the_earlier_one_bes
     assert sorted(p.name for p in rd.iterdir()) == ["config.yaml"]  # this run's folder, at once
     removing.join(10)
     assert sorted(p.name for p in rd.parent.iterdir()) == ["r"]  # the earlier run and the stale sibling are gone
+
+
+def test_the_first_local_rank_reads_its_model_folders_weights_ahead(tmp_path, demo_data, tiny_model_dir):
+    from qvltune.train import prepare_folder
+    from qvltune.weights_prefetch import model_path_of_run, start_for_worker, weight_files
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, size in (("config.json", 10), ("model-00002-of-00002.safetensors", 300), ("model-00001-of-00002.safetensors", 900), ("tokenizer.json", 50)):
+        (folder / name).write_bytes(b"x" * size)
+    assert [p.name for p in weight_files(folder)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert weight_files("Qwen/Qwen3-VL-8B-Instruct") == [] and weight_files("builtin:tiny") == [] and weight_files(None) == []
+
+    # The worker finds the model in the run folder's config.yaml, written before any rank starts.
+    cfg = parse_config({"name": "r", "output_dir": str(tmp_path / "runs"), "model": {"path": str(tiny_model_dir)}, "data": {"train": str(demo_data[0])}})
+    prepare_folder(cfg, resume=False)
+    argv = ["--local_rank=0", "--run-dir", str(cfg.run_dir)]
+    assert model_path_of_run(argv) == str(tiny_model_dir) and weight_files(model_path_of_run(argv))
+    assert model_path_of_run(["--run-dir", str(tmp_path / "nowhere")]) is None
+    assert start_for_worker(argv, {"LOCAL_RANK": "1"}) is None  # one reader per node
+    reader = start_for_worker(argv, {"LOCAL_RANK": "0"})
+    assert reader is not None and reader.daemon
+    reader.join(10)
+    assert not reader.is_alive()
