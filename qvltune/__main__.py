@@ -1,3 +1,3 @@
-from qvltune.cli import main
+from qvltune.cli import entry
 
-main()
+entry()

@@ -51,6 +51,7 @@ from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
 from qvltune.model import apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table
 from qvltune.phases import PhaseClock, worker_clock
+from qvltune.process_exit import end_process
 from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc, thaw_gc
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
@@ -448,28 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def exit_without_finalizing(code: int) -> None:
-    """End a finished rank: the exit handlers run, then the process ends without finalizing its
-    objects (every file the run wrote is closed by then; the exit handlers flush the loggers).
-    Finalizing frees the whole run's objects one by one -- the model, the optimizer, the compiled
-    graphs -- which only the process's end needs to release. And on a CPU (gloo) it is unsafe:
-    DeepSpeed keeps gloo process groups that ``destroy_process_group`` cannot drop; freed during
-    finalization, gloo's threads can abort the process (SIGABRT, exit 134, "terminate called without
-    an active exception") after a completed run: seen once in the CPU suite (2 ranks, ZeRO-3).
-    The rank's record gets when the worker's main returned and when its exit handlers had run."""
-    import atexit
-
-    rank_note("exit", "returned")
-    atexit._run_exitfuncs()  # what a normal exit runs first (torch's, the data loaders', loggers')
-    rank_note("exit", "handlers done")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy's: then `qvltune.worker` is the one
     # module holding the worker's functions (fault-injection tests patch it there).
     from qvltune.worker import main as _main
 
-    exit_without_finalizing(_main())
+    end_process(_main(), noted=lambda stage: rank_note("exit", stage))  # qvltune.process_exit

@@ -154,7 +154,7 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     assert parts["model files"] > 0 and parts["DeepSpeed state to host"] > 0 and parts.get("other", 0.0) < timed  # the named parts are where the wait went
     assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
     # The rank's record says where its exit went: its main returned after the end record, then its
-    # exit handlers ran, then the process ended (qvltune.rank, worker.exit_without_finalizing).
+    # exit handlers ran, then the process ended (qvltune.rank, qvltune.process_exit).
     (rank,) = read_records(rd)
     end = next(r for r in reversed(records) if r["kind"] == "end")
     assert rank["exit_code"] == 0 and end["time"] <= rank["returned"] <= rank["exiting"] <= rank["ended"], rank

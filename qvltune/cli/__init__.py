@@ -147,3 +147,17 @@ def main(argv: list[str] | None = None) -> None:
         error(f"unexpected {type(e).__name__}: {e}", "set QVLTUNE_DEBUG=1 to see the traceback, and please report it")
         code = 1
     sys.exit(code)
+
+
+def entry() -> None:
+    """The ``qvltune`` command and ``python -m qvltune``: ``main``, then the process ends without
+    finalizing the interpreter (qvltune.process_exit). ``main`` itself stays an ordinary function
+    that raises SystemExit, for the tests that call it in-process."""
+    from qvltune.process_exit import end_process, exit_code
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = exit_code(e)
+    end_process(code)
