@@ -283,6 +283,20 @@ def _drain(tailer: MetricsTailer, state: DashboardState, printer) -> None:
                 printer.print(line)
 
 
+def _import_plotting() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
+def import_plotting_beside() -> None:
+    """Import matplotlib while training runs (the parent mostly waits), not after it: the loss plot
+    is drawn once the ranks have ended, and its import was ~0.35 s of the 0.75 s between the ranks'
+    end and the command's on the CPU."""
+    threading.Thread(target=_import_plotting, name="qvltune-import-plotting", daemon=True).start()
+
+
 def plot_loss(metrics_path: Path, out: Path) -> Path | None:
     """loss.png: training loss per step and eval loss, from metrics.jsonl."""
     records = read_all(metrics_path)
@@ -394,6 +408,7 @@ def run_training(cfg: RunConfig, *, resume: bool, live: bool, force: bool = Fals
             raise
     console.note(f"data: {counts['train']} training and {counts['eval']} eval records checked")
     console.note(f"log: {cfg.run_dir / 'train.log'}   command: {cfg.run_dir / 'launch.sh'}")
+    import_plotting_beside()
     try:
         outcome = supervise(child, cfg, live=live, nvml_sampler=sample_gpus if gpus else None, state=state, tailer=tailer)
     finally:
@@ -452,6 +467,8 @@ def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpu
 
     outcome = None
     try:
+        if node.is_first:
+            import_plotting_beside()
         outcome = supervise(child, cfg, live=live, on_tick=on_tick)
         outcome.node = label
         # Node 0's ranks fail at once when a peer's die (closed sockets): if a peer failed, name it,
