@@ -9,7 +9,8 @@ drop; freed during finalization, gloo's threads can abort the process (SIGABRT, 
 "terminate called without an active exception") after a completed run, seen once in the CPU suite
 (2 ranks, ZeRO-3). What a normal exit does that matters is kept: the non-daemon threads are waited
 for (a ``--force`` deletion, a background write) and the exit handlers run (torch's, the loggers'
-flush), then the standard streams are flushed. Every file the code writes is closed when written.
+flush), then the standard streams are flushed. ``threading._shutdown`` is what the interpreter
+itself calls for the first; there is no public name for it. Every file the code writes is closed when written.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def end_process(code: int, noted: Callable[[str], None] = lambda stage: None) ->
     """Exit with ``code`` as above. ``noted("returned")`` is called first and ``noted("handlers
     done")`` once the exit handlers ran (a rank's record keeps both: where a slow exit went)."""
     noted("returned")
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what a normal exit runs first (torch's, the data loaders', loggers')
+    # What a normal exit does first, in its order: threading's own shutdown (it tells idle thread
+    # pools to stop, then waits for every non-daemon thread: joining them by hand would wait forever
+    # on a pool nobody shut down), then the exit handlers (torch's, the data loaders', loggers').
+    threading._shutdown()
+    atexit._run_exitfuncs()
     noted("handlers done")
     for stream in (sys.stdout, sys.stderr):
         try:

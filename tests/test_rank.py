@@ -178,18 +178,20 @@ def test_an_exit_is_described_with_its_signal_either_way_it_is_reported():
 
 def test_a_process_ended_without_finalizing_still_waits_for_its_threads_and_exit_handlers(tmp_path):
     """qvltune.process_exit: what a normal exit does that matters is kept (a non-daemon thread's
-    work, the exit handlers, the buffered output), the code is the one asked for."""
+    work, the exit handlers, the buffered output), an idle thread pool nobody shut down does not
+    hold the exit, and the code is the one asked for."""
     code = (
         f"import sys, atexit, threading, time; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path\n"
         "from qvltune.process_exit import end_process\n"
         f"out = Path({str(tmp_path)!r})\n"
         "threading.Thread(target=lambda: (time.sleep(0.3), (out / 'thread').write_text('done'))).start()\n"
         "atexit.register(lambda: (out / 'handler').write_text('ran'))\n"
+        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(1); pool.submit(int).result()  # never shut down\n"
         "sys.stdout.write('buffered')\n"
         "end_process(3, noted=lambda stage: open(out / 'stages', 'a').write(stage + ';'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the output is buffered, as by default
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, env=env)
     assert result.returncode == 3 and result.stdout == "buffered"
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "handler").read_text() == "ran"
     assert (tmp_path / "stages").read_text() == "returned;handlers done;"
