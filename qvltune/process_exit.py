@@ -29,8 +29,11 @@ def end_process(code: int, noted: Callable[[str], None] = lambda stage: None) ->
     # What a normal exit does first, in its order: threading's own shutdown (it tells idle thread
     # pools to stop, then waits for every non-daemon thread: joining them by hand would wait forever
     # on a pool nobody shut down), then the exit handlers (torch's, the data loaders', loggers').
-    threading._shutdown()
-    atexit._run_exitfuncs()
+    try:
+        threading._shutdown()
+        atexit._run_exitfuncs()
+    except KeyboardInterrupt:  # Ctrl-C while it waits (a --force deletion): stop waiting, say so by the code
+        code = code or 130
     noted("handlers done")
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -7,6 +7,7 @@ save a checkpoint and exit cleanly. A second Ctrl-C stops the process group at o
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -73,18 +74,24 @@ def remove_aside(folder: Path) -> threading.Thread | None:
     """Delete ``folder`` without waiting for it: renamed at once to a hidden sibling, then deleted by
     a thread while the run starts (an earlier run's checkpoints are gigabytes: 1.4 s of a 2B and
     3.3 s of an 8B start on the H200 went to deleting them). Not a daemon: the command does not end
-    before the folder is gone. A sibling left by an interrupted deletion goes with it."""
-    aside = folder.with_name(f".{folder.name}.deleting-{os.getpid()}")
+    before the folder is gone. A sibling left by an interrupted deletion goes with it. A run folder
+    that is a link (to larger storage) stays one: what it points to is emptied the same way."""
+    if folder.is_symlink():
+        target = folder.resolve()
+        thread = remove_aside(target) if target.is_dir() else None
+        target.mkdir(parents=True, exist_ok=True)
+        return thread
+    aside = folder.with_name(f".{folder.name}.deleting-{os.getpid()}-{time.time_ns()}")
     try:
         folder.rename(aside)
     except OSError:  # e.g. the run folder is a mount point: deleted in place, waited for
         shutil.rmtree(folder)
         return None
-    stale = [p for p in folder.parent.glob(f".{folder.name}.deleting-*") if p != aside]
+    stale = [p for p in folder.parent.glob(f".{glob.escape(folder.name)}.deleting-*") if p != aside]
 
     def remove() -> None:
         for path in (aside, *stale):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # what cannot go now is retried by the next --force
 
     thread = threading.Thread(target=remove, name="qvltune-remove-earlier-run")
     thread.start()

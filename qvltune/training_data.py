@@ -93,6 +93,8 @@ def close_data_loaders(trainer) -> int:
     for it; ``_shutdown_workers`` is what the iterator runs when it is deleted (its ``__del__``), and
     the loaders are the Trainer's: the ones the Accelerator prepared, and the cached eval loaders."""
     loaders = [*getattr(trainer.accelerator, "_dataloaders", []), *getattr(trainer, "_eval_dataloaders", {}).values()]
+    # Accelerate's DataLoaderShard wraps the loader that owns the iterator (reads pass through to it).
+    loaders = [getattr(x, "base_dataloader", x) for x in loaders]
     closed = 0
     for loader in {id(x): x for x in loaders}.values():
         iterator = getattr(loader, "_iterator", None)

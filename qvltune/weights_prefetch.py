@@ -17,42 +17,32 @@ import os
 import threading
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
 def weight_files(model_path: str | os.PathLike | None) -> list[Path]:
-    """The weight files of a local model folder (largest first: they take longest); [] otherwise."""
+    """The weight files of a local model folder (largest first: they take longest): its
+    ``*.safetensors``, else its ``*.bin``; [] for anything else."""
     if not model_path:
         return []
     folder = Path(model_path)
     if not folder.is_dir():
         return []
-    files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
-    return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.stat().st_size, reverse=True)
 
 
-def read_ahead(files: list[Path]) -> threading.Thread | None:
-    """Ask the kernel to read ``files`` into the page cache, from a daemon thread (the calls may
-    block while the reads are queued; it only reads, so the process never waits for it)."""
-    if not files or not hasattr(os, "posix_fadvise"):
-        return None
-
-    def run() -> None:
-        for path in files:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    thread = threading.Thread(target=run, name="qvltune-weights-read-ahead", daemon=True)
-    thread.start()
-    return thread
+def read_ahead(files: list[Path]) -> None:
+    """Ask the kernel to read ``files`` into the page cache (the calls may block while the reads are
+    queued)."""
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def model_path_of_run(argv: list[str]) -> str | None:
@@ -70,9 +60,20 @@ def model_path_of_run(argv: list[str]) -> str | None:
 
 
 def start_for_worker(argv: list[str], environ: os._Environ | dict[str, str] | None = None) -> threading.Thread | None:
-    """The worker's first act: read its model's weights ahead, on the first local rank of a node
-    only (its peers read the same files; one reader is enough to fill the page cache)."""
+    """The worker's first act: a daemon thread that finds its model's weights and reads them ahead,
+    on the first local rank of a node only (its peers read the same files; one reader is enough to
+    fill the page cache). Everything happens in the thread, so nothing here can stop a rank: a
+    folder it cannot list is only a read-ahead not done."""
     env = os.environ if environ is None else environ
-    if env.get("LOCAL_RANK", "0") != "0":
+    if env.get("LOCAL_RANK", "0") != "0" or not hasattr(os, "posix_fadvise"):
         return None
-    return read_ahead(weight_files(model_path_of_run(argv)))
+
+    def run() -> None:
+        try:
+            read_ahead(weight_files(model_path_of_run(argv)))
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=run, name="qvltune-weights-read-ahead", daemon=True)
+    thread.start()
+    return thread

@@ -296,7 +296,10 @@ def run(run_dir: Path, resume: bool) -> int:
             writer.write("end", status=status, step=trainer.state.global_step, message=message, hint=hint, last_checkpoint=last_checkpoint_text(run_dir))
         raise UserError(message, hint) from None
     finally:
-        close_data_loaders(trainer)  # no batch is read after training; their exit would wait 5 s a worker
+        try:
+            close_data_loaders(trainer)  # no batch is read after training; their exit would wait 5 s a worker
+        except Exception as e:  # never in place of training's own error: torch's exit handler still stops them
+            print(f"qvltune: could not stop the data loaders' workers ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     # Training is over and its last checkpoint written: what it held for the rest of the run goes
     # before the final save (under ZeRO-3 rank 0 gathers the whole 16-bit model in host memory):
     # the snapshot buffers, and what the step-boundary freezes kept from the collector.

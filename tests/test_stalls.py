@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
+
 from qvltune.dashboard import format_line
 from qvltune.stalls import MIN_HISTORY, GcSchedule, GcTimer, StallDetector, collect, quiet_gc, thaw_gc
 
@@ -19,6 +21,13 @@ def test_a_step_over_twice_the_median_is_a_stall_and_the_first_step_never_counts
     assert stall == {"step": 11, "seconds": 18.0, "median_s": 1.035, "ratio": 17.39, "gc_seconds": 0.25, "count": 1}
     assert d.observe(12, 1.0) is None and d.observe(13, 9.0)["count"] == 2
     assert format_line({"kind": "stall", **stall}) == "stall: 1, the last at step 11: 18.0 s, 17.4x the median step (1.03 s); GC 0.2 s of it"
+
+
+def test_the_fifth_step_is_already_compared():
+    """Step 5 of an 8B cold run took 2.7x its median and went unreported (5 steps of history)."""
+    d = StallDetector()
+    assert [d.observe(s, t) for s, t in enumerate([40.0, 5.5, 5.6, 5.5], 1)] == [None] * 4
+    assert d.observe(5, 14.9)["ratio"] == pytest.approx(2.71, abs=0.01)
 
 
 def test_no_stall_is_called_before_the_median_is_trusted():
@@ -106,10 +115,15 @@ def test_the_data_loaders_workers_are_stopped_when_training_ends():
 
     from qvltune.training_data import close_data_loaders
 
-    train, evals = (DataLoader(list(range(64)), batch_size=2, num_workers=2, persistent_workers=True) for _ in range(2))
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    train = accelerator.prepare(DataLoader(list(range(64)), batch_size=2, num_workers=2, persistent_workers=True))  # as the Trainer's
+    evals = DataLoader(list(range(64)), batch_size=2, num_workers=2, persistent_workers=True)
     next(iter(train)), next(iter(evals))  # mid-epoch: the workers are busy prefetching
-    workers = [*train._iterator._workers, *evals._iterator._workers]
-    assert all(w.is_alive() for w in workers)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(_dataloaders=[train]), _eval_dataloaders={"eval": evals})
+    owners = [train.base_dataloader, evals]  # the Accelerator's wrapper passes reads through to the loader it wraps
+    workers = [w for loader in owners for w in loader._iterator._workers]
+    assert len(workers) == 4 and all(w.is_alive() for w in workers)
+    trainer = SimpleNamespace(accelerator=accelerator, _eval_dataloaders={"eval": evals})
     assert close_data_loaders(trainer) == 2
-    assert not any(w.is_alive() for w in workers) and train._iterator is None and evals._iterator is None
+    assert not any(w.is_alive() for w in workers) and all(loader._iterator is None for loader in owners)

@@ -446,16 +446,29 @@ def test_force_starts_a_fresh_run_folder_at_once_and_deletes_the_earlier_one_bes
     removing.join(10)
     assert sorted(p.name for p in rd.parent.iterdir()) == ["r"]  # the earlier run and the stale sibling are gone
 
+    # A run folder that links to other storage stays a link; what it points to is emptied.
+    storage = tmp_path / "big-disk" / "r"
+    (storage / "checkpoint-20").mkdir(parents=True)
+    (rd / "config.yaml").unlink()
+    rd.rmdir()
+    rd.symlink_to(storage)
+    prepare_folder(cfg, resume=False, force=True).join(10)
+    assert rd.is_symlink() and sorted(p.name for p in storage.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in storage.parent.iterdir()) == ["r"]
 
-def test_the_first_local_rank_reads_its_model_folders_weights_ahead(tmp_path, demo_data, tiny_model_dir):
+
+def test_the_first_local_rank_reads_its_model_folders_weights_ahead(tmp_path, demo_data, tiny_model_dir, monkeypatch):
     from qvltune.train import prepare_folder
     from qvltune.weights_prefetch import model_path_of_run, start_for_worker, weight_files
 
     folder = tmp_path / "model"
     folder.mkdir()
-    for name, size in (("config.json", 10), ("model-00002-of-00002.safetensors", 300), ("model-00001-of-00002.safetensors", 900), ("tokenizer.json", 50)):
+    for name, size in (("config.json", 10), ("model-00002-of-00002.safetensors", 300), ("model-00001-of-00002.safetensors", 900), ("tokenizer.json", 50), ("optimizer.bin", 2000)):
         (folder / name).write_bytes(b"x" * size)
-    assert [p.name for p in weight_files(folder)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [p.name for p in weight_files(folder)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # no .bin beside them
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "pytorch_model.bin").write_bytes(b"x")
+    assert [p.name for p in weight_files(tmp_path / "old")] == ["pytorch_model.bin"]
     assert weight_files("Qwen/Qwen3-VL-8B-Instruct") == [] and weight_files("builtin:tiny") == [] and weight_files(None) == []
 
     # The worker finds the model in the run folder's config.yaml, written before any rank starts.
@@ -465,7 +478,14 @@ def test_the_first_local_rank_reads_its_model_folders_weights_ahead(tmp_path, de
     assert model_path_of_run(argv) == str(tiny_model_dir) and weight_files(model_path_of_run(argv))
     assert model_path_of_run(["--run-dir", str(tmp_path / "nowhere")]) is None
     assert start_for_worker(argv, {"LOCAL_RANK": "1"}) is None  # one reader per node
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice)), real(fd, offset, length, advice)))
     reader = start_for_worker(argv, {"LOCAL_RANK": "0"})
     assert reader is not None and reader.daemon
     reader.join(10)
-    assert not reader.is_alive()
+    assert advised == [(str(p.resolve()), os.POSIX_FADV_WILLNEED) for p in weight_files(tiny_model_dir)]
+    # A run folder it cannot read is a read-ahead not done, never a failed rank.
+    lost = start_for_worker(["--run-dir", str(tmp_path / "nowhere")], {"LOCAL_RANK": "0"})
+    lost.join(10)
+    assert not lost.is_alive()
