@@ -297,7 +297,9 @@ def run(run_dir: Path, resume: bool) -> int:
         raise UserError(message, hint) from None
     finally:
         try:
-            close_data_loaders(trainer)  # no batch is read after training; their exit would wait 5 s a worker
+            stopped = close_data_loaders(trainer)  # no batch is read after training; their exit would wait 5 s a worker
+            if is_main() and stopped:
+                print(f"qvltune: the workers of {stopped} data loader(s) stopped", flush=True)
         except Exception as e:  # never in place of training's own error: torch's exit handler still stops them
             print(f"qvltune: could not stop the data loaders' workers ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     # Training is over and its last checkpoint written: what it held for the rest of the run goes

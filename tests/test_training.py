@@ -118,7 +118,7 @@ def test_print_command(tmp_path, demo_data):
 
 
 def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
-    config = write_config(tmp_path, demo_data, "lora")
+    config = write_config(tmp_path, demo_data, "lora", data={"num_workers": 1})  # a worker per loader: stopped at the end
     result = train(config)
     assert result.returncode == 0, result.stdout + result.stderr
     rd = run_dir(config)
@@ -155,6 +155,8 @@ def test_lora_zero2_one_process(tmp_path, demo_data, tiny_model_dir):
     assert "Training completed" in result.stdout and "qvltune merge" in result.stdout
     # The rank's record says where its exit went: its main returned after the end record, then its
     # exit handlers ran, then the process ended (qvltune.rank, qvltune.process_exit).
+    # The data loaders' workers (training's and evaluation's, persistent) were stopped at the end.
+    assert "qvltune: the workers of 2 data loader(s) stopped" in (rd / "train.log").read_text()
     (rank,) = read_records(rd)
     end = next(r for r in reversed(records) if r["kind"] == "end")
     assert rank["exit_code"] == 0 and end["time"] <= rank["returned"] <= rank["exiting"] <= rank["ended"], rank
