@@ -10,7 +10,8 @@ drop; freed during finalization, gloo's threads can abort the process (SIGABRT, 
 (2 ranks, ZeRO-3). What a normal exit does that matters is kept: the non-daemon threads are waited
 for (a ``--force`` deletion, a background write) and the exit handlers run (torch's, the loggers'
 flush), then the standard streams are flushed. ``threading._shutdown`` is what the interpreter
-itself calls for the first; there is no public name for it. Every file the code writes is closed when written.
+itself calls for the first; there is no public name for it. Every file the code writes is closed
+when written.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ this rank before it ended -- the launcher's teardown, a scheduler, Ctrl-C twice 
 rank as stopped, not as the cause; ``error`` is what the worker itself reported (an uncaught
 exception, or qvltune's own one-line error) through the note file it is handed in
 ``QVLTUNE_RANK_NOTE``; ``returned`` and ``exiting`` (null unless it got that far) when its main
-returned and when its exit handlers had run, so a slow exit shows where it went. ``qvltune train`` reads the records after the launcher exits
-(``first_failure``) to name the rank that failed first, with its own exit code.
+returned and when its exit handlers had run, so a slow exit shows where it went. ``qvltune train``
+reads the records after the launcher exits (``first_failure``) to name the rank that failed first,
+with its own exit code.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
             pass  # not Linux: the process group is still stopped on every path qvltune controls
 
     return preexec
+
+
+def run_dir_arg(argv: list[str]) -> Path | None:
+    """The ``--run-dir DIR`` of a rank's (and its worker's) arguments; None without one."""
+    at = argv.index("--run-dir") + 1 if "--run-dir" in argv else len(argv)
+    return Path(argv[at]) if at < len(argv) else None
 
 
 def shell_status(code: int) -> int:
@@ -219,7 +226,7 @@ def first_failure(records: list[dict[str, Any]]) -> RankFailure | None:
 def main(argv: list[str]) -> int:
     """``python -m qvltune.rank [--local_rank=N] --run-dir DIR [...]``: the worker's arguments, as
     DeepSpeed's launcher passes them (RANK, LOCAL_RANK and CROSS_RANK, the node, in the environment)."""
-    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    run_dir = run_dir_arg(argv)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     node = int(os.environ.get("CROSS_RANK", "0"))
     return run_and_record(

@@ -42,8 +42,9 @@ OPTIMIZER_BYTES = 12  # fp32 master weight + two Adam moments per trained parame
 WEIGHT_BYTES = 2  # bf16 trained weights (the adapter / module states)
 EVAL_COST = 1.0 / 3.0  # forward only: a third of a training step's compute per token
 # After the last step and its checkpoint's background write: the final model (the adapter and the
-# processor), the ranks' exit and the command's end: the 2B and 8B runs, 0.5-0.9 s to the worker's
-# return and ~2.5 s for the command's end (loss plot, summary), the exit itself made short since.
+# processor), the ranks' exit and the command's end. The 2B and 8B runs: 0.5-0.9 s to the worker's
+# return, then 21 s of exit handlers and 2.5 s of the command's end, both cut since (the loaders'
+# workers stopped, no interpreter finalization): a prediction until measured.
 FINISH_S = 4.0
 
 

@@ -17,6 +17,9 @@ import os
 import threading
 from pathlib import Path
 
+from qvltune.rank import run_dir_arg
+
+
 def weight_files(model_path: str | os.PathLike | None) -> list[Path]:
     """The weight files of a local model folder (largest first: they take longest): its
     ``*.safetensors``, else its ``*.bin``; [] for anything else."""
@@ -48,12 +51,13 @@ def read_ahead(files: list[Path]) -> None:
 def model_path_of_run(argv: list[str]) -> str | None:
     """``model.path`` of the run a worker was started for (``--run-dir DIR``: DIR/config.yaml, which
     ``qvltune train`` writes before it starts any rank); None when it cannot be read."""
-    if "--run-dir" not in argv or argv.index("--run-dir") + 1 >= len(argv):
+    run_dir = run_dir_arg(argv)
+    if run_dir is None:
         return None
     try:
         import yaml
 
-        doc = yaml.safe_load((Path(argv[argv.index("--run-dir") + 1]) / "config.yaml").read_text())
+        doc = yaml.safe_load((run_dir / "config.yaml").read_text())
         return str(doc["model"]["path"])
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return None

@@ -477,6 +477,7 @@ def test_the_first_local_rank_reads_its_model_folders_weights_ahead(tmp_path, de
     argv = ["--local_rank=0", "--run-dir", str(cfg.run_dir)]
     assert model_path_of_run(argv) == str(tiny_model_dir) and weight_files(model_path_of_run(argv))
     assert model_path_of_run(["--run-dir", str(tmp_path / "nowhere")]) is None
+    assert model_path_of_run(["--local_rank=0", "--run-dir"]) is None and model_path_of_run([]) is None  # no folder given
     assert start_for_worker(argv, {"LOCAL_RANK": "1"}) is None  # one reader per node
     advised = []
     real = os.posix_fadvise
