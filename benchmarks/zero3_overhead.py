@@ -58,6 +58,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_throughput as gt  # noqa: E402
 
+from qvltune.profile_kinds import union_us  # noqa: E402
+
 SHAPES = {"2b-mixed": ("2b", "mixed"), "8b-mixed": ("8b", "mixed"), "8b-full": ("8b", "full"), "tiny-mixed": ("tiny", "mixed")}
 VARIANTS = ("z2", "z2-eager", "z3", "z3-eager", "z3-defaults")
 H200 = dict(gpu_name="NVIDIA H200", gpu_memory_gib=139.8, host_ram_gib=128)
@@ -229,15 +231,6 @@ PROFILE_GROUPS: tuple[tuple[str, str, str | None], ...] = (
 )
 
 
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def profile_groups(events: list[dict]) -> list[dict]:
     """Time per group of a chrome trace's events (torch.profiler's export), in ms: on the host (the
     union of the matching events' intervals per thread, so nested frames count once) and on the
@@ -264,7 +257,7 @@ def profile_groups(events: list[dict]) -> list[dict]:
     for group in [g for g, _, _ in PROFILE_GROUPS] + ["compute kernels"]:
         if not calls[group]:
             continue
-        by = lambda items: sum(_union([(a, b) for a, b, t in items if t == tid]) for tid in {t for _, _, t in items}) / 1e3  # noqa: E731
+        by = lambda items: sum(union_us([(a, b) for a, b, t in items if t == tid]) for tid in {t for _, _, t in items}) / 1e3  # noqa: E731
         out.append({"group": group, "host_ms": by(host[group]), "device_ms": by(device[group]), "calls": calls[group]})
     if span[1] > span[0]:
         out.append({"group": "profiled span", "host_ms": (span[1] - span[0]) / 1e3, "device_ms": 0.0, "calls": 0})

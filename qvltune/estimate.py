@@ -21,7 +21,8 @@ AdamW (fused on GPUs, DeepSpeed's CPU Adam when offloading), peft LoRA (adapters
 modules_to_save copies), varlen attention on GPUs (``attn_implementation: auto``; sdpa with a mask
 on CPUs or when asked), and the fused chunked loss (qvltune.loss) unless it is turned off. FLOPs per
 token follow worker.llm_flops_per_token's 6N rule (N = the LLM's parameters a token passes through;
-for the MoE model, its routed experts only).
+for the MoE model, its routed experts only); time follows what a step really computes
+(qvltune.step_flops).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any
 from qvltune.config import COMPONENTS, RunConfig
 from qvltune.estimate_inputs import Machine, Workload, workload_for
 from qvltune.model_stats import ModelStats, _adapted_inputs, lora_params
+from qvltune.step_flops import Part, step_parts, uses_fused_loss
+from qvltune.step_flops import total as total_flops
 from qvltune.units import GiB, format_count
 from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
 
@@ -158,7 +161,8 @@ class Estimate:
     host_terms: list[Term]
     host_total: float  # bytes per node
     flops_per_token: float  # 6 x LLM parameters per token (the MFU counting rule of worker.py)
-    step_flops_per_token: float  # what a training step really costs per token (LoRA, checkpointing, vision, lm_head)
+    step_flops_per_token: float  # what a training step really computes per token: the sum of step_parts
+    step_parts: list[Part]  # qvltune.step_flops: LoRA, checkpointing, attention, vision, lm_head
     seconds_per_epoch: float | None
     assumptions: list[str] = field(default_factory=list)
     peak_phase: str = "backward"
@@ -186,11 +190,6 @@ def attention_kind(cfg: RunConfig, machine: Machine) -> str:
     if a == "auto":
         return "sdpa" if machine.is_cpu else "varlen"
     return a
-
-
-def uses_fused_loss(cfg: RunConfig) -> bool:
-    """The worker installs qvltune.loss's head unless lm_head is wrapped by peft (trained beside LoRA)."""
-    return cfg.optim.fused_loss and not (cfg.uses_lora() and cfg.modes()["lm_head"] == "full")
 
 
 def _llm_layer_bytes(s: ModelStats, cfg: RunConfig, *, trains_base: bool, lora: bool, repeat_kv: bool) -> float:
@@ -356,28 +355,12 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
         assumptions.append("CPU mode: the numbers are host memory per process")
 
     # -- FLOPs and time ------------------------------------------------------------------------
-    n_llm = s.llm_active_params()
-    flops_rule = 6.0 * n_llm  # worker.llm_flops_per_token's rule (active experts for MoE)
-    ctx = wl.mean_sample_tokens if (cfg.data.packing and wl.mean_sample_tokens) else wl.tokens / wl.rows
-    fwd_llm = 2 * n_llm + 2 * s.layers * s.heads * s.head_dim * ctx  # matmuls + causal attention
-    # lm_head: every token's logits on the plain path, only the labelled tokens' with the fused loss.
-    fwd_head = 2 * s.vocab * s.hidden * (wl.label_share if uses_fused_loss(cfg) else 1.0)
-    # Backward costs 2x forward where weights train (input and weight gradients), 1x where only the
-    # input gradient is needed (frozen weights under LoRA), nothing for a frozen vision tower.
-    step = fwd_llm + fwd_llm * (2 if modes["llm"] == "full" else 1) + fwd_head + fwd_head * (2 if modes["lm_head"] == "full" else 1)
-    if ckpt:
-        step += fwd_llm
-    share = img / t if t else 0.0
-    fwd_vision = share * s.spatial_merge**2 * 2 * s.vision_depth * s.vision_block_params  # per LLM token
-    step += fwd_vision * (1 + {"full": 2, "lora": 1}.get(modes["vision"], 0))
-    if ckpt and modes["vision"] != "frozen":
-        step += fwd_vision
+    flops_rule = 6.0 * s.llm_active_params()  # worker.llm_flops_per_token's rule (active experts for MoE)
+    parts = step_parts(cfg, s, wl)
+    step = total_flops(parts)
     if cfg.stage == "dpo":
-        # The reference's log-probs: one more forward (no gradients) per step with adapters off, or
-        # one forward pass over the data before training when precomputed (counted against an epoch).
-        ref = (fwd_llm + fwd_head + fwd_vision) / (1.0 if cfg.preference().reference == "adapter_off" else max(cfg.optim.epochs, 1.0))
-        step += ref
-        assumptions.append(f"DPO: two sequences per pair; the reference ({cfg.preference().reference}) adds {ref / step:.0%} of the compute")
+        ref = next(p for p in parts if p.name.startswith("DPO reference"))
+        assumptions.append(f"DPO: two sequences per pair; the reference ({cfg.preference().reference}) adds {ref.flops / step:.0%} of the compute")
     seconds = None
     if wl.tokens_per_epoch and machine.peak_tflops and not machine.is_cpu:
         speed = ASSUMED_MFU * (OFFLOAD_OPTIMIZER_SPEED if ds.offload_optimizer else 1.0) * (OFFLOAD_PARAMS_SPEED if ds.offload_params else 1.0)
@@ -398,6 +381,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
         host_total=host_total,
         flops_per_token=flops_rule,
         step_flops_per_token=step,
+        step_parts=parts,
         seconds_per_epoch=seconds,
         assumptions=assumptions,
         peak_phase=phase,

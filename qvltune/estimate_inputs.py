@@ -75,6 +75,10 @@ class DatasetSummary:
     max_images_per_record: int
     suggested_max_seq_length: int | None
     trained_tokens: int = 0  # labelled (answer) tokens per epoch
+    # Token-weighted sizes (sum of squares / sum): the sample, and the image, an average token sits
+    # in. Attention's cost per token grows with them (qvltune.step_flops).
+    attended_sample_tokens: float = 0.0
+    attended_image_tokens: float = 0.0
 
     @property
     def image_share(self) -> float:
@@ -85,25 +89,30 @@ def summarize_report(report: Any, min_pixels: int, max_pixels: int) -> DatasetSu
     """A ``DatasetSummary`` from ``qvltune.data.check.Report`` at the given pixel budget."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    image_tokens = 0
+    image_tokens = image_tokens_sq = 0
     for w, h in report.image_sizes:
         try:
             rh, rw = smart_resize(h, w, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
-            image_tokens += (rh // 32) * (rw // 32)
         except ValueError:  # extreme aspect ratios are reported by check-data itself
-            pass
+            continue
+        tokens = (rh // 32) * (rw // 32)
+        image_tokens += tokens
+        image_tokens_sq += tokens * tokens
     lengths = report.lengths
+    total = sum(lengths)
     return DatasetSummary(
         records=len(lengths),
         p50=report.percentile(50),
         p99=report.percentile(99),
         longest=max(lengths, default=0),
         mean=sum(lengths) / len(lengths) if lengths else 0.0,
-        tokens=sum(lengths),
+        tokens=total,
         image_tokens=image_tokens,
         max_images_per_record=max((k for k, v in report.images_per_record.items() if v), default=0),
         suggested_max_seq_length=report.suggested_max_seq_length(),
         trained_tokens=report.trained_tokens,
+        attended_sample_tokens=sum(n * n for n in lengths) / total if total else 0.0,
+        attended_image_tokens=image_tokens_sq / image_tokens if image_tokens else 0.0,
     )
 
 
@@ -118,6 +127,10 @@ class Workload:
     mean_sample_tokens: float | None = None
     assumption: str = ""
     label_share: float = 1.0  # labelled (answer) tokens / tokens; 1.0 = the worst case when unknown
+    # The sample and the image an average token attends within (token-weighted, see DatasetSummary;
+    # 0 = unknown: qvltune.step_flops then takes a whole row and the pixel budget's largest image).
+    attended_tokens: float = 0.0
+    attended_image_tokens: float = 0.0
 
 
 def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload:
@@ -140,4 +153,6 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
         why = f"{rows} row(s) of up to {longest} tokens with {per_record} image(s) of up to {max_image} tokens each" + ("" if data else " (assumed: no dataset)")
     # Labelled share: the answers' fraction, doubled for safety (one batch can hold the long answers).
     label_share = min(1.0, 2 * data.trained_tokens / data.tokens) if data and data.tokens and data.trained_tokens else 1.0
-    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share)
+    # Packed rows attend within each sample (varlen); padded rows over the whole row.
+    attended = data.attended_sample_tokens if data and cfg.data.packing else 0.0
+    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share, attended, data.attended_image_tokens if data else 0.0)

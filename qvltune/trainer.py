@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import shutil
@@ -441,10 +442,13 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
 
 
 def profiler_callback(run_dir: Path, start: int, count: int, python: bool = False):
-    """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (ops by
-    device time) and profile-trace.json (open in chrome://tracing or Perfetto); ``python`` adds the
-    Python frames (schedule.profile_python)."""
+    """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (on a
+    GPU: the time by kind of kernel, qvltune.profile_kinds, then ops by device time; ops by host
+    time) and profile-trace.json (open in chrome://tracing or Perfetto); ``python`` adds the Python
+    frames (schedule.profile_python)."""
     from transformers import TrainerCallback
+
+    from qvltune.profile_kinds import kernel_kinds, kinds_table
 
     class Profile(TrainerCallback):
         def __init__(self):
@@ -464,13 +468,17 @@ def profiler_callback(run_dir: Path, start: int, count: int, python: bool = Fals
                     torch.cuda.synchronize()
                 self.prof.stop()
                 if is_main():
+                    trace = run_dir / "profile-trace.json"
+                    self.prof.export_chrome_trace(str(trace))
                     averages = self.prof.key_averages()
                     text = f"optimizer steps {start}..{start + count - 1}\n"
+                    kinds = kernel_kinds(json.loads(trace.read_text()).get("traceEvents", []))
+                    if kinds:  # device kernels were traced: a GPU
+                        text += "\n== by kind of kernel (share of the profiled steps) ==\n" + kinds_table(kinds) + "\n"
                     if torch.cuda.is_available():
                         text += "\n== by device time ==\n" + averages.table(sort_by="self_device_time_total", row_limit=40)
                     text += "\n== by host time ==\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40)
                     (run_dir / "profile.txt").write_text(text + "\n")
-                    self.prof.export_chrome_trace(str(run_dir / "profile-trace.json"))
                 self.prof = None
 
     return Profile()

@@ -68,3 +68,23 @@ def test_snapshot_buffers_pin_up_to_their_cap_and_are_reused():
     buffers.release()
     buffers.free()  # after training: given back, the cache emptied
     assert buffers.buffers == [] and buffers.pinned_bytes == 0
+
+
+def test_profiled_kernels_are_grouped_by_kind(tmp_path):
+    """schedule.profile_steps on a GPU: profile.txt starts with the time by kind of kernel."""
+    from types import SimpleNamespace
+
+    from qvltune.trainer import profiler_callback
+
+    callback, state = profiler_callback(tmp_path, 1, 1), SimpleNamespace(global_step=1)
+    callback.on_step_begin(None, state, None)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a = (a @ a).tanh()
+    q = torch.randn(1, 16, 2048, 128, device="cuda", dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    state.global_step = 2
+    callback.on_step_end(None, state, None)
+    text = (tmp_path / "profile.txt").read_text()
+    kinds = text.split("== by kind of kernel")[1].split("==")[0]
+    assert "matmuls (cuBLAS, CUTLASS)" in kinds and "attention (flash, cuDNN)" in kinds and "no kernel running" in kinds

@@ -1,0 +1,105 @@
+"""What one training step computes, part by part: the FLOPs per LLM token of each family of matrix
+products Qwen3-VL runs under a strategy, from the model's config and the data's shape alone.
+
+The MFU the panel shows counts 6N (worker.llm_flops_per_token: the LLM's linears, forward and both
+backward products), the rule MFU figures are compared by. A step really computes something else:
+LoRA and mixed skip the frozen weights' gradients (4N, not 6N), activation checkpointing runs the
+forward again, attention grows with the sample's length, and a frozen vision tower still runs its
+forward, with full attention over each image's patches. ``step_parts`` lists each of these, so the
+estimator's time (their sum) and ``benchmarks/step_account.py`` (where a measured step's time goes)
+read them from one place.
+
+Counting rules (2 FLOPs per multiply-add; per token of the packed micro-batch, text and image alike):
+- a linear of P parameters: 2P forward, 2P for the input gradient (whenever a gradient flows through
+  it), 2P for the weight gradient (only when it trains);
+- causal attention over a sample of L tokens: 2 x heads x head_dim x L forward per token (QK^T and
+  PV over half the sample on average); a vision block attends to its whole image: 4 x hidden x P per
+  patch for an image of P patches. The backward of flash attention runs 5 products where the
+  forward runs 2 (it recomputes the scores): 2.5x the forward;
+- lengths are token-weighted (sum L^2 / sum L): a long sample costs more per token and holds more
+  of the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qvltune.config import RunConfig
+from qvltune.estimate_inputs import Workload
+from qvltune.model_stats import ModelStats, lora_params
+from qvltune.pixels import TOKEN_PIXELS
+
+# FlashAttention's backward: the recomputed scores, dV, dP, dQ and dK against the forward's QK^T and PV.
+ATTENTION_BACKWARD = 2.5
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    forward: float  # FLOPs per LLM token of one training step
+    backward: float
+
+    @property
+    def flops(self) -> float:
+        return self.forward + self.backward
+
+
+def uses_fused_loss(cfg: RunConfig) -> bool:
+    """The worker installs qvltune.loss's head unless lm_head is wrapped by peft (trained beside LoRA)."""
+    return cfg.optim.fused_loss and not (cfg.uses_lora() and cfg.modes()["lm_head"] == "full")
+
+
+def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload) -> list[Part]:
+    """The FLOPs per LLM token of one training step of ``cfg``, by part (parts that cost nothing are left out)."""
+    s, modes = stats, cfg.modes()
+    ckpt = cfg.optim.gradient_checkpointing
+    trains = {c: m != "frozen" for c, m in modes.items()}
+    # A gradient flows back through the LLM when it trains or anything before it does.
+    through_llm = trains["llm"] or trains["vision"] or trains["merger"] or trains["deepstack"]
+    n = s.llm_active_params()
+    share = wl.image_tokens / wl.tokens if wl.tokens else 0.0  # LLM image tokens per LLM token
+    patches = share * s.spatial_merge**2  # vision patches per LLM token
+
+    attended = wl.attended_tokens or wl.tokens / max(wl.rows, 1)  # unknown: a whole row
+    image_size = wl.attended_image_tokens or cfg.data.pixel_budget()[1] // TOKEN_PIXELS  # unknown: the largest image
+    llm_attention = 2 * s.layers * s.heads * s.head_dim * attended
+    head = 2 * s.vocab * s.hidden * (wl.label_share if uses_fused_loss(cfg) else 1.0)
+    vision_linears = patches * 2 * s.vision_depth * s.vision_block_params
+    attended_patches = image_size * s.spatial_merge**2
+    vision_attention = patches * s.vision_depth * 4 * s.vision_hidden * attended_patches
+    merger = share * 2 * s.params["merger"]  # the merger's forward, per LLM token
+    deepstack = share * 2 * s.params["deepstack"]
+    mergers = merger + deepstack
+    # A trained merger computes both gradients (the input one too: the LayerNorm in front of its
+    # first linear trains); a frozen one only the input gradient, and that only for a trained tower.
+    merger_backward = sum(f * (2 if trains[c] else trains["vision"]) for c, f in (("merger", merger), ("deepstack", deepstack)))
+
+    vision_backward = {"full": 2, "lora": 1}.get(modes["vision"], 0)  # weight + input gradients, or input only
+    parts = [
+        Part("LLM linears", 2 * n, 2 * n * (through_llm + (modes["llm"] == "full"))),
+        Part("LLM attention", llm_attention, ATTENTION_BACKWARD * llm_attention * through_llm),
+        Part("lm_head" + (" (labelled tokens)" if uses_fused_loss(cfg) else ""), head, head * (through_llm + (modes["lm_head"] == "full"))),
+    ]
+    if cfg.uses_lora():
+        lora = lora_params(s, cfg)
+        adapters = lora["llm"] + lora["lm_head"] + patches * lora["vision"] + share * (lora["merger"] + lora["deepstack"])
+        parts.append(Part("LoRA adapters", 2 * adapters, 4 * adapters))
+    parts += [
+        Part("vision linears", vision_linears, vision_backward * vision_linears),
+        Part("vision attention", vision_attention, ATTENTION_BACKWARD * vision_attention * trains["vision"]),
+        Part("mergers (+ DeepStack)", mergers, merger_backward),
+    ]
+    if ckpt:  # checkpointed layers run their forward again in the backward
+        again = (2 * n + llm_attention) * through_llm + (vision_linears + vision_attention) * trains["vision"]
+        parts.append(Part("recomputed forward (checkpointing)", again + (2 * adapters if cfg.uses_lora() else 0.0), 0.0))
+    if cfg.stage == "dpo":
+        # The reference's log-probs: one more forward (no gradients) per step with adapters off, or
+        # one forward pass over the data before training when precomputed (counted against an epoch).
+        epochs = 1.0 if cfg.preference().reference == "adapter_off" else max(cfg.optim.epochs, 1.0)
+        forward = 2 * n + llm_attention + head + vision_linears + vision_attention + mergers
+        parts.append(Part(f"DPO reference forward ({cfg.preference().reference})", forward / epochs, 0.0))
+    return [p for p in parts if p.flops]
+
+
+def total(parts: list[Part]) -> float:
+    return sum(p.flops for p in parts)

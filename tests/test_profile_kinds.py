@@ -1,0 +1,81 @@
+"""qvltune.profile_kinds: profiled GPU time by kind of kernel. The names are kernels recorded on the
+H200 (benchmarks/results/2b-mixed-qvltune-profile.txt) and the ones NCCL, Triton and fused AdamW
+launch; the trace events are built by hand in the shape torch.profiler exports (a CPU has no
+kernels to trace; tests/test_gpu.py profiles real ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qvltune.profile_kinds import IDLE, kernel_kinds, kind_of, kinds_table
+
+RECORDED = Path(__file__).parent.parent / "benchmarks" / "results" / "2b-mixed-qvltune-profile.txt"
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmuls (cuBLAS, CUTLASS)"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmuls (cuBLAS, CUTLASS)"),
+    ("triton_tem_fused_mm_0", "matmuls (cuBLAS, CUTLASS)"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention (flash, cuDNN)"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention (flash, cuDNN)"),
+    ("void flash_fwd_varlen_kernel", "attention (flash, cuDNN)"),
+    ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled fusions (Triton)"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer (fused AdamW)"),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication (NCCL)"),
+    ("Memcpy DtoD (Device -> Device)", "copies and fills"),
+    ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalization"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", "other eager kernels"),
+])
+def test_kernels_are_grouped_by_what_they_compute(name, kind):
+    assert kind_of(name) == kind
+
+
+def test_every_recorded_kernel_of_the_h200_profile_has_a_kind():
+    names = [line[:55].strip() for line in RECORDED.read_text().splitlines() if line[:55].strip().startswith(("nvjet", "void", "cudnn", "Memcpy"))]
+    kinds = {kind_of(n) for n in names}
+    assert len(names) > 20 and {"matmuls (cuBLAS, CUTLASS)", "attention (flash, cuDNN)", "copies and fills", "other eager kernels"} <= kinds
+
+
+def kernel(name, ts, dur, cat="kernel"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_time_by_kind_counts_overlaps_once_and_shows_the_idle_gaps():
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "ProfilerStep", "ts": 0, "dur": 1000},  # the span: 1 ms
+        kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 100, 300),
+        kernel("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNN", 300, 200),  # overlaps the first: 100..500
+        kernel("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 200, 400),  # another stream, beside the matmuls
+        kernel("Memcpy HtoD (Pinned -> Device)", 700, 100, cat="gpu_memcpy"),
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 5},  # no duration: not a kernel run
+    ]
+    rows = {r["kind"]: r for r in kernel_kinds(events)}
+    assert rows["matmuls (cuBLAS, CUTLASS)"]["ms"] == pytest.approx(0.4) and rows["matmuls (cuBLAS, CUTLASS)"]["kernels"] == 2
+    assert rows["communication (NCCL)"]["ms"] == pytest.approx(0.4) and rows["copies and fills"]["ms"] == pytest.approx(0.1)
+    assert rows[IDLE]["ms"] == pytest.approx(0.4)  # busy 100..600 and 700..800 of 0..1000
+    assert rows[IDLE]["share"] == pytest.approx(0.4) and rows["matmuls (cuBLAS, CUTLASS)"]["share"] == pytest.approx(0.4)
+    assert "no kernel running" in kinds_table(list(rows.values()))
+
+
+def test_a_trace_without_kernels_has_no_kinds():
+    assert kernel_kinds([{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10}]) == []
+
+
+def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path):
+    """schedule.profile_steps on a CPU: the host table and the trace, and no kinds (no kernels)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvltune.trainer import profiler_callback
+
+    callback, state = profiler_callback(tmp_path, 3, 1), SimpleNamespace(global_step=3)
+    callback.on_step_begin(None, state, None)
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    state.global_step = 4
+    callback.on_step_end(None, state, None)
+    text = (tmp_path / "profile.txt").read_text()
+    assert text.startswith("optimizer steps 3..3") and "by host time" in text and "aten::mm" in text
+    assert "by kind of kernel" not in text and (tmp_path / "profile-trace.json").stat().st_size > 0
