@@ -13,8 +13,8 @@ its real (non-pad) tokens, its row x width slots and its samples, from the atten
 is given (0/1 for padded rows; for neat packing with sdpa, the 4-D block-diagonal mask LLaMA-Factory
 builds: a real token attends to itself, a new sample does not attend to the token before it), and the
 image patch rows it is given (``pixel_values``: none on image data means the images never reached
-the model); each optimizer step appends one line to the metrics file: step, wall time, and those
-counts.
+the model); each optimizer step appends one line to the metrics file: step, its end (time.time()),
+its seconds, and those counts.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         counts = self.counts.tolist() if self.counts is not None else [0, 0, 0, 0]  # syncs: the step is done
         now = time.time()
-        rec = {"step": state.global_step, "seconds": now - self.last, "tokens": counts[0], "slots": counts[1], "samples": counts[2], "image_patches": counts[3]}
+        rec = {"step": state.global_step, "time": now, "seconds": now - self.last, "tokens": counts[0], "slots": counts[1], "samples": counts[2], "image_patches": counts[3]}
         if torch.cuda.is_available():
             rec["mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(self.path, "a") as f:

@@ -19,7 +19,13 @@ median/mean real tok/s, the slowest step against the median (and stall records),
 blocking and background time, eval time, and the whole command against its steady steps; after a
 cold compiled unit, what Inductor generated (``generated``: Triton and C++ kernels).
 
-    python benchmarks/wall_clock.py --out $OUT [--shapes 2b,8b] [--mixes bench,issue] [--runs cold,warm] [--samples 2400]
+The peer (`--runs llamafactory --llamafactory-site DIR`, DIR as benchmarks/llamafactory_wheels.sh
+prepares it): LLaMA-Factory 0.9.5 on the same records, random weights and pixel budget for one epoch,
+its defaults with `neat_packing` into 8k rows (as gpu_throughput.py's llamafactory-packed, LoRA r64
+on the LLM and a trained projector, as mixed trains), from the command to its saved model. A run
+that fails is a result: its status names the error.
+
+    python benchmarks/wall_clock.py --out $OUT [--shapes 2b,8b] [--mixes bench,issue] [--runs cold,warm,llamafactory] [--samples 2400]
     python benchmarks/wall_clock.py --out $OUT --shapes tiny --samples 160 --max-steps 16 --compile on   # CPU
 
 Each (shape, mix, run) is one unit: finished units are recorded in --work/units.json and skipped,
@@ -36,6 +42,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -194,23 +201,18 @@ def evict_page_cache(files: list[Path]) -> int:
     return total
 
 
-def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int, max_steps: int | None, compile_: str = "planned") -> dict:
-    log = out / f"wall-{shape}-{mix}-{run}.log"
+def planned_config(shape: str, mix: str, work: Path, log: Path, samples: int, max_steps: int | None, compile_: str) -> Path | None:
+    """The unit's config as `init --yes --strategy mixed --epochs 1` plans it (every step logged),
+    written once per shape and mix; None when init fails (its output is in ``log``)."""
     model = gpu_flow.model_folder(work, shape)
     data, init_args = mix_data(work, shape, mix, samples)
-    cache = Path(os.environ["QVLTUNE_CACHE"])  # the compile cache lives here (qvltune.compile_cache)
-    if run == "cold":
-        shutil.rmtree(cache / "compile", ignore_errors=True)
-        evicted = evict_page_cache(weight_files(model))  # a cold machine's disk: the weights not in memory
-        print(f"cold: compile cache emptied, {evicted / 1e9:.1f} GB of weights evicted from the page cache", flush=True)
     plan_dir = work / f"plan-{shape}-{mix}"
-    name = f"wall-{shape}-{mix}"
     config = plan_dir / "qvltune.yaml"
     if not config.exists():
         gpu_flow.cli(log, "check-data", data, "--model", model, "--json")  # a user's first step (it leaves no index cache: the first train fills it)
-        code, _, _ = gpu_flow.cli(log, "init", "--yes", "--model", model, "--data", data, "--strategy", "mixed", "--epochs", "1", "--out", plan_dir, "--name", name, *init_args)
+        code, _, _ = gpu_flow.cli(log, "init", "--yes", "--model", model, "--data", data, "--strategy", "mixed", "--epochs", "1", "--out", plan_dir, "--name", f"wall-{shape}-{mix}", *init_args)
         if code != 0:
-            return {"shape": shape, "mix": mix, "run": run, "error": f"init failed (see {log.name})"}
+            return None
         doc = yaml.safe_load(config.read_text())
         doc["schedule"]["log_steps"] = 1  # every step timed
         if max_steps:
@@ -218,11 +220,26 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
         if compile_ != "planned":  # e.g. the compile cache through a whole run on a CPU, where init plans no compile
             doc["optim"]["compile"] = compile_ == "on"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return config
+
+
+def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int, max_steps: int | None, compile_: str = "planned", site: Path | None = None) -> dict:
+    log = out / f"wall-{shape}-{mix}-{run}.log"
+    config = planned_config(shape, mix, work, log, samples, max_steps, compile_)
+    if config is None:
+        return {"shape": shape, "mix": mix, "run": run, "error": f"init failed (see {log.name})"}
     doc = yaml.safe_load(config.read_text())
     if run == "prepare":  # the weights, data, index cache and config only (8B: its own call)
         return {"shape": shape, "mix": mix, "run": run, "config": str(config)}
+    if run == "llamafactory":
+        return {"shape": shape, "mix": mix, "run": run, **run_peer(shape, mix, doc, work, log, samples, site)}
+    cache = Path(os.environ["QVLTUNE_CACHE"])  # the compile cache lives here (qvltune.compile_cache)
+    if run == "cold":
+        shutil.rmtree(cache / "compile", ignore_errors=True)
+        evicted = evict_page_cache(weight_files(gpu_flow.model_folder(work, shape)))  # a cold machine's disk: the weights not in memory
+        print(f"cold: compile cache emptied, {evicted / 1e9:.1f} GB of weights evicted from the page cache", flush=True)
     run_dir = Path(doc["output_dir"]) / doc["name"]
-    run_dir = run_dir if run_dir.is_absolute() else plan_dir / run_dir
+    run_dir = run_dir if run_dir.is_absolute() else config.parent / run_dir
     started = time.time()
     code, seconds, _ = gpu_flow.cli(log, "train", config, "--no-live", "--force")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
@@ -231,7 +248,55 @@ def run_unit(shape: str, mix: str, run: str, work: Path, out: Path, samples: int
     return {"shape": shape, "mix": mix, "run": run, "exit": code, **summarize(records, seconds, started, ranks), "generated": generated, "config": {k: doc[k] for k in ("data", "optim", "schedule", "deepspeed")}}
 
 
-KEYS = ["shape", "mix", "run", "exit", "steps", "wall_s", "to_first_step_s", "tok_s_median", "tok_s_mean", "slowest_step", "slowest_vs_median", "save_blocking_s", "save_background_s", "eval_s", "wall_vs_steady"]
+def run_peer(shape: str, mix: str, doc: dict, work: Path, log: Path, samples: int, site: Path | None) -> dict:
+    """LLaMA-Factory's epoch on the unit's records, weights and pixel budget, in its own process and
+    stack (benchmarks/llamafactory_run.py): from the command to its saved model."""
+    if site is None:
+        raise SystemExit("the llamafactory unit needs --llamafactory-site (benchmarks/llamafactory_wheels.sh)")
+    data, _ = mix_data(work, shape, mix, samples)
+    run_dir = work / "runs" / f"llamafactory-{shape}-{mix}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = peer_args(gpu_flow.model_folder(work, shape), data, run_dir, doc)
+    metrics = run_dir / "steps.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    spec = work / f"llamafactory-{shape}-{mix}.json"
+    spec.write_text(json.dumps({"args": args, "metrics": str(metrics)}))
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=gt.peer_env(site))
+    wall = time.time() - started
+    log.write_text(proc.stdout + proc.stderr)
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    return summarize_peer(records, wall, started, proc.returncode, proc.stderr, saved=any(run_dir.glob("adapter_model.safetensors")))
+
+
+def peer_args(model: Path, data: Path, run_dir: Path, doc: dict) -> dict:
+    """LLaMA-Factory's arguments for the epoch a qvltune unit's config ``doc`` plans: its packed
+    variant of gpu_throughput.py (mixed: LoRA on the LLM, the projector trained, the vision tower
+    frozen), the same pixel budget and epochs, saved as its defaults save (at the end)."""
+    args = gt.llamafactory_args(model, data, run_dir, "mixed", "llamafactory-packed", 0, (doc["data"]["min_pixels"], doc["data"]["max_pixels"]))
+    del args["max_steps"], args["save_strategy"]
+    args["num_train_epochs"] = float(doc["optim"]["epochs"])
+    return args
+
+
+def summarize_peer(records: list[dict], wall_s: float, started: float, exit_code: int, stderr: str, saved: bool) -> dict:
+    """A peer's epoch from llamafactory_run.py's step records (pure): the figures the qvltune units
+    report where the peer has them, and how it ended (a failure's last error line)."""
+    rates = [r["tokens"] / r["seconds"] for r in records[2:] if r.get("seconds")]  # from the third step, as the qvltune units
+    error = next((line.strip() for line in reversed(stderr.splitlines()) if "Error" in line), None)
+    return {
+        "exit": exit_code,
+        "status": "completed" if exit_code == 0 and saved else f"failed at step {len(records) + 1}: {error or f'exit {exit_code}'}",
+        "steps": len(records),
+        "wall_s": round(wall_s, 1),
+        "to_first_step_s": round(records[0]["time"] - started, 1) if records else None,
+        "tok_s_median": statistics.median(rates) if rates else None,
+        "tok_s_mean": statistics.fmean(rates) if rates else None,
+        "saved_model": saved,
+    }
+
+
+KEYS = ["shape", "mix", "run", "exit", "steps", "wall_s", "to_first_step_s", "tok_s_median", "tok_s_mean", "slowest_step", "slowest_vs_median", "save_blocking_s", "save_background_s", "eval_s", "wall_vs_steady", "status"]
 
 
 def main() -> None:
@@ -244,6 +309,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2400)
     ap.add_argument("--max-steps", type=int, default=None, help="cap the epoch (CPU smoke runs)")
     ap.add_argument("--compile", choices=["planned", "on", "off"], default="planned", help="optim.compile: as init plans it (GPU: on), or forced")
+    ap.add_argument("--llamafactory-site", type=Path, help="LLaMA-Factory 0.9.5 and its pinned stack (the llamafactory run)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -259,7 +325,7 @@ def main() -> None:
                 if key in done:
                     rows.append(done[key])
                     continue
-                row = run_unit(shape, mix, run, args.work, args.out, args.samples, args.max_steps, args.compile)
+                row = run_unit(shape, mix, run, args.work, args.out, args.samples, args.max_steps, args.compile, args.llamafactory_site)
                 if run == "prepare":
                     print(json.dumps(row), flush=True)
                     continue
