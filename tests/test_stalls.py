@@ -127,3 +127,31 @@ def test_the_data_loaders_workers_are_stopped_when_training_ends():
     trainer = SimpleNamespace(accelerator=accelerator, _eval_dataloaders={"eval": evals})
     assert close_data_loaders(trainer) == 2
     assert not any(w.is_alive() for w in workers) and all(loader._iterator is None for loader in owners)
+
+
+def test_the_reported_rate_leaves_out_the_evals_and_saves_since_the_last_record(tmp_path):
+    """10 s since the last train record, 6 s of them an eval and 1 s a save: 30,000 tokens were
+    trained in 3 s, 10,000 tok/s (not 3,000, which the panel showed after every eval)."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from qvltune.data.packing import BatchStats
+    from qvltune.metrics import MetricsWriter
+    from qvltune.trainer import make_callback
+
+    callback = make_callback(tmp_path, MetricsWriter(tmp_path / "metrics.jsonl"), None, None, SimpleNamespace(nan_policy="stop"))
+    callback.trainer = SimpleNamespace(stats=BatchStats(0, 0, 0, 0), eval_seconds=6.0, save_seconds=1.0)
+    args, state = SimpleNamespace(device="cpu"), SimpleNamespace(global_step=20, max_steps=40, epoch=0.5)
+    callback.last_time = time.time() - 10.0
+    callback.on_log(args, state, None, logs={"eval_loss": 1.0})
+    callback.on_save(args, state, None)
+    callback.trainer.stats = BatchStats(30_000, 30_000, 40, 9_000)
+    callback.on_log(args, state, None, logs={"loss": 1.0})
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line][-1]
+    assert train["tokens_per_s"] == pytest.approx(10_000, rel=0.01) and train["samples_per_s"] == pytest.approx(40 / 3, rel=0.01)
+    callback.trainer.stats = BatchStats(60_000, 60_000, 80, 18_000)
+    callback.last_time = time.time() - 3.0  # the next interval: no eval, no save
+    callback.on_log(args, state, None, logs={"loss": 1.0})
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line][-1]
+    assert train["tokens_per_s"] == pytest.approx(10_000, rel=0.01)  # what was left out is not left out again
