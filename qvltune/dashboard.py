@@ -297,6 +297,8 @@ def stall_line(record: dict[str, Any]) -> str:
         gc += f"; waited {record['data_wait_s']:.1f} s for data"
     if record.get("new_graphs"):
         gc += f"; {record['new_graphs']} recompilation(s)"
+        if record.get("recompiled"):
+            gc += f" ({record['recompiled'][0][:80]})"  # the first failed guard; train.log has them all
     return (
         f"stall{'s' if count > 1 else ''}: {count}, the last at step {record.get('step')}: {record.get('seconds', 0):.1f} s, "
         f"{record.get('ratio', 0):.1f}x the median step ({record.get('median_s', 0):.2f} s){gc}"

@@ -4,7 +4,8 @@ A stall is an optimizer step that took more than ``STALL_FACTOR`` times the medi
 before it, its evaluation, save and logging excluded (they are reported on their own). The worker
 writes a ``stall`` record for each (the panel shows the last one) with what can explain it: the time
 the garbage collector ran during that step, the time it waited for its batches (data loader), and
-how many new graphs torch.compile made in it (a recompilation).
+how many new graphs torch.compile made in it (a recompilation) and the guards whose failure caused
+them (Dynamo's own reasons, ``watch_recompiles``).
 
 The GC: Python's cyclic collector is triggered by allocation counts, at any moment of a step, and a
 full (generation 2) collection traverses every live object: after a VLM, its tokenizer, DeepSpeed
@@ -25,6 +26,8 @@ collected, even once unreachable (a batch in a reference cycle alive at a freeze
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import statistics
 import time
 from collections import deque
@@ -90,6 +93,47 @@ def compiled_graphs() -> int:
 
     utils = sys.modules.get("torch._dynamo.utils")  # never imports Dynamo for an uncompiled run
     return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
+class RecompileReasons(logging.Handler):
+    """The guards whose failure made torch.compile compile again, from Dynamo's ``recompiles`` log
+    (e.g. ``GLOBAL_STATE changed: grad_mode`` for the first evaluation, ``tensor 'x' size mismatch at
+    index 1`` for a shape a graph did not cover), kept until ``take``n."""
+
+    LOGGER = "torch._dynamo.guards.__recompiles"
+
+    def __init__(self):
+        super().__init__()
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # "Recompiling function forward in ...:89\n    triggered by the following guard failure(s):\n    - 0/0: <reason>"
+        self.reasons += [line.strip()[2:] for line in record.getMessage().splitlines() if line.strip().startswith("- ")]
+
+    def take(self) -> list[str]:
+        reasons, self.reasons = self.reasons, []
+        return reasons
+
+
+_recompiles: RecompileReasons | None = None
+
+
+def watch_recompiles() -> None:
+    """Keep Dynamo's reasons for every recompilation (they also go to train.log). Turns its
+    ``recompiles`` log on unless TORCH_LOGS already chose the logs (torch's set_logs would reset them)."""
+    global _recompiles
+    import torch._logging
+
+    if _recompiles is None:
+        if not os.environ.get("TORCH_LOGS"):
+            torch._logging.set_logs(recompiles=True)
+        _recompiles = RecompileReasons()
+        logging.getLogger(RecompileReasons.LOGGER).addHandler(_recompiles)
+
+
+def take_recompile_reasons() -> list[str]:
+    """The failed guards since the last call ([] when nothing recompiled or nothing is watched)."""
+    return _recompiles.take() if _recompiles is not None else []
 
 
 def quiet_gc() -> None:

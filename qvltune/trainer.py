@@ -32,7 +32,7 @@ from qvltune.loss import install_loss_head
 from qvltune.metrics import MetricsWriter
 from qvltune.model import parameter_groups
 from qvltune.phases import format_phases, split_first_step
-from qvltune.stalls import GcSchedule, GcTimer, StallDetector, compiled_graphs
+from qvltune.stalls import GcSchedule, GcTimer, StallDetector, compiled_graphs, take_recompile_reasons
 
 
 def is_main() -> bool:
@@ -377,10 +377,11 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             gc_seconds = self.gc_timer.take()
             data_wait, self.trainer.data_wait = self.trainer.data_wait, 0.0
             graphs = compiled_graphs()
+            recompiled = take_recompile_reasons()
             if self.last_step_end is not None:
                 stall = self.stall_detector.observe(state.global_step, now - self.last_step_end - self.between_steps, gc_seconds)
                 if stall and writer:
-                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.gc_schedule.graphs)
+                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.gc_schedule.graphs, recompiled=recompiled[:3])
             # At a step boundary: freeze what a compile made, or collect the loop's garbage (qvltune.stalls).
             self.between_steps = self.gc_schedule.after_step(state.global_step, graphs)
             self.gc_timer.take()
@@ -389,6 +390,7 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "eval_loss" in logs:
+                take_recompile_reasons()  # the evaluation's own graph (no gradients): not the next step's
                 self.between_steps += getattr(self.trainer, "eval_seconds", None) or 0.0
                 self.outside_steps += getattr(self.trainer, "eval_seconds", None) or 0.0
                 if writer:

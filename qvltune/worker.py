@@ -53,7 +53,7 @@ from qvltune.model import apply_strategy, component_of, load_model, model_class,
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.process_exit import end_process
 from qvltune.rank import note as rank_note
-from qvltune.stalls import quiet_gc, thaw_gc
+from qvltune.stalls import quiet_gc, thaw_gc, watch_recompiles
 from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
 from qvltune.training_data import build_datasets, close_data_loaders, prepare_data_side, row_padding
 from qvltune.zero import DS_CONFIG, deepspeed_config, write_deepspeed_config, zero3_leaf_blocks, zero3_stats
@@ -230,6 +230,7 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "model prepared (strategy, adapters)")
     if cfg.optim.compile:
         compile_blocks(model, zero3=cfg.deepspeed.stage == 3)  # the layers compile at the first step
+        watch_recompiles()  # a later compile's reasons go to train.log and to the stall record
         _mark(clock, "torch.compile set up (its imports)")
     _begin(writer, "building the datasets and the trainer")
 

@@ -155,3 +155,44 @@ def test_the_reported_rate_leaves_out_the_evals_and_saves_since_the_last_record(
     callback.on_log(args, state, None, logs={"loss": 1.0})
     train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line][-1]
     assert train["tokens_per_s"] == pytest.approx(10_000, rel=0.01)  # what was left out is not left out again
+
+
+def test_a_recompilation_is_named_by_the_guard_that_failed():
+    """Dynamo's own reason for compiling again is kept for the stall record and the panel's line."""
+    import torch
+
+    from qvltune.stalls import take_recompile_reasons, watch_recompiles
+
+    watch_recompiles()
+    take_recompile_reasons()
+    f = torch.compile(lambda x: (x * 2).sin(), dynamic=True, backend="eager")
+    x = torch.randn(8, requires_grad=True)
+    f(x)
+    assert take_recompile_reasons() == []  # the first compile is no recompilation
+    with torch.no_grad():  # as the first evaluation after training steps
+        f(x)
+    reasons = take_recompile_reasons()
+    assert any("grad_mode" in r for r in reasons) and take_recompile_reasons() == []
+    record = {"step": 5, "seconds": 14.9, "median_s": 5.5, "ratio": 2.7, "count": 1, "new_graphs": 1, "recompiled": reasons}
+    assert format_line({"kind": "stall", **record}).endswith(f"1 recompilation(s) ({reasons[0][:80]})")
+
+
+def test_the_evaluations_own_graph_is_not_blamed_on_the_next_step(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvltune.metrics import MetricsWriter
+    from qvltune.stalls import take_recompile_reasons, watch_recompiles
+    from qvltune.trainer import make_callback
+
+    watch_recompiles()
+    f = torch.compile(lambda x: (x * 3).cos(), dynamic=True, backend="eager")
+    x = torch.randn(8, requires_grad=True)
+    f(x)
+    with torch.no_grad():  # the evaluation compiles its graph
+        f(x)
+    callback = make_callback(tmp_path, MetricsWriter(tmp_path / "metrics.jsonl"), None, None, SimpleNamespace(nan_policy="stop"))
+    callback.trainer = SimpleNamespace(eval_seconds=2.0)
+    callback.on_log(SimpleNamespace(device="cpu"), SimpleNamespace(global_step=8), None, logs={"eval_loss": 1.0})
+    assert take_recompile_reasons() == []  # taken with the evaluation: a stall at the next step would not name it
