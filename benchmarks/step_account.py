@@ -6,9 +6,9 @@ the measured step each part would take at the H200's measured matmul limit. Any 
 
 The 6N rule of the MFU figure counts neither attention nor the vision tower, and it counts weight
 gradients that LoRA and mixed skip; this table counts what the step computes. The share no part
-takes is time the GPU spent below the matmul limit (attention and elementwise kernels, the
-optimizer, gaps between kernels): a profile of the step (`schedule.profile_steps`, its profile.txt
-"by kind" table) splits it further.
+takes is time the GPU spent below the matmul limit (matmuls that run below it, attention and
+elementwise kernels, the optimizer, gaps between kernels): a profile of the step
+(`schedule.profile_steps`, its profile.txt "by kind of kernel" table) splits it further.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,7 +47,7 @@ RUNS = [
 
 def account(shape: str, strategy: str, mix: str, rows: int, accumulation: int, samples: int):
     """(parts, 6N per token) of one run's config on its data."""
-    data = wc.make_issue_data(WORK / "data-issue", samples) if mix == "issue" else gt.make_data(WORK / "data-bench", samples)
+    data = wc.make_issue_data(WORK / f"data-issue-{samples}", samples) if mix == "issue" else gt.make_data(WORK / f"data-bench-{samples}", samples)
     model = gt.make_model_folder(WORK / f"model-{shape}", shape)
     doc = gt.planned_doc(model, data, strategy, 64)
     doc["data"]["max_seq_length"] = rows
@@ -59,16 +58,13 @@ def account(shape: str, strategy: str, mix: str, rows: int, accumulation: int, s
     lo, hi = cfg.data.pixel_budget()
     report = check_dataset(str(data), CheckOptions(processor=load_processor(str(model), lo, hi), max_seq_length=rows))
     stats = model_stats(json.loads((model / "config.json").read_text()))
-    summary = summarize_report(report, lo, hi)
-    # The planner's workload doubles the answers' share for its memory margin; a step computes them once.
-    workload = replace(workload_for(cfg, summary), label_share=summary.trained_tokens / summary.tokens)
-    return step_parts(cfg, stats, workload), 6 * stats.llm_active_params()
+    return step_parts(cfg, stats, workload_for(cfg, summarize_report(report, lo, hi))), 6 * stats.llm_active_params()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2400)
-    ap.add_argument("--limit-tflops", type=float, default=790.0, help="the matmul limit measured on the H200 (bf16)")
+    ap.add_argument("--limit-tflops", type=float, default=790.0, help="an H200's bf16 matmul limit (benchmarks/matmul_limit.py measures it)")
     args = ap.parse_args()
     limit = args.limit_tflops * 1e12
     for label, shape, strategy, mix, rows, accum, measured, where, target in RUNS:

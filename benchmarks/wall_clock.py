@@ -272,9 +272,9 @@ def run_peer(shape: str, mix: str, doc: dict, work: Path, log: Path, samples: in
 def peer_args(model: Path, data: Path, run_dir: Path, doc: dict) -> dict:
     """LLaMA-Factory's arguments for the epoch a qvltune unit's config ``doc`` plans: its packed
     variant of gpu_throughput.py (mixed: LoRA on the LLM, the projector trained, the vision tower
-    frozen), the same pixel budget and epochs, saved as its defaults save (at the end)."""
+    frozen), the same pixel budget and epochs, its model saved when training ends."""
     args = gt.llamafactory_args(model, data, run_dir, "mixed", "llamafactory-packed", 0, (doc["data"]["min_pixels"], doc["data"]["max_pixels"]))
-    del args["max_steps"], args["save_strategy"]
+    del args["max_steps"]  # save_strategy stays "no": it saves the final model when training ends
     args["num_train_epochs"] = float(doc["optim"]["epochs"])
     return args
 
@@ -283,10 +283,19 @@ def summarize_peer(records: list[dict], wall_s: float, started: float, exit_code
     """A peer's epoch from llamafactory_run.py's step records (pure): the figures the qvltune units
     report where the peer has them, and how it ended (a failure's last error line)."""
     rates = [r["tokens"] / r["seconds"] for r in records[2:] if r.get("seconds")]  # from the third step, as the qvltune units
-    error = next((line.strip() for line in reversed(stderr.splitlines()) if "Error" in line), None)
+    # The error a crash ends with: the last line of the last traceback (a warning is no error).
+    lines = stderr.splitlines()
+    last_traceback = max((i for i, line in enumerate(lines) if line.startswith("Traceback")), default=None)
+    error = next((line.strip() for line in reversed(lines[last_traceback:]) if line.strip()), None) if last_traceback is not None else None
+    if exit_code == 0 and saved:
+        status = "completed"
+    elif error:
+        status = f"failed at step {len(records) + 1}: {error}"
+    else:
+        status = f"exit {exit_code} after step {len(records)}" + ("" if saved else ", no saved adapter")
     return {
         "exit": exit_code,
-        "status": "completed" if exit_code == 0 and saved else f"failed at step {len(records) + 1}: {error or f'exit {exit_code}'}",
+        "status": status,
         "steps": len(records),
         "wall_s": round(wall_s, 1),
         "to_first_step_s": round(records[0]["time"] - started, 1) if records else None,

@@ -58,7 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_throughput as gt  # noqa: E402
 
-from qvltune.profile_kinds import union_us  # noqa: E402
+from qvltune.profiling import union_us  # noqa: E402
 
 SHAPES = {"2b-mixed": ("2b", "mixed"), "8b-mixed": ("8b", "mixed"), "8b-full": ("8b", "full"), "tiny-mixed": ("tiny", "mixed")}
 VARIANTS = ("z2", "z2-eager", "z3", "z3-eager", "z3-defaults")

@@ -356,7 +356,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
 
     # -- FLOPs and time ------------------------------------------------------------------------
     flops_rule = 6.0 * s.llm_active_params()  # worker.llm_flops_per_token's rule (active experts for MoE)
-    parts = step_parts(cfg, s, wl)
+    parts = step_parts(cfg, s, wl, attention)
     step = total_flops(parts)
     if cfg.stage == "dpo":
         ref = next(p for p in parts if p.name.startswith("DPO reference"))

@@ -131,6 +131,7 @@ class Workload:
     # 0 = unknown: qvltune.step_flops then takes a whole row and the pixel budget's largest image).
     attended_tokens: float = 0.0
     attended_image_tokens: float = 0.0
+    answer_share: float = 0.0  # labelled tokens / tokens as counted, not doubled (0 = unknown: label_share)
 
 
 def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload:
@@ -155,4 +156,5 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
     label_share = min(1.0, 2 * data.trained_tokens / data.tokens) if data and data.tokens and data.trained_tokens else 1.0
     # Packed rows attend within each sample (varlen); padded rows over the whole row.
     attended = data.attended_sample_tokens if data and cfg.data.packing else 0.0
-    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share, attended, data.attended_image_tokens if data else 0.0)
+    answers = data.trained_tokens / data.tokens if data and data.tokens else 0.0
+    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share, attended, data.attended_image_tokens if data else 0.0, answers)

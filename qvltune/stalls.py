@@ -100,7 +100,7 @@ class RecompileReasons(logging.Handler):
     (e.g. ``GLOBAL_STATE changed: grad_mode`` for the first evaluation, ``tensor 'x' size mismatch at
     index 1`` for a shape a graph did not cover), kept until ``take``n."""
 
-    LOGGER = "torch._dynamo.guards.__recompiles"
+    LOGGERS = ("torch._dynamo.guards.__recompiles", "torch._dynamo.guards.__recompiles_verbose")
 
     def __init__(self):
         super().__init__()
@@ -120,15 +120,17 @@ _recompiles: RecompileReasons | None = None
 
 def watch_recompiles() -> None:
     """Keep Dynamo's reasons for every recompilation (they also go to train.log). Turns its
-    ``recompiles`` log on unless TORCH_LOGS already chose the logs (torch's set_logs would reset them)."""
+    ``recompiles`` log on unless TORCH_LOGS is set: then the user chose the logs (torch ignores
+    set_logs under TORCH_LOGS), and the reasons are kept only if they include recompiles."""
     global _recompiles
     import torch._logging
 
     if _recompiles is None:
-        if not os.environ.get("TORCH_LOGS"):
+        if "TORCH_LOGS" not in os.environ:
             torch._logging.set_logs(recompiles=True)
         _recompiles = RecompileReasons()
-        logging.getLogger(RecompileReasons.LOGGER).addHandler(_recompiles)
+        for name in RecompileReasons.LOGGERS:
+            logging.getLogger(name).addHandler(_recompiles)
 
 
 def take_recompile_reasons() -> list[str]:

@@ -13,9 +13,11 @@ Counting rules (2 FLOPs per multiply-add; per token of the packed micro-batch, t
 - a linear of P parameters: 2P forward, 2P for the input gradient (whenever a gradient flows through
   it), 2P for the weight gradient (only when it trains);
 - causal attention over a sample of L tokens: 2 x heads x head_dim x L forward per token (QK^T and
-  PV over half the sample on average); a vision block attends to its whole image: 4 x hidden x P per
-  patch for an image of P patches. The backward of flash attention runs 5 products where the
-  forward runs 2 (it recomputes the scores): 2.5x the forward;
+  PV over half the sample on average) with varlen/flash kernels; eager attention and sdpa with a
+  mask compute the whole row's square (4 x heads x head_dim x row length); a vision block attends
+  to its whole image: 4 x hidden x P per patch for an image of P patches. The backward of flash
+  attention runs 5 products where the forward runs 2 (it recomputes the scores): 2.5x the forward;
+  eager's 2x;
 - lengths are token-weighted (sum L^2 / sum L): a long sample costs more per token and holds more
   of the tokens.
 """
@@ -29,8 +31,10 @@ from qvltune.estimate_inputs import Workload
 from qvltune.model_stats import ModelStats, lora_params
 from qvltune.pixels import TOKEN_PIXELS
 
-# FlashAttention's backward: the recomputed scores, dV, dP, dQ and dK against the forward's QK^T and PV.
+# FlashAttention's backward (and sdpa's fused kernels'): the recomputed scores, dV, dP, dQ and dK
+# against the forward's QK^T and PV. Eager attention keeps the scores: its backward runs 4 products.
 ATTENTION_BACKWARD = 2.5
+EAGER_ATTENTION_BACKWARD = 2.0
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,9 @@ def uses_fused_loss(cfg: RunConfig) -> bool:
     return cfg.optim.fused_loss and not (cfg.uses_lora() and cfg.modes()["lm_head"] == "full")
 
 
-def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload) -> list[Part]:
-    """The FLOPs per LLM token of one training step of ``cfg``, by part (parts that cost nothing are left out)."""
+def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str = "varlen") -> list[Part]:
+    """The FLOPs per LLM token of one training step of ``cfg`` with ``attention`` (the kind the
+    worker runs: qvltune.estimate.attention_kind), by part (parts that cost nothing are left out)."""
     s, modes = stats, cfg.modes()
     ckpt = cfg.optim.gradient_checkpointing
     trains = {c: m != "frozen" for c, m in modes.items()}
@@ -60,10 +65,19 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload) -> list[Part]:
     share = wl.image_tokens / wl.tokens if wl.tokens else 0.0  # LLM image tokens per LLM token
     patches = share * s.spatial_merge**2  # vision patches per LLM token
 
-    attended = wl.attended_tokens or wl.tokens / max(wl.rows, 1)  # unknown: a whole row
+    row = wl.tokens / max(wl.rows, 1)
     image_size = wl.attended_image_tokens or cfg.data.pixel_budget()[1] // TOKEN_PIXELS  # unknown: the largest image
-    llm_attention = 2 * s.layers * s.heads * s.head_dim * attended
-    head = 2 * s.vocab * s.hidden * (wl.label_share if uses_fused_loss(cfg) else 1.0)
+    # varlen / flash (and sdpa on one unmasked row) attend within each sample and skip the causal
+    # half; eager, and sdpa with a mask (padded or packed rows), compute the whole row's square.
+    whole_square = attention == "eager" or (attention == "sdpa" and (cfg.data.packing or wl.rows > 1))
+    if whole_square:
+        llm_attention = 4 * s.layers * s.heads * s.head_dim * row
+    else:
+        llm_attention = 2 * s.layers * s.heads * s.head_dim * (wl.attended_tokens or row)  # unknown: a whole row
+    backward_factor = EAGER_ATTENTION_BACKWARD if attention == "eager" else ATTENTION_BACKWARD
+    # The loss's head computes the answers' logits only with the fused loss (their share, not the
+    # memory estimate's doubled one), every token's without it.
+    head = 2 * s.vocab * s.hidden * ((wl.answer_share or wl.label_share) if uses_fused_loss(cfg) else 1.0)
     vision_linears = patches * 2 * s.vision_depth * s.vision_block_params
     attended_patches = image_size * s.spatial_merge**2
     vision_attention = patches * s.vision_depth * 4 * s.vision_hidden * attended_patches
@@ -77,7 +91,7 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload) -> list[Part]:
     vision_backward = {"full": 2, "lora": 1}.get(modes["vision"], 0)  # weight + input gradients, or input only
     parts = [
         Part("LLM linears", 2 * n, 2 * n * (through_llm + (modes["llm"] == "full"))),
-        Part("LLM attention", llm_attention, ATTENTION_BACKWARD * llm_attention * through_llm),
+        Part("LLM attention", llm_attention, backward_factor * llm_attention * through_llm),
         Part("lm_head" + (" (labelled tokens)" if uses_fused_loss(cfg) else ""), head, head * (through_llm + (modes["lm_head"] == "full"))),
     ]
     if cfg.uses_lora():
@@ -86,7 +100,7 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload) -> list[Part]:
         parts.append(Part("LoRA adapters", 2 * adapters, 4 * adapters))
     parts += [
         Part("vision linears", vision_linears, vision_backward * vision_linears),
-        Part("vision attention", vision_attention, ATTENTION_BACKWARD * vision_attention * trains["vision"]),
+        Part("vision attention", vision_attention, backward_factor * vision_attention * trains["vision"]),
         Part("mergers (+ DeepStack)", mergers, merger_backward),
     ]
     if ckpt:  # checkpointed layers run their forward again in the backward

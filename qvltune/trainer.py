@@ -4,7 +4,7 @@
 a token-weighted loss over the whole accumulated batch (and a token-weighted eval loss), per-component
 learning rates, and atomic checkpoints (a marker file written last; rotation only among complete
 ones). ``make_callback``'s callback writes ``metrics.jsonl`` (rank 0), turns a stop request or a
-NaN/inf loss on any rank into one agreed stop, and ``profiler_callback`` wraps torch.profiler.
+NaN/inf loss on any rank into one agreed stop (profiling a run is qvltune.profiling's).
 
 The classes are built inside functions so that importing this module does not import transformers
 (the parent process imports qvltune without it).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import shutil
@@ -299,7 +298,8 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             # training's (an 8B eval of 10 s in a 55 s log interval read as an 18% dip). A collection
             # between steps stays in: it is part of what training costs.
             self.outside_steps = 0.0
-            self.gc_schedule = GcSchedule()  # also counts torch.compile's graphs: a stall with new ones was a recompilation
+            self.gc_schedule = GcSchedule()  # also counts torch.compile's graphs
+            self.graphs_seen = 0  # graphs at the last step's end or evaluation: a stall with more was a recompilation
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.clock is not None:  # the Trainer built DeepSpeed's engine (and restored a checkpoint)
@@ -381,7 +381,8 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             if self.last_step_end is not None:
                 stall = self.stall_detector.observe(state.global_step, now - self.last_step_end - self.between_steps, gc_seconds)
                 if stall and writer:
-                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.gc_schedule.graphs, recompiled=recompiled[:3])
+                    writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.graphs_seen, recompiled=recompiled[:3])
+            self.graphs_seen = graphs
             # At a step boundary: freeze what a compile made, or collect the loop's garbage (qvltune.stalls).
             self.between_steps = self.gc_schedule.after_step(state.global_step, graphs)
             self.gc_timer.take()
@@ -390,9 +391,10 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "eval_loss" in logs:
-                take_recompile_reasons()  # the evaluation's own graph (no gradients): not the next step's
-                self.between_steps += getattr(self.trainer, "eval_seconds", None) or 0.0
-                self.outside_steps += getattr(self.trainer, "eval_seconds", None) or 0.0
+                # The evaluation's own graph (no gradients) is not the next step's recompilation.
+                take_recompile_reasons()
+                self.graphs_seen = compiled_graphs()
+                self.exclude_seconds(getattr(self.trainer, "eval_seconds", None) or 0.0)
                 if writer:
                     writer.write("eval", step=state.global_step, eval_loss=logs["eval_loss"], eval_ppl=math.exp(min(logs["eval_loss"], 50)), seconds=getattr(self.trainer, "eval_seconds", None))
                 return
@@ -405,7 +407,8 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
                 torch.distributed.all_reduce(t)
             tokens, padded, samples = t.tolist()
             now = time.time()
-            elapsed = max(now - self.last_time - self.outside_steps, 1e-9)
+            elapsed = now - self.last_time
+            elapsed = elapsed - self.outside_steps if elapsed > self.outside_steps else max(elapsed, 1e-9)
             self.last_time, self.last_stats, self.outside_steps = now, s, 0.0
             if not writer:
                 return
@@ -433,9 +436,13 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
                 padding=(1 - tokens / padded) if padded else None,
             )
 
+        def exclude_seconds(self, seconds: float) -> None:
+            """Time spent between steps on something reported apart (writing a profile): neither step time nor training's rate."""
+            self.between_steps += seconds
+            self.outside_steps += seconds
+
         def on_save(self, args, state, control, **kwargs):
-            self.between_steps += getattr(self.trainer, "save_seconds", None) or 0.0
-            self.outside_steps += getattr(self.trainer, "save_seconds", None) or 0.0
+            self.exclude_seconds(getattr(self.trainer, "save_seconds", None) or 0.0)
             if writer:
                 # Training goes on; the ``checkpoint`` record follows when the write is complete.
                 writer.write(
@@ -447,46 +454,3 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
                 )
 
     return QvlCallback()
-
-
-def profiler_callback(run_dir: Path, start: int, count: int, python: bool = False):
-    """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (on a
-    GPU: the time by kind of kernel, qvltune.profile_kinds, then ops by device time; ops by host
-    time) and profile-trace.json (open in chrome://tracing or Perfetto); ``python`` adds the Python
-    frames (schedule.profile_python)."""
-    from transformers import TrainerCallback
-
-    from qvltune.profile_kinds import kernel_kinds, kinds_table
-
-    class Profile(TrainerCallback):
-        def __init__(self):
-            self.prof = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == start and self.prof is None:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=activities, record_shapes=False, with_stack=python)
-                self.prof.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None and state.global_step == start + count:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.prof.stop()
-                if is_main():
-                    trace = run_dir / "profile-trace.json"
-                    self.prof.export_chrome_trace(str(trace))
-                    averages = self.prof.key_averages()
-                    text = f"optimizer steps {start}..{start + count - 1}\n"
-                    kinds = kernel_kinds(json.loads(trace.read_text()).get("traceEvents", []))
-                    if kinds:  # device kernels were traced: a GPU
-                        text += "\n== by kind of kernel (share of the profiled steps) ==\n" + kinds_table(kinds) + "\n"
-                    if torch.cuda.is_available():
-                        text += "\n== by device time ==\n" + averages.table(sort_by="self_device_time_total", row_limit=40)
-                    text += "\n== by host time ==\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40)
-                    (run_dir / "profile.txt").write_text(text + "\n")
-                self.prof = None
-
-    return Profile()

@@ -52,9 +52,10 @@ from qvltune.nodes import check_shared_run_dir
 from qvltune.model import apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.process_exit import end_process
+from qvltune.profiling import profiler_callback
 from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc, thaw_gc, watch_recompiles
-from qvltune.trainer import is_main, make_callback, make_trainer_class, profiler_callback, unwrap, world_size
+from qvltune.trainer import is_main, make_callback, make_trainer_class, unwrap, world_size
 from qvltune.training_data import build_datasets, close_data_loaders, prepare_data_side, row_padding
 from qvltune.zero import DS_CONFIG, deepspeed_config, write_deepspeed_config, zero3_leaf_blocks, zero3_stats
 
@@ -245,7 +246,7 @@ def run(run_dir: Path, resume: bool) -> int:
     callback = make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
     callbacks = [callback]
     if cfg.schedule.profile_steps:
-        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps, python=cfg.schedule.profile_python))
+        callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps, python=cfg.schedule.profile_python, exclude=callback.exclude_seconds))
     trainer_class, extra = make_trainer_class(), {}
     if cfg.stage == "dpo":  # the pair loss and its reference (qvltune.preference)
         from qvltune.preference import worker as dpo

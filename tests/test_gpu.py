@@ -74,7 +74,7 @@ def test_profiled_kernels_are_grouped_by_kind(tmp_path):
     """schedule.profile_steps on a GPU: profile.txt starts with the time by kind of kernel."""
     from types import SimpleNamespace
 
-    from qvltune.trainer import profiler_callback
+    from qvltune.profiling import profiler_callback
 
     callback, state = profiler_callback(tmp_path, 1, 1), SimpleNamespace(global_step=1)
     callback.on_step_begin(None, state, None)

@@ -178,6 +178,10 @@ def test_a_recompilation_is_named_by_the_guard_that_failed():
 
 
 def test_the_evaluations_own_graph_is_not_blamed_on_the_next_step(tmp_path):
+    """The first evaluation compiles its own graph (no gradients). A slow step after it is a stall,
+    but not a recompilation: neither the new graph nor Dynamo's reason for it is counted there."""
+    import json
+    import time
     from types import SimpleNamespace
 
     import torch
@@ -187,12 +191,21 @@ def test_the_evaluations_own_graph_is_not_blamed_on_the_next_step(tmp_path):
     from qvltune.trainer import make_callback
 
     watch_recompiles()
+    callback = make_callback(tmp_path, MetricsWriter(tmp_path / "metrics.jsonl"), None, None, SimpleNamespace(nan_policy="stop"))
+    callback.trainer = SimpleNamespace(eval_seconds=2.0, data_wait=0.0)
+    args = SimpleNamespace(device="cpu")
     f = torch.compile(lambda x: (x * 3).cos(), dynamic=True, backend="eager")
     x = torch.randn(8, requires_grad=True)
-    f(x)
+    f(x)  # the training graph, at the first step
+    callback._time_step(args, SimpleNamespace(global_step=1))
+    for _ in range(MIN_HISTORY + 1):  # steps of 1 s
+        callback.last_step_end = time.time() - 1.0
+        callback._time_step(args, SimpleNamespace(global_step=2))
     with torch.no_grad():  # the evaluation compiles its graph
         f(x)
-    callback = make_callback(tmp_path, MetricsWriter(tmp_path / "metrics.jsonl"), None, None, SimpleNamespace(nan_policy="stop"))
-    callback.trainer = SimpleNamespace(eval_seconds=2.0)
-    callback.on_log(SimpleNamespace(device="cpu"), SimpleNamespace(global_step=8), None, logs={"eval_loss": 1.0})
-    assert take_recompile_reasons() == []  # taken with the evaluation: a stall at the next step would not name it
+    callback.on_log(args, SimpleNamespace(global_step=8), None, logs={"eval_loss": 1.0})
+    callback.last_step_end = time.time() - 5.0 - callback.between_steps  # a 5 s step after it
+    callback._time_step(args, SimpleNamespace(global_step=9))
+    stall = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"stall"' in line][-1]
+    assert stall["step"] == 9 and stall["new_graphs"] == 0 and stall["recompiled"] == []
+    assert take_recompile_reasons() == []

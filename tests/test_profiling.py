@@ -1,4 +1,4 @@
-"""qvltune.profile_kinds: profiled GPU time by kind of kernel. The names are kernels recorded on the
+"""qvltune.profiling: profiled GPU time by kind of kernel, and the callback that writes it. The names are kernels recorded on the
 H200 (benchmarks/results/2b-mixed-qvltune-profile.txt) and the ones NCCL, Triton and fused AdamW
 launch; the trace events are built by hand in the shape torch.profiler exports (a CPU has no
 kernels to trace; tests/test_gpu.py profiles real ones)."""
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qvltune.profile_kinds import IDLE, kernel_kinds, kind_of, kinds_table
+from qvltune.profiling import IDLE, kernel_kinds, kind_of, kinds_table
 
 RECORDED = Path(__file__).parent.parent / "benchmarks" / "results" / "2b-mixed-qvltune-profile.txt"
 
@@ -22,7 +22,7 @@ RECORDED = Path(__file__).parent.parent / "benchmarks" / "results" / "2b-mixed-q
     ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention (flash, cuDNN)"),
     ("void flash_fwd_varlen_kernel", "attention (flash, cuDNN)"),
     ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled fusions (Triton)"),
-    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer (fused AdamW)"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer, foreach ops"),
     ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication (NCCL)"),
     ("Memcpy DtoD (Device -> Device)", "copies and fills"),
     ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalization"),
@@ -32,10 +32,13 @@ def test_kernels_are_grouped_by_what_they_compute(name, kind):
     assert kind_of(name) == kind
 
 
-def test_every_recorded_kernel_of_the_h200_profile_has_a_kind():
+def test_the_recorded_kernels_of_the_h200_profile_fall_into_their_kinds():
     names = [line[:55].strip() for line in RECORDED.read_text().splitlines() if line[:55].strip().startswith(("nvjet", "void", "cudnn", "Memcpy"))]
-    kinds = {kind_of(n) for n in names}
-    assert len(names) > 20 and {"matmuls (cuBLAS, CUTLASS)", "attention (flash, cuDNN)", "copies and fills", "other eager kernels"} <= kinds
+    kinds = {n: kind_of(n) for n in names}
+    assert len(names) > 20 and {"matmuls (cuBLAS, CUTLASS)", "attention (flash, cuDNN)", "copies and fills", "other eager kernels"} <= set(kinds.values())
+    assert all(k == "matmuls (cuBLAS, CUTLASS)" for n, k in kinds.items() if n.startswith("nvjet"))  # every GEMM a matmul
+    assert all(k == "attention (flash, cuDNN)" for n, k in kinds.items() if "flash" in n or "sdpa" in n)
+    assert kind_of("void at::native::normal_kernel<float>") == "other eager kernels"  # RNG, not a norm
 
 
 def kernel(name, ts, dur, cat="kernel"):
@@ -69,9 +72,10 @@ def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path):
 
     import torch
 
-    from qvltune.trainer import profiler_callback
+    from qvltune.profiling import profiler_callback
 
-    callback, state = profiler_callback(tmp_path, 3, 1), SimpleNamespace(global_step=3)
+    excluded = []
+    callback, state = profiler_callback(tmp_path, 3, 1, exclude=excluded.append), SimpleNamespace(global_step=3)
     callback.on_step_begin(None, state, None)
     torch.randn(64, 64) @ torch.randn(64, 64)
     state.global_step = 4
@@ -79,3 +83,19 @@ def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path):
     text = (tmp_path / "profile.txt").read_text()
     assert text.startswith("optimizer steps 3..3") and "by host time" in text and "aten::mm" in text
     assert "by kind of kernel" not in text and (tmp_path / "profile-trace.json").stat().st_size > 0
+    assert len(excluded) == 1 and excluded[0] > 0  # the writing is not the next step's time
+
+
+def test_a_profile_that_cannot_be_written_does_not_end_the_run(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvltune.profiling import profiler_callback
+
+    callback, state = profiler_callback(tmp_path / "gone", 3, 1), SimpleNamespace(global_step=3)  # no such folder
+    callback.on_step_begin(None, state, None)
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    state.global_step = 4
+    callback.on_step_end(None, state, None)
+    assert "the profile could not be written" in capsys.readouterr().out
