@@ -117,3 +117,11 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
 
 def total(parts: list[Part]) -> float:
     return sum(p.flops for p in parts)
+
+
+def shares_line(parts: list[Part]) -> str:
+    """The parts' shares of a step's FLOPs, largest first (those under 0.5% left out), for
+    ``qvltune estimate``: e.g. ``LLM linears 80% · vision linears 6% · ...``."""
+    step = total(parts)
+    shares = sorted(((p.flops / step, p.name) for p in parts), reverse=True) if step else []
+    return " · ".join(f"{name} {share:.0%}" for share, name in shares if share >= 0.005)

@@ -121,3 +121,10 @@ def test_lengths_are_token_weighted():
     assert (workload_for(cfg, s).answer_share, workload_for(cfg, s).label_share) == (0.05, 0.1)
     cfg.data.packing = False  # a padded row attends over the whole row: the parts take its length
     assert workload_for(cfg, s).attended_tokens == 0
+
+
+def test_the_estimate_says_what_share_of_a_step_each_part_takes():
+    from qvltune.step_flops import Part, shares_line
+
+    parts = [Part("vision linears", 6.0, 0.0), Part("LLM linears", 40.0, 40.0), Part("LoRA adapters", 1.0, 2.0), Part("mergers", 0.2, 0.2)]
+    assert shares_line(parts) == "LLM linears 89% · vision linears 7% · LoRA adapters 3%"  # under 0.5%: left out

@@ -204,6 +204,7 @@ def format_flops(flops: float) -> str:
 
 
 def render_estimate(est, machine, epochs: float | None = None) -> None:
+    from qvltune.step_flops import shares_line
     from qvltune.units import format_bytes, format_duration
 
     out = console.out
@@ -217,6 +218,7 @@ def render_estimate(est, machine, epochs: float | None = None) -> None:
     wl = est.workload
     out.print(f"micro-batch: {wl.tokens:,} tokens, {wl.image_tokens:,} of them image tokens [dim]({console.escape(wl.assumption)})[/]")
     out.print(f"compute: {format_flops(est.flops_per_token)} per token by the 6N rule (MFU), {format_flops(est.step_flops_per_token)} per token per training step")
+    out.print(f"  [dim]of the step: {shares_line(est.step_parts)}[/]")
     if est.seconds_per_epoch is not None:
         total = f", ~{format_duration(est.seconds_per_epoch * epochs)} for {epochs:g} epochs" if epochs and epochs != 1 else ""
         out.print(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch ({wl.tokens_per_epoch:,} tokens){total}")
