@@ -105,7 +105,7 @@ def summarize_report(report: Any, min_pixels: int, max_pixels: int) -> DatasetSu
         p50=report.percentile(50),
         p99=report.percentile(99),
         longest=max(lengths, default=0),
-        mean=sum(lengths) / len(lengths) if lengths else 0.0,
+        mean=total / len(lengths) if lengths else 0.0,
         tokens=total,
         image_tokens=image_tokens,
         max_images_per_record=max((k for k, v in report.images_per_record.items() if v), default=0),
@@ -124,7 +124,6 @@ class Workload:
     image_tokens: int  # LLM image tokens among them (x merge^2 = vision patches)
     rows: int
     tokens_per_epoch: int | None = None
-    mean_sample_tokens: float | None = None
     assumption: str = ""
     label_share: float = 1.0  # labelled (answer) tokens / tokens; 1.0 = the worst case when unknown
     # The sample and the image an average token attends within (token-weighted, see DatasetSummary;
@@ -157,4 +156,4 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
     # Packed rows attend within each sample (varlen); padded rows over the whole row.
     attended = data.attended_sample_tokens if data and cfg.data.packing else 0.0
     answers = data.trained_tokens / data.tokens if data and data.tokens else 0.0
-    return Workload(tokens, image, rows, data.tokens if data else None, data.mean if data else None, why, label_share, attended, data.attended_image_tokens if data else 0.0, answers)
+    return Workload(tokens, image, rows, data.tokens if data else None, why, label_share, attended, data.attended_image_tokens if data else 0.0, answers)

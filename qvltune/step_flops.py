@@ -109,8 +109,9 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
     if cfg.stage == "dpo":
         # The reference's log-probs: one more forward (no gradients) per step with adapters off, or
         # one forward pass over the data before training when precomputed (counted against an epoch).
+        # The base model's forward: every part's but the adapters' and the recompute's.
         epochs = 1.0 if cfg.preference().reference == "adapter_off" else max(cfg.optim.epochs, 1.0)
-        forward = 2 * n + llm_attention + head + vision_linears + vision_attention + mergers
+        forward = sum(p.forward for p in parts if p.name not in ("LoRA adapters", "recomputed forward (checkpointing)"))
         parts.append(Part(f"DPO reference forward ({cfg.preference().reference})", forward / epochs, 0.0))
     return [p for p in parts if p.flops]
 

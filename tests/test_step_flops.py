@@ -128,3 +128,17 @@ def test_the_estimate_says_what_share_of_a_step_each_part_takes():
 
     parts = [Part("vision linears", 6.0, 0.0), Part("LLM linears", 40.0, 40.0), Part("LoRA adapters", 1.0, 2.0), Part("mergers", 0.2, 0.2)]
     assert shares_line(parts) == "LLM linears 89% · vision linears 7% · LoRA adapters 3%"  # under 0.5%: left out
+
+
+@pytest.mark.parametrize(("reference", "epochs", "divisor"), [("adapter_off", 3.0, 1.0), ("precomputed", 3.0, 3.0)])
+def test_the_dpo_reference_is_the_base_models_forward(reference, epochs, divisor):
+    """adapter_off: one more forward of the base model per step (no adapters, nothing recomputed);
+    precomputed: that forward once over the data, spread over the epochs."""
+    from qvltune.config import parse_config
+
+    cfg = parse_config({"name": "t", "model": {"path": "builtin:tiny"}, "data": {"train": "d.jsonl"}, "strategy": "mixed", "stage": "dpo",
+                        "dpo": {"reference": reference}, "optim": {"gradient_checkpointing": True, "epochs": epochs}})
+    parts = {p.name: p for p in step_parts(cfg, model_stats(builtin_config("8B")), Workload(8192, 4096, 1, attended_tokens=1000, attended_image_tokens=600))}
+    base = ("LLM linears", "LLM attention", "lm_head (labelled tokens)", "vision linears", "vision attention", "mergers (+ DeepStack)")
+    reference_part = parts[f"DPO reference forward ({reference})"]
+    assert reference_part.forward == pytest.approx(sum(parts[name].forward for name in base) / divisor) and reference_part.backward == 0

@@ -23,7 +23,7 @@ def _clock(**schedule):
         "schedule": {"save_steps": 10, "eval_steps": 10, **schedule},
     })
     stats = model_stats(builtin_config("8B"))
-    wl = Workload(tokens=16384, image_tokens=4096, rows=1, tokens_per_epoch=2_000_000, mean_sample_tokens=800, label_share=0.3)
+    wl = Workload(tokens=16384, image_tokens=4096, rows=1, tokens_per_epoch=2_000_000, attended_tokens=800, label_share=0.3)
     est = estimate(cfg, stats, H200, wl)
     return wall_clock(cfg, est, stats.total, steps=31), est
 
