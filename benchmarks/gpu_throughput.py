@@ -225,17 +225,24 @@ def peer_env(site: Path) -> dict:
     return {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
 
-def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int], site: Path, log: Path) -> dict:
-    """One LLaMA-Factory run in its own process and stack -> its results row."""
-    metrics = work / "runs" / name / "steps.jsonl"
+def launch_llamafactory(name: str, args: dict, work: Path, site: Path, log: Path) -> tuple[subprocess.CompletedProcess, Path, float]:
+    """LLaMA-Factory with ``args`` in its own process and stack (llamafactory_run.py, its output in
+    ``log``) -> (the process, its per-step records file, the wall seconds)."""
+    metrics = Path(args["output_dir"]) / "steps.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
-    args = llamafactory_args(weights, data, work / "runs" / name, strategy, variant, steps, pixels)
     spec = work / f"{name}.json"
     spec.write_text(json.dumps({"args": args, "metrics": str(metrics)}))
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=peer_env(site))
     log.write_text(proc.stdout + proc.stderr)
-    row = {"variant": name, "wall_s": round(time.time() - t0, 1), "exit": proc.returncode, "row_tokens": args["cutoff_len"], "packing": args["neat_packing"],
+    return proc, metrics, time.time() - t0
+
+
+def run_llamafactory(name: str, weights: Path, data: Path, work: Path, strategy: str, variant: str, steps: int, pixels: tuple[int, int], site: Path, log: Path) -> dict:
+    """One LLaMA-Factory run in its own process and stack -> its results row."""
+    args = llamafactory_args(weights, data, work / "runs" / name, strategy, variant, steps, pixels)
+    proc, metrics, seconds = launch_llamafactory(name, args, work, site, log)
+    row = {"variant": name, "wall_s": round(seconds, 1), "exit": proc.returncode, "row_tokens": args["cutoff_len"], "packing": args["neat_packing"],
            "batch": f"{args['per_device_train_batch_size']}x{args['gradient_accumulation_steps']}", "checkpointing": True, "compile": False}  # its default: checkpointing on
     return {**row, **summarise_steps(metrics, warmup=4, weights=weights)}
 

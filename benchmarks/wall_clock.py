@@ -42,7 +42,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -257,14 +256,8 @@ def run_peer(shape: str, mix: str, doc: dict, work: Path, log: Path, samples: in
     run_dir = work / "runs" / f"llamafactory-{shape}-{mix}"
     shutil.rmtree(run_dir, ignore_errors=True)
     args = peer_args(gpu_flow.model_folder(work, shape), data, run_dir, doc)
-    metrics = run_dir / "steps.jsonl"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    spec = work / f"llamafactory-{shape}-{mix}.json"
-    spec.write_text(json.dumps({"args": args, "metrics": str(metrics)}))
     started = time.time()
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamafactory_run.py")), str(spec)], capture_output=True, text=True, env=gt.peer_env(site))
-    wall = time.time() - started
-    log.write_text(proc.stdout + proc.stderr)
+    proc, metrics, wall = gt.launch_llamafactory(f"llamafactory-{shape}-{mix}", args, work, site, log)
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     return summarize_peer(records, wall, started, proc.returncode, proc.stderr, saved=any(run_dir.glob("adapter_model.safetensors")))
 
