@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [known[n] for n in args.cases.split(",")]
 
     from qvltune.config import parse_config
-    from qvltune.estimate import ASSUMED_MFU
+    from qvltune.estimate import ASSUMED_UTILIZATION
     from qvltune.hardware import detect_gpus, peak_tflops
 
     gpus = detect_gpus()[0]
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         est = predict(case, cfg, seq, trained, gpu_name, args.gpu_memory)
         row: dict[str, Any] = {**asdict(case), "case": case.name, "tokens": seq * case.per_device_batch, "predicted_gib": est.peak_allocated / 2**30}
         peak = peak_tflops(gpu_name)
-        row["predicted_tokens_per_s"] = case.gpus * peak * 1e12 * ASSUMED_MFU / est.step_flops_per_token if peak else None
+        row["predicted_tokens_per_s"] = case.gpus * peak * 1e12 * ASSUMED_UTILIZATION / est.step_flops_per_token if peak else None
         row["terms"] = {t.name: round(t.bytes / 2**30, 3) for t in est.gpu_terms}
         rows.append(row)
         if args.dry_run:
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print()
     print(f"Machine: {gpu_name} x {len(gpus) or 'none (predictions only)'}; rows of exactly the tokens shown (one 896x896 image = 784 tokens + one answer); "
-          f"measured = max torch.cuda.max_memory_allocated over {args.steps} logged steps (rank 0); tokens/s predicted at MFU {ASSUMED_MFU:.0%}.")
+          f"measured = max torch.cuda.max_memory_allocated over {args.steps} logged steps (rank 0); tokens/s predicted with the step's FLOPs at {ASSUMED_UTILIZATION:.0%} of the peak.")
     print()
     print(markdown(rows))
     return 0

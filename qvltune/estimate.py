@@ -120,10 +120,13 @@ FRAGMENTATION = 0.05
 # batches and long records make real peaks wander above any single estimate.
 SAFETY_MARGIN = 0.10
 
-# Time: model FLOPs utilisation assumed for bf16 training with the HF Trainer + DeepSpeed on
-# A100/H100-class GPUs (the range reported for 2-30B models is ~30-45%); CPU offload steps the
-# optimizer on the host and stalls the GPUs (ZeRO-Offload paper: roughly 0.5-0.8x throughput).
-ASSUMED_MFU = 0.35
+# Time: the share of the GPUs' bf16 peak at which a step's FLOPs (step_flops.step_parts: what the
+# step computes, not the 6N of MFU) run. Reported MFU for bf16 training of 2-30B models with the HF
+# Trainer + DeepSpeed is ~30-45%; qvltune's 8B mixed runs on one H200 computed 0.81x their 6N at
+# 41-45% MFU: 35% of the peak (benchmarks/RESULTS.md, "Steady state: what a step computes"). CPU
+# offload steps the optimizer on the host and stalls the GPUs (ZeRO-Offload paper: roughly
+# 0.5-0.8x throughput).
+ASSUMED_UTILIZATION = 0.35
 OFFLOAD_OPTIMIZER_SPEED = 0.7
 OFFLOAD_PARAMS_SPEED = 0.5
 
@@ -363,7 +366,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
         assumptions.append(f"DPO: two sequences per pair; the reference ({cfg.preference().reference}) adds {ref.flops / step:.0%} of the compute")
     seconds = None
     if wl.tokens_per_epoch and machine.peak_tflops and not machine.is_cpu:
-        speed = ASSUMED_MFU * (OFFLOAD_OPTIMIZER_SPEED if ds.offload_optimizer else 1.0) * (OFFLOAD_PARAMS_SPEED if ds.offload_params else 1.0)
+        speed = ASSUMED_UTILIZATION * (OFFLOAD_OPTIMIZER_SPEED if ds.offload_optimizer else 1.0) * (OFFLOAD_PARAMS_SPEED if ds.offload_params else 1.0)
         seconds = wl.tokens_per_epoch * step / (W * machine.peak_tflops * 1e12 * speed)
         assumptions.append(f"time at {speed:.0%} of the GPUs' bf16 peak ({machine.peak_tflops:g} TFLOP/s each)")
     host_total = sum(x.bytes for x in host)

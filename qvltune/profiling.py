@@ -96,30 +96,46 @@ def profiler_callback(run_dir: Path, start: int, count: int, python: bool = Fals
         def __init__(self):
             self.prof = None
 
+        # A diagnostic never ends the run it looks at: the profiler can fail to start or stop (another
+        # profiler holds the GPU's tracing, e.g. under nsys), its report can fail to be written.
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == start and self.prof is None:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=activities, record_shapes=False, with_stack=python)
-                self.prof.start()
+                try:
+                    self.prof = torch.profiler.profile(activities=activities, record_shapes=False, with_stack=python)
+                    self.prof.start()
+                except Exception as e:
+                    self.prof = None
+                    _say_failed("started", e)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.prof is not None and state.global_step == start + count:
                 began = time.perf_counter()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self.prof.stop()
-                if is_main():
-                    try:
+                try:
+                    self.prof.stop()
+                    if is_main():
                         write_profile(self.prof, run_dir, f"optimizer steps {start}..{start + count - 1}")
-                    except Exception as e:  # a diagnostic never ends the run it looks at
-                        print(f"qvltune: the profile could not be written: {type(e).__name__}: {e}", flush=True)
+                except Exception as e:
+                    _say_failed("written", e)
                 self.prof = None
                 if exclude:
                     exclude(time.perf_counter() - began)
 
     return Profile()
+
+
+def _say_failed(what: str, error: Exception) -> None:
+    print(f"qvltune: the profile could not be {what} (training goes on): {type(error).__name__}: {error}", flush=True)
+
+
+# The kinds are read from the exported trace (kernels with their start and end times, which the
+# profiler's averages do not keep); a trace past this size (long windows with Python frames) is left
+# for a trace viewer rather than parsed in the training process's memory.
+MAX_TRACE_TO_SPLIT = 1 << 30
 
 
 def write_profile(prof, run_dir: Path, title: str) -> None:
@@ -131,7 +147,11 @@ def write_profile(prof, run_dir: Path, title: str) -> None:
     prof.export_chrome_trace(str(trace))
     averages = prof.key_averages()
     text = title + "\n"
-    kinds = kernel_kinds(json.loads(trace.read_text(encoding="utf-8")).get("traceEvents", []))
+    if trace.stat().st_size > MAX_TRACE_TO_SPLIT:
+        kinds = []
+        text += f"\n(by kind of kernel: the trace is {trace.stat().st_size / 1e9:.1f} GB, not split here; open profile-trace.json)\n"
+    else:
+        kinds = kernel_kinds(json.loads(trace.read_text(encoding="utf-8")).get("traceEvents", []))
     if kinds:
         text += "\n== by kind of kernel (share of the profiled steps; kinds on other streams overlap) ==\n" + kinds_table(kinds) + "\n"
     if torch.cuda.is_available():

@@ -177,6 +177,6 @@ def inputs_for(cfg, est, stats, rate: float) -> StepInputs:
     )
 
 
-def assumed_rate(step_flops_per_token: float, peak_tflops: float, mfu: float) -> float:
-    """One GPU's real tokens/s when none was measured: the step's FLOPs at an assumed MFU."""
-    return peak_tflops * 1e12 * mfu / step_flops_per_token
+def assumed_rate(step_flops_per_token: float, peak_tflops: float, utilization: float) -> float:
+    """One GPU's real tokens/s when none was measured: the step's FLOPs at an assumed share of the peak."""
+    return peak_tflops * 1e12 * utilization / step_flops_per_token

@@ -123,14 +123,18 @@ def watch_recompiles() -> None:
     ``recompiles`` log on unless TORCH_LOGS is set: then the user chose the logs (torch ignores
     set_logs under TORCH_LOGS), and the reasons are kept only if they include recompiles."""
     global _recompiles
-    import torch._logging
+    if _recompiles is not None:
+        return
+    if "TORCH_LOGS" not in os.environ:
+        try:  # torch._logging is torch's private API: a torch that changed it only loses the log
+            import torch._logging
 
-    if _recompiles is None:
-        if "TORCH_LOGS" not in os.environ:
             torch._logging.set_logs(recompiles=True)
-        _recompiles = RecompileReasons()
-        for name in RecompileReasons.LOGGERS:
-            logging.getLogger(name).addHandler(_recompiles)
+        except Exception as e:
+            print(f"qvltune: recompilations will not be logged ({type(e).__name__}: {e})", flush=True)
+    _recompiles = RecompileReasons()
+    for name in RecompileReasons.LOGGERS:
+        logging.getLogger(name).addHandler(_recompiles)
 
 
 def take_recompile_reasons() -> list[str]:

@@ -24,6 +24,7 @@ Counting rules (2 FLOPs per multiply-add; per token of the packed micro-batch, t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from qvltune.config import RunConfig
@@ -94,18 +95,31 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
         Part("LLM attention", llm_attention, backward_factor * llm_attention * through_llm),
         Part("lm_head" + (" (labelled tokens)" if uses_fused_loss(cfg) else ""), head, head * (through_llm + (modes["lm_head"] == "full"))),
     ]
-    if cfg.uses_lora():
-        lora = lora_params(s, cfg)
-        adapters = lora["llm"] + lora["lm_head"] + patches * lora["vision"] + share * (lora["merger"] + lora["deepstack"])
-        parts.append(Part("LoRA adapters", 2 * adapters, 4 * adapters))
+    # Adapters sit only on LLM layers and vision blocks (qvltune.model.lora_target_regex).
+    lora = lora_params(s, cfg)
+    llm_adapters, vision_adapters = lora["llm"], patches * lora["vision"]
+    if llm_adapters or vision_adapters:
+        parts.append(Part("LoRA adapters", 2 * (llm_adapters + vision_adapters), 4 * (llm_adapters + vision_adapters)))
     parts += [
         Part("vision linears", vision_linears, vision_backward * vision_linears),
         Part("vision attention", vision_attention, backward_factor * vision_attention * trains["vision"]),
         Part("mergers (+ DeepStack)", mergers, merger_backward),
     ]
-    if ckpt:  # checkpointed layers run their forward again in the backward
-        again = (2 * n + llm_attention) * through_llm + (vision_linears + vision_attention) * trains["vision"]
-        parts.append(Part("recomputed forward (checkpointing)", again + (2 * adapters if cfg.uses_lora() else 0.0), 0.0))
+    if ckpt:
+        # Checkpointed blocks run their forward again in the backward, but not all of it: a block's
+        # last linear (down_proj, the vision MLP's linear_fc2) and its adapter's second half feed
+        # only the residual sum, whose backward reads neither. A compiled decoder layer (optim.compile)
+        # recomputes just what the backward reads, so both are skipped. An eager block (the vision
+        # tower always) reruns in order until the last tensor the backward saved: an adapter's first
+        # half runs after its base linear and saves its output, so with an adapter there only the
+        # second half is skipped, without one the linear itself.
+        llm_tail, vision_tail = last_linears(s)
+        tail_b = tail_adapter_outputs(s, cfg)
+        llm_skip = llm_tail + tail_b["llm"] if cfg.optim.compile else tail_b["llm"] or llm_tail
+        vision_skip = tail_b["vision"] or vision_tail
+        again_llm = 2 * (n + lora["llm"] - llm_skip) + llm_attention
+        again_vision = vision_linears + vision_attention + patches * 2 * (lora["vision"] - vision_skip)
+        parts.append(Part("recomputed forward (checkpointing)", again_llm * through_llm + again_vision * trains["vision"], 0.0))
     if cfg.stage == "dpo":
         # The reference's log-probs: one more forward (no gradients) per step with adapters off, or
         # one forward pass over the data before training when precomputed (counted against an epoch).
@@ -114,6 +128,29 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
         forward = sum(p.forward for p in parts if p.name not in ("LoRA adapters", "recomputed forward (checkpointing)"))
         parts.append(Part(f"DPO reference forward ({cfg.preference().reference})", forward / epochs, 0.0))
     return [p for p in parts if p.flops]
+
+
+def last_linears(s: ModelStats) -> tuple[int, int]:
+    """Parameters of each block's last linear: (per LLM token, all layers: down_proj, or the routed
+    experts' down projections a token goes through; per vision patch, all blocks: linear_fc2)."""
+    down = s.experts_per_token * s.moe_intermediate if s.is_moe else s.intermediate
+    return s.layers * s.hidden * down, s.vision_depth * s.vision_intermediate * s.vision_hidden
+
+
+def tail_adapter_outputs(s: ModelStats, cfg: RunConfig) -> dict[str, int]:
+    """Parameters of the LoRA B halves (rank x out) on each block's last linear, all blocks, for the
+    LLM and the vision tower: 0 where that linear carries no adapter."""
+    from qvltune.model import lora_target_regex
+
+    regex = lora_target_regex(cfg)
+    out = {"llm": 0, "vision": 0}
+    if not regex:
+        return out
+    pattern = re.compile(regex)
+    for lin in s.linears:
+        if lin.name.endswith((".mlp.down_proj", ".mlp.linear_fc2")) and lin.component in out and pattern.fullmatch(lin.name):
+            out[lin.component] += cfg.lora.rank * lin.out_features
+    return out
 
 
 def total(parts: list[Part]) -> float:

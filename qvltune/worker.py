@@ -231,7 +231,8 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "model prepared (strategy, adapters)")
     if cfg.optim.compile:
         compile_blocks(model, zero3=cfg.deepspeed.stage == 3)  # the layers compile at the first step
-        watch_recompiles()  # a later compile's reasons go to train.log and to the stall record
+        if is_main():  # rank 0 writes the stall records (every rank compiles the same graphs)
+            watch_recompiles()  # a later compile's reasons go to train.log and to the stall record
         _mark(clock, "torch.compile set up (its imports)")
     _begin(writer, "building the datasets and the trainer")
 
@@ -246,6 +247,8 @@ def run(run_dir: Path, resume: bool) -> int:
     callback = make_callback(run_dir, writer, llm_flops_per_token(model), peak, cfg.optim)
     callbacks = [callback]
     if cfg.schedule.profile_steps:
+        # After the report callback: its on_step_end starts the next step's clock, to which the
+        # profile's writing time is then added as time between steps (exclude_seconds).
         callbacks.append(profiler_callback(run_dir, *cfg.schedule.profile_steps, python=cfg.schedule.profile_python, exclude=callback.exclude_seconds))
     trainer_class, extra = make_trainer_class(), {}
     if cfg.stage == "dpo":  # the pair loss and its reference (qvltune.preference)

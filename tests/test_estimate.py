@@ -9,7 +9,7 @@ import pytest
 
 from qvltune.catalog import QWEN3_VL_CONFIGS, builtin_config, size_of
 from qvltune.config import parse_config
-from qvltune.estimate import ASSUMED_MFU, CUDA_CONTEXT_BYTES, OPTIMIZER_STATE_BYTES, estimate
+from qvltune.estimate import ASSUMED_UTILIZATION, CUDA_CONTEXT_BYTES, OPTIMIZER_STATE_BYTES, estimate
 from qvltune.estimate_inputs import Machine, summarize_report, workload_for
 from qvltune.model_stats import _config_object, lora_params, model_stats, resolve_model_config
 from qvltune.units import GiB
@@ -267,7 +267,7 @@ def test_fits_keeps_a_margin_and_adds_the_overhead(s2):
 def test_time_per_epoch(s8):
     wl = replace(workload_for(conf("mixed")), tokens_per_epoch=10_000_000)
     est = estimate(conf("mixed"), s8, A100x8, wl)
-    assert est.seconds_per_epoch == pytest.approx(1e7 * est.step_flops_per_token / (8 * 312e12 * ASSUMED_MFU))
+    assert est.seconds_per_epoch == pytest.approx(1e7 * est.step_flops_per_token / (8 * 312e12 * ASSUMED_UTILIZATION))
     assert estimate(conf("mixed"), s8, A100x8).seconds_per_epoch is None  # no dataset: no time
     # LoRA's backward skips weight gradients; checkpointing adds a forward
     full = estimate(conf("full", optim__gradient_checkpointing=False), s8, A100x8, wl).step_flops_per_token

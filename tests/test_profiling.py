@@ -5,6 +5,7 @@ kernels to trace; tests/test_gpu.py profiles real ones)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -66,14 +67,23 @@ def test_a_trace_without_kernels_has_no_kinds():
     assert kernel_kinds([{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10}]) == []
 
 
-def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path):
-    """schedule.profile_steps on a CPU: the host table and the trace, and no kinds (no kernels)."""
+def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path, monkeypatch):
+    """schedule.profile_steps on a CPU: the host table and the trace, and no kinds (no kernels); the
+    seconds the writing took (made at least 0.2 s here) are excluded from the step's time."""
     from types import SimpleNamespace
 
     import torch
 
+    from qvltune import profiling
     from qvltune.profiling import profiler_callback
 
+    real_write = profiling.write_profile
+
+    def slow_write(*args):
+        time.sleep(0.2)
+        real_write(*args)
+
+    monkeypatch.setattr(profiling, "write_profile", slow_write)
     excluded = []
     callback, state = profiler_callback(tmp_path, 3, 1, exclude=excluded.append), SimpleNamespace(global_step=3)
     callback.on_step_begin(None, state, None)
@@ -83,7 +93,44 @@ def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path):
     text = (tmp_path / "profile.txt").read_text()
     assert text.startswith("optimizer steps 3..3") and "by host time" in text and "aten::mm" in text
     assert "by kind of kernel" not in text and (tmp_path / "profile-trace.json").stat().st_size > 0
-    assert len(excluded) == 1 and excluded[0] > 0  # the writing is not the next step's time
+    assert len(excluded) == 1 and excluded[0] >= 0.2  # the writing is not the next step's time
+
+
+def test_a_profiler_that_cannot_start_does_not_end_the_run(tmp_path, capsys, monkeypatch):
+    """Another profiler holding the GPU's tracing (nsys, a second torch.profiler) makes start() raise."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvltune.profiling import profiler_callback
+
+    def busy(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch.profiler, "profile", busy)
+    callback, state = profiler_callback(tmp_path, 3, 1), SimpleNamespace(global_step=3)
+    callback.on_step_begin(None, state, None)
+    state.global_step = 4
+    callback.on_step_end(None, state, None)
+    assert "the profile could not be started (training goes on)" in capsys.readouterr().out
+    assert not (tmp_path / "profile.txt").exists()
+
+
+def test_a_trace_too_large_to_split_is_left_to_a_viewer(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvltune import profiling
+
+    monkeypatch.setattr(profiling, "MAX_TRACE_TO_SPLIT", 10)  # bytes: any trace is larger
+    callback, state = profiling.profiler_callback(tmp_path, 3, 1), SimpleNamespace(global_step=3)
+    callback.on_step_begin(None, state, None)
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    state.global_step = 4
+    callback.on_step_end(None, state, None)
+    text = (tmp_path / "profile.txt").read_text()
+    assert "not split here; open profile-trace.json" in text and "by host time" in text
 
 
 def test_a_profile_that_cannot_be_written_does_not_end_the_run(tmp_path, capsys):

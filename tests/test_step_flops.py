@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from qvltune.catalog import builtin_config
+from qvltune.compiled_layers import compile_blocks
 from qvltune.data.packing import PaddedCollator
 from qvltune.data.tokenize import Encoder
 from qvltune.estimate_inputs import Workload, summarize_report, workload_for
@@ -24,6 +25,20 @@ LINEARS = ("aten.mm", "aten.addmm")
 ATTENTION = ("aten.bmm",)  # eager attention's two products per head
 
 
+def counted_backend():
+    """Inductor's partition of each compiled layer into forward, backward and what the backward
+    recomputes (the min-cut partitioner), run as aten ops the FLOP counter sees (Inductor's own
+    kernels it cannot)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def run(graph, _inputs):
+        return make_boxed_func(graph.forward)
+
+    return aot_autograd(fw_compiler=run, bw_compiler=run, partition_fn=min_cut_rematerialization_partition)
+
+
 def counted(mode: FlopCounterMode, ops: tuple[str, ...]) -> int:
     return sum(v for k, v in mode.get_flop_counts()["Global"].items() if str(k) in ops)
 
@@ -31,38 +46,58 @@ def counted(mode: FlopCounterMode, ops: tuple[str, ...]) -> int:
 # The linears' tolerance: the parts count norms and biases as matmul weights (under 0.5% here); with
 # LoRA on the vision tower they also count the input gradient of the first vision block's first
 # linear, which nothing needs (1 linear of 2 blocks here, of 24-27 in the released models: 2.9%).
-@pytest.mark.parametrize(("strategy", "components", "tolerance"), [("mixed", {}, 0.01), ("full", {}, 0.01), ("lora", {"vision": "lora", "merger": "full"}, 0.04)])
-def test_the_parts_are_what_pytorch_counts(tmp_path, tiny_model_dir, tiny_processor, strategy, components, tolerance):
+@pytest.mark.parametrize("layers", ["plain", "checkpointed", "compiled"])
+@pytest.mark.parametrize(("strategy", "components", "tolerance"), [("mixed", {}, 0.01), ("full", {}, 0.01), ("full", {"vision": "full"}, 0.01), ("lora", {"vision": "lora", "merger": "full"}, 0.04)])
+def test_the_parts_are_what_pytorch_counts(tmp_path, tiny_model_dir, tiny_processor, strategy, components, tolerance, layers):
     """One sample with an image, eager attention (PyTorch can count its products), fp32, the plain
     loss over every token: the linears (LLM, LoRA, lm_head, vision, mergers; the patch embedding's
-    convolution left out of both) and the attention products, forward alone and the whole step.
+    convolution left out of both) and the attention products, forward alone and the whole step;
+    without activation checkpointing, with it as the worker turns it on (non-reentrant), and with it
+    under compiled decoder layers (what recomputing a block costs differs: see step_parts).
     (Eager computes the whole causal square and keeps its scores; the varlen kernels' causal half
     and recomputing backward are the same rule with other factors, not measured here.)"""
     cfg = config(strategy, components)
     cfg.optim.fused_loss = False
-    cfg.optim.gradient_checkpointing = False
+    cfg.optim.gradient_checkpointing = layers != "plain"
+    cfg.optim.compile = layers == "compiled"
     torch.manual_seed(0)
     model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32", attn_implementation="eager"), cfg).train()
     batch = PaddedCollator(0)([[Encoder(tiny_processor).encode(records(tmp_path)[0])]])
+    if cfg.optim.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as worker.py's TrainingArguments
+    if cfg.optim.compile:
+        compile_blocks(model, backend=counted_backend())
+        summed_loss(model, batch).backward()  # compiles outside the counters
+        model.zero_grad()
     tokens = batch["input_ids"].shape[1]
     image = int(batch["image_grid_thw"].prod()) // 4  # LLM image tokens: 2x2 patches each
     stats = model_stats(json.loads((tiny_model_dir / "config.json").read_text()))
     workload = Workload(tokens, image, 1, attended_tokens=tokens, attended_image_tokens=image)
     parts = {p.name: p for p in step_parts(cfg, stats, workload, attention="eager")}
 
-    forward, step = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    # The backward is counted apart from a forward run outside the counter: under the counter's mode
+    # the compiled layers would run eagerly, and with them their recompute.
+    forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with forward:
         summed_loss(model, batch)
     model.zero_grad()
-    with step:
-        summed_loss(model, batch).backward()
+    loss = summed_loss(model, batch)
+    with backward:
+        loss.backward()
 
+    # The recompute part holds linears and attention: its attention is the checkpointed blocks' (every
+    # LLM layer here, gradients flow through all; vision blocks only when the tower trains).
+    again = parts.pop("recomputed forward (checkpointing)", None)
+    vision_trains = cfg.modes()["vision"] != "frozen"
+    again_attention = (parts["LLM attention"].forward + parts["vision attention"].forward * vision_trains) if again else 0.0
     linears = [p for name, p in parts.items() if "attention" not in name]
     assert counted(forward, LINEARS) == pytest.approx(tokens * sum(p.forward for p in linears), rel=tolerance)
-    assert counted(step, LINEARS) == pytest.approx(tokens * sum(p.flops for p in linears), rel=tolerance)
+    again_linears = again.forward - again_attention if again else 0.0
+    assert counted(forward, LINEARS) + counted(backward, LINEARS) == pytest.approx(tokens * (sum(p.flops for p in linears) + again_linears), rel=tolerance)
     attention = [parts["LLM attention"], parts["vision attention"]]
     assert counted(forward, ATTENTION) == pytest.approx(tokens * sum(p.forward for p in attention), rel=1e-6)
-    assert counted(step, ATTENTION) == pytest.approx(tokens * sum(p.flops for p in attention), rel=1e-6)
+    assert counted(forward, ATTENTION) + counted(backward, ATTENTION) == pytest.approx(tokens * (sum(p.flops for p in attention) + again_attention), rel=1e-6)
+    assert (again is not None) == cfg.optim.gradient_checkpointing
     assert (parts["vision attention"].backward > 0) == (cfg.modes()["vision"] != "frozen")
 
 
@@ -91,8 +126,12 @@ def test_lora_skips_the_frozen_weights_gradients_and_checkpointing_runs_the_forw
     assert parts("full", gradient_checkpointing=False)["LLM linears"].flops == 6 * n  # the MFU rule's 6N
     mixed = parts("mixed", gradient_checkpointing=False)
     assert mixed["LLM linears"].flops == 4 * n and "recomputed forward (checkpointing)" not in mixed
-    again = parts("mixed", gradient_checkpointing=True)["recomputed forward (checkpointing)"]
-    assert again.forward == mixed["LLM linears"].forward + mixed["LLM attention"].forward + mixed["LoRA adapters"].forward
+    # The whole forward but each layer's down_proj (hidden x intermediate) and its adapter's B (rank x
+    # hidden) compiled; eager layers rerun down_proj (its adapter's A, which saves, comes after it).
+    down, down_b = stats.layers * stats.hidden * stats.intermediate, stats.layers * config("mixed").lora.rank * stats.hidden
+    whole = mixed["LLM linears"].forward + mixed["LLM attention"].forward + mixed["LoRA adapters"].forward
+    assert parts("mixed", gradient_checkpointing=True, compile=True)["recomputed forward (checkpointing)"].forward == whole - 2 * down - 2 * down_b
+    assert parts("mixed", gradient_checkpointing=True, compile=False)["recomputed forward (checkpointing)"].forward == whole - 2 * down_b
     assert mixed["vision linears"].backward == 0 and mixed["vision attention"].backward == 0  # frozen: forward only
 
 

@@ -62,16 +62,16 @@ def command(
 
 def step_scaling(cfg, est, stats, machine, tokens_per_s: float | None, nvlink_gbs: float | None, internode_gbs: float | None) -> dict[str, Any] | None:
     """Time per optimizer step on this machine's GPUs x nodes (``qvltune.scaling``); None on CPU."""
-    from qvltune.estimate import ASSUMED_MFU
+    from qvltune.estimate import ASSUMED_UTILIZATION
     from qvltune.scaling import Network, assumed_rate, inputs_for, step_time
 
     if machine.is_cpu or not (tokens_per_s or machine.peak_tflops):
         return None
-    rate = tokens_per_s or assumed_rate(est.step_flops_per_token, machine.peak_tflops, ASSUMED_MFU)
+    rate = tokens_per_s or assumed_rate(est.step_flops_per_token, machine.peak_tflops, ASSUMED_UTILIZATION)
     network = Network.for_gpu(machine.gpu_name, intra_gbs=nvlink_gbs, inter_gbs=internode_gbs)
     inputs = inputs_for(cfg, est, stats, rate)
     step = step_time(inputs, machine.gpus_per_node, machine.nodes, network)
-    source = "measured, --tokens-per-s" if tokens_per_s else f"assumed: {ASSUMED_MFU:.0%} MFU of {machine.peak_tflops:g} TFLOP/s; give a measured one with --tokens-per-s"
+    source = "measured, --tokens-per-s" if tokens_per_s else f"assumed: the step's FLOPs at {ASSUMED_UTILIZATION:.0%} of {machine.peak_tflops:g} TFLOP/s; give a measured one with --tokens-per-s"
     return {**step.to_json(), "rate_1gpu": rate, "rate_source": source, "intra_gbs": network.intra_gbs, "inter_gbs": network.inter_gbs,
             "intra_default": nvlink_gbs is None, "inter_default": internode_gbs is None, "stage": inputs.stage}  # fmt: skip
 
