@@ -199,7 +199,7 @@ def predict(case: Case, cfg, seq: int, trained: int, gpu: str, gpu_memory: float
     machine = Machine(g.name, g.memory_total, case.gpus, 1, None, g.peak_tflops, True)
     rows = case.per_device_batch
     image = 784 * rows if case.size != "tiny" else 0
-    workload = Workload(rows * seq, image, rows, None, "benchmark rows", trained / seq)
+    workload = Workload(tokens=rows * seq, image_tokens=image, rows=rows, assumption="benchmark rows", label_share=trained / seq)
     return estimate(cfg, stats, machine, workload)
 
 

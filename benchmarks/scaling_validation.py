@@ -53,7 +53,7 @@ def sizes(size: str, strategy: str, stage: int, checkpointing: bool = False, row
     cfg = parse_config({"name": "x", "model": {"path": f"Qwen/Qwen3-VL-{size}-Instruct"}, "data": {"train": "d.jsonl", "max_seq_length": rows, "packing": True},
                         "strategy": strategy, "optim": {"gradient_checkpointing": checkpointing, "bf16": True}, "deepspeed": {"stage": stage}})  # fmt: skip
     machine = Machine("NVIDIA H200", int(139.8 * GiB), 1, 1, None, H200_PEAK_TFLOPS, True)
-    est = estimate(cfg, stats, machine, Workload(rows, 0, 1, None, "rows", 0))
+    est = estimate(cfg, stats, machine, Workload(tokens=rows, image_tokens=0, rows=1, assumption="rows", label_share=0))
     return est.total_params, est.trainable_params, stats, cfg
 
 
@@ -175,7 +175,7 @@ def pick_config(size: str, strategy: str, gpus: int) -> tuple[int, bool, int]:
     for stage, ckpt, rows in ((2, False, 8192), (2, True, 8192), (3, False, 8192), (3, True, 8192), (3, True, 4096)):
         cfg = parse_config({"name": "x", "model": {"path": f"Qwen/Qwen3-VL-{size}-Instruct"}, "data": {"train": "d.jsonl", "max_seq_length": rows, "packing": True},
                             "strategy": strategy, "optim": {"gradient_checkpointing": ckpt, "bf16": True, "compile": True}, "deepspeed": {"stage": stage}})  # fmt: skip
-        est = estimate(cfg, stats, machine, Workload(rows, int(rows * 0.28), 1, None, "rows", 0))
+        est = estimate(cfg, stats, machine, Workload(tokens=rows, image_tokens=int(rows * 0.28), rows=1, assumption="rows", label_share=0))
         if est.fits(machine.gpu_memory):
             return stage, ckpt, rows
     raise SystemExit(f"{size} {strategy} does not fit")
@@ -186,7 +186,7 @@ def step_flops(size: str, strategy: str, stage: int, ckpt: bool, rows: int) -> f
     cfg = parse_config({"name": "x", "model": {"path": f"Qwen/Qwen3-VL-{size}-Instruct"}, "data": {"train": "d.jsonl", "max_seq_length": rows, "packing": True},
                         "strategy": strategy, "optim": {"gradient_checkpointing": ckpt, "bf16": True}, "deepspeed": {"stage": stage}})  # fmt: skip
     machine = Machine("NVIDIA H200", int(139.8 * GiB), 8, 1, None, H200_PEAK_TFLOPS, True)
-    return estimate(cfg, model_stats(config), machine, Workload(rows, int(rows * 0.28), 1, None, "rows", 0)).step_flops_per_token
+    return estimate(cfg, model_stats(config), machine, Workload(tokens=rows, image_tokens=int(rows * 0.28), rows=1, assumption="rows", label_share=0)).step_flops_per_token
 
 
 def predictions() -> list[dict]:

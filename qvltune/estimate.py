@@ -33,7 +33,7 @@ from typing import Any
 from qvltune.config import COMPONENTS, RunConfig
 from qvltune.estimate_inputs import Machine, Workload, workload_for
 from qvltune.model_stats import ModelStats, _adapted_inputs, lora_params
-from qvltune.step_flops import Part, step_parts, uses_fused_loss
+from qvltune.step_flops import Part, masked_attention, step_parts, uses_fused_loss
 from qvltune.step_flops import total as total_flops
 from qvltune.units import GiB, format_count
 from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
@@ -298,7 +298,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     ckpt = cfg.optim.gradient_checkpointing
     llm_trains = modes["llm"] != "frozen"
     attention = attention_kind(cfg, machine)
-    masked = attention == "sdpa" and (wl.rows > 1 or cfg.data.packing)  # varlen needs no mask
+    masked = masked_attention(attention, cfg.data.packing, wl.rows)
     repeat_kv = masked  # with a mask, transformers' sdpa repeats k and v to every query head
     layer = _llm_layer_bytes(s, cfg, trains_base=modes["llm"] == "full", lora=modes["llm"] == "lora", repeat_kv=repeat_kv) * act_scale
     act_terms: list[Term] = []
@@ -362,7 +362,7 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     parts = step_parts(cfg, s, wl, attention)
     step = total_flops(parts)
     if cfg.stage == "dpo":
-        ref = next(p for p in parts if p.name.startswith("DPO reference"))
+        ref = next(p for p in parts if p.kind == "reference")
         assumptions.append(f"DPO: two sequences per pair; the reference ({cfg.preference().reference}) adds {ref.flops / step:.0%} of the compute")
     seconds = None
     if wl.tokens_per_epoch and machine.peak_tflops and not machine.is_cpu:

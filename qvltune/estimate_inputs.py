@@ -131,6 +131,9 @@ class Workload:
     attended_tokens: float = 0.0
     attended_image_tokens: float = 0.0
     answer_share: float = 0.0  # labelled tokens / tokens as counted, not doubled (0 = unknown: label_share)
+    # The data's image tokens / tokens, for an epoch's FLOPs (image_tokens is the worst micro-batch's,
+    # for memory; 0 = unknown: that one's share).
+    mean_image_share: float = 0.0
 
 
 def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload:
@@ -153,7 +156,19 @@ def workload_for(cfg: RunConfig, data: DatasetSummary | None = None) -> Workload
         why = f"{rows} row(s) of up to {longest} tokens with {per_record} image(s) of up to {max_image} tokens each" + ("" if data else " (assumed: no dataset)")
     # Labelled share: the answers' fraction, doubled for safety (one batch can hold the long answers).
     label_share = min(1.0, 2 * data.trained_tokens / data.tokens) if data and data.tokens and data.trained_tokens else 1.0
-    # Packed rows attend within each sample (varlen); padded rows over the whole row.
+    # Packed rows attend within each sample (varlen); a padded row's attention spans the whole row
+    # (0: qvltune.step_flops takes the row's length).
     attended = data.attended_sample_tokens if data and cfg.data.packing else 0.0
     answers = data.trained_tokens / data.tokens if data and data.tokens else 0.0
-    return Workload(tokens, image, rows, data.tokens if data else None, why, label_share, attended, data.attended_image_tokens if data else 0.0, answers)
+    return Workload(
+        tokens=tokens,
+        image_tokens=image,
+        rows=rows,
+        tokens_per_epoch=data.tokens if data else None,
+        assumption=why,
+        label_share=label_share,
+        attended_tokens=attended,
+        attended_image_tokens=data.attended_image_tokens if data else 0.0,
+        answer_share=answers,
+        mean_image_share=data.image_share if data and data.tokens else 0.0,
+    )

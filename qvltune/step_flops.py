@@ -43,6 +43,9 @@ class Part:
     name: str
     forward: float  # FLOPs per LLM token of one training step
     backward: float
+    # What the part is: the base model's own compute ("model": what a DPO reference pass reruns),
+    # the LoRA adapters', checkpointing's recompute, or the DPO reference's pass.
+    kind: str = "model"
 
     @property
     def flops(self) -> float:
@@ -54,6 +57,17 @@ def uses_fused_loss(cfg: RunConfig) -> bool:
     return cfg.optim.fused_loss and not (cfg.uses_lora() and cfg.modes()["lm_head"] == "full")
 
 
+def masked_attention(attention: str, packing: bool, rows: int) -> bool:
+    """Whether the language model's sdpa-style attention runs with a mask over whole rows, which
+    computes every pair of a row (and makes transformers' sdpa repeat k and v to every query head):
+    sdpa on packed rows (a block mask), and padded rows in batches of several, where varlen has no
+    sample boundaries and falls back to masked sdpa (qvltune.attention). Eager is not sdpa-style:
+    it always computes the square."""
+    if packing:
+        return attention == "sdpa"
+    return rows > 1 and attention in ("sdpa", "varlen")
+
+
 def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str = "varlen") -> list[Part]:
     """The FLOPs per LLM token of one training step of ``cfg`` with ``attention`` (the kind the
     worker runs: qvltune.estimate.attention_kind), by part (parts that cost nothing are left out)."""
@@ -63,15 +77,15 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
     # A gradient flows back through the LLM when it trains or anything before it does.
     through_llm = trains["llm"] or trains["vision"] or trains["merger"] or trains["deepstack"]
     n = s.llm_active_params()
-    share = wl.image_tokens / wl.tokens if wl.tokens else 0.0  # LLM image tokens per LLM token
+    # LLM image tokens per LLM token: the data's (an epoch's FLOPs), else the micro-batch's.
+    share = wl.mean_image_share or (wl.image_tokens / wl.tokens if wl.tokens else 0.0)
     patches = share * s.spatial_merge**2  # vision patches per LLM token
 
     row = wl.tokens / max(wl.rows, 1)
     image_size = wl.attended_image_tokens or cfg.data.pixel_budget()[1] // TOKEN_PIXELS  # unknown: the largest image
     # varlen / flash (and sdpa on one unmasked row) attend within each sample and skip the causal
-    # half; eager, and sdpa with a mask (padded or packed rows), compute the whole row's square.
-    whole_square = attention == "eager" or (attention == "sdpa" and (cfg.data.packing or wl.rows > 1))
-    if whole_square:
+    # half; eager, and any attention with a mask, compute the whole row's square.
+    if attention == "eager" or masked_attention(attention, cfg.data.packing, wl.rows):
         llm_attention = 4 * s.layers * s.heads * s.head_dim * row
     else:
         llm_attention = 2 * s.layers * s.heads * s.head_dim * (wl.attended_tokens or row)  # unknown: a whole row
@@ -99,7 +113,7 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
     lora = lora_params(s, cfg)
     llm_adapters, vision_adapters = lora["llm"], patches * lora["vision"]
     if llm_adapters or vision_adapters:
-        parts.append(Part("LoRA adapters", 2 * (llm_adapters + vision_adapters), 4 * (llm_adapters + vision_adapters)))
+        parts.append(Part("LoRA adapters", 2 * (llm_adapters + vision_adapters), 4 * (llm_adapters + vision_adapters), kind="adapters"))
     parts += [
         Part("vision linears", vision_linears, vision_backward * vision_linears),
         Part("vision attention", vision_attention, backward_factor * vision_attention * trains["vision"]),
@@ -119,14 +133,13 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
         vision_skip = tail_b["vision"] or vision_tail
         again_llm = 2 * (n + lora["llm"] - llm_skip) + llm_attention
         again_vision = vision_linears + vision_attention + patches * 2 * (lora["vision"] - vision_skip)
-        parts.append(Part("recomputed forward (checkpointing)", again_llm * through_llm + again_vision * trains["vision"], 0.0))
+        parts.append(Part("recomputed forward (checkpointing)", again_llm * through_llm + again_vision * trains["vision"], 0.0, kind="recompute"))
     if cfg.stage == "dpo":
         # The reference's log-probs: one more forward (no gradients) per step with adapters off, or
         # one forward pass over the data before training when precomputed (counted against an epoch).
-        # The base model's forward: every part's but the adapters' and the recompute's.
         epochs = 1.0 if cfg.preference().reference == "adapter_off" else max(cfg.optim.epochs, 1.0)
-        forward = sum(p.forward for p in parts if p.name not in ("LoRA adapters", "recomputed forward (checkpointing)"))
-        parts.append(Part(f"DPO reference forward ({cfg.preference().reference})", forward / epochs, 0.0))
+        forward = sum(p.forward for p in parts if p.kind == "model")
+        parts.append(Part(f"DPO reference forward ({cfg.preference().reference})", forward / epochs, 0.0, kind="reference"))
     return [p for p in parts if p.flops]
 
 

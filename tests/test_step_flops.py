@@ -181,3 +181,18 @@ def test_the_dpo_reference_is_the_base_models_forward(reference, epochs, divisor
     base = ("LLM linears", "LLM attention", "lm_head (labelled tokens)", "vision linears", "vision attention", "mergers (+ DeepStack)")
     reference_part = parts[f"DPO reference forward ({reference})"]
     assert reference_part.forward == pytest.approx(sum(parts[name].forward for name in base) / divisor) and reference_part.backward == 0
+
+
+def test_an_epochs_flops_take_the_datas_image_share_not_the_worst_batchs():
+    """Padded rows: memory is sized for a batch of the largest images (image_tokens), the epoch's
+    FLOPs follow the data's share of image tokens; padded batches of several rows attend over the
+    whole row whatever the attention (varlen falls back to masked sdpa there)."""
+    stats = model_stats(builtin_config("2B"))
+    cfg = config("mixed")
+    cfg.data.packing = False
+    cfg.optim.per_device_batch = 4
+    wl = Workload(4 * 2000, 4 * 1500, 4, mean_image_share=0.25)
+    vision = {p.name: p for p in step_parts(cfg, stats, wl)}["vision linears"]
+    assert vision.forward == pytest.approx(0.25 * stats.spatial_merge**2 * 2 * stats.vision_depth * stats.vision_block_params)
+    llm_attention = {p.name: p for p in step_parts(cfg, stats, wl, attention="varlen")}["LLM attention"]
+    assert llm_attention.forward == 4 * stats.layers * stats.heads * stats.head_dim * 2000
