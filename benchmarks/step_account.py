@@ -45,18 +45,18 @@ RUNS = [
 ]
 
 
-def account(shape: str, strategy: str, mix: str, rows: int, accumulation: int, samples: int):
+def account(shape: str, strategy: str, mix: str, row_tokens: int, accumulation: int, samples: int):
     """(parts, 6N per token) of one run's config on its data."""
     data = wc.make_issue_data(WORK / f"data-issue-{samples}", samples) if mix == "issue" else gt.make_data(WORK / f"data-bench-{samples}", samples)
     model = gt.make_model_folder(WORK / f"model-{shape}", shape)
     doc = gt.planned_doc(model, data, strategy, 64)
-    doc["data"]["max_seq_length"] = rows
+    doc["data"]["max_seq_length"] = row_tokens
     if mix == "issue":  # its images keep their size up to 1280x960 (`init --max-image-tokens 1200`)
         doc["data"]["max_pixels"] = wc.ISSUE_MAX_IMAGE_TOKENS * TOKEN_PIXELS
     doc["optim"].update(grad_accum=accumulation, effective_batch=accumulation, gradient_checkpointing=False, compile=True)
     cfg = parse_config(doc)
     lo, hi = cfg.data.pixel_budget()
-    report = check_dataset(str(data), CheckOptions(processor=load_processor(str(model), lo, hi), max_seq_length=rows))
+    report = check_dataset(str(data), CheckOptions(processor=load_processor(str(model), lo, hi), max_seq_length=row_tokens))
     stats = model_stats(json.loads((model / "config.json").read_text()))
     return step_parts(cfg, stats, workload_for(cfg, summarize_report(report, lo, hi))), 6 * stats.llm_active_params()
 
@@ -67,10 +67,10 @@ def main() -> None:
     ap.add_argument("--limit-tflops", type=float, default=790.0, help="an H200's bf16 matmul limit (benchmarks/matmul_limit.py measures it)")
     args = ap.parse_args()
     limit = args.limit_tflops * 1e12
-    for label, shape, strategy, mix, rows, accum, measured, where, target in RUNS:
-        parts, rule = account(shape, strategy, mix, rows, accum, args.samples)
+    for label, shape, strategy, mix, row_tokens, accum, measured, where, target in RUNS:
+        parts, rule = account(shape, strategy, mix, row_tokens, accum, args.samples)
         step = total(parts)
-        print(f"\n### {label}, {rows:,}-token rows x {accum}: {measured:,} real tok/s measured ({where})\n")
+        print(f"\n### {label}, {row_tokens:,}-token rows x {accum}: {measured:,} real tok/s measured ({where})\n")
         print(f"6N: {rule / 1e9:.1f} GFLOP per token, MFU {rule * measured / (H200_PEAK_TFLOPS * 1e12):.1%}; "
               f"the step computes {step / 1e9:.1f} GFLOP per token ({step / rule:.2f}x 6N), "
               f"{step * measured / 1e12:.0f} TFLOP/s = {step * measured / limit:.1%} of the matmul limit ({args.limit_tflops:g} TFLOP/s)")

@@ -272,14 +272,24 @@ def peer_args(model: Path, data: Path, run_dir: Path, doc: dict) -> dict:
     return args
 
 
+def traceback_error(stderr: str) -> str | None:
+    """The exception line of the last Python traceback in ``stderr`` (pure): the first unindented
+    line after its frames, so a warning printed after it is not taken for the error; the
+    ``[rank0]:`` prefix torch.distributed puts on each line is dropped."""
+    import re
+
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in stderr.splitlines()]
+    last = max((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), default=None)
+    if last is None:
+        return None
+    return next((line.strip() for line in lines[last + 1 :] if line.strip() and not line.startswith((" ", "\t"))), None)
+
+
 def summarize_peer(records: list[dict], wall_s: float, started: float, exit_code: int, stderr: str, saved: bool) -> dict:
     """A peer's epoch from llamafactory_run.py's step records (pure): the figures the qvltune units
     report where the peer has them, and how it ended (a failure's last error line)."""
     rates = [r["tokens"] / r["seconds"] for r in records[2:] if r.get("seconds")]  # from the third step, as the qvltune units
-    # The error a crash ends with: the last line of the last traceback (a warning is no error).
-    lines = stderr.splitlines()
-    last_traceback = max((i for i, line in enumerate(lines) if line.startswith("Traceback")), default=None)
-    error = next((line.strip() for line in reversed(lines[last_traceback:]) if line.strip()), None) if last_traceback is not None else None
+    error = traceback_error(stderr)
     if exit_code == 0 and saved:
         status = "completed"
     elif error:

@@ -93,6 +93,9 @@ def test_a_peer_epoch_is_summarized_and_a_crash_is_a_result():
     stderr = "UserWarning: a deprecated argument\nTraceback (most recent call last):\n  ...\nRuntimeError: The expanded size of the tensor (8264) must match the existing size (8336)\n"
     crashed = wc.summarize_peer(_peer_steps(89), 300.0, 1000.0, 1, stderr, saved=False)
     assert crashed["status"] == "failed at step 90: RuntimeError: The expanded size of the tensor (8264) must match the existing size (8336)"
+    # Under torch.distributed every line carries its rank, and a warning may follow the traceback.
+    ranked = "[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in <module>\n[rank0]:     f()\n[rank0]: RuntimeError: CUDA out of memory\n[rank0]:[W1206 process_group.cpp] Warning: ProcessGroupNCCL has NOT been destroyed\n"
+    assert wc.summarize_peer(_peer_steps(3), 30.0, 1000.0, 1, ranked, saved=False)["status"] == "failed at step 4: RuntimeError: CUDA out of memory"
     unsaved = wc.summarize_peer(_peer_steps(10), 20.0, 1000.0, 0, "UserWarning: FutureWarning\n", saved=False)
     assert unsaved["status"] == "exit 0 after step 10, no saved adapter"  # every step ran: no step failed, and a warning is no error
 
