@@ -237,3 +237,51 @@ def test_dynamo_analyses_a_compiled_decoder_layer_once(tiny_model_dir):
         torch._dynamo.reset()
     assert attempts == ["compile_attempt_0"], attempts
     assert graphs == 1  # the constants are the same in every layer: one graph still serves them all
+
+
+@pytest.mark.parametrize("strategy", ["mixed", "lora"])
+def test_a_micro_batch_without_images_compiles_nothing_new(tmp_path, tiny_model_dir, tiny_processor, strategy):
+    """mixed trains the merger: image features make the first layer's input need a gradient, and a
+    text-only micro-batch (one GPU: no dummy image) made the compiled layer compile again mid-run
+    (``requires_grad mismatch``; an 8B step at 2.7x its median); now one graph serves every layer
+    and batch. lora trains nothing before the LLM: the first layer's input never needs a gradient
+    (none is added: it would cost its input gradient at every step), so the first layer has a graph
+    of its own, made in the first step like the others'."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from qvltune.compiled_layers import compile_blocks
+    from qvltune.config import RunConfig
+    from qvltune.model import apply_strategy, load_model
+
+    cfg = RunConfig.model_validate({"name": "c", "model": {"path": str(tiny_model_dir)}, "data": {"train": "t.jsonl"}, "strategy": strategy})
+    model = apply_strategy(load_model(str(tiny_model_dir), dtype="float32"), cfg)
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
+    model.train()
+    encoder, collate = Encoder(tiny_processor), PaddedCollator(tiny_processor.tokenizer.pad_token_id)
+    image, text = (collate([[encoder.encode(records(tmp_path)[i])]]) for i in (0, 1))
+    assert "pixel_values" in image and "pixel_values" not in text
+    hidden_needs_grad = []
+
+    def backend(gm, example_inputs):  # no code generation: which graphs dynamo makes, and for what input
+        hidden_needs_grad.append(next(t.requires_grad for t in example_inputs if isinstance(t, torch.Tensor) and t.shape[-1] == model.config.text_config.hidden_size))
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    try:
+        compile_blocks(model, backend=backend)
+        for batch in (image, text, image):
+            model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits.float().mean().backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+        with torch.no_grad():  # an evaluation: one graph more, for every layer (no input needs a gradient)
+            for batch in (image, text):
+                model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+        graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        torch._dynamo.reset()
+    assert graphs[1:3] == [graphs[0], graphs[0]], f"compiled again after the first step: {graphs}, inputs needing a gradient: {hidden_needs_grad}"
+    assert hidden_needs_grad[: graphs[0]] == ([True] if strategy == "mixed" else [False, True])
+    assert graphs[3] == graphs[0] + 1 and hidden_needs_grad[-1] is False
