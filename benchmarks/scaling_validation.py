@@ -184,7 +184,7 @@ def pick_config(size: str, strategy: str, gpus: int) -> tuple[int, bool, int]:
 def step_flops(size: str, strategy: str, stage: int, ckpt: bool, rows: int) -> float:
     config = builtin_config(f"Qwen/Qwen3-VL-{size}-Instruct")
     cfg = parse_config({"name": "x", "model": {"path": f"Qwen/Qwen3-VL-{size}-Instruct"}, "data": {"train": "d.jsonl", "max_seq_length": rows, "packing": True},
-                        "strategy": strategy, "optim": {"gradient_checkpointing": ckpt, "bf16": True}, "deepspeed": {"stage": stage}})  # fmt: skip
+                        "strategy": strategy, "optim": {"gradient_checkpointing": ckpt, "bf16": True, "compile": True}, "deepspeed": {"stage": stage}})  # fmt: skip
     machine = Machine("NVIDIA H200", int(139.8 * GiB), 8, 1, None, H200_PEAK_TFLOPS, True)
     return estimate(cfg, model_stats(config), machine, Workload(tokens=rows, image_tokens=int(rows * 0.28), rows=1, assumption="rows", label_share=0)).step_flops_per_token
 

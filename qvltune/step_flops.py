@@ -126,7 +126,8 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
         # recomputes just what the backward reads, so both are skipped. An eager block (the vision
         # tower always) reruns in order until the last tensor the backward saved: an adapter's first
         # half runs after its base linear and saves its output, so with an adapter there only the
-        # second half is skipped, without one the linear itself.
+        # second half is skipped, without one the linear itself. (A mixture-of-experts layer reruns
+        # all of its forward: see last_linears.)
         llm_tail, vision_tail = last_linears(s)
         tail_b = tail_adapter_outputs(s, cfg)
         llm_skip = llm_tail + tail_b["llm"] if cfg.optim.compile else tail_b["llm"] or llm_tail
@@ -144,10 +145,12 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
 
 
 def last_linears(s: ModelStats) -> tuple[int, int]:
-    """Parameters of each block's last linear: (per LLM token, all layers: down_proj, or the routed
-    experts' down projections a token goes through; per vision patch, all blocks: linear_fc2)."""
-    down = s.experts_per_token * s.moe_intermediate if s.is_moe else s.intermediate
-    return s.layers * s.hidden * down, s.vision_depth * s.vision_intermediate * s.vision_hidden
+    """Parameters of the block's last linear that a recompute skips: (per LLM token, all layers:
+    down_proj; per vision patch, all blocks: linear_fc2). None in a mixture-of-experts layer: its
+    experts' down projections are scaled by the routing weights, whose gradient reads them (it
+    reaches the hidden states even with a frozen router), so they run again."""
+    llm = 0 if s.is_moe else s.layers * s.hidden * s.intermediate
+    return llm, s.vision_depth * s.vision_intermediate * s.vision_hidden
 
 
 def tail_adapter_outputs(s: ModelStats, cfg: RunConfig) -> dict[str, int]:

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from qvltune.checkpoint_writer import fsync_tree
 from qvltune.checkpoints import is_complete, last_checkpoint_text, latest_complete_checkpoint
-from qvltune.compiled_layers import compile_blocks
+from qvltune.compiled_layers import compile_blocks, same_graph_with_and_without_images
 from qvltune.config import RunConfig, load_config
 from qvltune.data.dataset import BadSampleError
 from qvltune.data_ready import wait_for_data
@@ -231,6 +231,8 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "model prepared (strategy, adapters)")
     if cfg.optim.compile:
         compile_blocks(model, zero3=cfg.deepspeed.stage == 3)  # the layers compile at the first step
+        if world_size() == 1:  # several ranks: text-only micro-batches carry a dummy image instead
+            same_graph_with_and_without_images(model)
         if is_main():  # rank 0 writes the stall records (every rank compiles the same graphs)
             watch_recompiles()  # a later compile's reasons go to train.log and to the stall record
         _mark(clock, "torch.compile set up (its imports)")

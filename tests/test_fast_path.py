@@ -250,7 +250,7 @@ def test_a_micro_batch_without_images_compiles_nothing_new(tmp_path, tiny_model_
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from qvltune.compiled_layers import compile_blocks
+    from qvltune.compiled_layers import compile_blocks, same_graph_with_and_without_images
     from qvltune.config import RunConfig
     from qvltune.model import apply_strategy, load_model
 
@@ -273,6 +273,7 @@ def test_a_micro_batch_without_images_compiles_nothing_new(tmp_path, tiny_model_
     graphs = []
     try:
         compile_blocks(model, backend=backend)
+        same_graph_with_and_without_images(model)  # as the worker does on one GPU
         for batch in (image, text, image):
             model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits.float().mean().backward()
             graphs.append(counters["stats"]["unique_graphs"])

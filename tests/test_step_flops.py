@@ -196,3 +196,44 @@ def test_an_epochs_flops_take_the_datas_image_share_not_the_worst_batchs():
     assert vision.forward == pytest.approx(0.25 * stats.spatial_merge**2 * 2 * stats.vision_depth * stats.vision_block_params)
     llm_attention = {p.name: p for p in step_parts(cfg, stats, wl, attention="varlen")}["LLM attention"]
     assert llm_attention.forward == 4 * stats.layers * stats.heads * stats.head_dim * 2000
+
+
+def test_a_checkpointed_mixture_of_experts_layer_reruns_its_whole_forward():
+    """The experts' down projections are scaled by the routing weights, whose gradient reads them: a
+    checkpointed MoE block (frozen, a gradient flowing through it) recomputes every product, unlike a
+    dense block's down_proj; the parts count the whole forward again for an MoE model."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
+
+    torch.manual_seed(0)
+    hidden, inner, experts, top_k, tokens = 64, 32, 4, 2, 50
+    block = Qwen3VLMoeTextSparseMoeBlock(Qwen3VLMoeTextConfig(hidden_size=hidden, moe_intermediate_size=inner, num_experts=experts, num_experts_per_tok=top_k))
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+        p.requires_grad_(False)
+
+    def backward_flops(checkpointed):
+        x = torch.randn(1, tokens, hidden, requires_grad=True)
+        y = checkpoint(lambda h: h + block(h), x, use_reentrant=False) if checkpointed else x + block(x)
+        mode = FlopCounterMode(display=False)
+        with mode:
+            y.sum().backward()
+        return mode.get_total_flops()
+
+    forward = 2 * tokens * (experts * hidden + top_k * 3 * hidden * inner)  # router, gate/up and down of the chosen experts
+    assert backward_flops(True) - backward_flops(False) == forward
+
+    stats = model_stats(builtin_config("30B-A3B"))
+    wl = Workload(4096, 1024, 1, attended_tokens=800, attended_image_tokens=400)
+
+    def parts(**optim):
+        cfg = config("lora")
+        for k, v in optim.items():
+            setattr(cfg.optim, k, v)
+        return {p.name: p for p in step_parts(cfg, stats, wl)}
+
+    plain = parts(gradient_checkpointing=False)
+    for compiled in (False, True):
+        again = parts(gradient_checkpointing=True, compile=compiled)["recomputed forward (checkpointing)"]
+        assert again.forward == plain["LLM linears"].forward + plain["LLM attention"].forward + plain["LoRA adapters"].forward
