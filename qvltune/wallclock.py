@@ -1,6 +1,6 @@
 """The whole run's wall clock around the estimator's steady time: start-up, first step, saves, evals.
 
-``qvltune.estimate`` gives the time of the training steps at an assumed MFU. What a user waits for
+``qvltune.estimate`` gives the time of the training steps at an assumed share of the GPUs' peak. What a user waits for
 is more: the start-up (checks, launcher, imports, loading the weights), the first step (compiling
 the decoder layers, unless the compile cache already holds them: qvltune.compile_cache), the time
 training waits for each checkpoint (a host copy of the trained state with background writes,

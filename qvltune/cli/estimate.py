@@ -20,7 +20,7 @@ def command(
     no_data: bool = typer.Option(False, "--no-data", help="Do not read the dataset (no token statistics, no time estimate)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document and nothing else."),
     nodes: int = typer.Option(None, "--nodes", min=1, help="Nodes (default: launch.nodes), for the time per step on GPUs x nodes."),
-    tokens_per_s: float = typer.Option(None, "--tokens-per-s", min=1, help="Real tokens/s one GPU measured for this config (e.g. a 1-GPU run's panel); default: the FLOPs at an assumed MFU."),
+    tokens_per_s: float = typer.Option(None, "--tokens-per-s", min=1, help="Real tokens/s one GPU measured for this config (e.g. a 1-GPU run's panel); default: the step's FLOPs at an assumed share of the GPU's peak."),
     nvlink_gbs: float = typer.Option(None, "--nvlink-gbs", min=0.1, help="GPU-to-GPU bandwidth within a node, GB/s per direction (default: NVLink of the GPU, else PCIe)."),
     internode_gbs: float = typer.Option(None, "--internode-gbs", min=0.1, help="Network bandwidth per node across nodes, GB/s (default 400: 8 x 400 Gb/s InfiniBand; 2 x 100 GbE = 25)."),
 ) -> int:

@@ -324,7 +324,7 @@ def _footer(plan) -> list[str]:
     where = "process" if plan.machine.is_cpu else "GPU"
     lines = [f"memory per {where}: {format_bytes(est.per_gpu)} of {format_bytes(plan.machine.gpu_memory)} — {'fits' if plan.fits else 'does not fit'}" + (f"; host memory {format_bytes(est.host_total)}" if est.host_total else "")]
     if est.seconds_per_epoch is not None:
-        lines.append(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch, ~{format_duration(est.seconds_per_epoch * cfg.optim.epochs)} for {cfg.optim.epochs:g} epochs (at an assumed MFU)")
+        lines.append(f"time: ~{format_duration(est.seconds_per_epoch)} per epoch, ~{format_duration(est.seconds_per_epoch * cfg.optim.epochs)} for {cfg.optim.epochs:g} epochs (the step's FLOPs at an assumed share of the GPUs' peak)")
     return lines
 
 
