@@ -58,13 +58,13 @@ def same_graph_with_and_without_images(model) -> None:
     matrix again in every backward (1.2 GB at 8B) for a gradient it does not have."""
     import torch
 
-    from qvltune.model import component_of
+    from qvltune.model import vision_side_trains
 
     def needs_grad(module, args, output):
         if torch.is_grad_enabled():
             output.requires_grad_(True)
 
-    if any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in ("vision", "merger", "deepstack")):
+    if vision_side_trains(model):
         model.get_input_embeddings().register_forward_hook(needs_grad)
 
 

@@ -57,6 +57,12 @@ def component_of(name: str) -> str:
     raise ValueError(f"parameter {name} belongs to no known Qwen3-VL component")
 
 
+def vision_side_trains(model) -> bool:
+    """Whether any parameter before the language model (vision tower, merger, DeepStack mergers)
+    trains: then image features carry a gradient into the LLM's input."""
+    return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in ("vision", "merger", "deepstack"))
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

@@ -17,7 +17,7 @@ from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data, source_enc
 from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import Encoder
 from qvltune.data_ready import wait_for_data
-from qvltune.model import component_of, run_processor
+from qvltune.model import run_processor, vision_side_trains
 from qvltune.trainer import unwrap, world_size
 
 
@@ -53,9 +53,8 @@ def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataI
     from qvltune.attention import NAME as VARLEN
 
     varlen = hf_config.get_text_config()._attn_implementation == VARLEN
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) in ("vision", "merger", "deepstack"))
     # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
-    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_trains) else None
+    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_side_trains(model)) else None
     if cfg.stage == "dpo":  # both answers of a pair in one row (qvltune.preference)
         from qvltune.preference import worker as dpo
 
