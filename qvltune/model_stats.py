@@ -149,31 +149,29 @@ def model_stats(config: dict[str, Any]) -> ModelStats:
     return _stats_cached(json.dumps(config, sort_keys=True, default=str))
 
 
-def lora_params(stats: ModelStats, cfg: RunConfig) -> dict[str, int]:
-    """LoRA adapter parameters per component: rank x (in + out) for each linear the run's
-    target regex selects (the same regex peft gets, matched the way peft does: re.fullmatch)."""
+def adapted_linears(stats: ModelStats, cfg: RunConfig) -> list[Linear]:
+    """The linears the run's LoRA adapts: those its target regex selects (the same regex peft gets,
+    matched the way peft does: re.fullmatch)."""
     from qvltune.model import lora_target_regex
 
     regex = lora_target_regex(cfg)
-    out = dict.fromkeys(COMPONENTS, 0)
     if not regex:
-        return out
+        return []
     pattern = re.compile(regex)
-    for lin in stats.linears:
-        if pattern.fullmatch(lin.name):
-            out[lin.component] += cfg.lora.rank * (lin.in_features + lin.out_features)
+    return [lin for lin in stats.linears if pattern.fullmatch(lin.name)]
+
+
+def lora_params(stats: ModelStats, cfg: RunConfig) -> dict[str, int]:
+    """LoRA adapter parameters per component: rank x (in + out) for each adapted linear."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    for lin in adapted_linears(stats, cfg):
+        out[lin.component] += cfg.lora.rank * (lin.in_features + lin.out_features)
     return out
 
 
 def _adapted_inputs(stats: ModelStats, cfg: RunConfig, prefix: str) -> dict[str, int]:
     """Input width of each adapted linear of one layer (e.g. {'q_proj': 2048, ...})."""
-    from qvltune.model import lora_target_regex
-
-    regex = lora_target_regex(cfg)
-    if not regex:
-        return {}
-    pattern = re.compile(regex)
-    return {lin.name.rsplit(".", 1)[-1]: lin.in_features for lin in stats.linears if lin.name.startswith(prefix) and pattern.fullmatch(lin.name)}
+    return {lin.name.rsplit(".", 1)[-1]: lin.in_features for lin in adapted_linears(stats, cfg) if lin.name.startswith(prefix)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,12 +24,11 @@ Counting rules (2 FLOPs per multiply-add; per token of the packed micro-batch, t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from qvltune.config import RunConfig
 from qvltune.estimate_inputs import Workload
-from qvltune.model_stats import ModelStats, lora_params
+from qvltune.model_stats import ModelStats, adapted_linears, lora_params
 from qvltune.pixels import TOKEN_PIXELS
 
 # FlashAttention's backward (and sdpa's fused kernels'): the recomputed scores, dV, dP, dQ and dK
@@ -156,15 +155,9 @@ def last_linears(s: ModelStats) -> tuple[int, int]:
 def tail_adapter_outputs(s: ModelStats, cfg: RunConfig) -> dict[str, int]:
     """Parameters of the LoRA B halves (rank x out) on each block's last linear, all blocks, for the
     LLM and the vision tower: 0 where that linear carries no adapter."""
-    from qvltune.model import lora_target_regex
-
-    regex = lora_target_regex(cfg)
     out = {"llm": 0, "vision": 0}
-    if not regex:
-        return out
-    pattern = re.compile(regex)
-    for lin in s.linears:
-        if lin.name.endswith((".mlp.down_proj", ".mlp.linear_fc2")) and lin.component in out and pattern.fullmatch(lin.name):
+    for lin in adapted_linears(s, cfg):
+        if lin.name.endswith((".mlp.down_proj", ".mlp.linear_fc2")) and lin.component in out:
             out[lin.component] += cfg.lora.rank * lin.out_features
     return out
 
