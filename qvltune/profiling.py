@@ -25,7 +25,8 @@ DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 # (kind, pattern on the kernel's name): the first match wins.
 KINDS: tuple[tuple[str, str], ...] = (
     ("communication (NCCL)", r"nccl"),
-    ("attention (flash, cuDNN)", r"flash|fmha|sdpa|attention"),
+    # Not an Inductor fusion that takes its name from an attention node (triton_..._attention_...).
+    ("attention (flash, cuDNN)", r"^(?!triton_).*(flash|fmha|sdpa|attention)"),
     ("matmuls (cuBLAS, CUTLASS)", r"gemm|nvjet|cutlass|xmma|cublas|splitKreduce|^triton_tem_"),
     ("optimizer, foreach ops", r"multi_tensor_apply|adam"),  # AdamW's step, and foreach ops (gradient clipping's norms, zeroing)
     ("compiled fusions (Triton)", r"^triton_"),

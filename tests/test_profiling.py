@@ -23,6 +23,7 @@ RECORDED = Path(__file__).parent.parent / "benchmarks" / "results" / "2b-mixed-q
     ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention (flash, cuDNN)"),
     ("void flash_fwd_varlen_kernel", "attention (flash, cuDNN)"),
     ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled fusions (Triton)"),
+    ("triton_poi_fused__scaled_dot_product_flash_attention_transpose_3", "compiled fusions (Triton)"),  # named after the node it feeds
     ("void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer, foreach ops"),
     ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication (NCCL)"),
     ("Memcpy DtoD (Device -> Device)", "copies and fills"),
