@@ -42,17 +42,14 @@ GC_EVERY_STEPS = 50
 @dataclass
 class StallDetector:
     """``observe(step, seconds)`` -> the stall record's fields when that step was a stall, else None.
-    The first observed step (compilation, warm-up) is never counted nor compared."""
+    The trainer observes every step from the second: the first (compilation, warm-up) has no
+    previous step's end to be timed from, so it is neither a stall nor part of the median."""
 
     factor: float = STALL_FACTOR
     history: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
-    seen: int = 0
     stalls: int = 0
 
     def observe(self, step: int, seconds: float, gc_seconds: float = 0.0) -> dict | None:
-        self.seen += 1
-        if self.seen == 1:
-            return None
         stall = None
         if len(self.history) >= MIN_HISTORY:
             median = statistics.median(self.history)

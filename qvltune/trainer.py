@@ -293,7 +293,7 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             # Step times without the eval, save and GC between steps: a step over 2x the median is a stall.
             self.stall_detector, self.gc_timer = StallDetector(), GcTimer()
             self.last_step_end: float | None = None
-            self.between_steps = 0.0  # seconds of eval / save / collection since the last step's end
+            self.between_steps = 0.0  # seconds of evals, saves and profile writing since the last step's end
             # Seconds of evals and saves since the last train record: the rate it reports is
             # training's (an 8B eval of 10 s in a 55 s log interval read as an 18% dip). A collection
             # between steps stays in: it is part of what training costs.
@@ -383,9 +383,11 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
                 if stall and writer:
                     writer.write("stall", **stall, data_wait_s=round(data_wait, 3), new_graphs=graphs - self.graphs_seen, recompiled=recompiled[:3])
             self.graphs_seen = graphs
-            # At a step boundary: freeze what a compile made, or collect the loop's garbage (qvltune.stalls).
-            self.between_steps = self.gc_schedule.after_step(state.global_step, graphs)
+            # At a step boundary: freeze what a compile made, or collect the loop's garbage
+            # (qvltune.stalls). The next step is timed from after it: its seconds are in no step.
+            self.gc_schedule.after_step(state.global_step, graphs)
             self.gc_timer.take()
+            self.between_steps = 0.0
             self.last_step_end = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
