@@ -163,11 +163,12 @@ def variant_doc(name: str, variant: str, model: Path, data: Path, work: Path, st
 # Results
 
 
-def summarise(run_dir: Path, warmup: int, last: int | None = None) -> dict[str, Any]:
+def summarise(run_dir: Path, warmup: int, profiled: int | None = None) -> dict[str, Any]:
     """Real tokens/s, seconds per optimizer step, peak memory and the logged losses of one run, over
-    the logged steps after ``warmup`` up to ``last`` (the profiled step and after are left out)."""
+    the logged steps after ``warmup`` and before ``profiled`` (the profiled step's record and those
+    after it are left out)."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
-    train = [r for r in recs if r["kind"] == "train" and (last is None or r["step"] <= last)]
+    train = [r for r in recs if r["kind"] == "train" and (profiled is None or r["step"] < profiled)]
     end = next((r for r in recs if r["kind"] == "end"), {})
     steady = [r for r in train if r["step"] > warmup]
     if not steady:

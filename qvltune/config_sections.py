@@ -7,7 +7,7 @@ qvltune.config_checks.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -168,7 +168,8 @@ class ScheduleConfig(_Strict):
     async_save: bool = True
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     # Profile optimizer steps [start, start + count) with torch.profiler: <run>/profile.txt (+ trace).
-    profile_steps: tuple[int, int] | None = None
+    # Steps are numbered as in the train records: the first is 1.
+    profile_steps: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
     # Record Python frames too (torch.profiler with_stack): shows host time spent in Python, e.g.
     # DeepSpeed's ZeRO-3 hooks, in the trace; slows the profiled steps.
     profile_python: bool = False

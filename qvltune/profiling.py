@@ -83,11 +83,13 @@ def kinds_table(rows: list[dict]) -> str:
 
 
 def profiler_callback(run_dir: Path, start: int, count: int, python: bool = False, exclude=None):
-    """torch.profiler over optimizer steps [start, start + count): rank 0 writes profile.txt (on a
-    GPU: the time by kind of kernel, ``kernel_kinds``, then ops by device time; ops by host
-    time) and profile-trace.json (open in chrome://tracing or Perfetto); ``python`` adds the Python
-    frames (schedule.profile_python). ``exclude(seconds)`` is told how long the writing took (the
-    report callback's ``exclude_seconds``: it is not the next step's time)."""
+    """torch.profiler over optimizer steps [start, start + count), numbered as the train and stall
+    records number them (the first step is 1): rank 0 writes profile.txt (on a GPU: the time by kind
+    of kernel, ``kernel_kinds``, then ops by device time; ops by host time) and profile-trace.json
+    (open in chrome://tracing or Perfetto); ``python`` adds the Python frames
+    (schedule.profile_python). A run that ends inside the window writes the steps it took.
+    ``exclude(seconds)`` is told how long the writing took (the report callback's
+    ``exclude_seconds``: it is not the next step's time)."""
     import torch
     from transformers import TrainerCallback
 
@@ -100,7 +102,8 @@ def profiler_callback(run_dir: Path, start: int, count: int, python: bool = Fals
         # A diagnostic never ends the run it looks at: the profiler can fail to start or stop (another
         # profiler holds the GPU's tracing, e.g. under nsys), its report can fail to be written.
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == start and self.prof is None:
+            # state.global_step counts the steps done: step ``start`` begins when start - 1 are.
+            if state.global_step == start - 1 and self.prof is None:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -112,19 +115,30 @@ def profiler_callback(run_dir: Path, start: int, count: int, python: bool = Fals
                     _say_failed("started", e)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None and state.global_step == start + count:
-                began = time.perf_counter()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                try:
-                    self.prof.stop()
-                    if is_main():
-                        write_profile(self.prof, run_dir, f"optimizer steps {start}..{start + count - 1}")
-                except Exception as e:
-                    _say_failed("written", e)
-                self.prof = None
-                if exclude:
-                    exclude(time.perf_counter() - began)
+            if self.prof is not None and state.global_step == start + count - 1:
+                self._finish(state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.prof is not None:  # the run ended inside the window (max_steps, a stop)
+                self._finish(state.global_step)
+
+        def _finish(self, last: int) -> None:
+            began = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof, self.prof = self.prof, None
+            try:
+                prof.stop()
+            except Exception as e:
+                _say_failed("stopped", e)
+                return
+            try:
+                if is_main():
+                    write_profile(prof, run_dir, f"optimizer steps {start}..{last}")
+            except Exception as e:
+                _say_failed("written", e)
+            if exclude:
+                exclude(time.perf_counter() - began)
 
     return Profile()
 

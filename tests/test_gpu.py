@@ -76,7 +76,7 @@ def test_profiled_kernels_are_grouped_by_kind(tmp_path):
 
     from qvltune.profiling import profiler_callback
 
-    callback, state = profiler_callback(tmp_path, 1, 1), SimpleNamespace(global_step=1)
+    callback, state = profiler_callback(tmp_path, 1, 1), SimpleNamespace(global_step=0)
     callback.on_step_begin(None, state, None)
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     for _ in range(5):

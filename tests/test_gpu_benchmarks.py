@@ -162,7 +162,7 @@ def test_zero3_summary_table_and_grouped_profile(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + [{"kind": "end", "time": 190.0, "status": "completed"}]))
     s = z3.summarise(run, warmup=4)
     assert s["tokens_per_s"] == 7000 and s["step_s"] == 10.0 and s["mem_peak_gb"] == 58.0 and s["losses"][2] == 8.0
-    cut = z3.summarise(run, warmup=4, last=7)  # a step profiled in the window logged at 8: left out
+    cut = z3.summarise(run, warmup=4, profiled=7)  # step 7 profiled, in the window logged at 8: left out
     assert cut["tokens_per_s"] == 6000 and cut["step_s"] == 10.0 and 8 not in cut["losses"]
     rows = [{"shape": "a", "variant": "z2", "label": "A", "rows": "1 x 1 x 1", "ckpt": "off", "compile": "yes", **s},
             {"shape": "a", "variant": "z3", "label": "A", "rows": "1 x 1 x 1", "ckpt": "off", "compile": "no", **s, "tokens_per_s": 3500.0}]

@@ -86,15 +86,36 @@ def test_the_profiled_steps_are_written_on_a_cpu_without_kinds(tmp_path, monkeyp
 
     monkeypatch.setattr(profiling, "write_profile", slow_write)
     excluded = []
-    callback, state = profiler_callback(tmp_path, 3, 1, exclude=excluded.append), SimpleNamespace(global_step=3)
-    callback.on_step_begin(None, state, None)
-    torch.randn(64, 64) @ torch.randn(64, 64)
-    state.global_step = 4
-    callback.on_step_end(None, state, None)
+    callback, state = profiler_callback(tmp_path, 3, 1, exclude=excluded.append), SimpleNamespace(global_step=1)
+    for step in (1, 2, 3, 4):  # the Trainer's counter: steps done at a step's begin, the step's own number at its end
+        state.global_step = step - 1
+        callback.on_step_begin(None, state, None)
+        if step == 3:
+            torch.randn(64, 64) @ torch.randn(64, 64)
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        assert (tmp_path / "profile.txt").exists() == (step >= 3), step  # written at the end of step 3, the one the records call 3
     text = (tmp_path / "profile.txt").read_text()
     assert text.startswith("optimizer steps 3..3") and "by host time" in text and "aten::mm" in text
     assert "by kind of kernel" not in text and (tmp_path / "profile-trace.json").stat().st_size > 0
     assert len(excluded) == 1 and excluded[0] >= 0.2  # the writing is not the next step's time
+
+
+def test_a_run_that_ends_inside_the_window_writes_the_steps_it_took(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvltune.profiling import profiler_callback
+
+    callback, state = profiler_callback(tmp_path, 4, 10), SimpleNamespace(global_step=3)
+    callback.on_step_begin(None, state, None)
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    state.global_step = 4
+    callback.on_step_end(None, state, None)
+    assert not (tmp_path / "profile.txt").exists()
+    callback.on_train_end(None, state, None)  # max_steps was 4
+    assert (tmp_path / "profile.txt").read_text().startswith("optimizer steps 4..4")
 
 
 def test_a_profiler_that_cannot_start_does_not_end_the_run(tmp_path, capsys, monkeypatch):
@@ -109,7 +130,7 @@ def test_a_profiler_that_cannot_start_does_not_end_the_run(tmp_path, capsys, mon
         raise RuntimeError("CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED")
 
     monkeypatch.setattr(torch.profiler, "profile", busy)
-    callback, state = profiler_callback(tmp_path, 3, 1), SimpleNamespace(global_step=3)
+    callback, state = profiler_callback(tmp_path, 4, 1), SimpleNamespace(global_step=3)
     callback.on_step_begin(None, state, None)
     state.global_step = 4
     callback.on_step_end(None, state, None)
@@ -125,7 +146,7 @@ def test_a_trace_too_large_to_split_is_left_to_a_viewer(tmp_path, monkeypatch):
     from qvltune import profiling
 
     monkeypatch.setattr(profiling, "MAX_TRACE_TO_SPLIT", 10)  # bytes: any trace is larger
-    callback, state = profiling.profiler_callback(tmp_path, 3, 1), SimpleNamespace(global_step=3)
+    callback, state = profiling.profiler_callback(tmp_path, 4, 1), SimpleNamespace(global_step=3)
     callback.on_step_begin(None, state, None)
     torch.randn(8, 8) @ torch.randn(8, 8)
     state.global_step = 4
@@ -141,7 +162,7 @@ def test_a_profile_that_cannot_be_written_does_not_end_the_run(tmp_path, capsys)
 
     from qvltune.profiling import profiler_callback
 
-    callback, state = profiler_callback(tmp_path / "gone", 3, 1), SimpleNamespace(global_step=3)  # no such folder
+    callback, state = profiler_callback(tmp_path / "gone", 4, 1), SimpleNamespace(global_step=3)  # no such folder
     callback.on_step_begin(None, state, None)
     torch.randn(8, 8) @ torch.randn(8, 8)
     state.global_step = 4
