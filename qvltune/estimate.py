@@ -33,7 +33,7 @@ from typing import Any
 from qvltune.config import COMPONENTS, RunConfig
 from qvltune.estimate_inputs import Machine, Workload, workload_for
 from qvltune.model_stats import ModelStats, _adapted_inputs, lora_params
-from qvltune.step_flops import Part, masked_attention, step_parts, uses_fused_loss
+from qvltune.step_flops import Part, sdpa_with_mask, step_parts, uses_fused_loss
 from qvltune.step_flops import total as total_flops
 from qvltune.units import GiB, format_count
 from qvltune.zero import STAGE3_MAX_LIVE_PARAMETERS, ZERO12_BUCKET_SIZE, zero3_values
@@ -298,8 +298,9 @@ def estimate(cfg: RunConfig, stats: ModelStats, machine: Machine, workload: Work
     ckpt = cfg.optim.gradient_checkpointing
     llm_trains = modes["llm"] != "frozen"
     attention = attention_kind(cfg, machine)
-    masked = masked_attention(attention, cfg.data.packing, wl.rows)
-    repeat_kv = masked  # with a mask, transformers' sdpa repeats k and v to every query head
+    masked = sdpa_with_mask(attention, cfg.data.packing, wl.rows)
+    # transformers' eager attention, and its sdpa with a mask, repeat k and v to every query head
+    repeat_kv = masked or attention == "eager"
     layer = _llm_layer_bytes(s, cfg, trains_base=modes["llm"] == "full", lora=modes["llm"] == "lora", repeat_kv=repeat_kv) * act_scale
     act_terms: list[Term] = []
     if llm_trains or any(modes[c] != "frozen" for c in ("vision", "merger", "deepstack")):

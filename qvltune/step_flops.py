@@ -56,12 +56,12 @@ def uses_fused_loss(cfg: RunConfig) -> bool:
     return cfg.optim.fused_loss and not (cfg.uses_lora() and cfg.modes()["lm_head"] == "full")
 
 
-def masked_attention(attention: str, packing: bool, rows: int) -> bool:
-    """Whether the language model's sdpa-style attention runs with a mask over whole rows, which
-    computes every pair of a row (and makes transformers' sdpa repeat k and v to every query head):
-    sdpa on packed rows (a block mask), and padded rows in batches of several, where varlen has no
-    sample boundaries and falls back to masked sdpa (qvltune.attention). Eager is not sdpa-style:
-    it always computes the square."""
+def sdpa_with_mask(attention: str, packing: bool, rows: int) -> bool:
+    """Whether the language model's attention is sdpa with a mask over whole rows, which computes
+    every pair of a row (and makes transformers' sdpa repeat k and v to every query head): sdpa on
+    packed rows (a block mask), and padded rows in batches of several, where varlen has no sample
+    boundaries and falls back to masked sdpa (qvltune.attention). False for eager attention, which
+    is no sdpa: it always computes the square (and repeats k and v), its callers count it apart."""
     if packing:
         return attention == "sdpa"
     return rows > 1 and attention in ("sdpa", "varlen")
@@ -84,7 +84,7 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
     image_size = wl.attended_image_tokens or cfg.data.pixel_budget()[1] // TOKEN_PIXELS  # unknown: the largest image
     # varlen / flash (and sdpa on one unmasked row) attend within each sample and skip the causal
     # half; eager, and any attention with a mask, compute the whole row's square.
-    if attention == "eager" or masked_attention(attention, cfg.data.packing, wl.rows):
+    if attention == "eager" or sdpa_with_mask(attention, cfg.data.packing, wl.rows):
         llm_attention = 4 * s.layers * s.heads * s.head_dim * row
     else:
         llm_attention = 2 * s.layers * s.heads * s.head_dim * (wl.attended_tokens or row)  # unknown: a whole row

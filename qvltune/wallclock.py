@@ -5,7 +5,7 @@ is more: the start-up (checks, launcher, imports, loading the weights), the firs
 the decoder layers, unless the compile cache already holds them: qvltune.compile_cache), the time
 training waits for each checkpoint (a host copy of the trained state with background writes,
 qvltune.checkpoint_writer; the whole write and sync without), and the evaluations (forward only:
-about a third of a training step's compute per token). Pure.
+the share of a training step's FLOPs its forward is, ``eval_cost``). Pure.
 
 The constants are rates measured on an H200 machine (benchmarks/RESULTS.md, issue 21 and the
 real-size flow) and are stated with every figure as assumptions.
@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from qvltune.config import RunConfig
+from qvltune.step_flops import Part, total
 
 # Start-up besides the weights: the CLI, the ranks' start and imports, the process group, the run
 # config and the Trainer's arguments (CUDA start), the strategy and adapters, DeepSpeed's engine;
@@ -40,7 +41,6 @@ FIRST_SAVE_BPS = 1.2e9
 DISK_WRITE_BPS = 0.55e9  # torch.save + fsync beside training (the same runs: 2.4 GB in 3.6-4.5 s)
 OPTIMIZER_BYTES = 12  # fp32 master weight + two Adam moments per trained parameter
 WEIGHT_BYTES = 2  # bf16 trained weights (the adapter / module states)
-EVAL_COST = 1.0 / 3.0  # forward only: a third of a training step's compute per token
 # After the last step and its checkpoint's background write: the final model (the adapter and the
 # processor), the ranks' exit and the command's end. The 2B and 8B runs: 0.5-0.9 s to the worker's
 # return, then 21 s of exit handlers and 2.5 s of the command's end, both cut since (the loaders'
@@ -73,6 +73,14 @@ class WallClock:
         return self.total(cached) / self.steady_s if self.steady_s else math.inf
 
 
+def eval_cost(parts: list[Part]) -> float:
+    """An evaluation's compute per token as a share of a training step's (qvltune.step_flops): the
+    forward of the model and its adapters (and a DPO run's reference), no backward and no
+    checkpointed recompute. From ~1/4 (full training, checkpointed) to ~1/2 (LoRA without it)."""
+    steps = total(parts)
+    return sum(p.forward for p in parts if p.kind != "recompute") / steps if steps else 0.0
+
+
 def trained_state_bytes(trainable_params: int, world_size: int) -> float:
     """Bytes one rank writes per checkpoint: its partition of the optimizer state (ZeRO-1..3 split
     it over the ranks) and, on rank 0, the trained weights."""
@@ -87,11 +95,13 @@ def wall_clock(cfg: RunConfig, est, total_params: int, steps: int) -> WallClock 
     steady = est.seconds_per_epoch * epochs
     total_steps = max(1, int(steps * epochs)) if steps else 1
     s = cfg.schedule
-    saves = total_steps // s.save_steps + (total_steps % s.save_steps > 0) if s.save_steps else 0  # and one at the end
+    # Every save_steps / eval_steps steps, and at the last step if it is not one of those (the
+    # Trainer's DefaultFlowCallback).
+    saves = math.ceil(total_steps / s.save_steps) if s.save_steps else 0
     evaluating = bool(cfg.data.eval or cfg.data.eval_split)
-    evals = (total_steps // s.eval_steps + 1) if evaluating else 0  # and one at the end
+    evals = math.ceil(total_steps / s.eval_steps) if evaluating else 0
     eval_share = cfg.data.eval_split if cfg.data.eval_split and not cfg.data.eval else 0.05
-    eval_s = est.seconds_per_epoch * eval_share * EVAL_COST if evaluating else 0.0
+    eval_s = est.seconds_per_epoch * eval_share * eval_cost(est.step_parts) if evaluating else 0.0
     state = trained_state_bytes(est.trainable_params, est.world_size)
     write = state / DISK_WRITE_BPS
     if s.async_save:
