@@ -63,6 +63,12 @@ def vision_side_trains(model) -> bool:
     return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in ("vision", "merger", "deepstack"))
 
 
+def language_side_trains(model) -> bool:
+    """Whether any parameter of the language model or lm_head trains (LoRA adapters included): then
+    every micro-batch, with images or without, gives a trained parameter a gradient."""
+    return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in ("llm", "lm_head"))
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

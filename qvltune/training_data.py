@@ -17,7 +17,7 @@ from qvltune.data.dataset import DataIndex, SFTDataset, prepare_data, source_enc
 from qvltune.data.packing import PackedCollator, PaddedCollator, RopeIndex, dummy_image, pack_bins, padding_fraction
 from qvltune.data.tokenize import Encoder
 from qvltune.data_ready import wait_for_data
-from qvltune.model import run_processor, vision_side_trains
+from qvltune.model import language_side_trains, run_processor, vision_side_trains
 from qvltune.trainer import unwrap, world_size
 
 
@@ -42,6 +42,20 @@ def prepare_data_side(cfg: RunConfig, run_dir: Path):
     return processor, index, train_groups, eval_groups, time.time() - started
 
 
+def gets_dummy_image(ranks: int, zero_stage: int, vision_trains: bool, language_trains: bool) -> bool:
+    """Whether a micro-batch without media gets qvltune.data.packing.dummy_image:
+
+    - on several ranks under ZeRO-3, or with the vision side trained: every rank must run the same
+      modules in the same order (see dummy_image);
+    - on any number of ranks when only the vision side trains (the projector alone, the guide's
+      alignment stage): otherwise no trained parameter takes part in that micro-batch, and
+      DeepSpeed's backward fails (ZeRO-2: an IndexError on its empty gradient bucket).
+
+    On one rank with the LLM trained, none: a text-only micro-batch trains the LLM as it is (the
+    compiled layers' guard is kept by qvltune.compiled_layers.same_graph_with_and_without_images)."""
+    return (vision_trains and not language_trains) or (ranks > 1 and (zero_stage == 3 or vision_trains))
+
+
 def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataIndex, train_groups, eval_groups):
     """(train rows, train set, eval set or None, collator); DPO plans its rows here, pairs whole. Evaluation gets rows built exactly like training's
     (packed with the same plan, the same collator: varlen boundaries where training has them), so an
@@ -53,8 +67,8 @@ def build_datasets(cfg: RunConfig, run_dir: Path, model, processor, index: DataI
     from qvltune.attention import NAME as VARLEN
 
     varlen = hf_config.get_text_config()._attn_implementation == VARLEN
-    # Text-only micro-batches get a dummy image when ranks must stay in step (see dummy_image).
-    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if world_size() > 1 and (cfg.deepspeed.stage == 3 or vision_side_trains(model)) else None
+    vision, language = vision_side_trains(model), language_side_trains(model)
+    dummy = dummy_image(hf_config.image_token_id, hf_config.vision_config) if gets_dummy_image(world_size(), cfg.deepspeed.stage, vision, language) else None
     if cfg.stage == "dpo":  # both answers of a pair in one row (qvltune.preference)
         from qvltune.preference import worker as dpo
 

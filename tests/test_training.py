@@ -215,6 +215,28 @@ def test_mixed_zero3_two_processes_with_text_only_batches(tmp_path, demo_data, t
         assert not adapter[key].equal(t), name
 
 
+def test_the_projector_alone_trains_on_one_process_through_text_only_batches(tmp_path, demo_data, tiny_model_dir):
+    """The guide's alignment stage: only the merger (and the DeepStack mergers) train, the LLM and
+    lm_head frozen. On one rank a text-only micro-batch got no dummy image, so no trained parameter
+    took part in it and DeepSpeed's backward failed (ZeRO-2: "IndexError: list index out of range",
+    its gradient bucket empty). Such a micro-batch now carries the dummy image
+    (training_data.gets_dummy_image)."""
+    train_file, _ = demo_data
+    text_only = write_jsonl(tmp_path / "text.jsonl", [{"messages": [{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]} for i in range(2, 10)])
+    config = write_config(
+        tmp_path, demo_data, "projector", strategy="full", components={"llm": "frozen", "lm_head": "frozen"},
+        data={"train": f"{text_only},{train_file}%13", "eval": None, "packing": False},  # 8 text-only and 8 image records, one a step
+        optim={"per_device_batch": 1, "max_steps": 6}, schedule={"eval_steps": 100, "save_steps": 100},
+    )
+    result = train(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base = tensors_by_component(tiny_model_dir / "model.safetensors")
+    trained = tensors_by_component(run_dir(config) / "final" / "model.safetensors")
+    for component in ("llm", "lm_head", "vision"):
+        assert all(trained[component][name].equal(t) for name, t in base[component].items()), component
+    assert any(not trained["merger"][name].equal(t) for name, t in base["merger"].items())
+
+
 def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, demo_data):
     # LoRA dropout on, and a tolerance far below what a different dropout mask changes (~1e-3 here):
     # the resumed run must restore the RNG state along with weights, optimizer and data order.

@@ -142,7 +142,9 @@ def dummy_image(image_token_id: int, vision_config: Any) -> Encoded:
     has no image would skip the vision tower while the others gather its weights, and the job hangs
     (NCCL) or aborts (gloo: "Received data size doesn't match expected size"). Giving such a batch
     this dummy image, isolated from the real tokens, keeps every rank in step; it affects no loss
-    term, so its gradients are zeros."""
+    term, so its gradients are zeros. It also keeps a run that trains only the vision side going on
+    one rank: without it, a text-only micro-batch gives no trained parameter a gradient
+    (qvltune.training_data.gets_dummy_image says when)."""
     c = vision_config
     dim = c.in_channels * c.temporal_patch_size * c.patch_size**2
     return Encoded([image_token_id], [IGNORE_INDEX], [1], torch.zeros(4, dim), torch.tensor([[1, 2, 2]]))
