@@ -129,7 +129,7 @@ def step_parts(cfg: RunConfig, stats: ModelStats, wl: Workload, attention: str =
         # all of its forward: see last_linears.)
         llm_tail, vision_tail = last_linears(s)
         tail_b = tail_adapter_outputs(s, cfg)
-        llm_skip = llm_tail + tail_b["llm"] if cfg.optim.compile else tail_b["llm"] or llm_tail
+        llm_skip = (llm_tail + tail_b["llm"]) if cfg.optim.compile else (tail_b["llm"] or llm_tail)
         vision_skip = tail_b["vision"] or vision_tail
         again_llm = 2 * (n + lora["llm"] - llm_skip) + llm_attention
         again_vision = vision_linears + vision_attention + patches * 2 * (lora["vision"] - vision_skip)
