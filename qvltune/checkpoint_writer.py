@@ -20,13 +20,15 @@ costs one write minus one forward/backward), and it and ``FastCheckpointEngine``
 
 The completeness marker stays the commit point (qvltune.checkpoints): every rank writes and syncs its
 files, then leaves a ``.saved-rank-N`` file; rank 0 writes the marker once all ranks have, from its
-thread. Only one save is in flight: the next save (and the end of training) waits for it. A crash at
+thread. A rank whose write fails leaves ``.failed-rank-N`` with its error instead, and rank 0's
+thread raises it (naming the rank) rather than wait for a part that will not come. Only one save is in flight: the next save (and the end of training) waits for it. A crash at
 any moment before the marker leaves a folder without it, which resume never picks. Threads never run
 collectives (that would race the training's); ranks meet through the files in the shared run folder.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import threading
@@ -42,18 +44,38 @@ from qvltune.checkpoints import COMPLETE_MARKER
 from qvltune.host_buffers import HostBuffers, host_copy
 
 RANK_DONE = ".saved-rank-{}"
+RANK_FAILED = ".failed-rank-{}"  # holds the rank's error: rank 0 stops waiting for it and names it
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path``, then the folders (so new names survive a power loss)."""
+    """fsync every file under ``path``, then its folders and ``path`` itself (so new names survive a
+    power loss). A write-back error that only shows at fsync (ENOSPC, EIO: network file systems)
+    is raised: the checkpoint must not be marked complete. A folder whose file system cannot sync
+    folders (EINVAL) is skipped."""
     for root, dirs, files in os.walk(path):
-        for name in files + dirs:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            except OSError:
-                pass
+        for name in files:
+            _fsync(os.path.join(root, name), folder=False)
+        for name in dirs:
+            _fsync(os.path.join(root, name), folder=True)
+    _fsync(str(path), folder=True)
+
+
+def _fsync(path: str, folder: bool) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+class SaveAbandoned(RuntimeError):
+    """Rank 0 stopped waiting for the other ranks' parts (a failing run): no marker was written."""
 
 
 def write_marker(target: Path, step: int) -> None:
@@ -123,7 +145,6 @@ class CheckpointWriter:
         self.snapshots: list[tuple[object, str, Callable]] = []  # filled during a save (SnapshotEngine.save, snapshot_adapter)
         self.buffers = HostBuffers()  # the snapshots' host memory, reused from save to save
         self.current: Pending | None = None
-        self.failed: Pending | None = None  # a background save that raised, until reported
         self._stop = threading.Event()
 
     # -- DeepSpeed side ------------------------------------------------------------------------
@@ -178,16 +199,14 @@ class CheckpointWriter:
         self.snapshots = []
         self.buffers.release()
 
-    def wait(self, raise_errors: bool = True) -> Pending | None:
-        """Join the save in flight; raise its error (once) unless told not to. Returns it."""
+    def wait(self) -> Pending | None:
+        """Join the save in flight and raise its error (once: the save is then no longer in flight).
+        Returns it."""
         job, self.current = self.current, None
         if job is not None and job.thread is not None:
             job.thread.join()
-        if job is not None and job.error is not None:
-            self.failed = job
-        if raise_errors and self.failed is not None:
-            failed, self.failed = self.failed, None
-            self._raise(failed)
+        if job is not None:
+            self._raise(job)
         return job
 
     def in_error(self) -> bool:
@@ -204,7 +223,8 @@ class CheckpointWriter:
         self.close()
 
     def close(self) -> None:
-        """Stop waiting for other ranks (a failing run): rank 0's thread gives up without a marker."""
+        """Stop waiting for other ranks (a failing run): rank 0's thread gives up without a marker
+        (its save ends in ``SaveAbandoned``, never reported as complete)."""
         self._stop.set()
 
     def _raise(self, job: Pending) -> None:
@@ -230,6 +250,11 @@ class CheckpointWriter:
                 self.on_complete(job.step, job.target, job.blocking_seconds, job.background_seconds, job.parts)
         except BaseException as e:  # noqa: BLE001 - reported in the training thread
             job.error = e
+            if self.rank != 0:  # rank 0's thread waits for this rank's part: tell it why none comes
+                try:
+                    (job.target / RANK_FAILED.format(self.rank)).write_text(f"{type(e).__name__}: {e}")
+                except OSError:
+                    pass
         finally:
             # Once, here: the next save may overwrite the buffers. Not earlier (release is
             # check-then-release: a second one could free a lock the next save took).
@@ -237,11 +262,16 @@ class CheckpointWriter:
             job.done.set()
 
     def _commit(self, job: Pending) -> None:
-        """Rank 0: wait for every rank's done file, then write the marker and rotate."""
+        """Rank 0: wait for every rank's done file, then write the marker and rotate. Raises when a
+        rank could not write its part (its failed file) or the run stopped waiting (``close``)."""
         names = [job.target / RANK_DONE.format(r) for r in range(self.world)]
         while not all(n.exists() for n in names):
+            for r in range(1, self.world):
+                failed = job.target / RANK_FAILED.format(r)
+                if failed.exists():
+                    raise OSError(errno.EIO, f"rank {r} could not write its part of checkpoint-{job.step} ({failed.read_text().strip()})")
             if self._stop.is_set():
-                return
+                raise SaveAbandoned(f"checkpoint-{job.step}: stopped waiting for the other ranks' parts")
             time.sleep(self.poll)
         write_marker(job.target, job.step)
         for n in names:

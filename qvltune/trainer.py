@@ -250,11 +250,11 @@ def make_trainer_class():
             with self._save_part("DeepSpeed state to host"):
                 super()._save_optimizer_and_scheduler(output_dir)
 
-        def finish_saves(self, raise_errors: bool = True):
+        def finish_saves(self):
             """Wait for the checkpoint being written (the next save, the end of training, a failure);
             its write error is raised here, with ``saving_step`` naming it for explain_failure."""
             try:
-                self.checkpointer.wait(raise_errors)
+                self.checkpointer.wait()
             except BaseException as e:
                 self.saving_step = getattr(e, "checkpoint_step", None)
                 raise
@@ -340,7 +340,8 @@ def make_callback(run_dir: Path, writer: MetricsWriter | None, flops_per_token: 
             save_failed = 1.0 if self.trainer.checkpointer.in_error() else 0.0
             bad, stop, save_failed = self._all_reduce_max(bad, stop, save_failed, args=args)  # a host sync: the step has ended on the device
             if save_failed:
-                self.trainer.finish_saves()  # raises this rank's write error
+                # Raises this rank's write error; rank 0's names the rank that failed and why.
+                self.trainer.finish_saves()
                 raise OSError(errno.EIO, "another rank could not write its part of the checkpoint being saved")
             if self.clock is not None:
                 self._first_step_done()

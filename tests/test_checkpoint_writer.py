@@ -90,6 +90,78 @@ def test_a_failed_write_is_raised_in_the_training_thread_with_its_step_and_leave
     writer.wait()  # reported once
 
 
+def _wait_in_thread(writer: CheckpointWriter, seconds: float = 10.0) -> BaseException | None:
+    """``writer.wait()`` with a time limit: what it raised (None if nothing); fails if it still waits."""
+    raised = []
+
+    def wait():
+        try:
+            writer.wait()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            raised.append(e)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "wait() still waits"
+    return raised[0] if raised else None
+
+
+def test_a_rank_that_cannot_write_its_part_stops_rank_0_waiting_and_is_named(tmp_path, monkeypatch):
+    """Rank 1's write fails: rank 0's thread, waiting for rank 1's part, raises with rank 1's cause
+    instead of waiting for ever (every rank joins its save once one failed: rank 0 hung there)."""
+    target = tmp_path / "checkpoint-8"
+    target.mkdir()
+    done = []
+    rank0, rank1 = CheckpointWriter(0, 2, on_complete=lambda *a: done.append(a)), CheckpointWriter(1, 2)
+    _snapshot(rank0, target, "rank0.pt", torch.ones(1))
+    rank0.start(8, target, blocking_seconds=0.0)
+
+    def full(obj, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(torch, "save", full)
+    _snapshot(rank1, target, "rank1.pt", torch.ones(1))
+    rank1.start(8, target, blocking_seconds=0.0)
+    assert isinstance(_wait_in_thread(rank1), OSError)
+    error = _wait_in_thread(rank0)
+    assert isinstance(error, OSError) and error.checkpoint_step == 8
+    assert "rank 1 could not write its part of checkpoint-8 (OSError: [Errno 28] No space left on device" in str(error)
+    assert not is_complete(target) and not done
+
+
+def test_a_save_abandoned_by_a_failing_run_is_not_reported_complete(tmp_path):
+    target = tmp_path / "checkpoint-3"
+    target.mkdir()
+    done = []
+    rank0 = CheckpointWriter(0, 2, on_complete=lambda *a: done.append(a))  # rank 1 is gone: its part never comes
+    _snapshot(rank0, target, "rank0.pt", torch.ones(1))
+    rank0.start(3, target, blocking_seconds=0.0)
+    rank0.settle(timeout=0.3)
+    assert isinstance(_wait_in_thread(rank0), checkpoint_writer.SaveAbandoned)
+    assert not is_complete(target) and not done
+
+
+def test_a_write_back_error_at_fsync_leaves_no_marker(tmp_path, monkeypatch):
+    """ENOSPC / EIO that only shows when the data is synced (network file systems) is the save's error."""
+    target = tmp_path / "checkpoint-5"
+    target.mkdir()
+    real_fsync = checkpoint_writer.os.fsync
+
+    def fsync(fd):
+        if checkpoint_writer.os.path.isfile(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint_writer.os, "fsync", fsync)
+    writer = CheckpointWriter(0, 1)
+    _snapshot(writer, target, "optim.pt", torch.ones(1))
+    writer.start(5, target, blocking_seconds=0.0)
+    error = _wait_in_thread(writer)
+    assert isinstance(error, OSError) and error.errno == errno.EIO and error.checkpoint_step == 5
+    assert not is_complete(target)
+
+
 def test_synchronous_mode_writes_before_returning(tmp_path):
     target = tmp_path / "checkpoint-1"
     target.mkdir()
