@@ -39,8 +39,10 @@ def compile_blocks(model, backend: str | Callable = "inductor", zero3: bool = Fa
 
 
 def same_graph_with_and_without_images(model) -> None:
-    """On one GPU, give the first decoder layer an input that always needs a gradient when the
-    vision side (tower, merger, DeepStack mergers) trains (the worker calls it with compiled layers).
+    """Where text-only micro-batches carry no dummy image (one GPU, the LLM trained:
+    qvltune.training_data.gets_dummy_image), give the first decoder layer an input that always needs
+    a gradient when the vision side (tower, merger, DeepStack mergers) trains (the worker calls it
+    with compiled layers).
 
     Image features from a trained merger make the LLM's input embeddings need a gradient; a
     micro-batch without images (a packed row of text-only samples: first-fit-decreasing packing puts
@@ -49,13 +51,13 @@ def same_graph_with_and_without_images(model) -> None:
     mismatch``): the layer compiled a second time mid-run, and on one H200 that step of an 8B mixed
     epoch took 14.9 s, 2.7x its median. A hook makes the embeddings' output always need a gradient,
     so every micro-batch takes the same graph, at the cost of the first layer's input gradient on
-    text-only micro-batches (when the LLM trains, 1/36 of its input products at 8B, on those alone;
-    with the LLM frozen, its whole input-gradient backward on them). Only where gradients are on:
+    text-only micro-batches (1/36 of the LLM's input products at 8B, on those alone). Only where gradients are on:
     transformers' ``enable_input_require_grads`` marks the output in evaluation too, where no other
-    layer's input needs one, and the first layer then got an eval graph of its own. Not on several
-    GPUs: there a text-only micro-batch already carries a dummy image (qvltune.data.packing.dummy_image),
-    and under ZeRO-3 a hooked embedding output would make DeepSpeed gather the frozen embedding
-    matrix again in every backward (1.2 GB at 8B) for a gradient it does not have."""
+    layer's input needs one, and the first layer then got an eval graph of its own. Not where the
+    dummy image is given (qvltune.data.packing.dummy_image: it already makes the input need a
+    gradient), which on several GPUs matters: under ZeRO-3 a hooked embedding output would make
+    DeepSpeed gather the frozen embedding matrix again in every backward (1.2 GB at 8B) for a
+    gradient it does not have."""
     import torch
 
     from qvltune.model import vision_side_trains

@@ -35,6 +35,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import traceback  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,14 +50,14 @@ from qvltune.data_ready import wait_for_data
 from qvltune.errors import UserError
 from qvltune.metrics import MetricsWriter
 from qvltune.nodes import check_shared_run_dir
-from qvltune.model import apply_strategy, component_of, load_model, model_class, read_model_config, trainable_table
+from qvltune.model import apply_strategy, component_of, language_side_trains, load_model, model_class, read_model_config, trainable_table, vision_side_trains
 from qvltune.phases import PhaseClock, worker_clock
 from qvltune.process_exit import end_process
 from qvltune.profiling import profiler_callback
 from qvltune.rank import note as rank_note
 from qvltune.stalls import quiet_gc, thaw_gc, watch_recompiles
 from qvltune.trainer import is_main, make_callback, make_trainer_class, unwrap, world_size
-from qvltune.training_data import build_datasets, close_data_loaders, prepare_data_side, row_padding
+from qvltune.training_data import build_datasets, close_data_loaders, gets_dummy_image, prepare_data_side, row_padding
 from qvltune.zero import DS_CONFIG, deepspeed_config, write_deepspeed_config, zero3_leaf_blocks, zero3_stats
 
 EXIT_INTERRUPTED = 130
@@ -231,8 +232,8 @@ def run(run_dir: Path, resume: bool) -> int:
     _mark(clock, "model prepared (strategy, adapters)")
     if cfg.optim.compile:
         compile_blocks(model, zero3=cfg.deepspeed.stage == 3)  # the layers compile at the first step
-        if world_size() == 1:  # several ranks: text-only micro-batches carry a dummy image instead
-            same_graph_with_and_without_images(model)
+        if not gets_dummy_image(world_size(), cfg.deepspeed.stage, vision_side_trains(model), language_side_trains(model)):
+            same_graph_with_and_without_images(model)  # text-only micro-batches, which carry no dummy image
         if is_main():  # rank 0 writes the stall records (every rank compiles the same graphs)
             watch_recompiles()  # a later compile's reasons go to train.log and to the stall record
         _mark(clock, "torch.compile set up (its imports)")
@@ -435,6 +436,10 @@ def _print_table(table) -> None:
         print(f"{s.component:<11} {s.mode:<8} {s.total:>12,} {s.trainable:>11,}   {lr}", flush=True)
 
 
+def _last_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qvltune.worker")
     parser.add_argument("--run-dir", required=True, type=Path)
@@ -449,8 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     except SystemExit:
         raise
-    except BaseException as e:  # the traceback still goes to train.log; the record keeps its last line
-        rank_note("error", f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__)
+    except Exception as e:  # not ours to explain: the traceback goes to train.log, the record keeps its line
+        rank_note("error", _last_line(e))
+        traceback.print_exc()
+        sys.stderr.flush()
+        code = 1  # and the rank still ends below: its process group destroyed (gloo aborts otherwise)
+    except BaseException as e:  # a second Ctrl-C: stop at once
+        rank_note("error", _last_line(e))
         raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean exit (gloo aborts otherwise)

@@ -195,3 +195,18 @@ def test_a_process_ended_without_finalizing_still_waits_for_its_threads_and_exit
     assert result.returncode == 3 and result.stdout == "buffered"
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "handler").read_text() == "ran"
     assert (tmp_path / "stages").read_text() == "returned;handlers done;"
+
+
+def test_an_unexpected_worker_error_still_ends_the_rank_cleanly(tmp_path, monkeypatch, capsys):
+    """An error no handler explains: its traceback goes to the log and the worker returns exit code 1,
+    so the rank still ends through end_process (its process group destroyed: gloo aborts a process
+    that finalizes without that, and the record would read SIGABRT instead of the error)."""
+    from qvltune import worker
+
+    def boom(run_dir, resume):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker, "run", boom)
+    assert worker.main(["--run-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().endswith("RuntimeError: boom")
