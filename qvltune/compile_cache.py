@@ -148,11 +148,17 @@ def compile_breakdown() -> dict[str, float | int] | None:
         "fx_misses": int(inductor["fxgraph_cache_miss"]),
         "aot_hits": int(aot["autograd_cache_hit"]),
         "aot_misses": int(aot["autograd_cache_miss"]),
-        "kernels": int(getattr(sys.modules.get("torch._inductor.metrics"), "generated_kernel_count", 0)),
+        "kernels": _generated_kernels(),
         "cxx_runs": len(utils.compilation_time_metrics.get("compile_file", ())),
         "cxx_s": round(seconds.get("compile_file", 0.0), 3),
         "timers": {name: round(s, 3) for name, s in sorted(seconds.items(), key=lambda kv: -kv[1])[:16]},
     }
+
+
+def _generated_kernels() -> int | None:
+    """Kernels Inductor generated in this process; None where this torch does not count them."""
+    count = getattr(sys.modules.get("torch._inductor.metrics"), "generated_kernel_count", None)
+    return int(count) if count is not None else None
 
 
 def compile_seconds(breakdown: dict[str, float | int] | None) -> float:

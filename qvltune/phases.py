@@ -123,7 +123,7 @@ def format_compile(breakdown: dict[str, Any]) -> str:
     b = breakdown
     graphs = f"{b['graphs']} graph" + ("s" if b["graphs"] != 1 else "")
     runs = f"{b.get('cxx_runs', 0)} run" + ("s" if b.get("cxx_runs") != 1 else "")
-    generated = f" · {b['kernels']} kernels, C++ compiler {runs} {b['cxx_s']:.1f} s" if "kernels" in b else ""
+    generated = f" · {b['kernels']} kernels, C++ compiler {runs} {b['cxx_s']:.1f} s" if b.get("kernels") is not None else ""
     return (
         f"compile: {graphs}; Dynamo tracing {b['tracing_s']:.1f} s · AOTAutograd {b['aot_s']:.1f} · forward {b['forward_s']:.1f}"
         f" · backward {b['backward_s']:.1f} (waiting for kernels {b['kernels_wait_s']:.1f}) · cache: Inductor {b['fx_hits']} of"

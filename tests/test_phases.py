@@ -63,6 +63,8 @@ def test_parallel_phases_are_listed_not_summed_and_the_line_is_readable():
     assert format_phases(record).splitlines()[2].endswith("AOTAutograd 0 of 1 hit · 45 kernels, C++ compiler 17 runs 10.9 s")
     record["compile"].update(cxx_runs=1, cxx_s=0.16)
     assert format_phases(record).splitlines()[2].endswith(" · 45 kernels, C++ compiler 1 run 0.2 s")
+    record["compile"].update(kernels=None)  # a torch that does not count them: nothing said, not "0 kernels"
+    assert format_phases(record).splitlines()[2].endswith("AOTAutograd 0 of 1 hit")
 
 
 def test_process_started_is_when_this_process_was_started():
