@@ -186,14 +186,19 @@ class Outcome:
 WORKER_REPORTED = ("oom", "bad_sample", "nan", "save_failed", "compile_failed", "error")
 
 
-def rank_failure(run_dir: Path, outcome: Outcome, *, node: int | None = None, nodes: int = 1, write_end: bool = True) -> RankFailure | None:
+def rank_failure(run_dir: Path, outcome: Outcome, *, node: int | None = None, nodes: int = 1, write_end: bool = True, attempt: set[int] | None = None) -> RankFailure | None:
     """After the launcher exited with an error: which rank failed first, from the records each rank
     left (``qvltune.rank``), not from the launcher, whose exit code is whichever failed rank it
     polled first. Written to metrics.jsonl as the run's ``end`` record (``write_end``: by the node
-    that owns the metrics) unless rank 0 already explained the failure there."""
+    that owns the metrics) unless rank 0 already explained the failure there. ``attempt``: the
+    nodes that took part in this attempt (node 0 reading every node's records: a node that did not
+    start this time still has its records of an earlier one, which would name an old failure)."""
     if outcome.exit_code in (0, 130) or outcome.interrupted or outcome.state.status in WORKER_REPORTED:
         return None
-    failure = first_failure(read_records(run_dir, node))
+    records = read_records(run_dir, node)
+    if attempt is not None:
+        records = [r for r in records if int(r.get("node", 0)) in attempt]
+    failure = first_failure(records)
     if failure is not None and write_end:
         MetricsWriter(run_dir / "metrics.jsonl").write(
             "end", status="rank_failed", step=outcome.state.step, message=failure.describe(nodes), last_checkpoint=last_checkpoint_text(run_dir), **failure.as_record()
@@ -484,7 +489,8 @@ def run_node(cfg: RunConfig, node, *, resume: bool, live: bool, force: bool, gpu
             outcome.peer_failure = watch.failed_peer()
         # This node's ranks' records name which of them failed first, with its own exit code.
         # Node 0 reads every node's (the run folder is shared), the others their own.
-        outcome.failure = rank_failure(run_dir, outcome, node=None if node.is_first else node.node_rank, nodes=node.nodes, write_end=node.is_first)
+        attempt = {node.node_rank, *watch.live} if node.is_first else None  # the peers heard from this time
+        outcome.failure = rank_failure(run_dir, outcome, node=None if node.is_first else node.node_rank, nodes=node.nodes, write_end=node.is_first, attempt=attempt)
     finally:
         own = outcome.failure if outcome and outcome.failure and outcome.failure.node == node.node_rank else None
         ranks = [(own.local_rank, own.status_code)] if own else []

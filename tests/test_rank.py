@@ -210,3 +210,19 @@ def test_an_unexpected_worker_error_still_ends_the_rank_cleanly(tmp_path, monkey
     assert worker.main(["--run-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.rstrip().endswith("RuntimeError: boom")
+
+
+def test_a_node_that_did_not_start_this_attempt_is_not_blamed_for_an_old_failure(tmp_path):
+    """Node 0 reads every node's records from the shared run folder; node 1's are from an earlier
+    attempt (it never started this one): the failure named is this attempt's, node 0's rank 1."""
+    from qvltune.dashboard import DashboardState
+    from qvltune.train import Outcome, rank_failure
+
+    for node, rank, code, ended in [(1, 2, 9, 5.0), (0, 1, 17, 50.0), (0, 0, 1, 51.0)]:
+        path = record_path(tmp_path, node, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rank": rank, "local_rank": rank % 2, "node": node, "host": f"h{node}", "exit_code": code, "signal": None, "error": None, "received": None, "ended": ended}))
+    outcome = Outcome(1, DashboardState("x"), [], interrupted=False)
+    assert rank_failure(tmp_path, outcome, nodes=2, write_end=False).node == 1  # the stale record wins without the attempt's nodes
+    failure = rank_failure(tmp_path, outcome, nodes=2, write_end=False, attempt={0})
+    assert (failure.node, failure.rank, failure.exit_code) == (0, 1, 17)
