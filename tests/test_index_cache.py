@@ -137,3 +137,25 @@ def test_an_index_of_one_object_per_entry_still_loads(tmp_path):
     (tmp_path / "data_index.json").write_text(json.dumps({"train": [{"file": "t.jsonl", "index": 3, "tokens": 40, "trained": 5, "view": 0}], "eval": [], "skipped": []}))
     index = DataIndex.load(tmp_path / "data_index.json")
     assert list(index.train) == [Entry("t.jsonl", 3, 40, 5, 0)] and len(index.eval) == 0
+
+
+def test_another_spelling_of_the_same_file_reads_the_same_cache_entry_whole(tmp_path, tiny_processor, monkeypatch):
+    """Two run folders name one dataset ../data/train.jsonl and data/train.jsonl: one cache entry
+    (the key holds the resolved path). The second run found it, but its records were filed under the
+    first run's spelling: it got none of them (and an image replaced since crashed its recount).
+    The media stamps name the files absolutely: only the replaced image's records are recounted."""
+    import qvltune.data.dataset as dataset
+
+    data_dir = tmp_path / "data"
+    (tmp_path / "exp").mkdir()
+    data_dir.mkdir()
+    write_image(data_dir / "a.png", (64, 64))
+    write_image(data_dir / "b.png", (64, 64))
+    write_jsonl(data_dir / "train.jsonl", [_qa("a.png" if i % 2 else "b.png", i) for i in range(6)])
+    monkeypatch.chdir(tmp_path / "exp")
+    first = dataset.prepare_data(config("../data/train.jsonl"), tiny_processor)
+    monkeypatch.chdir(tmp_path)
+    write_image(data_dir / "a.png", (320, 256))  # replaced since: its records are counted again
+    again = dataset.prepare_data(config("data/train.jsonl"), tiny_processor)
+    assert again.from_cache and again.recounted == 3 and len(again.train) == len(first.train) == 6
+    assert first.train[0].file == "../data/train.jsonl" and again.train[0].file == "data/train.jsonl"  # each run's own spelling

@@ -168,6 +168,7 @@ def check_run_data(spec: str | list[str], processor: Any, d, *, reuse: bool = Tr
     path = index_cache.cache_path(spec, index_cache.cache_key(spec, processor, cache_settings(d))) if d.index_cache else None
     cached = index_cache.load(path) if path is not None and reuse else None
     if cached is not None:
+        cached.respell([str(s.path) for s in parse_mixture(spec)])  # the files as this run names them
         stale = cached.media.stale()
         recounted = 0
         if stale:  # media replaced, deleted or restored since: only those records are checked again

@@ -77,11 +77,19 @@ def cache_path(spec: Any, key: str) -> Path:
 
 def media_files(source: str | tuple[str, ...], root: Path) -> list[str]:
     """The files whose stamps stand for one media item: the file (or each listed frame); for a video
-    folder, the folder and its frames. Paths as the record names them under the root (not resolved:
-    only stamped, so a path that cannot be opened simply has no stamp)."""
-    base = os.fspath(root)
+    folder, the folder and its frames. Each named as the loader will open it (qvltune.data.media.
+    resolve: absolute, links, ``~``, ``file://`` and Windows separators resolved), so the stamp is
+    the file's whatever folder a later run starts from; a path resolve refuses (a URL) is only
+    made absolute: its record is an error anyway, and a path that cannot be opened has no stamp."""
+    from qvltune.data.media import MediaError, resolve
+
     names = list(source) if isinstance(source, tuple) else [source]
-    paths = [os.path.join(base, os.path.expanduser(n)) for n in names]
+    paths = []
+    for name in names:
+        try:
+            paths.append(os.fspath(resolve(name, root, allow_outside=True)))
+        except MediaError:
+            paths.append(os.path.abspath(os.path.join(os.fspath(root), name)))
     if len(paths) == 1 and os.path.isdir(paths[0]):
         folder = paths[0]
         paths += sorted(os.path.join(folder, n) for n in os.listdir(folder))
@@ -181,6 +189,20 @@ class CachedIndex:
         cols = {name: np.fromiter((r[k] for r in rows), dtype=np.int64, count=len(rows)) for k, name in enumerate(USABLE) if name != "file"}
         cols["file"] = np.fromiter((ids[r[0]] for r in rows), dtype=np.int64, count=len(rows))
         return cls(files, cols, list(report.problems), report.media or MediaTable())
+
+    def respell(self, files: list[str]) -> None:
+        """Name the dataset files as this run spells them. The cache key holds each file's resolved
+        path, so ``../data/train.jsonl`` from one folder and ``data/train.jsonl`` from another find
+        the same cache, whose records are filed under the spelling of the run that wrote it; the
+        sources are in the key in order, so they match by position."""
+        from dataclasses import replace
+
+        if len(files) != len(self.files) or files == self.files:
+            return
+        rename = dict(zip(self.files, files))
+        self.files = list(files)
+        self.problems = [replace(p, file=rename.get(p.file, p.file)) for p in self.problems]
+        self.media.files = {rename.get(f, f): i for f, i in self.media.files.items()}
 
     def recount(self, stale: dict[str, list[tuple[int, int, int]]], report) -> None:
         """Replace what the records in ``stale`` had (samples, their own problems, media stamps) by
