@@ -30,6 +30,16 @@ def is_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).exists()
 
 
+def _names_adapter(name_or_path: str) -> bool:
+    """Whether a model.path names a LoRA adapter folder (False for a model, a Hub id or a lost path)."""
+    from qvltune.tiny import resolve_model_path
+
+    try:
+        return is_adapter(Path(resolve_model_path(name_or_path)))
+    except UserError:
+        return False
+
+
 def adapter_base(path: Path) -> str | None:
     """The base model an adapter folder was trained on (from adapter_config.json), if it is one."""
     cfg = path / ADAPTER_CONFIG
@@ -65,12 +75,19 @@ def base_for_adapter(adapter_dir: Path) -> tuple[str, str | None]:
     """(base model, a note when it is not the one the adapter records).
 
     peft records the base as it was given at training time; when that was a local path that has
-    since moved (e.g. the tiny model's cache folder), the run's config still names it portably."""
+    since moved (e.g. the tiny model's cache folder), the run's config still names it portably.
+
+    A run that started from another adapter (``init --from`` an SFT run: model.path is that run's
+    ``final/``) trained on the base with that adapter merged in, but peft records the bare base:
+    its base is that adapter folder (``load_model`` merges it in), or merging and predicting would
+    silently leave the first adapter out."""
+    run_dir = run_dir_of(adapter_dir)
+    from_run = run_model_path(run_dir) if run_dir else None
+    if from_run and _names_adapter(from_run):
+        return from_run, f"this run started from the adapter {from_run}: the base is that adapter merged into its own base"
     recorded = adapter_base(adapter_dir)
     if recorded and not (looks_local(recorded) and not Path(recorded).expanduser().exists()):
         return recorded, None
-    run_dir = run_dir_of(adapter_dir)
-    from_run = run_model_path(run_dir) if run_dir else None
     if from_run:
         return from_run, f"the adapter's recorded base {recorded or '(none)'} does not exist; using the run config's model.path {from_run}"
     raise UserError(

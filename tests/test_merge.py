@@ -254,6 +254,38 @@ def test_intermediate_checkpoint_is_merged_not_the_final_adapter(lora_run, merge
     assert differing and all(LORA_TARGET.search(k) for k in differing)
 
 
+def test_a_run_started_from_an_adapter_merges_onto_base_plus_that_adapter(lora_run, demo_data, tmp_path, capsys):
+    """Preference tuning after SFT: model.path is the SFT run's final/ (an adapter), so the second
+    adapter trained on base + SFT, yet peft records the bare base. merge and predict used base +
+    second adapter: the SFT adapter was silently left out (and verification, comparing against the
+    same wrong reference, passed)."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    from qvltune.model import load_model, load_processor
+
+    sft = lora_run / "final"
+    second = tmp_path / "second"
+    (second / "final").mkdir(parents=True)
+    doc = yaml.safe_load((lora_run / "config.yaml").read_text())
+    doc["model"]["path"] = str(sft)
+    (second / "config.yaml").write_text(yaml.safe_dump(doc))
+    torch.manual_seed(0)
+    started = load_model(str(sft), dtype="float32")  # base + SFT, merged: what training started from
+    adapter = get_peft_model(started, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(str(second / "final"))
+    inputs = probe(load_processor(str(sft)), eval_image(demo_data))
+    expected = logits(adapter, inputs)
+    with adapter.disable_adapter():
+        sft_only = logits(adapter, inputs)
+    code, out, err = cli(capsys, "merge", second, "--out", tmp_path / "merged", "--dtype", "fp32")
+    assert code == 0, out + err
+    merged = load_model(str(tmp_path / "merged"), dtype="float32")
+    got = logits(merged, inputs)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert not torch.allclose(expected, sft_only, atol=1e-3)  # the second adapter does change the model
+
+
 def test_merge_json_is_the_only_thing_on_stdout(lora_run, tmp_path):
     """In a fresh process: saving imports DeepSpeed, whose logger would print on stdout."""
     result = subprocess.run(
