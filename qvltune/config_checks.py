@@ -82,6 +82,31 @@ def check_against_model(cfg: RunConfig, model_type: str) -> list[str]:
     return out
 
 
+def launched_processes(cfg: RunConfig, gpus: list[Any]) -> int:
+    """Ranks ``qvltune train`` starts on this machine's GPUs (every node alike)."""
+    g = cfg.launch.gpus
+    per_node = len(gpus) if g == "all" else len(g) if isinstance(g, list) else g
+    return per_node * cfg.launch.nodes
+
+
+def effective_batch_mismatch(cfg: RunConfig, gpus: list[Any]) -> str | None:
+    """A warning when the planned optim.effective_batch is not what the launch will train with: the
+    plan's batch, learning rate and ZeRO stage were chosen for another number of GPUs (a config
+    planned for 2 of 8 GPUs, run with launch.gpus: all, trains at 4x the batch)."""
+    o = cfg.optim
+    if o.effective_batch is None or not gpus:
+        return None
+    n = launched_processes(cfg, gpus)
+    got = o.per_device_batch * o.grad_accum * n
+    if got == o.effective_batch:
+        return None
+    planned = o.effective_batch // (o.per_device_batch * o.grad_accum)
+    return (
+        f"optim.effective_batch: {o.effective_batch} was planned, but {n} process(es) (launch.gpus: {cfg.launch.gpus}) x per_device_batch "
+        f"{o.per_device_batch} x grad_accum {o.grad_accum} train with {got}: set launch.gpus: {planned}, or re-plan with qvltune init"
+    )
+
+
 def check_against_hardware(cfg: RunConfig, gpus: list[Any]) -> list[str]:
     """Conflicts that depend on the machine (``gpus`` from ``hardware.detect_gpus``)."""
     out = []

@@ -19,7 +19,7 @@ from typing import Any
 
 from qvltune import console
 from qvltune.config import RunConfig, dump_config
-from qvltune.config_checks import check_against_hardware, check_against_model
+from qvltune.config_checks import check_against_hardware, check_against_model, effective_batch_mismatch
 from qvltune.dashboard import DashboardState, format_line, render
 from qvltune.errors import UserError
 from qvltune.launch import Child, build_launch, command_text, format_command, free_port, master_port_of, one_node_launch, remove_shm_buffers, start
@@ -68,6 +68,9 @@ def validate(cfg: RunConfig, gpus: list[Any]) -> None:
     problems = check_against_model(cfg, model_type) + check_against_hardware(cfg, gpus)
     if problems:
         raise UserError(f"{len(problems)} problem(s) with this config on this machine:\n  " + "\n  ".join(problems), "fix the fields above")
+    mismatch = effective_batch_mismatch(cfg, gpus)
+    if mismatch:
+        console.warn(mismatch)
 
 
 def remove_aside(folder: Path) -> threading.Thread | None:

@@ -197,6 +197,30 @@ def test_shows_detected_gpus_and_recommends_a_model(demo_data, tmp_path, monkeyp
     assert load_config(tmp_path / "qvltune.yaml").model.path == "Qwen/Qwen3-VL-2B-Instruct"
 
 
+def test_planning_for_fewer_gpus_than_detected_launches_that_many(demo_data, tmp_path, monkeypatch):
+    """--gpu-count 2 on a node of 8: the batch and ZeRO stage are planned for 2, so the config starts
+    2 ranks (it wrote launch.gpus: all, and train started 8: 4x the planned batch). A config whose
+    launch does not give its planned effective batch is warned about at train time."""
+    from qvltune.config_checks import effective_batch_mismatch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nvml = FakeNvml(MACHINES["8x A100-80GB"])
+    monkeypatch.setattr(hardware, "_load_nvml", lambda: nvml)
+    train, _ = demo_data
+    r = run(["--data", str(train), "--model", H8B, "--gpu-count", "2", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(tmp_path / "qvltune.yaml")
+    gpus = hardware.detect_gpus()[0]
+    assert len(gpus) == 8 and cfg.launch.gpus == 2 and "--num_gpus 2" in (tmp_path / "launch.sh").read_text()
+    assert effective_batch_mismatch(cfg, gpus) is None
+    cfg.launch.gpus = "all"
+    eff = cfg.optim.effective_batch
+    assert effective_batch_mismatch(cfg, gpus) == (
+        f"optim.effective_batch: {eff} was planned, but 8 process(es) (launch.gpus: all) x per_device_batch {cfg.optim.per_device_batch} x grad_accum "
+        f"{cfg.optim.grad_accum} train with {4 * eff}: set launch.gpus: 2, or re-plan with qvltune init"
+    )
+
+
 def test_multi_node_writes_a_hostfile(demo_data, tmp_path, no_gpu):
     train, _ = demo_data
     r = run(["--data", str(train), "--model", H8B, "--gpu", "A100", "--gpu-count", "8", "--nodes", "2", "--out", str(tmp_path)])

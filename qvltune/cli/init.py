@@ -155,6 +155,9 @@ def _init(o: SimpleNamespace) -> int:
         summary = dataset_summary(answers.data, answers.image_root, lo, hi)
     with console.status("planning: estimating memory for each candidate"):
         plan = make_plan(answers, machine, stats, summary)
+    if not planned and o.gpu_count is not None and o.gpu_count < len(inv.gpus):
+        # Planned for fewer GPUs than this node has: launch that many, not all (batch, ZeRO stage).
+        plan.doc["launch"]["gpus"] = plan.config.launch.gpus = o.gpu_count
     full = plan_text(plan, source, summary)
     if o.explain:
         console.out.print(full, markup=False, highlight=False, end="")
