@@ -229,7 +229,8 @@ def test_pixel_budget(answers, expected):
 @pytest.mark.parametrize(
     "answers, data, expected",
     [
-        ({"max_seq_length": 2048}, DATA, (2048, False)),
+        ({"max_seq_length": 2048}, DATA, (2048, True)),  # given, shorter than the longest record (3,500): those are skipped, as the reason says
+        ({"max_seq_length": 4096}, DATA, (4096, False)),
         ({}, SHORT, (768, False)),  # the longest fits: nothing skipped
         ({}, DatasetSummary(100, 500, 1000, 9000, 600.0, 60000, 0, 0, 1024, 1000), (1024, True)),  # outliers: p99, skip the rest
         ({}, None, (4096, False)),

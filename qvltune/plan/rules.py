@@ -196,7 +196,9 @@ def choose_max_seq_length(answers: Answers, data: DatasetSummary | None) -> tupl
     how = seq_basis(answers, data)
     seq = answers.max_seq_length if how == "given" else data.suggested_max_seq_length if how in ("p99", "longest") else DEFAULT_MAX_SEQ_LENGTH
     longest, p99 = (data.longest, data.p99) if data and data.records else (None, None)
-    return seq, how == "p99", reasons.max_seq_length(seq, how=how, longest=longest, p99=p99).why
+    # Records longer than the row are skipped (not an error that stops train), as the reason says.
+    skip = how == "p99" or (how == "given" and longest is not None and longest > seq)
+    return seq, skip, reasons.max_seq_length(seq, how=how, longest=longest, p99=p99).why
 
 
 def compiles(machine: Machine, rung: Rung) -> bool:
