@@ -322,3 +322,14 @@ def test_packed_rows_shrink_to_keep_the_effective_batch():
     per_row = int(p.config.data.max_seq_length // SHORT.mean)
     assert p.config.data.max_seq_length == 2048 and 8 * per_row <= DEFAULT_EFFECTIVE_BATCH
     assert p.effective_batch == 8 and "halved from the guide's 8192" in p.decision("max_seq_length").why
+
+
+def test_preference_tuning_scales_every_learning_rate_and_says_so():
+    """DPO's factor applied to the LLM's rate only left a LoRA vision tower at 10x the LLM's rate,
+    and the plan's learning-rate line showed the SFT rate."""
+    from qvltune.plan.rules import DPO_LR_FACTOR, LR_LORA, LR_VISION_LORA
+
+    p = plan("1xH200", "8B", stage="dpo", strategy="lora", domain_shift=True)
+    o = p.config.optim
+    assert o.learning_rate == pytest.approx(LR_LORA * DPO_LR_FACTOR) and o.component_lr.vision == pytest.approx(LR_VISION_LORA * DPO_LR_FACTOR)
+    assert float(choice(p, "learning rate")) == pytest.approx(o.learning_rate) and "preference tuning" in p.decision("learning rate").why

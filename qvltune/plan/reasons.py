@@ -73,13 +73,16 @@ def vision(vision: str, strategy: str, *, domain_shift: bool, fast: bool, lr: fl
     return Reason(f"new visual domain: LoRA at {lr:g}", why)
 
 
-def learning_rate(lr: float, *, tiny: bool) -> Reason:
+def learning_rate(lr: float, *, tiny: bool, dpo_factor: float | None = None) -> Reason:
+    """``dpo_factor``: preference tuning's scale of every rate (None for SFT)."""
+    dpo_short = f", x{dpo_factor:g} for preference tuning" if dpo_factor else ""
+    dpo_why = f"; x{dpo_factor:g} for preference tuning, which moves the model less than SFT (the vision tower's rate too)" if dpo_factor else ""
     if tiny:
         return Reason(
-            "the tiny model's rate (measured)",
-            "the tiny model's rate (measured by `qvltune demo`: real models use the guide's 1e-4 LoRA / 5e-5 full); cosine schedule, 3% warmup",
+            f"the tiny model's rate (measured){dpo_short}",
+            f"the tiny model's rate (measured by `qvltune demo`: real models use the guide's 1e-4 LoRA / 5e-5 full){dpo_why}; cosine schedule, 3% warmup",
         )
-    return Reason("the guide's rate; cosine, 3% warmup", "the guide: 'LoRA: 1e-4, Full: 5e-5'; cosine schedule, 3% warmup, weight decay 0.01")
+    return Reason(f"the guide's rate{dpo_short}; cosine, 3% warmup", f"the guide: 'LoRA: 1e-4, Full: 5e-5'{dpo_why}; cosine schedule, 3% warmup, weight decay 0.01")
 
 
 def precision(bf16: bool) -> Reason:

@@ -80,17 +80,16 @@ def _doc(answers: Answers, c: _Choice, *, machine: Machine, packing: bool, skip_
     """The run config document of one candidate (validated by ``parse_config``)."""
     W = machine.world_size
     grad_accum = max(1, round(rows_target / (c.per_device_batch * W)))  # the nearest to the target
-    lr = c.learning_rate or (LR_FULL if c.strategy == "full" else LR_LORA)
-    if answers.stage == "dpo":
-        lr *= DPO_LR_FACTOR
+    scale = DPO_LR_FACTOR if answers.stage == "dpo" else 1.0  # every rate, the vision tower's too
+    lr = c.learning_rate if c.learning_rate is not None else (LR_FULL if c.strategy == "full" else LR_LORA) * scale  # the decision's rate is scaled already
     component_lr: dict[str, float] = {}
     components: dict[str, str] = {}
     if c.vision != STRATEGY_PRESETS[c.strategy]["vision"]:
         components["vision"] = c.vision
     if c.vision == "full":
-        component_lr["vision"] = LR_VISION_FULL
+        component_lr["vision"] = LR_VISION_FULL * scale
     elif c.vision == "lora":
-        component_lr["vision"] = LR_VISION_LORA
+        component_lr["vision"] = LR_VISION_LORA * scale
     data_doc: dict[str, Any] = {"train": answers.data or "data/train.jsonl"}
     if answers.image_root:
         data_doc["image_root"] = answers.image_root
@@ -279,12 +278,13 @@ def _plan_for(
     # 2. Vision tower. The guide: train it for a "new visual domain (medical scans, satellite imagery)",
     #    not for "general images (pre-trained weights already excellent)".
     vision = ("full" if strategy == "full" else "lora") if answers.domain_shift else "frozen"
-    vision_lr = LR_VISION_FULL if vision == "full" else LR_VISION_LORA if vision == "lora" else None
+    scale = DPO_LR_FACTOR if answers.stage == "dpo" else 1.0
+    vision_lr = LR_VISION_FULL * scale if vision == "full" else LR_VISION_LORA * scale if vision == "lora" else None
     decide("strategy", strategy, reasons.strategy(strategy, vision, how=how, unit=unit, have_gib=format_bytes(machine.gpu_memory), cpu=machine.is_cpu, **figures))
     decide("vision", vision, reasons.vision(vision, strategy, domain_shift=answers.domain_shift, fast=answers.fast, lr=vision_lr))
 
-    lr = TINY_LR if tiny else LR_FULL if strategy == "full" else LR_LORA
-    decide("learning rate", f"{lr:g}", reasons.learning_rate(lr, tiny=tiny))
+    lr = (TINY_LR if tiny else LR_FULL if strategy == "full" else LR_LORA) * scale
+    decide("learning rate", f"{lr:g}", reasons.learning_rate(lr, tiny=tiny, dpo_factor=DPO_LR_FACTOR if answers.stage == "dpo" else None))
     bf16 = machine.bf16 and not machine.is_cpu
     decide("precision", "bf16" if bf16 else "fp32", reasons.precision(bf16))
     decide("resolution", "fixed" if lo == hi else "variable", reasons.resolution(lo, hi, given_tokens=answers.max_image_tokens, tiny=tiny and not answers.max_image_tokens))
