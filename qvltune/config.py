@@ -217,10 +217,10 @@ def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
         return anchor(head) + (f"[{inner}]" if settings else "")
 
     def anchor_spec(spec):
-        from qvltune.data.mixture import _split_entries
+        from qvltune.data.mixture import split_entries
 
         if isinstance(spec, str):
-            return ",".join(anchor_entry(s) for s in _split_entries(spec) if s.strip())
+            return ",".join(anchor_entry(s) for s in split_entries(spec) if s.strip())
         out = []
         for item in spec:
             if isinstance(item, SourceConfig):

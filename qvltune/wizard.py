@@ -44,8 +44,14 @@ def data_exists(text: str) -> bool | str:
     text = text.strip()
     if not text:
         return "give a dataset file (JSON or JSONL), or a mixture a.jsonl%50,b.jsonl"
-    for part in text.split(","):
-        path = Path(part.strip().partition("%")[0]).expanduser()
+    from qvltune.data.mixture import entry_files
+
+    try:
+        files = entry_files(text)
+    except ValueError as e:
+        return str(e)
+    for name in files:
+        path = Path(name).expanduser()
         if not path.is_file():
             return f"not a file: {path}"
     return True

@@ -221,6 +221,20 @@ def test_planning_for_fewer_gpus_than_detected_launches_that_many(demo_data, tmp
     )
 
 
+def test_a_mixture_with_settings_is_kept_whole_and_a_bad_one_is_one_line(demo_data, tmp_path, no_gpu, monkeypatch):
+    """--data split on every comma: a source's [settings] were cut apart ("not a file") and its
+    relative image_root was never made absolute; a bad percentage ended in an internal error."""
+    train, _ = demo_data
+    out = tmp_path / "out"
+    monkeypatch.chdir(train.parent)
+    r = run(["--data", f"{train.name}%50[max_image_tokens=256,image_root=images]", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(out / "qvltune.yaml")
+    assert cfg.data.train == f"{train}%50[max_image_tokens=256,image_root={train.parent / 'images'}]"
+    r = run(["--data", f"{train}%5O", "--out", str(tmp_path / "bad")])
+    assert isinstance(r.exception, UserError) and r.exception.message.startswith("--data: bad sampling percentage")
+
+
 def test_multi_node_writes_a_hostfile(demo_data, tmp_path, no_gpu):
     train, _ = demo_data
     r = run(["--data", str(train), "--model", H8B, "--gpu", "A100", "--gpu-count", "8", "--nodes", "2", "--out", str(tmp_path)])

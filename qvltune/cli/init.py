@@ -131,6 +131,12 @@ def _init(o: SimpleNamespace) -> int:
     valid = wizard.data_exists(answers.data)
     if valid is not True:
         raise UserError(f"--data: {valid}", "give a JSON/JSONL dataset file (`qvltune check-data FILE` checks it)")
+    from qvltune.data.mixture import parse_mixture
+
+    try:
+        parse_mixture(answers.data)  # a bad percentage or setting: one line here, not a traceback later
+    except ValueError as e:
+        raise UserError(f"--data: {e}", "write a mixture as a.jsonl%50,b.jsonl[image_root=DIR,max_image_tokens=256]") from None
     from qvltune.preference.data import is_preference_data
 
     pairs = is_preference_data(answers.data)
@@ -224,11 +230,12 @@ def absolutize(answers):
         return str(Path(p).expanduser().resolve())
 
     if a.data:
-        parts = []
-        for part in a.data.split(","):
-            head, sep, pct = part.strip().partition("%")
-            parts.append(absolute(head) + sep + pct)
-        a.data = ",".join(parts)
+        from qvltune.data.mixture import rewrite_paths
+
+        try:
+            a.data = rewrite_paths(a.data, absolute)  # a.jsonl%50[image_root=imgs] keeps its percent and settings
+        except ValueError as e:
+            raise UserError(f"--data: {e}", "write a mixture as a.jsonl%50,b.jsonl[image_root=DIR,max_image_tokens=256]") from None
     if a.image_root:
         a.image_root = absolute(a.image_root)
     if a.model and not a.model.startswith("builtin:") and Path(a.model).expanduser().exists():

@@ -38,7 +38,7 @@ def mixture_text(spec: Any) -> str:
 SOURCE_KEYS = ("image_root", "min_pixels", "max_pixels", "min_image_tokens", "max_image_tokens")
 
 
-def _split_entries(spec: str) -> list[str]:
+def split_entries(spec: str) -> list[str]:
     """Split a mixture string on the commas outside [...] (settings hold commas too)."""
     out, depth, current = [], 0, ""
     for ch in spec:
@@ -52,6 +52,27 @@ def _split_entries(spec: str) -> list[str]:
         else:
             current += ch
     return out + [current]
+
+
+def rewrite_paths(spec: str, fn) -> str:
+    """The mixture string with ``fn`` applied to each entry's file and its ``image_root`` setting;
+    percentages and other settings kept (``init`` makes them absolute). ValueError on a bad setting."""
+    out = []
+    for entry in split_entries(spec):
+        if not entry.strip():
+            continue
+        head, settings = split_settings(entry.strip())
+        path, sep, pct = head.partition("%")
+        if "image_root" in settings:
+            settings["image_root"] = fn(settings["image_root"])
+        inner = ",".join(f"{k}={v}" for k, v in settings.items())
+        out.append(fn(path.strip()) + sep + pct + (f"[{inner}]" if settings else ""))
+    return ",".join(out)
+
+
+def entry_files(spec: str) -> list[str]:
+    """The dataset file of each entry of a mixture string (no percentage, no settings)."""
+    return [split_settings(e.strip())[0].partition("%")[0].strip() for e in split_entries(spec) if e.strip()]
 
 
 def split_settings(entry: str) -> tuple[str, dict[str, str]]:
@@ -107,7 +128,7 @@ def parse_mixture(spec: str | list[str | dict[str, Any]]) -> list[DatasetSpec]:
     ``"a.jsonl%50,b.jsonl"``: files and sampling percentages; an entry may carry its own settings in
     brackets, ``"a.jsonl%50[max_image_tokens=256,image_root=imgs]"``. A list holds such strings or
     mappings ``{"path": ..., "weight": 50, "image_root": ..., "max_image_tokens": 256, ...}``."""
-    entries = spec if isinstance(spec, list) else _split_entries(spec)
+    entries = spec if isinstance(spec, list) else split_entries(spec)
     out: list[DatasetSpec] = []
     for entry in entries:
         if hasattr(entry, "model_dump"):  # a config's SourceConfig
