@@ -81,6 +81,9 @@ def test_hf_chat_shape_and_text_only():
         ({"image": "a.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, [("placeholder-count", "image")]),
         ({"conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]}, [("placeholder-count", "image")]),
         ({"image": "a.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image> a"}]}, [("placeholder-count", "image"), ("placeholder-in-answer", "conversations[1].value")]),
+        # Qwen3-VL's template renders only a system turn's text: its image would shift every later one.
+        ({"image": ["s.png", "q.png"], "conversations": [{"from": "system", "value": "<image>Ref"}, {"from": "human", "value": "<image>Same?"}, {"from": "gpt", "value": "Yes"}]}, [("media-in-system", "conversations[0].value")]),
+        ({"messages": [{"role": "system", "content": [{"type": "image", "image": "s.png"}, {"type": "text", "text": "Ref"}]}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, [("media-in-system", "messages[0].content[0]")]),
         ({"messages": [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "a"}]}, [("bad-value", "messages[0].content[0].type"), ("empty-turn", "messages[0]")]),
         ({"messages": [{"role": "user", "content": [{"type": "image", "image": 5}]}, {"role": "assistant", "content": "a"}]}, [("bad-media", "messages[0].content[0].image"), ("empty-turn", "messages[0]")]),
     ],

@@ -160,8 +160,10 @@ def _parse_placeholder_shape(value: dict[str, Any], shape: str, c: _Collector) -
             if piece == IMAGE_PLACEHOLDER or piece == VIDEO_PLACEHOLDER:
                 kind = "image" if piece == IMAGE_PLACEHOLDER else "video"
                 if role == "assistant":
-                    c.error(f"{where}.{text_key}", f"a {piece} placeholder in an assistant turn", "media belong in user (or system) turns; remove it from the answer", "placeholder-in-answer")
+                    c.error(f"{where}.{text_key}", f"a {piece} placeholder in an assistant turn", "media belong in user turns; remove it from the answer", "placeholder-in-answer")
                     continue
+                if role == "system":  # counted, so the other media keep their places in the error-free count
+                    c.error(f"{where}.{text_key}", f"a {piece} placeholder in a system turn: Qwen3-VL's chat template renders only a system turn's text, so every later {kind} would land on the wrong placeholder", "move the media to the first user turn", "media-in-system")
                 if kind == "image":
                     source = images[n_img] if n_img < len(images) else None
                     parts.append(Media("image", source if source is not None else "", f"{img_key}[{n_img}]"))
@@ -213,7 +215,10 @@ def _parse_hf(value: dict[str, Any], c: _Collector) -> list[Message] | None:
             elif ptype in ("image", "video") or (ptype is None and ("image" in part or "video" in part)):
                 kind = ptype or ("image" if "image" in part else "video")
                 if role == "assistant":
-                    c.error(pwhere, f"an {kind} in an assistant turn", "media belong in user (or system) turns", "placeholder-in-answer")
+                    c.error(pwhere, f"an {kind} in an assistant turn", "media belong in user turns", "placeholder-in-answer")
+                    continue
+                if role == "system":
+                    c.error(pwhere, f"an {kind} in a system turn: Qwen3-VL's chat template renders only a system turn's text, so it would be dropped and every later {kind} would land on the wrong placeholder", "move it to the first user turn", "media-in-system")
                     continue
                 source = part.get(kind)
                 if kind == "image" and source is None:
