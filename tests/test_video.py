@@ -133,3 +133,16 @@ def test_too_long_video_names_the_frames_that_fit(tmp_path, capsys):
     # the advice is right: with that many frames it fits, with one more pair it does not
     assert check("--max-seq-length", str(limit), "--video-max-frames", str(fit))[0] == 0
     assert check("--max-seq-length", str(limit), "--video-max-frames", str(fit + 2))[0] == 1
+
+
+def test_numbered_frames_are_taken_in_numeric_order(tmp_path):
+    """ffmpeg's %d.jpg writes 1.jpg ... 12.jpg: a plain sort put 10, 11, 12 before 2 and the video
+    trained scrambled."""
+    from qvltune.data.media import frame_paths
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i in range(1, 13):
+        write_image(folder / f"{i}.png", (32, 32))
+    frames = frame_paths("clip", tmp_path, allow_outside=False)
+    assert [f.name for f in frames] == [f"{i}.png" for i in range(1, 13)]

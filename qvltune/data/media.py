@@ -321,6 +321,12 @@ def load_image(path: Path, pixel_limit: int = DEFAULT_IMAGE_PIXEL_LIMIT):
             return _transpose(to_rgb(im), orientation)
 
 
+def frame_order(path: Path) -> list:
+    """A frame's place in its folder: names in natural order, numbers by value (``ffmpeg -i v.mp4
+    %d.jpg`` writes 1.jpg ... 10.jpg, which a plain sort reads 1, 10, 2)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def frame_paths(source: str | tuple[str, ...], root: Path, allow_outside: bool) -> tuple[Path, ...] | None:
     """The frame files of a video given as a folder or a list; ``None`` for a video file."""
     if isinstance(source, tuple):
@@ -328,7 +334,7 @@ def frame_paths(source: str | tuple[str, ...], root: Path, allow_outside: bool) 
     path = resolve(source, root, allow_outside)
     if path.is_dir():
         # Each frame is checked like any path: a symlinked frame must not reach outside the root.
-        frames = [resolve(str(p), root, allow_outside) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        frames = [resolve(str(p), root, allow_outside) for p in sorted(path.iterdir(), key=frame_order) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not frames:
             raise MediaError("video folder has no image frames", "put the frames (jpg/png) in it", "empty-media", path=path)
         return tuple(frames)
