@@ -400,3 +400,17 @@ def test_turn_order_grammar(tmp_path, capsys):
     data = write_jsonl(tmp_path / "t.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "again"}, {"from": "gpt", "value": "a"}]}])
     code, doc = check(data, capsys)
     assert "expected an assistant turn here" in doc["problems"][0]["message"]
+
+
+def test_skip_never_drops_what_a_file_cut_short_leaves_unread(tmp_path, tiny_processor):
+    """on_bad_sample: skip drops bad records. A truncated archive read as one bad record trained on
+    whatever came before the cut and said "skipping 1 bad record"."""
+    write_image(tmp_path / "a.png")
+    lines = [json.dumps(qa("a.png", answer=f"colour {i}")) for i in range(40)]
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    data = (tmp_path / "train.jsonl.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as e:
+        prepare_data(_cfg(tmp_path / "cut.jsonl.gz", tmp_path, on_bad_sample="skip"), tiny_processor)
+    assert "corrupt or truncated" in e.value.message and "not what a file cut short leaves unread" in e.value.message

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.data.check import CheckOptions, check_dataset
-from qvltune.data.files import read_items
+from qvltune.data.files import ends_the_file, read_items
 from qvltune.data.formats import parse_record
 from qvltune.data.mixture import mixture_text, parse_mixture, sample_indices
 from qvltune.data.record import Problem, Record
@@ -236,6 +236,9 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
         recounted += more
     errors = [p for p in problems if p.severity == "error"]
     skipped = []
+    lost = [p for p in errors if ends_the_file(p)]
+    if lost and cfg.data.on_bad_sample == "skip":  # skipping drops records, never the rest of a file
+        raise UserError(f"{lost[0]} (data.on_bad_sample: skip drops bad records, not what a file cut short leaves unread)", "fix or re-create the file; `qvltune check-data` lists every problem")
     if errors:
         if cfg.data.on_bad_sample == "error":
             shown = "\n  ".join(str(p) for p in errors[:MAX_PROBLEMS_SHOWN])

@@ -35,7 +35,15 @@ _BOMS = [  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
     (codecs.BOM_UTF16_LE, "UTF-16 (little-endian)"),
     (codecs.BOM_UTF16_BE, "UTF-16 (big-endian)"),
 ]
+# Ends the message of a problem after which nothing more of the file is read (ends_the_file).
+READ_STOPS = "the rest of the file cannot be read"
 _UTF8_FIX = "save the file as UTF-8 (e.g. iconv -f WINDOWS-1252 -t UTF-8 IN > OUT, or your editor's 'save as UTF-8')"
+
+
+def ends_the_file(problem) -> bool:
+    """Whether a reading problem lost the rest of its file (a truncated archive, a JSON list cut
+    short, a file that cannot be opened): not one bad record that on_bad_sample: skip may drop."""
+    return problem.code == "unreadable-file" or problem.message.endswith(READ_STOPS)
 
 
 def read_items(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawItem]:
@@ -66,7 +74,7 @@ def read_items(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator
         try:
             yield from _read_stream(stream, name, max_record_bytes, progress, file_problem)
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            yield file_problem(f"the gzip data is corrupt or truncated ({e}); the rest of the file cannot be read", "re-create the archive (gzip FILE.jsonl) or decompress what is left", "corrupt-gzip")
+            yield file_problem(f"the gzip data is corrupt or truncated ({e}); {READ_STOPS}", "re-create the archive (gzip FILE.jsonl) or decompress what is left", "corrupt-gzip")
         except OSError as e:
             yield file_problem(f"cannot read the file ({e.strerror or e})", "check the file", "unreadable-file")
 
@@ -235,16 +243,16 @@ def _read_json_list(stream: BinaryIO, name: str, first: bytes, first_no: int, li
                         if len(buf) - pos <= limit and more():
                             continue  # the element may only be cut by the buffer's end
                         if len(buf) - pos > limit:
-                            yield problem(pos, index, f"record is over the {limit:,}-byte limit for one record; the rest of the file cannot be read", "split the file, or check that it is a list of conversation records")
+                            yield problem(pos, index, f"record is over the {limit:,}-byte limit for one record; {READ_STOPS}", "split the file, or check that it is a list of conversation records")
                         else:
                             nul = " (a NUL byte)" if e.pos < len(buf) and buf[e.pos] == "\x00" else ""
-                            yield problem(e.pos, index, f"malformed JSON: {e.msg}{nul}; the rest of the file cannot be read", "fix the JSON syntax (a validator such as `python -m json.tool FILE` shows it)")
+                            yield problem(e.pos, index, f"malformed JSON: {e.msg}{nul}; {READ_STOPS}", "fix the JSON syntax (a validator such as `python -m json.tool FILE` shows it)")
                         return
                     except RecursionError:
-                        yield problem(pos, index, "malformed JSON: nested too deeply; the rest of the file cannot be read", "a record is an object of turns, not deeply nested lists")
+                        yield problem(pos, index, f"malformed JSON: nested too deeply; {READ_STOPS}", "a record is an object of turns, not deeply nested lists")
                         return
                     except ValueError as e:  # e.g. an integer of more than 4300 digits
-                        yield problem(pos, index, f"malformed JSON: {e}; the rest of the file cannot be read", "fix the JSON syntax")
+                        yield problem(pos, index, f"malformed JSON: {e}; {READ_STOPS}", "fix the JSON syntax")
                         return
                     if end == len(buf) and more():
                         continue  # a number at the buffer's end may go on in the next chunk
@@ -258,7 +266,7 @@ def _read_json_list(stream: BinaryIO, name: str, first: bytes, first_no: int, li
                 if buf.startswith("]", pos):
                     pos += 1
                     break
-                yield problem(pos, index, "expected ',' or ']' between records; the rest of the file cannot be read", "fix the JSON syntax")
+                yield problem(pos, index, f"expected ',' or ']' between records; {READ_STOPS}", "fix the JSON syntax")
                 return
         while True:  # only whitespace may follow the closing ]
             if buf[pos:].strip():
@@ -268,7 +276,7 @@ def _read_json_list(stream: BinaryIO, name: str, first: bytes, first_no: int, li
             if not more():
                 return
     except UnicodeDecodeError as e:
-        yield problem(len(buf), None, f"not UTF-8 text ({e.reason}); the rest of the file cannot be read", _UTF8_FIX)
+        yield problem(len(buf), None, f"not UTF-8 text ({e.reason}); {READ_STOPS}", _UTF8_FIX)
 
 
 # ----------------------------------------------------------------------------------------------
