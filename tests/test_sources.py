@@ -125,3 +125,18 @@ def test_config_list_of_sources_anchored_and_used_by_training_data(two_sources, 
 
     summary = dataset_summary(cfg.data.train, None, *cfg.data.pixel_budget(), quiet=True)
     assert summary is not None
+
+
+def test_a_repeated_record_is_never_both_trained_and_held_out(tmp_path, tiny_processor):
+    """eval_split drew entries: a record repeated by a%300 could sit in training and in the
+    held-out set at once, and its eval loss read better than it was."""
+    from qvltune.config import parse_config
+    from qvltune.data.dataset import prepare_data
+
+    write_image(tmp_path / "a.png", (64, 64))
+    data = write_jsonl(tmp_path / "t.jsonl", [{"image": "a.png", "conversations": [{"from": "human", "value": f"<image>q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(20)])
+    cfg = parse_config({"name": "c", "model": {"path": "builtin:tiny"}, "data": {"train": f"{data}%300", "eval_split": 0.2, "max_seq_length": 512}})
+    index = prepare_data(cfg, tiny_processor)
+    held, trained = {e.index for e in index.eval}, {e.index for e in index.train}
+    assert len(held) == 4 and len(trained) == 16 and not held & trained
+    assert len(index.eval) == 12 and len(index.train) == 48  # each record three times, on its one side

@@ -225,8 +225,6 @@ def source_encoders(cfg, encoder: Encoder) -> dict[str, Encoder]:
 
 def prepare_data(cfg, processor: Any) -> DataIndex:
     """Validate, count, sample and split the run's data; ``UserError`` on bad records (policy 'error')."""
-    import numpy as np
-
     seed = cfg.optim.seed
     train, problems, from_cache, recounted = _checked_entries(cfg.data.train, processor, cfg, seed)
     evals = Entries([], {n: [] for n in ("file", *Entries.COLUMNS)})
@@ -251,14 +249,29 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
     if not len(train):
         raise UserError("no usable training records", f"check the data with qvltune check-data '{mixture_text(cfg.data.train)}'")
     if not cfg.data.eval and cfg.data.eval_split:
-        rng = random.Random(seed)
+        evals, train = hold_out(train, cfg.data.eval_split, seed)
+    return DataIndex(train, evals, skipped, from_cache, recounted)
+
+
+def hold_out(train: Entries, share: float, seed: int) -> tuple[Entries, Entries]:
+    """(held-out, training) entries: a seeded ``share`` of the records. Split by record, not entry:
+    a record repeated by a mixture's percentage (a.jsonl%200) or made into several views (a
+    Thinking model's turns) is wholly on one side, never trained on and evaluated at once."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    keys = train.cols["file"] * (1 << 40) + train.cols["index"]
+    records = np.unique(keys)
+    if len(records) == len(train):  # one entry per record: the split as it always was for a seed
         order = list(range(len(train)))
         rng.shuffle(order)
-        n_eval = max(1, round(len(train) * cfg.data.eval_split))
         held = np.zeros(len(train), dtype=bool)
-        held[order[:n_eval]] = True
-        evals, train = train.take(np.flatnonzero(held)), train.take(np.flatnonzero(~held))
-    return DataIndex(train, evals, skipped, from_cache, recounted)
+        held[order[: max(1, round(len(train) * share))]] = True
+    else:
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        held = np.isin(keys, records[order[: max(1, round(len(records) * share))]])
+    return train.take(np.flatnonzero(held)), train.take(np.flatnonzero(~held))
 
 
 class RecordStore:
