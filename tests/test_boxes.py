@@ -119,6 +119,25 @@ def test_convert_boxes_from_pixels_writes_a_new_file(tmp_path, capsys):
     assert code == 1 and "is the input file" in err and src.read_bytes() == before
 
 
+def test_convert_boxes_reads_gzip_and_keeps_a_bom_json_list_a_list(tmp_path, capsys):
+    """It converted everything, then failed writing ("unexpected UnicodeDecodeError") on a .jsonl.gz,
+    and wrote a JSON list that began with a byte-order mark back as JSONL."""
+    import gzip
+
+    write_image(tmp_path / "a.png", (640, 480))
+    record = box_record('[{"bbox_2d": [64, 48, 320, 480]}]', image="a.png")
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+        f.write(json.dumps(record) + "\n")
+    code, stdout, err = run_cli(["convert-boxes", str(tmp_path / "train.jsonl.gz"), "--out", str(tmp_path / "fixed.jsonl.gz")], capsys)
+    assert code == 0, stdout + err
+    with gzip.open(tmp_path / "fixed.jsonl.gz", "rt") as f:
+        assert json.loads(f.readline())["conversations"][1]["value"] == '[{"bbox_2d": [100, 100, 500, 1000]}]'
+    (tmp_path / "list.json").write_text("\ufeff" + json.dumps([record]), encoding="utf-8")
+    code, stdout, err = run_cli(["convert-boxes", str(tmp_path / "list.json"), "--out", str(tmp_path / "fixed.json")], capsys)
+    assert code == 0, stdout + err
+    assert isinstance(json.loads((tmp_path / "fixed.json").read_text()), list)
+
+
 def test_convert_from_qwen25_resized_pixels_and_refusals(tmp_path, capsys):
     write_image(tmp_path / "a.png", (1000, 700))
     w, h = reference_size(1000, 700, "qwen25")

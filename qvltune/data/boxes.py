@@ -392,13 +392,25 @@ def convert_dataset(
     return report
 
 
+def _is_json_list(path: Path) -> bool:
+    """Whether a dataset file (plain or gzip'd, with or without a UTF-8 byte-order mark) is a JSON list."""
+    import gzip
+
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(path, "rt", encoding="utf-8-sig", errors="replace") as f:
+        return f.read(65536).lstrip().startswith("[")
+
+
 def _write_like(input_path: Path, output_path: Path, values: list[Any]) -> None:
-    """Write records in the input's format (JSON list or JSONL), atomically."""
+    """Write records in the input's format (JSON list or JSONL), atomically; gzip'd when ``output_path``
+    ends in .gz."""
+    import gzip
+
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(f".{output_path.name}.tmp")
-    with open(input_path, encoding="utf-8") as f:
-        is_list = f.read(65536).lstrip().startswith("[")
-    with open(tmp, "w", encoding="utf-8") as f:
+    is_list = _is_json_list(input_path)
+    with (gzip.open if output_path.suffix == ".gz" else open)(tmp, "wt", encoding="utf-8") as f:
         if is_list:
             json.dump(values, f, ensure_ascii=False, indent=1)
             f.write("\n")
