@@ -157,6 +157,8 @@ def compile_breakdown() -> dict[str, float | int] | None:
 
 def _generated_kernels() -> int | None:
     """Kernels Inductor generated in this process; None where this torch does not count them."""
+    import sys
+
     count = getattr(sys.modules.get("torch._inductor.metrics"), "generated_kernel_count", None)
     return int(count) if count is not None else None
 
