@@ -109,6 +109,30 @@ def processor_source(adapter_dir: Path, base: str) -> str:
     return base
 
 
+def adapter_processor(adapter_dir: Path, base: str):
+    """The processor to save or run with an adapter (``processor_source``'s). Taken from the base,
+    it gets the run's pixel budget from its config.yaml when there is a run: a checkpoint merged or
+    evaluated before ``final/`` exists would otherwise carry the base's default image sizes."""
+    from qvltune.model import load_processor
+
+    source = processor_source(adapter_dir, base)
+    run_dir = run_dir_of(adapter_dir)
+    budget = run_pixel_budget(run_dir) if source == base and run_dir else None
+    return load_processor(source, *(budget or (None, None)))
+
+
+def run_pixel_budget(run_dir: Path) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) of a run's saved config; None when it cannot be read."""
+    import yaml
+
+    from qvltune.config import parse_config
+
+    try:
+        return parse_config(yaml.safe_load((run_dir / "config.yaml").read_text())).data.pixel_budget()
+    except (OSError, yaml.YAMLError, UserError):
+        return None
+
+
 def read_lora_config(adapter_dir: Path):
     """The adapter's peft config; only LoRA adapters can be merged and loaded here."""
     from peft import PeftConfig

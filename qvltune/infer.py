@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvltune.adapter import attach_adapter, base_for_adapter, is_adapter, looks_local, processor_source
+from qvltune.adapter import adapter_processor, attach_adapter, base_for_adapter, is_adapter, looks_local
 from qvltune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from qvltune.data.boxes import first_box, iou
 from qvltune.data.files import read_items
@@ -101,7 +101,7 @@ def load_for_inference(model: str, base: str | None = None, device: str | None =
     else:
         base = base or base_for_adapter(path)[0]
         net = attach_adapter(load_model(base, dtype=dtype), path, base)
-        processor = load_processor(processor_source(path, base))
+        processor = adapter_processor(path, base)
     net.to(torch.device(device)).eval()
     return net, processor
 

@@ -40,20 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from qvltune.adapter import (
+    adapter_processor,
     adapter_weights,
     attach_adapter,
     base_for_adapter,
     fit_problems,
     is_adapter,
     parameter_shapes,
-    processor_source,
     raise_if_unfit,
     read_lora_config,
     run_dir_of,
 )
 from qvltune.errors import UserError
 from qvltune.infer import check_device, default_device, resolve_model_dir
-from qvltune.model import adapter_start, load_model, load_processor, model_class, read_model_config
+from qvltune.model import adapter_start, load_model, model_class, read_model_config
 from qvltune.tiny import resolve_model_path
 from qvltune.verify import LogitCheck, WeightCheck, base_weight_files, compare_inputs, compare_logits, compare_weights, probe_batch, probe_logits, trained_weights
 
@@ -351,7 +351,7 @@ def merge_and_save(plan: MergePlan, folder: Path) -> Reference:
     import torch
 
     model = attach_adapter(load_model(plan.base, dtype="float32").to(plan.device), plan.adapter_dir, plan.base, plan.weights)
-    processor = load_processor(processor_source(plan.adapter_dir, plan.base))
+    processor = adapter_processor(plan.adapter_dir, plan.base)
     batch = probe_batch(processor)
     logits = probe_logits(model, batch)
     with model.disable_adapter():

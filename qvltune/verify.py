@@ -278,7 +278,9 @@ def compare_weights(base_files: list[Path], out: Path, changed: set[str], tied: 
         for file in sorted(out.glob("*.safetensors")):
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             merged_index.update({key: handle for key in handle.keys()})
-        check.missing = sorted(k for k in base_index if k not in merged_index)
+        # In the base but not saved; or trained, stored tied in the base, and not saved (lm_head,
+        # trained beside LoRA, must be saved apart from the embeddings it was tied to).
+        check.missing = sorted({k for k in base_index if k not in merged_index} | {k for k in changed if k in tied and k not in merged_index})
         for key in sorted(merged_index):
             source = key if key in base_index else tied.get(key)
             if source not in base_index:

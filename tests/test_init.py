@@ -150,6 +150,12 @@ def test_refuses_to_overwrite_without_force(demo_data, tmp_path, no_gpu):
     assert r.exit_code == 1 and isinstance(r.exception, UserError) and "--force" in r.exception.hint
     assert "Plan for" not in r.output  # refused before the plan is made or shown
     assert run([*args, "--force"]).exit_code == 0
+    # A hand-edited train.sbatch (partition, account) alone is reason enough to ask first.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.sbatch").write_text("#SBATCH --partition=mine\n")
+    r = run(["--data", str(train), "--model", "builtin:tiny", "--out", str(other)])
+    assert isinstance(r.exception, UserError) and "train.sbatch" in r.exception.message
 
 
 def test_compact_plan_and_the_full_reasoning_in_the_plan_file(demo_data, tmp_path, no_gpu):

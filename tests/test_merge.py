@@ -286,6 +286,24 @@ def test_a_run_started_from_an_adapter_merges_onto_base_plus_that_adapter(lora_r
     assert not torch.allclose(expected, sft_only, atol=1e-3)  # the second adapter does change the model
 
 
+def test_a_checkpoint_before_final_gets_the_runs_pixel_budget_not_the_bases(lora_run, tmp_path):
+    """Checkpoints hold no processor: merged (or evaluated) before final/ exists, the processor came
+    from the base at its default image sizes, not the budget the run trained at."""
+    import yaml
+
+    from qvltune.adapter import adapter_processor, base_for_adapter
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(lora_run / "checkpoint-2", run / "checkpoint-2")
+    doc = yaml.safe_load((lora_run / "config.yaml").read_text())
+    doc["data"].update(min_pixels=3136, max_pixels=50176)
+    (run / "config.yaml").write_text(yaml.safe_dump(doc))
+    base = base_for_adapter(run / "checkpoint-2")[0]
+    size = adapter_processor(run / "checkpoint-2", base).image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (3136, 50176)
+
+
 def test_merge_json_is_the_only_thing_on_stdout(lora_run, tmp_path):
     """In a fresh process: saving imports DeepSpeed, whose logger would print on stdout."""
     result = subprocess.run(
@@ -606,3 +624,20 @@ def test_moe_model_plans_trains_and_merges(tiny_moe_dir, demo_data, tmp_path, ca
     adapted, _ = load_for_inference(str(final))
     inputs = probe(processor, eval_image(demo_data))
     assert (logits(model, inputs) - logits(adapted, inputs)).abs().max() < 1e-4
+
+
+def test_a_trained_lm_head_left_out_of_the_saved_folder_is_missing(tmp_path):
+    """The base ties lm_head to the embeddings and stores only those; training lm_head beside LoRA
+    unties it, so the merged folder must hold it. One without it passed the tensor check."""
+    from qvltune.verify import compare_weights
+
+    emb = torch.randn(8, 4)
+    save_file({"model.embed_tokens.weight": emb}, str(tmp_path / "base.safetensors"))
+    out = tmp_path / "merged"
+    out.mkdir()
+    save_file({"model.embed_tokens.weight": emb}, str(out / "model.safetensors"))  # lm_head dropped
+    check = compare_weights([tmp_path / "base.safetensors"], out, {"lm_head.weight"}, {"lm_head.weight": "model.embed_tokens.weight"})
+    assert check.missing == ["lm_head.weight"]
+    save_file({"model.embed_tokens.weight": emb, "lm_head.weight": emb + 1}, str(out / "model.safetensors"))
+    check = compare_weights([tmp_path / "base.safetensors"], out, {"lm_head.weight"}, {"lm_head.weight": "model.embed_tokens.weight"})
+    assert check.missing == [] and check.changed == 1 and check.unchanged == 1

@@ -247,7 +247,7 @@ def absolutize(answers):
 def existing_files(out_dir: Path) -> list[Path]:
     from qvltune import scaffold
 
-    names = (scaffold.CONFIG_NAME, scaffold.DEEPSPEED_NAME, scaffold.LAUNCH_NAME, scaffold.ANSWERS_NAME, scaffold.PLAN_NAME)
+    names = (scaffold.CONFIG_NAME, scaffold.DEEPSPEED_NAME, scaffold.LAUNCH_NAME, scaffold.ANSWERS_NAME, scaffold.PLAN_NAME, scaffold.SBATCH_NAME)  # train.sbatch: often edited by hand (partition, account)
     return [out_dir / n for n in names if (out_dir / n).exists()]
 
 
