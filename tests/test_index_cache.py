@@ -130,6 +130,25 @@ def test_training_reads_each_record_alone_at_its_offset(tmp_path, tiny_processor
         dataset.SFTDataset(loaded.train, encoder, [[0]])[0]
 
 
+def test_a_json_list_edited_after_the_run_was_prepared_is_refused_too(tmp_path, tiny_processor):
+    """A JSON list (no offsets: parsed whole) edited since the run was prepared gave a different
+    record at the same index, silently; it is refused like an edited JSONL file."""
+    import pytest
+
+    import qvltune.data.dataset as dataset
+    from qvltune.data.tokenize import Encoder
+    from qvltune.errors import UserError
+
+    write_image(tmp_path / "a.png", (96, 64))
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([_qa("a.png", i) for i in range(1, 4)]))
+    index = dataset.prepare_data(config(data), tiny_processor)
+    assert all(e.offset < 0 for e in index.train)
+    data.write_text(json.dumps([_qa("a.png", i) for i in range(2, 5)]))  # shifted by one record
+    with pytest.raises(UserError, match="changed since the run was prepared"):
+        dataset.SFTDataset(index.train, Encoder(tiny_processor, root=tmp_path), [[0]])[0]
+
+
 def test_an_index_of_one_object_per_entry_still_loads(tmp_path):
     """A run folder prepared before the index had columns resumes."""
     from qvltune.data.dataset import DataIndex, Entry

@@ -291,7 +291,8 @@ class RecordStore:
     def get(self, file: str, index: int, offset: int = -1, line: int = -1) -> Record:
         if offset >= 0:
             return self._read_at(file, index, offset, line)
-        if file not in self._files:
+        if file not in self._files:  # a JSON list or a gzip'd file: parsed whole, once per process
+            self._check_stamp(file)
             records = {}
             for item in read_items(Path(file)):
                 if item.problem is None:
@@ -304,10 +305,9 @@ class RecordStore:
         except KeyError:
             raise _changed(file, f"record {index}") from None
 
-    def _read_at(self, file: str, index: int, offset: int, line: int) -> Record:
+    def _check_stamp(self, file: str) -> None:
+        """Once per file and process: the file is as it was when the run was prepared."""
         import os
-
-        from qvltune.data.files import MAX_RECORD_BYTES, records_at
 
         if self._pid != os.getpid():  # a forked data loader worker opens its own handles
             self._checked, self._pid = set(), os.getpid()
@@ -317,6 +317,11 @@ class RecordStore:
             if expected is not None and [st.st_size, st.st_mtime_ns] != list(expected):
                 raise _changed(file, "the file")
             self._checked.add(file)
+
+    def _read_at(self, file: str, index: int, offset: int, line: int) -> Record:
+        from qvltune.data.files import MAX_RECORD_BYTES, records_at
+
+        self._check_stamp(file)
         item = next(records_at(Path(file), [(index, line if line >= 0 else None, offset)], MAX_RECORD_BYTES), None)
         rec = self._parse(item, file)[0] if item is not None and item.problem is None else None
         if rec is None:
