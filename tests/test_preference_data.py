@@ -158,3 +158,16 @@ def test_eval_on_preference_pairs_reports_preference_accuracy(tmp_path, capsys, 
     assert doc["logp_margin"] == pytest.approx(sum(margins) / 5, abs=1e-4)
     code, out, _ = run_cli(["eval", "builtin:tiny", "--data", str(data)], capsys)
     assert code == 0 and "preference accuracy" in out
+
+
+def test_a_repeated_pair_is_never_both_trained_and_held_out(tmp_path, tiny_processor):
+    from qvltune.config import parse_config
+    from qvltune.preference.data import prepare_pairs
+
+    write_image(tmp_path / "a.png", (96, 64))
+    pairs = [{"conversations": [{"from": "human", "value": f"<image>Colour {i}?"}], "chosen": {"from": "gpt", "value": "red"}, "rejected": {"from": "gpt", "value": "blue"}, "images": ["a.png"]} for i in range(10)]
+    data = write_jsonl(tmp_path / "p.jsonl", pairs)
+    cfg = parse_config({"name": "d", "stage": "dpo", "model": {"path": "builtin:tiny"}, "data": {"train": f"{data}%200", "eval_split": 0.2, "max_seq_length": 512}})
+    index = prepare_pairs(cfg, tiny_processor)
+    held, trained = {e.index for e in index.eval}, {e.index for e in index.train}
+    assert len(held) == 2 and len(trained) == 8 and not held & trained and len(index.eval) == 4
