@@ -234,9 +234,7 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
         recounted += more
     errors = [p for p in problems if p.severity == "error"]
     skipped = []
-    lost = [p for p in errors if ends_the_file(p)]
-    if lost and cfg.data.on_bad_sample == "skip":  # skipping drops records, never the rest of a file
-        raise UserError(f"{lost[0]} (data.on_bad_sample: skip drops bad records, not what a file cut short leaves unread)", "fix or re-create the file; `qvltune check-data` lists every problem")
+    refuse_unread_files(errors, cfg.data.on_bad_sample)
     if errors:
         if cfg.data.on_bad_sample == "error":
             shown = "\n  ".join(str(p) for p in errors[:MAX_PROBLEMS_SHOWN])
@@ -254,24 +252,33 @@ def prepare_data(cfg, processor: Any) -> DataIndex:
 
 
 def hold_out(train: Entries, share: float, seed: int) -> tuple[Entries, Entries]:
-    """(held-out, training) entries: a seeded ``share`` of the records. Split by record, not entry:
-    a record repeated by a mixture's percentage (a.jsonl%200) or made into several views (a
-    Thinking model's turns) is wholly on one side, never trained on and evaluated at once."""
+    """(held-out, training) entries: a seeded ``share`` of the records (``held_out``)."""
     import numpy as np
 
-    rng = random.Random(seed)
-    keys = train.cols["file"] * (1 << 40) + train.cols["index"]
-    records = np.unique(keys)
-    if len(records) == len(train):  # one entry per record: the split as it always was for a seed
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        held = np.zeros(len(train), dtype=bool)
-        held[order[: max(1, round(len(train) * share))]] = True
-    else:
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        held = np.isin(keys, records[order[: max(1, round(len(records) * share))]])
+    held = held_out(train.cols["file"] * (1 << 40) + train.cols["index"], share, seed)
     return train.take(np.flatnonzero(held)), train.take(np.flatnonzero(~held))
+
+
+def held_out(keys, share: float, seed: int):
+    """Which entries (``keys``: one int per entry naming its record) a seeded ``share`` of the
+    records holds out. By record, not entry: a record repeated by a mixture's percentage
+    (a.jsonl%200) or made into several views (a Thinking model's turns) is wholly on one side, never
+    trained on and evaluated at once. With one entry per record, the split a seed always gave."""
+    import numpy as np
+
+    keys = np.asarray(keys, dtype=np.int64)
+    records = keys[np.sort(np.unique(keys, return_index=True)[1])]  # in the order entries first name them
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return np.isin(keys, records[order[: max(1, round(len(records) * share))]])
+
+
+def refuse_unread_files(errors: list[Problem], policy: str) -> None:
+    """on_bad_sample: skip drops bad records, never what a file cut short leaves unread (a truncated
+    archive, a JSON list cut short): such a file stops the run under either policy."""
+    lost = [p for p in errors if ends_the_file(p)]
+    if lost and policy == "skip":
+        raise UserError(f"{lost[0]} (data.on_bad_sample: skip drops bad records, not what a file cut short leaves unread)", "fix or re-create the file; `qvltune check-data` lists every problem")
 
 
 class RecordStore:

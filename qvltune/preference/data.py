@@ -16,7 +16,6 @@ labelled position to its answer and from answers to pairs (``qvltune.preference.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ import torch
 # check-data's per-record machinery (media, boxes, exact counts, the length limit), run on each answer's record.
 from qvltune.data.check import CheckOptions, Report, dataset_specs, percentile
 from qvltune.data.check_record import _check_item, _Settings, _Source
-from qvltune.data.dataset import RecordStore
-from qvltune.data.files import ends_the_file, read_items
+from qvltune.data.dataset import RecordStore, held_out, refuse_unread_files
+from qvltune.data.files import read_items
 from qvltune.data.mixture import mixture_text, parse_mixture, sample_indices
 from qvltune.data.packing import BatchStats
 from qvltune.data.record import Problem
@@ -200,9 +199,7 @@ def prepare_pairs(cfg, processor: Any) -> PairIndex:
         problems = problems + more
     errors = [p for p in problems if p.severity == "error"]
     skipped = []
-    lost = [p for p in errors if ends_the_file(p)]
-    if lost and cfg.data.on_bad_sample == "skip":  # as in SFT: skipping drops pairs, never the rest of a file
-        raise UserError(f"{lost[0]} (data.on_bad_sample: skip drops bad records, not what a file cut short leaves unread)", "fix or re-create the file; `qvltune check-data` lists every problem")
+    refuse_unread_files(errors, cfg.data.on_bad_sample)
     if errors:
         if cfg.data.on_bad_sample == "error":
             shown = "\n  ".join(str(p) for p in errors[:MAX_PROBLEMS_SHOWN])
@@ -212,13 +209,10 @@ def prepare_pairs(cfg, processor: Any) -> PairIndex:
     if not train:
         raise UserError("no usable preference pairs", f"check the data with qvltune check-data '{mixture_text(cfg.data.train)}'")
     if not cfg.data.eval and cfg.data.eval_split:
-        # By pair, as SFT's hold_out: a pair repeated by a percentage is wholly on one side.
-        pairs = list(dict.fromkeys((e.file, e.index) for e in train))
-        order = list(range(len(pairs)))
-        random.Random(seed).shuffle(order)
-        held = {pairs[i] for i in order[: max(1, round(len(pairs) * cfg.data.eval_split))]}
-        evals = [e for e in train if (e.file, e.index) in held]
-        train = [e for e in train if (e.file, e.index) not in held]
+        files: dict[str, int] = {}
+        held = held_out([files.setdefault(e.file, len(files)) * (1 << 40) + e.index for e in train], cfg.data.eval_split, seed)
+        evals = [e for e, h in zip(train, held) if h]
+        train = [e for e, h in zip(train, held) if not h]
     return PairIndex(train, evals, skipped)
 
 
