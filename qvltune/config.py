@@ -207,26 +207,17 @@ def _anchor_paths(cfg: RunConfig, base: Path) -> RunConfig:
         q = Path(head)
         return str(q if q.is_absolute() else (base / q)) + sep + pct
 
-    def anchor_entry(entry: str) -> str:
-        from qvltune.data.mixture import split_settings
-
-        head, settings = split_settings(entry.strip())
-        if "image_root" in settings:
-            settings["image_root"] = anchor(settings["image_root"])
-        inner = ",".join(f"{k}={v}" for k, v in settings.items())
-        return anchor(head) + (f"[{inner}]" if settings else "")
-
     def anchor_spec(spec):
-        from qvltune.data.mixture import split_entries
+        from qvltune.data.mixture import rewrite_paths  # each entry's file and image_root, settings kept
 
         if isinstance(spec, str):
-            return ",".join(anchor_entry(s) for s in split_entries(spec) if s.strip())
+            return rewrite_paths(spec, anchor)
         out = []
         for item in spec:
             if isinstance(item, SourceConfig):
                 item = item.model_copy(update={"path": anchor(item.path), "image_root": anchor(item.image_root) if item.image_root else None})
             else:
-                item = anchor_entry(item)
+                item = rewrite_paths(item, anchor)
             out.append(item)
         return out
 

@@ -57,16 +57,20 @@ def component_of(name: str) -> str:
     raise ValueError(f"parameter {name} belongs to no known Qwen3-VL component")
 
 
+def _trains(model, components: tuple[str, ...]) -> bool:
+    return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in components)
+
+
 def vision_side_trains(model) -> bool:
     """Whether any parameter before the language model (vision tower, merger, DeepStack mergers)
     trains: then image features carry a gradient into the LLM's input."""
-    return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in ("vision", "merger", "deepstack"))
+    return _trains(model, ("vision", "merger", "deepstack"))
 
 
 def language_side_trains(model) -> bool:
     """Whether any parameter of the language model or lm_head trains (LoRA adapters included): then
     every micro-batch, with images or without, gives a trained parameter a gradient."""
-    return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) in ("llm", "lm_head"))
+    return _trains(model, ("llm", "lm_head"))
 
 
 def _first_line(e: Exception) -> str:
